@@ -1,0 +1,320 @@
+"""Aggregators for heterogeneous-rank LoRA adapters: a registry of small pure functions.
+
+Every aggregator maps the clients' updates of one round to an ``AggregationResult``. Per adapted
+layer the work happens in the product-preserving space of ``autorank.adapters``: component k of
+client i contributes ``s_i * B_i[:, k] A_i[k]``, so each client's scale is first folded into its up
+factor (``B~_i = s_i B_i``, scale 1). A *layer rule* merges the folded factors into global factors
+``A_g: [r_max, d_in]``, ``B~_g: [d_out, r_max]`` at scale 1, and ``resize`` hands every client its
+own rank ``r_i`` and its own scale ``s_i`` (``B_i' = B~_g[:, :r_i] / s_i``). The alpha policy
+therefore never changes what aggregation means.
+
+Sample weights are ``p_i = n_i / sum_j n_j``. Non-LoRA trainable tensors (``state.extra``) always
+use sample-weighted FedAvg (McMahan et al., AISTATS 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors, resize
+from autorank.config import AggregatorName
+
+Aggregator = Callable[[Sequence[ClientUpdate]], AggregationResult]
+# (folded factors of one layer, one per client, scale 1; sample weights p [K]) -> merged factors
+# at the largest client rank, scale 1.
+LayerRule = Callable[[Sequence[LoraFactors], torch.Tensor], LoraFactors]
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _check_same_names(updates: Sequence[ClientUpdate]) -> None:
+    lora0, extra0 = sorted(updates[0].state.lora), sorted(updates[0].state.extra)
+    for i, update in enumerate(updates[1:], start=1):
+        lora, extra = sorted(update.state.lora), sorted(update.state.extra)
+        if lora != lora0:
+            raise ValueError(f"client {i} has LoRA layers {lora}, expected {lora0} (as client 0)")
+        if extra != extra0:
+            raise ValueError(
+                f"client {i} has extra tensors {extra}, expected {extra0} (as client 0)"
+            )
+
+
+def _check_shapes(updates: Sequence[ClientUpdate]) -> None:
+    first = updates[0].state
+    for i, update in enumerate(updates):
+        for name, f in update.state.lora.items():
+            if not (math.isfinite(f.scale) and f.scale > 0):
+                raise ValueError(f"client {i} layer {name!r}: scale must be > 0, got {f.scale}")
+            got, want = (
+                (f.B.shape[0], f.A.shape[1]),
+                (first.lora[name].B.shape[0], first.lora[name].A.shape[1]),
+            )
+            if got != want:
+                raise ValueError(
+                    f"client {i} layer {name!r}: [d_out, d_in] is {list(got)}, "
+                    f"expected {list(want)} (as client 0)"
+                )
+        for name, t in update.state.extra.items():
+            if t.shape != first.extra[name].shape:
+                raise ValueError(
+                    f"client {i} extra {name!r}: shape {list(t.shape)}, "
+                    f"expected {list(first.extra[name].shape)} (as client 0)"
+                )
+
+
+def _validate(updates: Sequence[ClientUpdate]) -> None:
+    """Raise ``ValueError`` unless all clients share layer names, extra names and shapes."""
+    if len(updates) == 0:
+        raise ValueError("updates must hold at least one ClientUpdate, got an empty sequence")
+    _check_same_names(updates)
+    _check_shapes(updates)
+
+
+def _check_equal_ranks(updates: Sequence[ClientUpdate]) -> None:
+    for name in updates[0].state.lora:
+        ranks = [u.state.lora[name].rank for u in updates]
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"fedavg needs equal client ranks per layer; layer {name!r} has ranks {ranks} "
+                "(use zeropad, hetlora, rbla, flexlora or flora for heterogeneous ranks)"
+            )
+
+
+# --- small pure helpers -----------------------------------------------------------------------
+
+
+def sample_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """FedAvg weights ``p_i = n_i / sum_j n_j``, float64 ``[K]``."""
+    n = torch.tensor([u.n_samples for u in updates], dtype=torch.float64)
+    return n / n.sum()
+
+
+def _fold(factors: LoraFactors) -> LoraFactors:
+    """The same product at scale 1: ``(A, s B, 1)``."""
+    return resize(factors, factors.rank, 1.0)
+
+
+def _componentwise_mean(factors: Sequence[LoraFactors], weights: torch.Tensor) -> LoraFactors:
+    """Average zero-padded factors component by component.
+
+    ``A_g[k] = sum_i w_ik A_i[k]`` and ``B~_g[:, k] = sum_i w_ik B~_i[:, k]``.
+
+    Args:
+        factors: folded factors (scale 1), client i at rank ``r_i``.
+        weights: ``w: [K, r_max]``, the weight of client i on component k.
+
+    Returns:
+        Factors at rank ``r_max`` and scale 1.
+    """
+    r_max = weights.shape[1]
+    padded = [resize(f, r_max, 1.0) for f in factors]
+    w = weights.to(padded[0].A)
+    A = torch.einsum("kr,krd->rd", w, torch.stack([f.A for f in padded]))  # [r_max, d_in]
+    B = torch.einsum("kr,kor->or", w, torch.stack([f.B for f in padded]))  # [d_out, r_max]
+    return LoraFactors(A, B, 1.0)
+
+
+def _max_rank(factors: Sequence[LoraFactors]) -> int:
+    return max(f.rank for f in factors)
+
+
+# --- layer rules (one per aggregator that works on factors) --------------------------------------
+
+
+def _zeropad_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Zero-pad to ``r_max``, average with ``p_i`` over all clients (HetLoRA-style padding)."""
+    return _componentwise_mean(factors, p[:, None].expand(-1, _max_rank(factors)))
+
+
+def _hetlora_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Zero-pad, weights ``w_i = ||B~_i A_i||_F / sum_j ||B~_j A_j||_F`` (``p_i`` if all are 0)."""
+    # ||B A||_F^2 = sum((A A^T) * (B^T B)): an r x r product instead of the dense d_out x d_in one.
+    sq = torch.stack([((f.A @ f.A.T) * (f.B.T @ f.B)).sum() for f in factors])
+    norms = sq.clamp_min(0).sqrt().to(torch.float64)
+    w = norms / norms.sum() if float(norms.sum()) > 0 else p
+    return _componentwise_mean(factors, w[:, None].expand(-1, _max_rank(factors)))
+
+
+def _rbla_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Average component k over the clients whose rank covers it, weighted by ``n_i``."""
+    ranks = torch.tensor([f.rank for f in factors])
+    covers = torch.arange(_max_rank(factors))[None, :] < ranks[:, None]  # [K, r_max]
+    w = covers.to(p) * p[:, None]
+    # Every column is covered by a client of the largest rank, so no column sum is zero.
+    return _componentwise_mean(factors, w / w.sum(dim=0, keepdim=True))
+
+
+def _stack(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Stacked factors ``A_s = concat_i A_i`` (rows), ``B_s = concat_i p_i B~_i`` (columns).
+
+    ``B_s A_s = sum_i p_i B~_i A_i`` exactly; rank ``sum_i r_i``, scale 1.
+    """
+    A_s = torch.cat([f.A for f in factors], dim=0)  # [sum r_i, d_in]
+    B_s = torch.cat([float(p[i]) * f.B for i, f in enumerate(factors)], dim=1)  # [d_out, sum r_i]
+    return LoraFactors(A_s, B_s, 1.0)
+
+
+def _flexlora_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Top ``r_max`` SVD triplets of ``W = sum_i p_i B~_i A_i``: ``U sqrt(S)``, ``sqrt(S) V^T``."""
+    dtype = factors[0].A.dtype
+    # torch's SVD wants float32/float64; half-precision factors are decomposed in float32.
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    W = _stack(factors, p).delta().to(work)  # [d_out, d_in]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    k = min(_max_rank(factors), S.numel())
+    root = S[:k].sqrt()
+    top = LoraFactors((root[:, None] * Vh[:k]).to(dtype), (U[:, :k] * root).to(dtype), 1.0)
+    # A layer thinner than r_max has fewer triplets: the missing components are zero.
+    return resize(top, _max_rank(factors), 1.0)
+
+
+# --- drivers ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fedavg_extra(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Sample-weighted FedAvg of the non-LoRA tensors: ``x_g = sum_i p_i x_i``.
+
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017. Accumulates in float64 and returns each tensor at its own dtype.
+
+    Args:
+        updates: K client updates with the same extra names and shapes.
+
+    Returns:
+        Extra name -> averaged tensor (shape as the clients').
+    """
+    _validate(updates)
+    p = sample_weights(updates)
+    out: dict[str, torch.Tensor] = {}
+    for name, first in updates[0].state.extra.items():
+        stacked = torch.stack([u.state.extra[name].to(torch.float64) for u in updates])
+        out[name] = torch.tensordot(p.to(stacked.device), stacked, dims=1).to(first.dtype)
+    return out
+
+
+def _clone(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in tensors.items()}
+
+
+@torch.no_grad()
+def _aggregate_factors(updates: Sequence[ClientUpdate], rule: LayerRule) -> AggregationResult:
+    """Run ``rule`` per layer on folded factors; hand each client its own rank and scale."""
+    _validate(updates)
+    p = sample_weights(updates)
+    extra = fedavg_extra(updates)
+    global_lora: dict[str, LoraFactors] = {}
+    client_lora: list[dict[str, LoraFactors]] = [{} for _ in updates]
+    for name in updates[0].state.lora:
+        factors = [u.state.lora[name] for u in updates]
+        merged = rule([_fold(f) for f in factors], p)  # rank r_max, scale 1
+        ref = max(factors, key=lambda f: f.rank)  # first client of the largest rank
+        global_lora[name] = resize(merged, ref.rank, ref.scale)
+        for i, f in enumerate(factors):
+            client_lora[i][name] = resize(merged, f.rank, f.scale)
+    return AggregationResult(
+        global_state=AdapterState(global_lora, extra),
+        client_states=[AdapterState(lora, _clone(extra)) for lora in client_lora],
+    )
+
+
+# --- the aggregators --------------------------------------------------------------------------
+
+
+def aggregate_fedavg(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """FedAvg of LoRA factors; every layer must have one rank across clients.
+
+    ``A_g = sum_i p_i A_i``, ``B~_g = sum_i p_i s_i B_i`` (``A: [r, d_in]``, ``B: [d_out, r]``).
+    McMahan et al., AISTATS 2017.
+    """
+    _validate(updates)
+    _check_equal_ranks(updates)
+    return _aggregate_factors(updates, _zeropad_rule)
+
+
+def aggregate_zeropad(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """Zero-padding FedAvg: pad every client to ``r_max``, average with ``p_i`` over all clients.
+
+    ``A_g[k] = sum_i p_i A_i[k]`` with ``A_i[k] = 0`` for ``k >= r_i``, so high-rank components
+    are diluted by the low-rank clients; client i gets the first ``r_i`` components. The padding
+    of Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+    EMNLP 2024, with FedAvg weights.
+    """
+    return _aggregate_factors(updates, _zeropad_rule)
+
+
+def aggregate_hetlora(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """HetLoRA: zero-pad, weight each client by the Frobenius norm of its update.
+
+    ``w_i = ||s_i B_i A_i||_F / sum_j ||s_j B_j A_j||_F`` per layer (``p_i`` if every norm is 0);
+    ``A_g[k] = sum_i w_i A_i[k]``; client i gets the first ``r_i`` components.
+    Cho et al., EMNLP 2024 (sparsity-weighted aggregation).
+    """
+    return _aggregate_factors(updates, _hetlora_rule)
+
+
+def aggregate_rbla(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """RBLA: average each rank index only over the clients whose rank covers it.
+
+    ``A_g[k] = sum_{i: r_i > k} n_i A_i[k] / sum_{i: r_i > k} n_i`` (0-based k), the same for
+    the columns of ``B~_i = s_i B_i``; client i gets the first ``r_i`` components.
+    Chen et al., "Rank-Based LoRA Aggregation for Fine-tuning Heterogeneous Models in FLaaS",
+    arXiv 2408.08699; the aggregator of AutoRank (arXiv 2412.15553).
+    """
+    return _aggregate_factors(updates, _rbla_rule)
+
+
+def aggregate_flexlora(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """FlexLoRA: SVD of the weighted dense update, client i gets the top ``r_i`` triplets.
+
+    ``W = sum_i p_i s_i B_i A_i = U S V^T`` (``[d_out, d_in]``); ``B~ = U_r sqrt(S_r)``,
+    ``A = sqrt(S_r) V_r^T``, and ``B_i = B~ / s_i``, so ``s_i B_i A_i`` is the best rank-``r_i``
+    approximation of W. Bai et al., "Federated Fine-tuning of Large Language Models under
+    Heterogeneous Tasks and Client Resources", NeurIPS 2024.
+    """
+    return _aggregate_factors(updates, _flexlora_rule)
+
+
+@torch.no_grad()
+def aggregate_flora(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """FLoRA: stack the factors so the product is exact, merge it into the base.
+
+    ``A_s = concat_i A_i`` (rows, ``[sum r_i, d_in]``), ``B_s = concat_i p_i s_i B_i`` (columns,
+    ``[d_out, sum r_i]``), so ``B_s A_s = sum_i p_i s_i B_i A_i`` exactly. That product is
+    ``base_delta[layer]``; every client downloads an empty ``lora`` (fresh adapters) and the
+    FedAvg'd extras; ``global_state`` holds the stacked factors at scale 1.
+    Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+    Adaptations", NeurIPS 2024.
+    """
+    _validate(updates)
+    p = sample_weights(updates)
+    extra = fedavg_extra(updates)
+    stacked: dict[str, LoraFactors] = {}
+    for name in updates[0].state.lora:
+        stacked[name] = _stack([_fold(u.state.lora[name]) for u in updates], p)
+    return AggregationResult(
+        global_state=AdapterState(stacked, extra),
+        client_states=[AdapterState({}, _clone(extra)) for _ in updates],
+        base_delta={name: f.delta() for name, f in stacked.items()},
+    )
+
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "fedavg": aggregate_fedavg,
+    "zeropad": aggregate_zeropad,
+    "hetlora": aggregate_hetlora,
+    "rbla": aggregate_rbla,
+    "flexlora": aggregate_flexlora,
+    "flora": aggregate_flora,
+}
+
+
+def aggregate(name: AggregatorName, updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """Aggregate one round of client updates with the named aggregator (see ``AGGREGATORS``)."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; expected one of {sorted(AGGREGATORS)}")
+    return AGGREGATORS[name](updates)

@@ -1,0 +1,211 @@
+"""Atomic per-round checkpoints, stored with safetensors and JSON (never pickle).
+
+Layout under ``<root>/<run_id>/``::
+
+    round_0007/state.safetensors   base weights, global adapter, every client's adapter
+    round_0007/meta.json           round, run id, config digest, ranks, the round's metrics
+    LATEST                         name of the newest complete round folder
+
+A round folder is written under a temporary name and renamed into place, then ``LATEST`` is
+replaced atomically, so a crash at any moment leaves the previous round intact: a run loses at
+most the round in flight. No RNG state needs saving: every random stream is derived from
+``(seed, round, client)`` (see ``autorank.training.client_seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from autorank.adapters import AdapterState, LoraFactors
+
+FORMAT_VERSION = 1
+_KEEP = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or written for another experiment."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to continue a run after round ``round_idx``.
+
+    Attributes:
+        round_idx: the last completed round (1-based).
+        run_id: the tracking run the checkpoint belongs to.
+        config_digest: digest of the experiment config that produced it.
+        base: frozen base weights (they change under FLoRA merging).
+        global_state: the server's adapter.
+        client_states: what each client holds for the next round, in client order.
+        meta: JSON-ready extras (ranks, the rank decision, the round's metrics, ...).
+    """
+
+    round_idx: int
+    run_id: str
+    config_digest: str
+    base: Mapping[str, torch.Tensor]
+    global_state: AdapterState
+    client_states: list[AdapterState]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def state_tensors(prefix: str, state: AdapterState) -> dict[str, torch.Tensor]:
+    """Flatten an adapter state into named tensors (``prefix/lora/<layer>/A`` ...)."""
+    out: dict[str, torch.Tensor] = {}
+    for layer, f in state.lora.items():
+        out[f"{prefix}/lora/{layer}/A"] = f.A.detach().cpu().clone().contiguous()
+        out[f"{prefix}/lora/{layer}/B"] = f.B.detach().cpu().clone().contiguous()
+        out[f"{prefix}/lora/{layer}/scale"] = torch.tensor(f.scale, dtype=torch.float64)
+    for name, t in state.extra.items():
+        out[f"{prefix}/extra/{name}"] = t.detach().cpu().clone().contiguous()
+    return out
+
+
+def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> AdapterState:
+    """Rebuild the adapter state written by ``state_tensors`` under ``prefix``."""
+    lora_parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        head, _, rest = key.partition("/")
+        if head != prefix:
+            continue
+        kind, _, name = rest.partition("/")
+        if kind == "extra":
+            extra[name] = t
+        elif kind == "lora":
+            layer, _, part = name.rpartition("/")
+            lora_parts.setdefault(layer, {})[part] = t
+    lora = {}
+    for layer, parts in lora_parts.items():
+        if set(parts) != {"A", "B", "scale"}:
+            raise CheckpointError(f"adapter {prefix!r} layer {layer!r} is incomplete: {sorted(parts)}")
+        lora[layer] = LoraFactors(parts["A"], parts["B"], float(parts["scale"]))
+    return AdapterState(lora, extra)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
+    """Write a round's checkpoint atomically and prune all but the newest two.
+
+    Returns:
+        The round folder written.
+    """
+    run_dir = root / ckpt.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"round_{ckpt.round_idx:04d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".incomplete-"))
+    tensors = {f"base/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.base.items()}
+    tensors |= state_tensors("global", ckpt.global_state)
+    for i, state in enumerate(ckpt.client_states):
+        tensors |= state_tensors(f"client{i}", state)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {
+        "format": FORMAT_VERSION,
+        "round": ckpt.round_idx,
+        "run_id": ckpt.run_id,
+        "config_digest": ckpt.config_digest,
+        "n_clients": len(ckpt.client_states),
+        **ckpt.meta,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(run_dir / "LATEST", final.name)
+    for old in sorted(run_dir.glob("round_*"))[:-_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_round_dir(root: Path, run_id: str) -> Path | None:
+    """The newest complete round folder of a run, or None if the run has no checkpoint yet."""
+    pointer = root / run_id / "LATEST"
+    if not pointer.is_file():
+        return None
+    folder = root / run_id / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint pointer {str(pointer)!r} names a missing folder")
+    return folder
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}"
+            f", expected {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoint | None:
+    """Load a run's newest checkpoint, refusing one that is corrupt or from another config.
+
+    Returns:
+        The checkpoint, or None when the run has none yet.
+    """
+    folder = latest_round_dir(root, run_id)
+    if folder is None:
+        return None
+    meta = _read_meta(folder)
+    if meta.get("run_id") != run_id:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} belongs to run {meta.get('run_id')!r}, not {run_id!r}"
+        )
+    if meta.get("config_digest") != config_digest:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} was written for another config "
+            f"(digest {meta.get('config_digest')}, this run's is {config_digest})"
+        )
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {str(folder)!r} is corrupt: {err}") from None
+    n_clients = int(meta["n_clients"])
+    base = {k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")}
+    extras = {k: v for k, v in meta.items() if k not in {"format", "round", "run_id", "config_digest"}}
+    return Checkpoint(
+        round_idx=int(meta["round"]),
+        run_id=run_id,
+        config_digest=config_digest,
+        base=base,
+        global_state=state_from_tensors("global", tensors),
+        client_states=[state_from_tensors(f"client{i}", tensors) for i in range(n_clients)],
+        meta=extras,
+    )
+
+
+def save_adapter(path: Path, state: AdapterState, metadata: Mapping[str, str]) -> None:
+    """Write one adapter state (LoRA factors, scales, head) as a standalone safetensors file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_tensors("adapter", state), str(path), metadata=dict(metadata))
+
+
+def load_adapter(path: Path) -> AdapterState:
+    """Read an adapter written by ``save_adapter``."""
+    try:
+        return state_from_tensors("adapter", load_file(str(path)))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"adapter file {str(path)!r} is unreadable: {err}") from None

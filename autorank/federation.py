@@ -1,0 +1,106 @@
+"""The federation's layout: who holds which samples, before any training.
+
+The same layout feeds `autorank ranks`, the training flow and resumed runs, so it is derived
+from the config's data, partition and seed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autorank.config import PartitionConfig
+from autorank.data import DatasetSplits
+from autorank.partition import label_histogram, partition, split_local, split_public
+from autorank.profiling import ClientProfile, profile_clients
+
+_SCHEME_PARAMS: dict[str, tuple[str, ...]] = {
+    "iid": (),
+    "dirichlet": ("alpha", "min_size"),
+    "shards": ("shards_per_client",),
+    "quantity_skew": ("quantity_sigma",),
+    "double_imbalance": (),
+}
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """One client's sample indices into the training split.
+
+    Attributes:
+        client: client index.
+        train: indices the client trains on, ``[n_i]``.
+        local_test: indices held out for the client's personalised accuracy, ``[m_i]``.
+    """
+
+    client: int
+    train: np.ndarray
+    local_test: np.ndarray
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The partitioned training data.
+
+    Attributes:
+        data: the dataset splits.
+        public: server-held indices for base pre-training (possibly empty).
+        clients: one split per client.
+        histogram: label counts of each client's training indices, ``[n_clients, n_classes]``.
+    """
+
+    data: DatasetSplits
+    public: np.ndarray
+    clients: tuple[ClientSplit, ...]
+    histogram: np.ndarray
+
+    def profiles(self, epoch_losses: list[list[float]] | None = None) -> list[ClientProfile]:
+        """Each client's complexity profile; learning difficulty only when losses are given."""
+        return profile_clients(self.histogram, epoch_losses)
+
+
+def scheme_params(settings: PartitionConfig) -> dict[str, float | int]:
+    """The parameters the configured scheme takes, under the names ``partition`` expects."""
+    names = _SCHEME_PARAMS[settings.scheme]
+    values = settings.model_dump()
+    return {("sigma" if n == "quantity_sigma" else n): values[n] for n in names}
+
+
+def build_federation(
+    data: DatasetSplits, settings: PartitionConfig, *, public_fraction: float, seed: int
+) -> Federation:
+    """Split off the server's public share, partition the rest, and hold out local test data.
+
+    Args:
+        data: the loaded dataset.
+        settings: the partition section of the config.
+        public_fraction: share of the training split kept by the server for pre-training.
+        seed: the experiment seed; the layout depends on nothing else.
+
+    Returns:
+        The federation layout.
+    """
+    _, labels = data.arrays("train")
+    seeds = np.random.SeedSequence(seed).spawn(3)
+    seed_public, seed_part, seed_local = (int(s.generate_state(1)[0]) for s in seeds)
+    if public_fraction > 0:
+        public, private = split_public(labels, public_fraction, seed=seed_public)
+    else:
+        public, private = np.empty(0, dtype=np.int64), np.arange(len(labels), dtype=np.int64)
+    parts = partition(
+        labels[private],
+        settings.scheme,
+        settings.n_clients,
+        seed=seed_part,
+        **scheme_params(settings),
+    )
+    local_seeds = np.random.SeedSequence(seed_local).spawn(len(parts))
+    clients = []
+    for i, (part, s) in enumerate(zip(parts, local_seeds, strict=True)):
+        train, local_test = split_local(
+            private[part], settings.local_test_fraction, seed=int(s.generate_state(1)[0])
+        )
+        clients.append(ClientSplit(i, train, local_test))
+    histogram = label_histogram(labels, [c.train for c in clients], data.n_classes)
+    return Federation(data, public, tuple(clients), histogram)

@@ -1,0 +1,303 @@
+"""Base models that clients adapt: an MLP, a small CNN, and transformers image classifiers.
+
+Every model maps ``x -> logits`` and accepts ``x`` either flattened, ``[n, C*H*W]`` (how
+``autorank.data`` stores samples), or as images, ``[n, C, H, W]``. Module names are fixed so that
+LoRA targets and the classifier head can be named in configs (``default_targets``,
+``head_modules``). Initialisation is seeded without touching the global RNG's visible state, and
+weights are only ever read from safetensors files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ModelName = Literal["mlp", "cnn", "hf"]
+MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn", "hf")
+
+
+class MLP(nn.Module):
+    """Flatten, then ``fc1 -> ReLU -> ... -> fcN -> ReLU -> head`` (the paper's 784-200-200-10).
+
+    Args:
+        d_in: flattened input size.
+        hidden: widths of the hidden layers ``fc1..fcN``.
+        n_classes: number of logits.
+    """
+
+    def __init__(self, d_in: int, hidden: Sequence[int], n_classes: int) -> None:
+        super().__init__()
+        self.hidden_names: tuple[str, ...] = tuple(f"fc{i + 1}" for i in range(len(hidden)))
+        width = d_in
+        for name, h in zip(self.hidden_names, hidden, strict=True):
+            self.add_module(name, nn.Linear(width, h))
+            width = h
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [n, ...]`` -> logits ``[n, n_classes]``."""
+        h = x.flatten(1)
+        for name in self.hidden_names:
+            h = torch.relu(getattr(self, name)(h))
+        return self.head(h)
+
+
+class SmallCNN(nn.Module):
+    """``conv1 -> pool -> conv2 -> pool -> fc1 -> head``, 3x3 convolutions with 32 and 64 channels.
+
+    Args:
+        input_shape: ``(C, H, W)``, with ``H, W >= 4`` (two 2x2 poolings).
+        n_classes: number of logits.
+        width: units of ``fc1``.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, width: int) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.input_shape = input_shape
+        self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(64 * (h // 4) * (w // 4), width)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [n, C*H*W]`` or ``[n, C, H, W]`` -> logits ``[n, n_classes]``."""
+        h = x.reshape(x.shape[0], *self.input_shape)
+        h = self.pool(torch.relu(self.conv1(h)))
+        h = self.pool(torch.relu(self.conv2(h)))
+        h = torch.relu(self.fc1(h.flatten(1)))
+        return self.head(h)
+
+
+class HFImageClassifier(nn.Module):
+    """A transformers image-classification model behind the plain ``x -> logits`` interface.
+
+    Args:
+        model: an ``AutoModelForImageClassification`` instance, kept as ``self.model``.
+        input_shape: ``(C, H, W)`` the model expects as ``pixel_values``.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_shape = input_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [n, C*H*W]`` or ``[n, C, H, W]`` -> logits ``[n, n_classes]``."""
+        pixels = x.reshape(x.shape[0], *self.input_shape)
+        logits: torch.Tensor = self.model(pixel_values=pixels).logits
+        return logits
+
+
+@contextmanager
+def _seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Seed the CPU default generator inside the block and restore its state afterwards.
+
+    Module constructors draw their initial weights from the global generator; forking only the
+    CPU generator (``devices=[]``) leaves CUDA generators alone.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"model '{name}' needs input_shape (C, H, W), got {input_shape}")
+    c, h, w = input_shape
+    return c, h, w
+
+
+def _build_hf(
+    name_or_path: str, input_shape: tuple[int, int, int], n_classes: int
+) -> HFImageClassifier:
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(
+        name_or_path, num_labels=n_classes, ignore_mismatched_sizes=True, use_safetensors=True
+    )
+    cfg = model.config
+    channels, size = getattr(cfg, "num_channels", None), getattr(cfg, "image_size", None)
+    if channels is not None and channels != input_shape[0]:
+        raise ValueError(
+            f"hf model '{name_or_path}' expects {channels} channels, data has input_shape "
+            f"{input_shape}"
+        )
+    if isinstance(size, int) and (size, size) != input_shape[1:]:
+        raise ValueError(
+            f"hf model '{name_or_path}' expects {size}x{size} images, data has input_shape "
+            f"{input_shape}"
+        )
+    return HFImageClassifier(model, input_shape)
+
+
+def build_model(
+    name: ModelName,
+    *,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    hidden: Sequence[int] = (200, 200),
+    hf_name_or_path: str | None = None,
+    seed: int,
+) -> nn.Module:
+    """Build a base model with seeded initial weights.
+
+    Args:
+        name: ``mlp`` (hidden layers ``fc1..fcN``, then ``head``), ``cnn`` (``conv1``, ``conv2``,
+            ``fc1`` of width ``hidden[0]``, ``head``) or ``hf`` (a transformers image classifier
+            from a local folder or Hub name, its classifier resized to ``n_classes``).
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``; ``mlp`` accepts any shape.
+        n_classes: number of logits.
+        hidden: hidden widths (``mlp``), ``hidden[0]`` is the ``fc1`` width of ``cnn``.
+        hf_name_or_path: required for ``hf``.
+        seed: initialisation seed; the global RNG's state is restored afterwards.
+
+    Returns:
+        A module mapping ``x: [n, *input_shape]`` (or flattened) to logits ``[n, n_classes]``.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"hidden must be non-empty positive widths, got {tuple(hidden)}")
+    with _seeded_cpu_rng(seed):
+        if name == "mlp":
+            return MLP(math.prod(input_shape), hidden, n_classes)
+        if name == "cnn":
+            shape = _image_shape(input_shape, name)
+            if min(shape[1:]) < 4:
+                raise ValueError(f"model 'cnn' needs H, W >= 4, got input_shape {input_shape}")
+            return SmallCNN(shape, n_classes, hidden[0])
+        if not hf_name_or_path:
+            raise ValueError("model 'hf' needs hf_name_or_path (a local folder or Hub name)")
+        return _build_hf(hf_name_or_path, _image_shape(input_shape, name), n_classes)
+
+
+def default_targets(name: ModelName, *, n_hidden: int = 2) -> tuple[str, ...]:
+    """LoRA target module names of a model kind.
+
+    Args:
+        name: the model kind.
+        n_hidden: number of hidden layers of the ``mlp``.
+
+    Returns:
+        ``mlp``: ``fc1..fcN``; ``cnn``: ``conv1, conv2, fc1``; ``hf`` (ViT-style attention):
+        ``query, value``.
+    """
+    if name == "mlp":
+        return tuple(f"fc{i + 1}" for i in range(n_hidden))
+    if name == "cnn":
+        return ("conv1", "conv2", "fc1")
+    if name == "hf":
+        return ("query", "value")
+    raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def head_modules(name: ModelName) -> tuple[str, ...]:
+    """Modules trained in full next to LoRA (the classifier): ``head``, or ``classifier`` for hf."""
+    if name in ("mlp", "cnn"):
+        return ("head",)
+    if name == "hf":
+        return ("classifier",)
+    raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def save_base_weights(model: nn.Module, path: Path) -> None:
+    """Write the model's state dict to a safetensors file (parent folders are created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_base_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model`` in place, strictly.
+
+    Raises:
+        ValueError: the file is missing or unreadable, keys are missing or unexpected, or a
+            tensor's shape differs from the model's.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"base weights file '{path}' not found (expected a .safetensors file)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"base weights file '{path}' is not a readable safetensors file") from err
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"base weights file '{path}' does not fit the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    for key, value in tensors.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"base weights file '{path}': '{key}' has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True)
+
+
+def pretrain(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    momentum: float = 0.9,
+    device: torch.device | None = None,
+) -> list[float]:
+    """Server-side full-parameter training on a public share of data, in place.
+
+    Gives LoRA a meaningful base to adapt instead of random features.
+
+    Args:
+        model: the base model; every parameter is trained.
+        x: inputs ``[n, ...]``; y: labels ``[n]``.
+        epochs, lr, batch_size, optimizer, momentum: the training schedule.
+        seed: data-order seed.
+        device: where to train (default CPU); the model returns to its original device.
+
+    Returns:
+        Mean training loss of each epoch.
+    """
+    from autorank.training import train_local
+
+    home = next(model.parameters()).device
+    for p in model.parameters():
+        p.requires_grad_(True)
+    losses, _ = train_local(
+        model,
+        x,
+        y,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=0.0,
+        batch_size=batch_size,
+        epochs=epochs,
+        grad_clip=None,
+        seed=seed,
+        device=device or torch.device("cpu"),
+    )
+    model.to(home)
+    logger.info("pre-trained base model for %d epochs: loss %s", epochs, losses)
+    return losses

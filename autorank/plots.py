@@ -1,0 +1,91 @@
+"""Figures for the tracked artifacts; each returns a matplotlib Figure, saving is the caller's.
+
+Uses the non-interactive Agg canvas so it works on headless machines and in threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def label_distribution(histogram: np.ndarray) -> Figure:
+    """Stacked bars of samples per class for each client.
+
+    Args:
+        histogram: label counts, ``[n_clients, n_classes]``.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    n_clients, n_classes = histogram.shape
+    bottom = np.zeros(n_clients)
+    colours = [f"C{c % 10}" for c in range(n_classes)]
+    for c in range(n_classes):
+        ax.bar(np.arange(n_clients), histogram[:, c], bottom=bottom, color=colours[c], label=str(c))
+        bottom += histogram[:, c]
+    ax.set_xlabel("client")
+    ax.set_ylabel("training samples")
+    ax.set_title("Label distribution per client")
+    ax.set_xticks(np.arange(n_clients))
+    ax.legend(title="class", fontsize="small", ncols=2 if n_classes > 10 else 1, loc="upper left")
+    return fig
+
+
+def closeness_vs_rank(
+    closeness: Sequence[float | None], ranks: Sequence[int], clients: Sequence[int]
+) -> Figure:
+    """Scatter of each client's TOPSIS closeness against its assigned rank.
+
+    Assigners without a closeness score are drawn at their client index instead.
+    """
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    have_scores = all(c is not None for c in closeness)
+    xs = [float(c) for c in closeness] if have_scores else [float(c) for c in clients]
+    ax.scatter(xs, ranks, s=40)
+    for x, r, client in zip(xs, ranks, clients, strict=True):
+        ax.annotate(str(client), (x, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("TOPSIS closeness" if have_scores else "client")
+    ax.set_ylabel("assigned rank")
+    ax.set_title("Closeness vs assigned rank" if have_scores else "Assigned rank per client")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def accuracy_curves(curves: Mapping[str, Sequence[float]], *, title: str) -> Figure:
+    """One line per series of accuracy over rounds (rounds start at 1)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def ranks_per_client(ranks: Mapping[str, Sequence[int]]) -> Figure:
+    """Grouped bars: the rank each method gives each client."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    n_methods = max(len(ranks), 1)
+    width = 0.8 / n_methods
+    for m, (name, values) in enumerate(ranks.items()):
+        xs = np.arange(len(values)) + m * width
+        ax.bar(xs, values, width=width, label=name)
+    ax.set_xlabel("client")
+    ax.set_ylabel("rank")
+    ax.set_title("Rank per client per method")
+    ax.legend(fontsize="small")
+    return fig

@@ -1,0 +1,125 @@
+"""Every MLflow call of the project, each with an explicit run id.
+
+MLflow's "active run" is per thread and Prefect runs tasks on threads, so nothing here uses
+``mlflow.start_run``; a ``MlflowClient`` per tracking URI talks to the store directly, and
+metrics go in one batch per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+from matplotlib.figure import Figure  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+_BATCH_PARAMS = 100
+_BATCH_METRICS = 1000
+
+
+@cache
+def client_for(uri: str) -> MlflowClient:
+    """One client per tracking URI (sqlite stores are created on first use)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (``mlruns/artifacts``); the server's default otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "artifacts").as_uri()
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The id of the named experiment, created on first use."""
+    client = client_for(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(client.create_experiment(name, artifact_location=artifact_root(uri)))
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    *,
+    run_name: str | None,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run (optionally nested under a parent) and return its id."""
+    all_tags = dict(tags)
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client_for(uri).create_run(
+        experiment_id(uri, experiment), run_name=run_name, tags=all_tags
+    )
+    return str(run.info.run_id)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set several tags in one call."""
+    client_for(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches of at most 100 (MLflow's limit per call)."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), _BATCH_PARAMS):
+        client_for(uri).log_batch(run_id, params=items[start : start + _BATCH_PARAMS])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log one round's metrics as one batch at ``step``."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for start in range(0, len(items), _BATCH_METRICS):
+        client_for(uri).log_batch(run_id, metrics=items[start : start + _BATCH_METRICS])
+
+
+def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which ``key`` was logged in a run (to log each round exactly once)."""
+    return {m.step for m in client_for(uri).get_metric_history(run_id, key)}
+
+
+def log_json(uri: str, run_id: str, payload: Any, artifact_file: str) -> None:
+    """Store a JSON artifact."""
+    client_for(uri).log_text(run_id, json.dumps(payload, indent=2), artifact_file)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """Store a text artifact."""
+    client_for(uri).log_text(run_id, text, artifact_file)
+
+
+def log_figure(uri: str, run_id: str, figure: Figure, artifact_file: str) -> None:
+    """Store a matplotlib figure as PNG."""
+    client_for(uri).log_figure(run_id, figure, artifact_file)
+
+
+def log_file(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Store a local file as an artifact."""
+    client_for(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run finished (or FAILED / KILLED)."""
+    client_for(uri).set_terminated(run_id, status=status)
+
+
+def run_info(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """A run's (params, tags, status), for resuming and comparisons."""
+    run = client_for(uri).get_run(run_id)
+    return dict(run.data.params), dict(run.data.tags), str(run.info.status)

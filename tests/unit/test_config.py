@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from autorank.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_override,
+    flatten,
+    load_config,
+    parse_config,
+    to_yaml,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_quickstart_experiment() -> None:
+    config = ExperimentConfig()
+
+    assert config.data.name == "digits"
+    assert config.partition.scheme == "double_imbalance"
+    assert config.partition.n_clients == 10
+    assert config.ranking.assigner == "autorank"
+    assert config.aggregation.method == "rbla"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=str)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+
+    assert isinstance(config, ExperimentConfig)
+
+
+def test_default_yaml_matches_builtin_defaults() -> None:
+    assert load_config(ROOT / "configs" / "default.yaml") == ExperimentConfig()
+
+
+def test_overrides_parse_values_as_yaml() -> None:
+    config = load_config(
+        None,
+        ["partition.n_clients=20", "lora.layer_ranges={fc1: {r_min: 4, r_max: 16}}", "seed=3"],
+    )
+
+    assert config.partition.n_clients == 20
+    assert config.lora.range_of("fc1") == (4, 16)
+    assert config.lora.range_of("fc2") == (config.lora.r_min, config.lora.r_max)
+    assert config.seed == 3
+
+
+def test_yaml_round_trip_and_flatten() -> None:
+    config = load_config(None, ["partition.n_clients=7", "ranking.assigner=manual"])
+
+    again = parse_config(__import__("yaml").safe_load(to_yaml(config)))
+    flat = flatten(config)
+
+    assert again == config
+    assert flat["partition.n_clients"] == "7"
+    assert flat["ranking.assigner"] == "manual"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["partition.n_clients=0"], "partition.n_clients"),
+        (["partition.n_clients=ten"], "partition.n_clients"),
+        (["partition.scheme=banana"], "partition.scheme"),
+        (["partition.colour=red"], "partition.colour: unknown setting"),
+        (["lora.r_min=8", "lora.r_max=4"], "must not exceed"),
+        (["lora.layer_ranges={fc1: {r_min: 9, r_max: 3}}"], "lora.layer_ranges.fc1"),
+        (["training.warmup_epochs=1"], "training.warmup_epochs"),
+        (["training.lr=-0.1"], "training.lr"),
+        (["aggregation.method=fedavg"], "needs equal ranks"),
+        (["ranking.criteria=[entropy, entropy]"], "duplicates"),
+        (["runtime.task_runner=dask"], "dask_address"),
+        (["model.name=hf"], "hf_name_or_path"),
+        (["model.init=safetensors"], "weights_path"),
+        (["nonsense"], "expected key=value"),
+        (["seed=1", "seed.x=1"], "not a section"),
+        (["seed.x=1"], "seed: Input should be a valid integer"),
+    ],
+)
+def test_bad_settings_get_one_clear_line(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partition: [unclosed\n")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_override_creates_nested_sections() -> None:
+    raw: dict = {}
+
+    apply_override(raw, "training.rounds=3")
+
+    assert raw == {"training": {"rounds": 3}}
