@@ -49,14 +49,12 @@ def _check_shapes(updates: Sequence[ClientUpdate]) -> None:
         for name, f in update.state.lora.items():
             if not (math.isfinite(f.scale) and f.scale > 0):
                 raise ValueError(f"client {i} layer {name!r}: scale must be > 0, got {f.scale}")
-            got, want = (
-                (f.B.shape[0], f.A.shape[1]),
-                (first.lora[name].B.shape[0], first.lora[name].A.shape[1]),
-            )
+            ref = first.lora[name]
+            got, want = [f.B.shape[0], f.A.shape[1]], [ref.B.shape[0], ref.A.shape[1]]
             if got != want:
                 raise ValueError(
-                    f"client {i} layer {name!r}: [d_out, d_in] is {list(got)}, "
-                    f"expected {list(want)} (as client 0)"
+                    f"client {i} layer {name!r}: [d_out, d_in] is {got}, "
+                    f"expected {want} (as client 0)"
                 )
         for name, t in update.state.extra.items():
             if t.shape != first.extra[name].shape:

@@ -89,7 +89,9 @@ def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Adap
     lora = {}
     for layer, parts in lora_parts.items():
         if set(parts) != {"A", "B", "scale"}:
-            raise CheckpointError(f"adapter {prefix!r} layer {layer!r} is incomplete: {sorted(parts)}")
+            raise CheckpointError(
+                f"adapter {prefix!r} layer {layer!r} is incomplete: {sorted(parts)}"
+            )
         lora[layer] = LoraFactors(parts["A"], parts["B"], float(parts["scale"]))
     return AdapterState(lora, extra)
 
@@ -151,7 +153,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}") from None
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}"
@@ -185,7 +189,9 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
         raise CheckpointError(f"checkpoint {str(folder)!r} is corrupt: {err}") from None
     n_clients = int(meta["n_clients"])
     base = {k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")}
-    extras = {k: v for k, v in meta.items() if k not in {"format", "round", "run_id", "config_digest"}}
+    extras = {
+        k: v for k, v in meta.items() if k not in {"format", "round", "run_id", "config_digest"}
+    }
     return Checkpoint(
         round_idx=int(meta["round"]),
         run_id=run_id,

@@ -117,7 +117,12 @@ class RankingConfig(_Section):
     """Which rank assigner, and its knobs (see autorank.ranks)."""
 
     assigner: AssignerName = "autorank"
-    criteria: tuple[Criterion, ...] = ("entropy", "gini_simpson", "n_samples", "learning_difficulty")
+    criteria: tuple[Criterion, ...] = (
+        "entropy",
+        "gini_simpson",
+        "n_samples",
+        "learning_difficulty",
+    )
     uniform_rank: int | None = Field(None, ge=1, description="uniform assigner; None means r_max")
     equal_policy: Literal["max", "mid"] = Field(
         "max", description="rank for everyone when all closeness scores are equal"
@@ -218,8 +223,10 @@ def _format_validation_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown setting (check the spelling; see configs/default.yaml)"
-    if "input" in first and first["type"] not in ("missing",) and not isinstance(
-        first["input"], dict
+    if (
+        "input" in first
+        and first["type"] not in ("missing",)
+        and not isinstance(first["input"], dict)
     ):
         return f"{where}: {msg} (got {first['input']!r})"
     return f"{where}: {msg}"
@@ -237,7 +244,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {assignment!r}: expected key=value, e.g. partition.n_clients=20")
+        raise ConfigError(
+            f"override {assignment!r}: expected key=value, e.g. partition.n_clients=20"
+        )
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
@@ -262,13 +271,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}"
+        )
     return raw
 
 
-def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> (
-    ExperimentConfig
-):
+def load_config(
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate."""
     raw = read_yaml(path) if path is not None else {}
     for assignment in overrides:
@@ -294,3 +305,12 @@ def flatten(config: ExperimentConfig) -> dict[str, str]:
 def to_yaml(config: ExperimentConfig) -> str:
     """The config as YAML text that ``load_config`` reads back to an equal object."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """A digest of everything that changes results (not where they are tracked or run)."""
+    import hashlib
+    import json
+
+    relevant = config.model_dump(mode="json", exclude={"tracking", "runtime"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -12,16 +12,17 @@ import numpy as np
 
 from autorank.config import PartitionConfig
 from autorank.data import DatasetSplits
-from autorank.partition import label_histogram, partition, split_local, split_public
+from autorank.partition import (
+    label_histogram,
+    partition,
+    scheme_params,
+    split_local,
+    split_public,
+)
 from autorank.profiling import ClientProfile, profile_clients
 
-_SCHEME_PARAMS: dict[str, tuple[str, ...]] = {
-    "iid": (),
-    "dirichlet": ("alpha", "min_size"),
-    "shards": ("shards_per_client",),
-    "quantity_skew": ("quantity_sigma",),
-    "double_imbalance": (),
-}
+# Config field names that differ from the parameter names ``partition`` takes.
+_CONFIG_FIELD = {"sigma": "quantity_sigma"}
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,10 @@ class Federation:
         return profile_clients(self.histogram, epoch_losses)
 
 
-def scheme_params(settings: PartitionConfig) -> dict[str, float | int]:
+def partition_params(settings: PartitionConfig) -> dict[str, float | int]:
     """The parameters the configured scheme takes, under the names ``partition`` expects."""
-    names = _SCHEME_PARAMS[settings.scheme]
     values = settings.model_dump()
-    return {("sigma" if n == "quantity_sigma" else n): values[n] for n in names}
+    return {name: values[_CONFIG_FIELD.get(name, name)] for name in scheme_params(settings.scheme)}
 
 
 def build_federation(
@@ -93,7 +93,7 @@ def build_federation(
         settings.scheme,
         settings.n_clients,
         seed=seed_part,
-        **scheme_params(settings),
+        **partition_params(settings),
     )
     local_seeds = np.random.SeedSequence(seed_local).spawn(len(parts))
     clients = []

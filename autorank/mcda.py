@@ -39,7 +39,8 @@ def critic_weights(matrix: np.ndarray, benefit: Sequence[bool] | None = None) ->
 
     where ``sigma_j`` is the *sample* standard deviation (``ddof=1``, as pymcdm uses) of normalised
     column j and ``rho`` the Pearson correlation between normalised columns. A criterion scores
-    high when it varies a lot and disagrees with the others.
+    high when it varies a lot and disagrees with the others. (The ``ddof`` only rescales every
+    ``sigma_j`` by the same factor, so it cannot change the normalised weights.)
 
     Degenerate cases (pymcdm gives NaN for all of them):
       * a constant column carries no information: weight 0, and it is left out of the
@@ -133,9 +134,7 @@ def _as_matrix(matrix: np.ndarray) -> np.ndarray:
     except (TypeError, ValueError) as err:
         raise ValueError(f"matrix must hold numbers, got {matrix!r}") from err
     if X.ndim != 2:
-        raise ValueError(
-            f"matrix must be 2-D [n_alternatives, n_criteria], got shape {X.shape}"
-        )
+        raise ValueError(f"matrix must be 2-D [n_alternatives, n_criteria], got shape {X.shape}")
     if X.size == 0:
         raise ValueError(f"matrix must have at least one row and one column, got shape {X.shape}")
     if not np.isfinite(X).all():

@@ -125,8 +125,13 @@ def _build_hf(
 ) -> HFImageClassifier:
     from transformers import AutoModelForImageClassification
 
+    labels = {i: str(i) for i in range(n_classes)}
     model = AutoModelForImageClassification.from_pretrained(
-        name_or_path, num_labels=n_classes, ignore_mismatched_sizes=True, use_safetensors=True
+        name_or_path,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        ignore_mismatched_sizes=True,  # a Hub model's head of another size is re-initialised
+        use_safetensors=True,
     )
     cfg = model.config
     channels, size = getattr(cfg, "num_channels", None), getattr(cfg, "image_size", None)
@@ -186,24 +191,43 @@ def build_model(
         return _build_hf(hf_name_or_path, _image_shape(input_shape, name), n_classes)
 
 
-def default_targets(name: ModelName, *, n_hidden: int = 2) -> tuple[str, ...]:
+_HF_ATTENTION_TARGETS: tuple[tuple[str, str], ...] = (
+    ("q_proj", "v_proj"),  # transformers 5 ViT, most current models
+    ("query", "value"),  # transformers 4 ViT, BERT-style attention
+    ("q", "v"),
+)
+
+
+def default_targets(
+    name: ModelName, *, n_hidden: int = 2, model: nn.Module | None = None
+) -> tuple[str, ...]:
     """LoRA target module names of a model kind.
 
     Args:
         name: the model kind.
         n_hidden: number of hidden layers of the ``mlp``.
+        model: for ``hf``, the built model, searched for its attention projections' names.
 
     Returns:
-        ``mlp``: ``fc1..fcN``; ``cnn``: ``conv1, conv2, fc1``; ``hf`` (ViT-style attention):
-        ``query, value``.
+        ``mlp``: ``fc1..fcN``; ``cnn``: ``conv1, conv2, fc1``; ``hf``: the query and value
+        projections (``q_proj, v_proj`` in transformers 5; ``query, value`` in older ViTs).
     """
     if name == "mlp":
         return tuple(f"fc{i + 1}" for i in range(n_hidden))
     if name == "cnn":
         return ("conv1", "conv2", "fc1")
-    if name == "hf":
-        return ("query", "value")
-    raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
+    if name != "hf":
+        raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
+    if model is None:
+        return _HF_ATTENTION_TARGETS[0]
+    leaves = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules()}
+    for pair in _HF_ATTENTION_TARGETS:
+        if set(pair) <= leaves:
+            return pair
+    raise ValueError(
+        f"no attention projections {_HF_ATTENTION_TARGETS} found in {type(model).__name__}; "
+        "set lora.target_modules"
+    )
 
 
 def head_modules(name: ModelName) -> tuple[str, ...]:

@@ -379,8 +379,8 @@ def split_public(
 
     The public share is held by the server for pre-training the base model; the private rest is
     what ``partition`` divides. ``n_public = min(round_half_up(fraction * N), N - 1)`` is
-    apportioned over the classes by their sizes (largest remainder), so each class gives the floor
-    or the ceiling of ``fraction * n_c``.
+    apportioned over the classes by their sizes (largest remainder), so class ``c`` gives the floor
+    or the ceiling of ``n_public * n_c / N``, about ``fraction * n_c``.
 
     Args:
         labels: class ids, ``[N]``.

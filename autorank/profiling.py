@@ -81,7 +81,8 @@ def _proportions(histogram: np.ndarray) -> np.ndarray:
 def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """``-sum p ln p`` along ``axis`` with ``0 ln 0 = 0``."""
     safe = np.where(p > 0, p, 1.0)  # ln 1 = 0, so empty classes add nothing
-    return np.asarray(-(p * np.log(safe)).sum(axis=axis))
+    # p ln(1/p) rather than -(p ln p): a single class then gives +0.0, not -0.0.
+    return np.asarray((p * np.log(1.0 / safe)).sum(axis=axis))
 
 
 def label_entropy(histogram: np.ndarray) -> np.ndarray:

@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     ranks = sub.add_parser("ranks", help="partition, profile and print each client's rank")
     _add_config_args(ranks)
     ranks.add_argument("--json", action="store_true", help="print the decision as JSON")
+    run = sub.add_parser("run", help="run the federated training flow locally")
+    _add_config_args(run)
+    run.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
+    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    resume.add_argument("run_id", help="the MLflow run id printed by `autorank run`")
+    resume.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=Path("mlruns/checkpoints"),
+        help="where the run's checkpoints are (runtime.checkpoint_dir; default %(default)s)",
+    )
+    resume.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--uri", default="sqlite:///mlruns/mlflow.db", help="tracking URI")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -69,6 +84,10 @@ def _cmd_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num(value: float | None, width: int) -> str:
+    return f"{value:{width}.4f}" if value is not None else f"{'-':>{width}}"
+
+
 def format_rank_table(decision: dict[str, Any]) -> str:
     """A per-client table of the rank decision, with the CRITIC weights underneath."""
     head = f"{'client':>6} {'samples':>8} {'labels':>6} {'entropy':>8} {'gini':>6} {'close':>6} "
@@ -76,11 +95,12 @@ def format_rank_table(decision: dict[str, Any]) -> str:
     lines = [f"assigner: {decision['assigner']}", head]
     for row in decision["clients"]:
         close = row.get("closeness")
-        close_txt = f"{close:6.3f}" if close is not None else f"{'-':>6}"
+        close_txt = _num(close, 6)
         layers = " ".join(f"{k}={v}" for k, v in row["layer_ranks"].items())
         lines.append(
             f"{row['client']:>6} {row['samples']:>8} {row['labels_held']:>6} "
-            f"{row['entropy']:8.4f} {row['gini_simpson']:6.4f} {close_txt} {row['rank']:>5}  {layers}"
+            f"{_num(row.get('entropy'), 8)} {_num(row.get('gini_simpson'), 6)} {close_txt} "
+            f"{row['rank']:>5}  {layers}"
         )
     weights = decision.get("weights") or {}
     if weights:
@@ -88,7 +108,59 @@ def format_rank_table(decision: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"ranks": _cmd_ranks}
+def _cmd_run(args: argparse.Namespace) -> int:
+    from autorank.config import load_config
+    from flows.local import run_locally
+
+    config = load_config(args.config, args.overrides)
+    run_locally(config, resume_run_id=None, verbose=args.verbose)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from autorank.config import load_config
+    from flows.local import run_locally
+    from flows.run_records import CONFIG_FILE
+
+    saved = args.checkpoint_dir / args.run_id / CONFIG_FILE
+    if not saved.is_file():
+        raise ValueError(
+            f"no checkpoint folder for run {args.run_id!r} (expected {saved}); "
+            "pass --checkpoint-dir if the run used another runtime.checkpoint_dir"
+        )
+    config = load_config(saved)
+    run_locally(config, resume_run_id=args.run_id, verbose=args.verbose)
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from tasks.tracking import artifact_root
+
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        args.uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    root = artifact_root(args.uri)
+    if root is not None:
+        command += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    return subprocess.call(command, env=env)
+
+
+COMMANDS = {"ranks": _cmd_ranks, "run": _cmd_run, "resume": _cmd_resume, "ui": _cmd_ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,9 @@ from autorank.ranks import RankAssignment, assign_ranks
 
 def layer_ranges(config: ExperimentConfig) -> dict[str, tuple[int, int]]:
     """Each adapted layer's [r_min, r_max]: the configured targets, else the model's default."""
-    targets = config.lora.target_modules or default_targets(config.model.name)
+    targets = config.lora.target_modules or default_targets(
+        config.model.name, n_hidden=len(config.model.hidden)
+    )
     return {layer: config.lora.range_of(layer) for layer in targets}
 
 

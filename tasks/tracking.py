@@ -123,3 +123,36 @@ def run_info(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str], str
     """A run's (params, tags, status), for resuming and comparisons."""
     run = client_for(uri).get_run(run_id)
     return dict(run.data.params), dict(run.data.tags), str(run.info.status)
+
+
+# --- tasks: the flow's tracking steps (retried: they do I/O against the store) -------------
+
+from prefect import task  # noqa: E402
+
+_RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_result": False}
+
+
+@task(**_RETRY)
+def track_round(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log one round's metrics (one batch), unless that step is already in the run."""
+    if step in logged_steps(uri, run_id, "global/accuracy"):
+        return
+    log_metrics(uri, run_id, metrics, step)
+
+
+@task(**_RETRY)
+def track_json(uri: str, run_id: str, payload: Any, artifact_file: str) -> None:
+    """Store a JSON artifact."""
+    log_json(uri, run_id, payload, artifact_file)
+
+
+@task(**_RETRY)
+def track_figure(uri: str, run_id: str, figure: Figure, artifact_file: str) -> None:
+    """Store a figure as PNG."""
+    log_figure(uri, run_id, figure, artifact_file)
+
+
+@task(**_RETRY)
+def track_file(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Store a local file."""
+    log_file(uri, run_id, path, artifact_path)

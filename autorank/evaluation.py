@@ -1,0 +1,65 @@
+"""Accuracy and cross-entropy of a model on a labelled split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one model on one split.
+
+    Attributes:
+        accuracy: share of correct top-1 predictions, in [0, 1].
+        loss: mean cross-entropy per sample.
+        n: number of samples evaluated.
+    """
+
+    accuracy: float
+    loss: float
+    n: int
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device,
+) -> EvalResult:
+    """Evaluate without gradients in eval mode; the model's train/eval mode is restored after.
+
+    Args:
+        model: maps ``x [b, ...]`` to logits ``[b, n_classes]``; moved to ``device``.
+        x: inputs ``[n, ...]``; y: integer labels ``[n]``.
+        batch_size: samples per forward pass.
+        device: where to evaluate.
+
+    Returns:
+        Accuracy, mean loss and ``n``.
+    """
+    n = x.shape[0]
+    if n == 0 or n != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same positive number of samples, got {n} and {y.shape[0]}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device=device, dtype=torch.long)
+            logits = model(xb)
+            loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+            correct += (logits.argmax(dim=1) == yb).sum()
+    model.train(was_training)
+    return EvalResult(accuracy=int(correct) / n, loss=float(loss_sum) / n, n=n)

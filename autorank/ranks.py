@@ -1,0 +1,439 @@
+"""The registry of rank assigners: who gets which LoRA rank (AutoRank step 5 and its baselines).
+
+Every assigner is a small function registered under a name (``ranking.assigner`` in the config);
+``assign_ranks`` validates the inputs once and dispatches. Each returns a ``RankAssignment``: one
+``RankDecision`` per client with the rank on the global ``[r_min, r_max]`` scale and one rank per
+adapted layer, each inside that layer's own range.
+
+Rounding is half up everywhere (``floor(x + 0.5)``), never Python's round-half-to-even, so a
+midpoint such as 2.5 always becomes 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from autorank.config import AssignerName, Criterion, RankingConfig
+from autorank.mcda import critic_weights, topsis
+from autorank.profiling import ClientProfile
+
+logger = logging.getLogger(__name__)
+
+N_LEVELS = 5  # resource levels the random and heavy_tail assigners draw from
+_EQUAL_ATOL = 1e-12  # closeness scores spread over less than this count as all equal
+_ROUND_SLACK = 1e-9  # so that a half computed as 2.4999999999 still rounds up
+
+
+@dataclass(frozen=True)
+class RankDecision:
+    """The rank one client received, and what it was based on.
+
+    Attributes:
+        client: client index.
+        n_samples: training samples the client holds.
+        labels_held: classes with at least one sample.
+        criteria: criterion name -> value used (empty for assigners that use none).
+        closeness: TOPSIS closeness in [0, 1] (``autorank`` only, else None).
+        rank: the rank on the global ``[r_min, r_max]`` scale.
+        layer_ranks: adapted layer name -> rank inside that layer's own range.
+    """
+
+    client: int
+    n_samples: int
+    labels_held: int
+    criteria: dict[str, float]
+    closeness: float | None
+    rank: int
+    layer_ranks: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RankAssignment:
+    """The result of one assigner over all clients.
+
+    Attributes:
+        assigner: the registered name that produced it.
+        decisions: one per client, in the order of the profiles given.
+        weights: CRITIC weight per criterion (``autorank`` only, else empty).
+    """
+
+    assigner: str
+    decisions: tuple[RankDecision, ...]
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def ranks(self) -> list[dict[str, int]]:
+        """Per client (in decision order), adapted layer name -> rank."""
+        return [dict(d.layer_ranks) for d in self.decisions]
+
+    def to_json(self) -> dict[str, Any]:
+        """A ``json.dumps``-ready record: the assigner, the weights and one row per client."""
+        rows = [
+            {
+                "client": d.client,
+                "samples": d.n_samples,
+                "labels_held": d.labels_held,
+                **{name: float(value) for name, value in d.criteria.items()},
+                "closeness": None if d.closeness is None else float(d.closeness),
+                "rank": d.rank,
+                "layer_ranks": dict(d.layer_ranks),
+            }
+            for d in self.decisions
+        ]
+        weights = {name: float(w) for name, w in self.weights.items()}
+        return {"assigner": self.assigner, "weights": weights, "clients": rows}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> RankAssignment:
+        """Rebuild an assignment from ``to_json``'s record (e.g. from a checkpoint)."""
+        fixed = {"client", "samples", "labels_held", "closeness", "rank", "layer_ranks"}
+        decisions = tuple(
+            RankDecision(
+                client=int(row["client"]),
+                n_samples=int(row["samples"]),
+                labels_held=int(row["labels_held"]),
+                criteria={k: float(v) for k, v in row.items() if k not in fixed},
+                closeness=None if row["closeness"] is None else float(row["closeness"]),
+                rank=int(row["rank"]),
+                layer_ranks={k: int(v) for k, v in row["layer_ranks"].items()},
+            )
+            for row in record["clients"]
+        )
+        weights = {k: float(v) for k, v in record["weights"].items()}
+        return cls(str(record["assigner"]), decisions, weights)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Validated inputs shared by every assigner."""
+
+    assigner: str
+    profiles: tuple[ClientProfile, ...]
+    settings: RankingConfig
+    r_min: int
+    r_max: int
+    layers: Mapping[str, tuple[int, int]]
+    n_classes: int
+    seed: int
+
+
+Assigner = Callable[[_Request], RankAssignment]
+_ASSIGNERS: dict[str, Assigner] = {}
+
+
+def _register(name: str) -> Callable[[Assigner], Assigner]:
+    def add(fn: Assigner) -> Assigner:
+        _ASSIGNERS[name] = fn
+        return fn
+
+    return add
+
+
+def assigner_names() -> tuple[str, ...]:
+    """The registered assigner names, sorted."""
+    return tuple(sorted(_ASSIGNERS))
+
+
+def assign_ranks(
+    assigner: AssignerName,
+    profiles: Sequence[ClientProfile],
+    *,
+    settings: RankingConfig,
+    r_min: int,
+    r_max: int,
+    layers: Mapping[str, tuple[int, int]],
+    n_classes: int,
+    seed: int,
+) -> RankAssignment:
+    """Give every client a LoRA rank with the named assigner.
+
+    Args:
+        assigner: a registered name (see ``assigner_names()``).
+        profiles: one per client, ``[n_clients]``; the decisions keep this order.
+        settings: the ``ranking`` section of the config.
+        r_min: smallest rank on the global scale, >= 1.
+        r_max: largest rank on the global scale, >= r_min.
+        layers: adapted layer name -> its own ``(r_min, r_max)``.
+        n_classes: classes in the task (the ``manual`` assigner's denominator).
+        seed: seeds the ``random`` and ``heavy_tail`` draws.
+
+    Returns:
+        One decision per client, with per-layer ranks.
+
+    Raises:
+        ValueError: an unknown assigner, no profiles, bad bounds or a bad layer range.
+    """
+    if assigner not in _ASSIGNERS:
+        raise ValueError(f"assigner {assigner!r} is unknown; expected one of {assigner_names()}")
+    _check_bounds(r_min, r_max, n_classes, seed)
+    _check_layers(layers)
+    _check_profiles(profiles, n_classes)
+    request = _Request(
+        assigner, tuple(profiles), settings, r_min, r_max, dict(layers), n_classes, seed
+    )
+    result = _ASSIGNERS[assigner](request)
+    logger.info("%s ranks: %s", assigner, [d.rank for d in result.decisions])
+    return result
+
+
+def round_half_up(x: float) -> int:
+    """``floor(x + 0.5)``: halves go up, unlike Python's round-half-to-even."""
+    return math.floor(x + 0.5 + _ROUND_SLACK)
+
+
+def position_to_rank(t: float, lo: int, hi: int) -> int:
+    """Linear map of a position ``t`` in [0, 1] onto ``[lo, hi]``: ``round(lo + t (hi - lo))``."""
+    return round_half_up(lo + t * (hi - lo))
+
+
+def _clamp(rank: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, rank))
+
+
+def closeness_positions(
+    closeness: np.ndarray, equal_policy: Literal["max", "mid"] = "max"
+) -> np.ndarray:
+    """Min-max normalised closeness ``t_i = (C_i - min C) / (max C - min C)``, ``[n_clients]``.
+
+    0 marks the least and 1 the most complex client. When all scores are equal (spread below
+    1e-12, or one client) everyone gets 1 (``equal_policy="max"``) or 0.5 (``"mid"``).
+    """
+    C = np.asarray(closeness, dtype=float)
+    spread = float(C.max() - C.min())
+    if spread <= _EQUAL_ATOL:
+        return np.full(C.shape, 1.0 if equal_policy == "max" else 0.5)
+    positions: np.ndarray = (C - C.min()) / spread
+    return positions
+
+
+def map_closeness(
+    closeness: np.ndarray, r_min: int, r_max: int, *, equal_policy: Literal["max", "mid"] = "max"
+) -> list[int]:
+    """AutoRank's rank rule: ``r_i = round(r_min + t_i (r_max - r_min))``, ``[n_clients]``.
+
+    ``t_i`` are the ``closeness_positions``; all scores equal gives everyone ``r_max``
+    (``equal_policy="max"``) or the rounded midpoint. A higher closeness never gets a lower rank.
+    """
+    return [position_to_rank(t, r_min, r_max) for t in closeness_positions(closeness, equal_policy)]
+
+
+def rank_levels(r_min: int, r_max: int, n_levels: int = N_LEVELS) -> tuple[int, ...]:
+    """Geometric resource levels ``round(r_min (r_max / r_min)^(k / (n_levels - 1)))``, unique.
+
+    Each level roughly multiplies the previous one by a constant, like the doubling resource
+    budgets of FlexLoRA (Bai et al., 2024); ``[2, 32]`` gives exactly ``2, 4, 8, 16, 32``.
+
+    Raises:
+        ValueError: ``r_min`` below 1 or above ``r_max``, or ``n_levels`` below 1.
+    """
+    if not 1 <= r_min <= r_max:
+        raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
+    if n_levels < 1:
+        raise ValueError(f"n_levels must be >= 1, got {n_levels}")
+    if r_min == r_max or n_levels == 1:
+        return (r_max,)
+    ratio = r_max / r_min
+    levels = {round_half_up(r_min * ratio ** (k / (n_levels - 1))) for k in range(n_levels)}
+    return tuple(sorted(levels))
+
+
+def _log_position(rank: int, r_min: int, r_max: int) -> float:
+    """Where ``rank`` sits in ``[r_min, r_max]`` on a log scale, in [0, 1] (1 if one rank wide)."""
+    if r_min == r_max:
+        return 1.0
+    return math.log(rank / r_min) / math.log(r_max / r_min)
+
+
+def _by_bounds(
+    req: _Request,
+    rule: Callable[[int, int, int], int],
+    criteria: Sequence[dict[str, float]] | None = None,
+    closeness: Sequence[float] | None = None,
+    weights: dict[str, float] | None = None,
+) -> RankAssignment:
+    """Apply ``rule(client_position, lo, hi)`` with the global bounds and with each layer's."""
+    decisions = []
+    for k, p in enumerate(req.profiles):
+        layer_ranks = {name: rule(k, lo, hi) for name, (lo, hi) in req.layers.items()}
+        values = _measured(p) if criteria is None else criteria[k]
+        close = None if closeness is None else closeness[k]
+        rank = rule(k, req.r_min, req.r_max)
+        decisions.append(
+            RankDecision(p.client, p.n_samples, p.labels_held, values, close, rank, layer_ranks)
+        )
+    return RankAssignment(req.assigner, tuple(decisions), weights or {})
+
+
+def _measured(profile: ClientProfile) -> dict[str, float]:
+    """Every criterion measured for a client, recorded even by assigners that ignore them."""
+    out = {"entropy": profile.entropy, "gini_simpson": profile.gini_simpson}
+    out["n_samples"] = float(profile.n_samples)
+    if profile.learning_difficulty is not None:
+        out["learning_difficulty"] = profile.learning_difficulty
+    return out
+
+
+@_register("autorank")
+def _autorank(req: _Request) -> RankAssignment:
+    """AutoRank (Chen et al., arXiv 2412.15553): CRITIC weights, TOPSIS closeness, min-max ranks.
+
+    ``X: [n_clients, n_criteria]`` holds ``settings.criteria`` (all benefits); per layer,
+    ``layer_mapping="scale"`` maps the position into the layer's own range and ``"clamp"`` clamps
+    the global rank into it.
+    """
+    names, X = _criteria_matrix(req.profiles, req.settings.criteria)
+    weights = critic_weights(X)  # [n_criteria]
+    closeness = topsis(X, weights)  # [n_clients]
+    t = closeness_positions(closeness, req.settings.equal_policy).tolist()  # [n_clients]
+
+    def rule(k: int, lo: int, hi: int) -> int:
+        if req.settings.layer_mapping == "scale":
+            return position_to_rank(t[k], lo, hi)
+        return _clamp(position_to_rank(t[k], req.r_min, req.r_max), lo, hi)
+
+    values = [dict(zip(names, row, strict=True)) for row in X.tolist()]
+    named_weights = dict(zip(names, weights.tolist(), strict=True))
+    return _by_bounds(req, rule, values, closeness.tolist(), named_weights)
+
+
+def _criteria_matrix(
+    profiles: Sequence[ClientProfile], criteria: Sequence[Criterion]
+) -> tuple[list[str], np.ndarray]:
+    """The decision matrix ``[n_clients, n_criteria]`` over the criteria every client has."""
+    kept: list[Criterion] = []
+    for name in criteria:
+        missing = [
+            p.client
+            for p in profiles
+            if name == "learning_difficulty" and p.learning_difficulty is None
+        ]
+        if missing and len(missing) == len(profiles):
+            logger.info("criterion %r is not measured for any client (no warm-up); dropped", name)
+            continue
+        if missing:
+            raise ValueError(
+                f"criterion {name!r} is missing for clients {missing} but present for others; "
+                "measure it for every client or for none"
+            )
+        kept.append(name)
+    if not kept:
+        raise ValueError(f"settings.criteria {list(criteria)} leaves no measured criterion")
+    X = np.array([[p.criterion(name) for name in kept] for p in profiles], dtype=float)
+    bad = np.argwhere(~np.isfinite(X))
+    if bad.size:
+        k, j = bad[0]
+        raise ValueError(
+            f"criterion {kept[j]!r} of client {profiles[k].client} must be finite, got {X[k, j]}"
+        )
+    return list(kept), X
+
+
+@_register("uniform")
+def _uniform(req: _Request) -> RankAssignment:
+    """Everyone gets ``settings.uniform_rank`` (default ``r_max``), clamped per layer."""
+    rank = req.r_max if req.settings.uniform_rank is None else req.settings.uniform_rank
+    if not req.r_min <= rank <= req.r_max:
+        raise ValueError(
+            f"settings.uniform_rank ({rank}) must lie in [r_min, r_max] = "
+            f"[{req.r_min}, {req.r_max}]"
+        )
+    return _by_bounds(req, lambda _k, lo, hi: _clamp(rank, lo, hi))
+
+
+@_register("manual")
+def _manual(req: _Request) -> RankAssignment:
+    """Proportional to labels held: ``r = clamp(round(r_max * labels_held / n_classes))``."""
+    return _proportional(req, [p.labels_held / req.n_classes for p in req.profiles])
+
+
+@_register("size")
+def _size(req: _Request) -> RankAssignment:
+    """Proportional to data size: ``r = clamp(round(r_max * n_i / max_k n_k))``."""
+    largest = max(p.n_samples for p in req.profiles)
+    if largest == 0:
+        raise ValueError("profiles: every client has n_samples 0; the size assigner needs data")
+    return _proportional(req, [p.n_samples / largest for p in req.profiles])
+
+
+def _proportional(req: _Request, shares: Sequence[float]) -> RankAssignment:
+    """``r = clamp(round(hi * share_i), lo, hi)`` for the global and every layer's bounds."""
+    return _by_bounds(req, lambda k, lo, hi: _clamp(round_half_up(hi * shares[k]), lo, hi))
+
+
+@_register("random")
+def _random(req: _Request) -> RankAssignment:
+    """FlexLoRA's uniform resource setting (Bai et al., 2024): levels drawn uniformly."""
+    return _by_levels(req, exponent=0.0)
+
+
+@_register("heavy_tail")
+def _heavy_tail(req: _Request) -> RankAssignment:
+    """FlexLoRA's heavy-tail resource setting (Bai et al., 2024): ``P(level k) ~ (k + 1)^-a``.
+
+    With ``a = settings.heavy_tail_exponent`` most clients get the lowest levels, few the highest.
+    """
+    return _by_levels(req, exponent=req.settings.heavy_tail_exponent)
+
+
+def _by_levels(req: _Request, exponent: float) -> RankAssignment:
+    """Draw a level per client with ``P(k) ~ (k + 1)^-exponent`` (0: uniform), seeded.
+
+    The global rank is the level itself; per layer, the level's position on the log scale of
+    ``[r_min, r_max]`` is carried into the layer's range: ``round(lo (hi / lo)^t)``.
+    """
+    levels = rank_levels(req.r_min, req.r_max)
+    p = np.arange(1, len(levels) + 1, dtype=float) ** -exponent
+    rng = np.random.default_rng(req.seed)
+    drawn = rng.choice(len(levels), size=len(req.profiles), p=p / p.sum())  # [n_clients]
+    positions = [_log_position(levels[i], req.r_min, req.r_max) for i in drawn]
+
+    def rule(k: int, lo: int, hi: int) -> int:
+        return _clamp(round_half_up(lo * (hi / lo) ** positions[k]), lo, hi)
+
+    return _by_bounds(req, rule)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_bounds(r_min: int, r_max: int, n_classes: int, seed: int) -> None:
+    least = {"r_min": 1, "r_max": 1, "n_classes": 1, "seed": 0}
+    for name, value in zip(least, (r_min, r_max, n_classes, seed), strict=True):
+        if not _is_int(value) or value < least[name]:
+            raise ValueError(f"{name} must be an integer >= {least[name]}, got {value!r}")
+    if r_min > r_max:
+        raise ValueError(f"r_min ({r_min}) must not exceed r_max ({r_max})")
+
+
+def _check_layers(layers: Mapping[str, tuple[int, int]]) -> None:
+    for name, bounds in layers.items():
+        ok = isinstance(bounds, tuple | list) and len(bounds) == 2 and all(map(_is_int, bounds))
+        if not ok or not 1 <= bounds[0] <= bounds[1]:
+            raise ValueError(
+                f"layers[{name!r}] must be (r_min, r_max) integers with 1 <= r_min <= r_max, "
+                f"got {bounds!r}"
+            )
+
+
+def _check_profiles(profiles: Sequence[ClientProfile], n_classes: int) -> None:
+    if len(profiles) == 0:
+        raise ValueError("profiles must hold at least one client, got none")
+    clients = [p.client for p in profiles]
+    if len(set(clients)) != len(clients):
+        raise ValueError(f"profiles must have distinct client indices, got {clients}")
+    for p in profiles:
+        if p.n_samples < 0:
+            raise ValueError(f"client {p.client}: n_samples must be >= 0, got {p.n_samples}")
+        if p.labels_held > n_classes:
+            raise ValueError(
+                f"client {p.client} holds {p.labels_held} labels but n_classes is {n_classes}"
+            )
+
+
+assert set(_ASSIGNERS) == set(get_args(AssignerName)), "registry and AssignerName disagree"

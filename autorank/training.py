@@ -1,0 +1,142 @@
+"""Local training of one client: a tight loop over tensors already on the device.
+
+Determinism: the data order comes from a ``torch.Generator`` seeded per call, so the same seed
+gives bit-identical results on CPU whatever ran before or beside it; per-client seeds are derived
+with ``np.random.SeedSequence`` so sequential and parallel runs see the same streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from autorank.adapters import AdapterState
+
+logger = logging.getLogger(__name__)
+
+Optimizer = Literal["sgd", "adam"]
+
+
+def client_seed(seed: int, round_idx: int, client: int) -> int:
+    """A 63-bit seed for one client in one round: ``SeedSequence([seed, round_idx, client])``."""
+    for label, value in (("seed", seed), ("round_idx", round_idx), ("client", client)):
+        if value < 0:
+            raise ValueError(f"{label} must be >= 0, got {value}")
+    state = np.random.SeedSequence([seed, round_idx, client]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one client's local training produced.
+
+    Attributes:
+        client: the client's index.
+        state: the trained adapter state, on CPU.
+        n_samples: training samples the client used (its aggregation weight).
+        epoch_losses: mean training loss of each local epoch.
+        seconds: wall time of the job (wrapping, training, state extraction).
+        steps: optimiser steps taken.
+    """
+
+    client: int
+    state: AdapterState
+    n_samples: int
+    epoch_losses: tuple[float, ...]
+    seconds: float
+    steps: int
+
+
+def make_optimizer(
+    params: list[nn.Parameter],
+    kind: Optimizer,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """SGD (with optional momentum) or Adam over ``params``."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int) -> None:
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same positive number of samples, got {x.shape[0]} and "
+            f"{y.shape[0]}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    optimizer: Optimizer,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    epochs: int,
+    grad_clip: float | None,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[float], int]:
+    """Train the parameters of ``model`` that require grad with cross-entropy, in place.
+
+    The model is moved to ``device`` and stays there. Each epoch visits every sample once in an
+    order drawn from a CPU ``torch.Generator`` seeded with ``seed``; the last batch may be short.
+
+    Args:
+        model: maps ``x [b, ...]`` to logits ``[b, n_classes]``.
+        x: inputs ``[n, ...]``; y: integer labels ``[n]``.
+        optimizer, lr, momentum, weight_decay: the optimiser (momentum is ignored by Adam).
+        batch_size, epochs: the schedule.
+        grad_clip: max global gradient norm, or None for no clipping.
+        seed: data-order seed.
+        device: where to train.
+
+    Returns:
+        The sample-weighted mean loss of each epoch, and the number of optimiser steps.
+    """
+    _check_data(x, y, batch_size, epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (nothing requires grad)")
+    model.to(device)
+    model.train()
+    x, y = x.to(device), y.to(device=device, dtype=torch.long)
+    opt = make_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    losses: list[float] = []
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)  # summed on device: no host sync per step
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            total += loss.detach() * idx.shape[0]
+            steps += 1
+        losses.append(float(total) / n)
+    logger.debug("trained %d steps, epoch losses %s", steps, losses)
+    return losses, steps

@@ -1,0 +1,116 @@
+"""What the flow records in MLflow at the start and end of a run, and on resume."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from autorank.adapters import AdapterState
+from autorank.checkpoint import Checkpoint, CheckpointError
+from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
+from autorank.federation import Federation
+from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
+from autorank.ranks import RankAssignment
+from tasks import tracking
+
+CONFIG_FILE = "config.yaml"
+
+
+def run_tags(config: ExperimentConfig) -> dict[str, str]:
+    """The tags that make runs filterable and comparable in the MLflow UI."""
+    return {
+        "assigner": config.ranking.assigner,
+        "aggregator": config.aggregation.method,
+        "dataset": config.data.name,
+        "partition": config.partition.scheme,
+        "n_clients": str(config.partition.n_clients),
+        "seed": str(config.seed),
+        "config_digest": config_digest(config),
+    }
+
+
+def _prefect_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
+    """Create the run (params, tags, config.yaml) or reopen ``resume_run_id`` after checks."""
+    uri = config.tracking.uri
+    run_dir = config.runtime.checkpoint_dir
+    if resume_run_id is not None:
+        _, tags, _ = tracking.run_info(uri, resume_run_id)
+        if tags.get("config_digest") != config_digest(config):
+            raise CheckpointError(
+                f"run {resume_run_id} was started with another config "
+                f"(digest {tags.get('config_digest')}, this one is {config_digest(config)})"
+            )
+        tracking.client_for(uri).update_run(resume_run_id, status="RUNNING")
+        tracking.set_tags(uri, resume_run_id, {"prefect.flow_run_id": _prefect_flow_run_id()})
+        return resume_run_id
+    name = config.tracking.run_name or (
+        f"{config.ranking.assigner}-{config.aggregation.method}-{config.data.name}-s{config.seed}"
+    )
+    tags = run_tags(config) | {"prefect.flow_run_id": _prefect_flow_run_id()}
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name=name, tags=tags)
+    tracking.log_params(uri, run_id, flatten(config))
+    tracking.log_text(uri, run_id, to_yaml(config), CONFIG_FILE)
+    (run_dir / run_id).mkdir(parents=True, exist_ok=True)
+    (run_dir / run_id / CONFIG_FILE).write_text(to_yaml(config))
+    return run_id
+
+
+def record_decision(
+    uri: str, run_id: str, federation: Federation, assignment: RankAssignment
+) -> None:
+    """The rank decision table, the clients' ranks as metrics, and the decision plots."""
+    decision = assignment.to_json()
+    tracking.track_json(uri, run_id, decision, "rank_decision.json")
+    ranks = {f"clients/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
+    tracking.log_metrics(uri, run_id, ranks, step=0)
+    tracking.track_figure(
+        uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
+    )
+    tracking.track_figure(
+        uri,
+        run_id,
+        closeness_vs_rank(
+            [d.closeness for d in assignment.decisions],
+            [d.rank for d in assignment.decisions],
+            [d.client for d in assignment.decisions],
+        ),
+        "plots/closeness_vs_rank.png",
+    )
+
+
+def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
+    """Log the checkpointed round's metrics if the crash came before they reached MLflow."""
+    tracking.track_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx)
+
+
+def finish_run(
+    config: ExperimentConfig, run_id: str, global_state: AdapterState, history: list[float]
+) -> None:
+    """Final adapter (safetensors), accuracy plot, summary metrics; mark the run finished."""
+    from autorank.checkpoint import save_adapter
+
+    uri = config.tracking.uri
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "global_adapter.safetensors"
+        meta = {"ranks": str(global_state.ranks()), "config_digest": config_digest(config)}
+        save_adapter(path, global_state, meta)
+        tracking.track_file(uri, run_id, path, "adapter")
+    tracking.track_figure(
+        uri,
+        run_id,
+        accuracy_curves({"global": history}, title="Global test accuracy per round"),
+        "plots/accuracy.png",
+    )
+    summary = {
+        "summary/best_accuracy": max(history),
+        "summary/final_accuracy": history[-1],
+        "summary/trainable_params": float(global_state.num_parameters()),
+    }
+    tracking.log_metrics(uri, run_id, summary, step=len(history))
+    tracking.end_run(uri, run_id, "FINISHED")

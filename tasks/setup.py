@@ -1,0 +1,37 @@
+"""Tasks that lay out the experiment: data, partition, base model."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from autorank.base import make_base
+from autorank.config import DataConfig, ModelConfig, PartitionConfig
+from autorank.data import load_data
+from autorank.federation import Federation, build_federation
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def load_federation(
+    data: DataConfig, partition: PartitionConfig, *, public_fraction: float, seed: int
+) -> Federation:
+    """Load the dataset and partition it among the clients."""
+    splits = load_data(
+        data.name,
+        path=data.path,
+        test_fraction=data.test_fraction,
+        seed=seed,
+        max_train_samples=data.max_train_samples,
+    )
+    return build_federation(splits, partition, public_fraction=public_fraction, seed=seed)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def build_base(
+    model: ModelConfig, federation: Federation, *, lr: float, batch_size: int, seed: int
+) -> nn.Module:
+    """Build the frozen base model (pre-trained on the server's public share if configured)."""
+    return make_base(
+        model, federation.data, federation.public, lr=lr, batch_size=batch_size, seed=seed
+    )

@@ -1,0 +1,503 @@
+"""Aggregators on tiny float64 tensors: hand-computed numbers, properties, and bad input."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from autorank.adapters import AdapterState, ClientUpdate, LoraFactors
+from autorank.aggregation import AGGREGATORS, aggregate, fedavg_extra
+from autorank.config import AggregatorName
+
+EXACT = {"rtol": 0.0, "atol": 0.0}
+TIGHT = {"rtol": 0.0, "atol": 1e-12}
+FACTOR_AGGREGATORS = ["fedavg", "zeropad", "hetlora", "rbla"]
+HETEROGENEOUS = ["zeropad", "hetlora", "rbla", "flexlora"]
+
+
+def _t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _random(gen: torch.Generator, rank: int, d_out: int, d_in: int, scale: float) -> LoraFactors:
+    A = torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+    B = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+    return LoraFactors(A, B, scale)
+
+
+def _update(
+    n: int, lora: dict[str, LoraFactors], extra: dict[str, torch.Tensor] | None = None
+) -> ClientUpdate:
+    return ClientUpdate(AdapterState(lora, extra or {}), n_samples=n)
+
+
+def _dense_mean(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
+    """``sum_i p_i s_i B_i A_i``, computed independently of the module under test."""
+    total = sum(u.n_samples for u in updates)
+    terms = [(u.n_samples / total) * u.state.lora[layer].delta() for u in updates]
+    return torch.stack(terms).sum(dim=0)
+
+
+UNEVEN_RANKS = [{"l1": 1, "l2": 3}, {"l1": 2, "l2": 1}, {"l1": 4, "l2": 2}]
+EVEN_RANKS = [{"l1": 2, "l2": 3}] * 3
+
+
+def _round(ranks: list[dict[str, int]], alpha: float = 8.0) -> list[ClientUpdate]:
+    """Three clients, two layers, the given ranks, scales alpha / r, heads filled with 0, 1, 2."""
+    gen = torch.Generator().manual_seed(7)
+    updates = []
+    for i, (n, r) in enumerate(zip([5, 2, 9], ranks, strict=True)):
+        lora = {
+            "l1": _random(gen, r["l1"], 3, 4, alpha / r["l1"]),
+            "l2": _random(gen, r["l2"], 2, 3, alpha / r["l2"]),
+        }
+        head = torch.full((2, 2), float(i), dtype=torch.float64)
+        updates.append(_update(n, lora, {"head": head}))
+    return updates
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+def test_registry_holds_exactly_the_configurable_names() -> None:
+    # Prepare
+    expected = set(get_args(AggregatorName))
+
+    # Execute
+    names = set(AGGREGATORS)
+
+    # Assert
+    assert names == expected
+
+
+@pytest.mark.parametrize("name", HETEROGENEOUS)
+def test_every_aggregator_returns_each_client_at_its_own_ranks_and_scales(name: str) -> None:
+    # Prepare
+    updates = _round(UNEVEN_RANKS)
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    assert len(result.client_states) == len(updates)
+    for update, state in zip(updates, result.client_states, strict=True):
+        assert state.ranks() == update.state.ranks()
+        for layer, f in state.lora.items():
+            assert f.scale == update.state.lora[layer].scale
+            assert f.A.shape[1] == update.state.lora[layer].A.shape[1]
+            assert f.B.shape[0] == update.state.lora[layer].B.shape[0]
+            assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+    assert result.global_state.ranks() == {"l1": 4, "l2": 3}
+    assert result.global_state.lora["l1"].scale == updates[2].state.lora["l1"].scale
+    assert result.global_state.lora["l2"].scale == updates[0].state.lora["l2"].scale
+    assert result.base_delta == {}
+
+
+def test_flora_on_the_heterogeneous_round_returns_fresh_adapters_and_base_deltas() -> None:
+    # Prepare
+    updates = _round(UNEVEN_RANKS)
+
+    # Execute
+    result = aggregate("flora", updates)
+
+    # Assert
+    assert [state.lora for state in result.client_states] == [{}, {}, {}]
+    assert result.global_state.ranks() == {"l1": 7, "l2": 6}
+    assert {name: f.scale for name, f in result.global_state.lora.items()} == {"l1": 1.0, "l2": 1.0}
+    assert {name: list(d.shape) for name, d in result.base_delta.items()} == {
+        "l1": [3, 4],
+        "l2": [2, 3],
+    }
+
+
+def test_fedavg_rejects_the_heterogeneous_round_naming_the_ranks() -> None:
+    # Prepare
+    updates = _round(UNEVEN_RANKS)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"'l1' has ranks \[1, 2, 4\]"):
+        aggregate("fedavg", updates)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_aggregator_hands_out_the_sample_weighted_extras(name: str) -> None:
+    # Prepare: heads 0, 1, 2 with n = 5, 2, 9
+    updates = _round(EVEN_RANKS if name == "fedavg" else UNEVEN_RANKS)
+    expected = torch.full((2, 2), (0 * 5 + 1 * 2 + 2 * 9) / 16, dtype=torch.float64)
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    assert_close(result.global_state.extra["head"], expected, **TIGHT)
+    for state in result.client_states:
+        assert_close(state.extra["head"], expected, **TIGHT)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_no_aggregator_modifies_its_inputs(name: str) -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(3)
+    updates = [_update(n, {"l": _random(gen, 2, 3, 4, 0.5)}) for n in (1, 4)]
+    before = [(u.state.lora["l"].A.clone(), u.state.lora["l"].B.clone()) for u in updates]
+
+    # Execute
+    aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    for (A, B), u in zip(before, updates, strict=True):
+        assert_close(u.state.lora["l"].A, A, **EXACT)
+        assert_close(u.state.lora["l"].B, B, **EXACT)
+
+
+def test_unknown_aggregator_name_raises() -> None:
+    # Prepare
+    updates = [_update(1, {"l": LoraFactors(_t([[1.0]]), _t([[1.0]]), 1.0)})]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"unknown aggregator 'fedprox'.*rbla"):
+        aggregate("fedprox", updates)  # type: ignore[arg-type]
+
+
+# --- identical updates and scaling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_identical_updates_come_back_unchanged(name: str) -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(11)
+    shared = {"l1": _random(gen, 2, 3, 4, 0.5), "l2": _random(gen, 3, 2, 5, 8.0 / 3)}
+    updates = [_update(n, dict(shared)) for n in (1, 2, 6)]
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    for layer, f in shared.items():
+        if name == "flora":
+            assert_close(result.base_delta[layer], f.delta(), **TIGHT)
+            continue
+        for state in [result.global_state, *result.client_states]:
+            got = state.lora[layer]
+            assert got.scale == f.scale
+            assert_close(got.delta(), f.delta(), **TIGHT)
+            if name in FACTOR_AGGREGATORS:
+                assert_close(got.A, f.A, **TIGHT)
+                assert_close(got.B, f.B, **TIGHT)
+
+
+@pytest.mark.parametrize("name", HETEROGENEOUS)
+def test_alpha_over_r_scales_keep_an_identical_product_across_ranks(name: str) -> None:
+    # Prepare: alpha = 8, so rank 2 has scale 4 and rank 4 has scale 2; both mean the same update
+    gen = torch.Generator().manual_seed(5)
+    A, B_tilde = _random(gen, 2, 3, 4, 1.0).A, _random(gen, 2, 3, 4, 1.0).B
+    extra_rows = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    low = LoraFactors(A, B_tilde / 4.0, 4.0)
+    high = LoraFactors(
+        torch.cat([A, extra_rows]), torch.cat([B_tilde / 2.0, torch.zeros(3, 2)], dim=1), 2.0
+    )
+    product = B_tilde @ A
+    updates = [_update(1, {"l": low}), _update(3, {"l": high})]
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    for update, state in zip(updates, result.client_states, strict=True):
+        got = state.lora["l"]
+        assert (got.rank, got.scale) == (update.state.lora["l"].rank, update.state.lora["l"].scale)
+        assert_close(got.delta(), product, **TIGHT)
+
+
+def test_fedavg_folds_each_clients_scale_into_b() -> None:
+    # Prepare: A_g = (1 + 3) / 2 = 2; B~_g = (4 * 1 + 1 * 2) / 2 = 3
+    a = LoraFactors(_t([[1.0]]), _t([[1.0]]), 4.0)
+    b = LoraFactors(_t([[3.0]]), _t([[2.0]]), 1.0)
+    updates = [_update(5, {"l": a}), _update(5, {"l": b})]
+
+    # Execute
+    result = aggregate("fedavg", updates)
+
+    # Assert
+    got_a, got_b = (state.lora["l"] for state in result.client_states)
+    assert_close(got_a.A, _t([[2.0]]), **EXACT)
+    assert_close(got_a.B, _t([[0.75]]), **EXACT)
+    assert got_a.scale == 4.0
+    assert_close(got_b.B, _t([[3.0]]), **EXACT)
+    assert got_b.scale == 1.0
+
+
+# --- rbla against zero padding ----------------------------------------------------------------
+
+
+def _rank2_and_rank4() -> list[ClientUpdate]:
+    """Client a: rank 2, n 1, scale 2; client b: rank 4, n 3, scale 1 (p = 1/4, 3/4)."""
+    a = LoraFactors(_t([[1, 1], [2, 2]]), _t([[0.5, 1.0]]), 2.0)  # B~ = [[1, 2]]
+    b = LoraFactors(_t([[3, 3], [4, 4], [8, 8], [12, 12]]), _t([[3, 6, 8, 4]]), 1.0)
+    return [_update(1, {"l": a}), _update(3, {"l": b})]
+
+
+def test_rbla_takes_high_rank_rows_from_the_rank4_client_alone() -> None:
+    # Prepare: rows 1-2 = 1/4 a + 3/4 b; rows 3-4 = b's
+    updates = _rank2_and_rank4()
+
+    # Execute
+    result = aggregate("rbla", updates)
+
+    # Assert
+    g = result.global_state.lora["l"]
+    assert_close(g.A, _t([[2.5, 2.5], [3.5, 3.5], [8, 8], [12, 12]]), **EXACT)
+    assert_close(g.B, _t([[2.5, 5, 8, 4]]), **EXACT)
+    assert g.scale == 1.0
+    a, b = (state.lora["l"] for state in result.client_states)
+    assert_close(a.A, _t([[2.5, 2.5], [3.5, 3.5]]), **EXACT)
+    assert_close(a.B, _t([[1.25, 2.5]]), **EXACT)  # B~ / 2
+    assert_close(b.A, g.A, **EXACT)
+
+
+def test_zeropad_dilutes_high_rank_rows_over_all_clients() -> None:
+    # Prepare: rows 3-4 = 3/4 b + 1/4 * 0
+    updates = _rank2_and_rank4()
+
+    # Execute
+    result = aggregate("zeropad", updates)
+
+    # Assert
+    g = result.global_state.lora["l"]
+    assert_close(g.A, _t([[2.5, 2.5], [3.5, 3.5], [6, 6], [9, 9]]), **EXACT)
+    assert_close(g.B, _t([[2.5, 5, 6, 3]]), **EXACT)
+    a = result.client_states[0].lora["l"]
+    assert_close(a.A, _t([[2.5, 2.5], [3.5, 3.5]]), **EXACT)
+    assert_close(a.B, _t([[1.25, 2.5]]), **EXACT)
+
+
+def test_rbla_equals_fedavg_when_ranks_are_equal() -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(13)
+    updates = [
+        _update(n, {"l": _random(gen, 3, 4, 5, s)}) for n, s in [(1, 2.0), (4, 0.5), (2, 1.0)]
+    ]
+
+    # Execute
+    rbla, fedavg = aggregate("rbla", updates), aggregate("fedavg", updates)
+
+    # Assert
+    for x, y in zip(
+        [rbla.global_state, *rbla.client_states],
+        [fedavg.global_state, *fedavg.client_states],
+        strict=True,
+    ):
+        assert x.lora["l"].scale == y.lora["l"].scale
+        assert_close(x.lora["l"].A, y.lora["l"].A, **TIGHT)
+        assert_close(x.lora["l"].B, y.lora["l"].B, **TIGHT)
+
+
+# --- hetlora ----------------------------------------------------------------------------------
+
+
+def test_hetlora_weights_by_the_norm_of_the_scaled_update() -> None:
+    # Prepare: ||2 * 1.5||_F = 3 and ||1 * 1||_F = 1 -> weights 3/4, 1/4 (n would say 1/4, 3/4)
+    a = LoraFactors(_t([[1.0]]), _t([[1.5]]), 2.0)
+    b = LoraFactors(_t([[1.0]]), _t([[1.0]]), 1.0)
+    updates = [_update(1, {"l": a}), _update(3, {"l": b})]
+
+    # Execute
+    result = aggregate("hetlora", updates)
+
+    # Assert: B~_g = 3/4 * 3 + 1/4 * 1 = 2.5
+    got_a, got_b = (state.lora["l"] for state in result.client_states)
+    assert_close(got_a.B, _t([[1.25]]), **EXACT)
+    assert_close(got_b.B, _t([[2.5]]), **EXACT)
+    assert_close(got_b.A, _t([[1.0]]), **EXACT)
+
+
+def test_hetlora_falls_back_to_sample_weights_when_every_update_is_zero() -> None:
+    # Prepare: B = 0 everywhere; A_g = 1/4 * 1 + 3/4 * 5 = 4
+    a = LoraFactors(_t([[1.0]]), _t([[0.0]]), 1.0)
+    b = LoraFactors(_t([[5.0]]), _t([[0.0]]), 1.0)
+    updates = [_update(1, {"l": a}), _update(3, {"l": b})]
+
+    # Execute
+    result = aggregate("hetlora", updates)
+
+    # Assert
+    assert_close(result.global_state.lora["l"].A, _t([[4.0]]), **EXACT)
+
+
+# --- flexlora ---------------------------------------------------------------------------------
+
+
+def test_flexlora_reproduces_the_full_product_when_its_rank_fits() -> None:
+    # Prepare: client a's row lies in the span of b's rows, so rank(W) <= 3 = r_max
+    gen = torch.Generator().manual_seed(17)
+    b = _random(gen, 3, 5, 6, 4.0 / 3)
+    a = LoraFactors(0.5 * b.A[:1] - 2.0 * b.A[2:], _random(gen, 1, 5, 6, 1.0).B, 4.0)
+    updates = [_update(1, {"l": a}), _update(3, {"l": b})]
+    W = _dense_mean(updates, "l")
+
+    # Execute
+    result = aggregate("flexlora", updates)
+
+    # Assert
+    assert_close(result.global_state.lora["l"].delta(), W, **TIGHT)
+    assert_close(result.client_states[1].lora["l"].delta(), W, **TIGHT)
+
+
+def test_flexlora_gives_each_client_the_best_approximation_at_its_rank() -> None:
+    # Prepare: generic W of rank 4 from ranks 1 and 3
+    gen = torch.Generator().manual_seed(19)
+    updates = [
+        _update(2, {"l": _random(gen, 1, 5, 6, 8.0)}),
+        _update(3, {"l": _random(gen, 3, 5, 6, 8.0 / 3)}),
+    ]
+    W = _dense_mean(updates, "l")
+    S = torch.linalg.svdvals(W)
+
+    # Execute
+    result = aggregate("flexlora", updates)
+
+    # Assert: Eckart-Young, ||W - W_r||_F^2 = sum_{j >= r} S_j^2
+    for r, state in zip([1, 3], result.client_states, strict=True):
+        residual = torch.linalg.matrix_norm(W - state.lora["l"].delta()) ** 2
+        assert_close(residual, (S[r:] ** 2).sum(), **TIGHT)
+
+
+def test_flexlora_pads_when_the_layer_is_thinner_than_the_rank() -> None:
+    # Prepare: a 2 x 3 layer holds at most 2 triplets, the client has rank 3
+    gen = torch.Generator().manual_seed(23)
+    updates = [
+        _update(1, {"l": _random(gen, 3, 2, 3, 1.0)}),
+        _update(1, {"l": _random(gen, 3, 2, 3, 1.0)}),
+    ]
+
+    # Execute
+    result = aggregate("flexlora", updates)
+
+    # Assert
+    got = result.client_states[0].lora["l"]
+    assert got.rank == 3
+    assert_close(got.A[2], torch.zeros(3, dtype=torch.float64), **EXACT)
+    assert_close(got.delta(), _dense_mean(updates, "l"), **TIGHT)
+
+
+def test_flexlora_splits_each_triplet_symmetrically() -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(31)
+    updates = [
+        _update(1, {"l": _random(gen, 2, 5, 6, 4.0)}),
+        _update(2, {"l": _random(gen, 3, 5, 6, 0.5)}),
+    ]
+    root = torch.linalg.svdvals(_dense_mean(updates, "l")).sqrt()
+
+    # Execute
+    result = aggregate("flexlora", updates)
+
+    # Assert: ||A[k]|| = ||s B[:, k]|| = sqrt(S_k)
+    for state in [result.global_state, *result.client_states]:
+        f = state.lora["l"]
+        assert_close(torch.linalg.vector_norm(f.A, dim=1), root[: f.rank], **TIGHT)
+        assert_close(torch.linalg.vector_norm(f.scale * f.B, dim=0), root[: f.rank], **TIGHT)
+
+
+# --- flora ------------------------------------------------------------------------------------
+
+
+def test_flora_base_delta_is_the_exact_weighted_sum_of_products() -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(29)
+    updates = [
+        _update(n, {"l": _random(gen, r, 4, 5, 4.0 / r)}) for n, r in [(1, 1), (2, 2), (5, 3)]
+    ]
+
+    # Execute
+    result = aggregate("flora", updates)
+
+    # Assert
+    W = _dense_mean(updates, "l")
+    assert_close(result.base_delta["l"], W, **TIGHT)
+    stacked = result.global_state.lora["l"]
+    assert (stacked.rank, stacked.scale) == (6, 1.0)
+    assert_close(stacked.delta(), W, **TIGHT)
+    assert all(state.lora == {} for state in result.client_states)
+
+
+# --- extras and bad input ---------------------------------------------------------------------
+
+
+def test_fedavg_extra_is_sample_weighted_and_keeps_the_dtype() -> None:
+    # Prepare: (1 * [1, 2] + 3 * [5, 6]) / 4 = [4, 5]
+    lora = {"l": LoraFactors(_t([[1.0]]), _t([[1.0]]), 1.0)}
+    updates = [
+        _update(1, lora, {"w": torch.tensor([1.0, 2.0], dtype=torch.float32)}),
+        _update(3, lora, {"w": torch.tensor([5.0, 6.0], dtype=torch.float32)}),
+    ]
+
+    # Execute
+    extra = fedavg_extra(updates)
+
+    # Assert
+    assert extra["w"].dtype == torch.float32
+    assert_close(extra["w"], torch.tensor([4.0, 5.0]), **EXACT)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_downloaded_extras_are_independent_copies(name: str) -> None:
+    # Prepare
+    updates = _round(EVEN_RANKS)
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+    expected = result.global_state.extra["head"].clone()
+
+    # Execute: one client trains its head in place
+    result.client_states[0].extra["head"].add_(1.0)
+
+    # Assert
+    assert_close(result.client_states[1].extra["head"], expected, **EXACT)
+    assert_close(result.global_state.extra["head"], expected, **EXACT)
+
+
+def _one(rank: int = 1, d_out: int = 2, d_in: int = 2, scale: float = 1.0) -> LoraFactors:
+    return LoraFactors(
+        torch.ones(rank, d_in, dtype=torch.float64),
+        torch.ones(d_out, rank, dtype=torch.float64),
+        scale,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (_update(1, {"other": _one()}), r"LoRA layers \['other'\], expected \['l'\]"),
+        (_update(1, {"l": _one()}, {"head": torch.zeros(2)}), r"extra tensors \['head'\]"),
+        (_update(1, {"l": _one(d_in=3)}), r"'l': \[d_out, d_in\] is \[2, 3\], expected \[2, 2\]"),
+        (_update(1, {"l": _one(scale=0.0)}), r"'l': scale must be > 0, got 0.0"),
+    ],
+)
+def test_mismatched_clients_raise(name: str, second: ClientUpdate, message: str) -> None:
+    # Prepare
+    updates = [_update(1, {"l": _one()}), second]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        aggregate(name, updates)  # type: ignore[arg-type]
+
+
+def test_mismatched_extra_shapes_raise() -> None:
+    # Prepare
+    updates = [
+        _update(1, {"l": _one()}, {"head": torch.zeros(2)}),
+        _update(1, {"l": _one()}, {"head": torch.zeros(3)}),
+    ]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"extra 'head': shape \[3\], expected \[2\]"):
+        fedavg_extra(updates)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_no_updates_raise(name: str) -> None:
+    with pytest.raises(ValueError, match="at least one ClientUpdate"):
+        aggregate(name, [])  # type: ignore[arg-type]

@@ -1,0 +1,246 @@
+"""Local training, evaluation and the client backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from autorank.backend import (
+    ClientJob,
+    LoraSettings,
+    SequentialBackend,
+    TrainSettings,
+    limit_threads,
+    personalised_eval,
+    pick_device,
+    run_client_job,
+    warmup,
+    warmup_jobs,
+)
+from autorank.config import LoraConfig, TrainingConfig
+from autorank.evaluation import evaluate
+from autorank.models import build_model, head_modules
+from autorank.training import Optimizer, client_seed, train_local
+
+LORA = LoraSettings(policy="proportional", alpha=16.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
+SGD = TrainSettings(
+    optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=16, grad_clip=None
+)
+
+
+def _blobs(n: int, seed: int, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two well separated Gaussian blobs in ``d`` dimensions: ``x [n, d]``, ``y [n]``."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, d, generator=gen) + 2.0 * (2 * y[:, None] - 1).float()
+    return x, y
+
+
+def _base() -> nn.Module:
+    return build_model("mlp", input_shape=(16,), n_classes=2, hidden=(16, 16), seed=0)
+
+
+def test_client_seed_is_deterministic_and_distinct() -> None:
+    # Execute
+    seeds = {client_seed(0, r, c) for r in range(3) for c in range(4)}
+
+    # Assert
+    assert client_seed(0, 1, 2) == client_seed(0, 1, 2)
+    assert len(seeds) == 12
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="client must be >= 0"):
+        client_seed(0, 0, -1)
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.1), ("adam", 0.01)])
+def test_train_local_reduces_loss(optimizer: Optimizer, lr: float) -> None:
+    # Prepare
+    x, y = _blobs(128, seed=0)
+    model = _base()
+
+    # Execute
+    losses, steps = train_local(
+        model,
+        x,
+        y,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=0.9,
+        weight_decay=0.0,
+        batch_size=16,
+        epochs=4,
+        grad_clip=1.0,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+
+    # Assert
+    assert steps == 4 * 8
+    assert losses[-1] < 0.5 * losses[0]
+    assert evaluate(model, x, y, device=torch.device("cpu")).accuracy > 0.95
+
+
+@pytest.mark.parametrize(
+    ("n_y", "batch_size", "optimizer", "match"),
+    [
+        (4, 4, "sgd", "same positive number"),
+        (8, 0, "sgd", "batch_size"),
+        (8, 4, "lbfgs", "optimizer"),
+    ],
+)
+def test_train_local_rejects_bad_input(
+    n_y: int, batch_size: int, optimizer: str, match: str
+) -> None:
+    x, y = _blobs(8, seed=0)
+    with pytest.raises(ValueError, match=match):
+        train_local(
+            _base(),
+            x,
+            y[:n_y],
+            optimizer=optimizer,  # type: ignore[arg-type]
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            batch_size=batch_size,
+            epochs=1,
+            grad_clip=None,
+            seed=0,
+            device=torch.device("cpu"),
+        )
+
+
+def test_evaluate_counts_and_restores_mode() -> None:
+    # Prepare
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    model.train()
+
+    # Execute
+    result = evaluate(model, x, y, batch_size=2, device=torch.device("cpu"))
+
+    # Assert
+    expected_loss = (2 * math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 3
+    assert result.n == 3
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert result.loss == pytest.approx(expected_loss)
+    assert model.training
+
+
+def test_same_seed_gives_identical_state_on_cpu() -> None:
+    # Prepare
+    x, y = _blobs(64, seed=1)
+    job = ClientJob(0, {"fc1": 4, "fc2": 2}, None, x, y, epochs=2, seed=client_seed(0, 1, 0))
+    cpu = torch.device("cpu")
+
+    # Execute
+    first = run_client_job(_base(), job, LORA, SGD, cpu)
+    second = run_client_job(_base(), job, LORA, SGD, cpu)
+
+    # Assert
+    assert first.epoch_losses == second.epoch_losses
+    for k, f in first.state.lora.items():
+        assert torch.equal(f.A, second.state.lora[k].A) and torch.equal(f.B, second.state.lora[k].B)
+    assert all(torch.equal(v, second.state.extra[k]) for k, v in first.state.extra.items())
+
+
+def test_backend_returns_one_result_per_job_at_its_ranks() -> None:
+    # Prepare
+    base = _base()
+    data = [_blobs(n, seed=i) for i, n in enumerate((20, 40, 33))]
+    ranks = [{"fc1": 2, "fc2": 2}, {"fc1": 8, "fc2": 4}, {"fc1": 1, "fc2": 6}]
+    jobs = [
+        ClientJob(i, r, None, x, y, 1, seed=i)
+        for i, (r, (x, y)) in enumerate(zip(ranks, data, strict=True))
+    ]
+    backend = SequentialBackend(LORA, SGD, device="cpu")
+
+    # Execute
+    results = backend.train_clients(base, jobs)
+    again = backend.train_clients(base, [ClientJob(1, ranks[1], results[1].state, *data[1], 1, 5)])
+
+    # Assert
+    assert [r.client for r in results] == [0, 1, 2]
+    assert [r.state.ranks() for r in results] == ranks
+    assert [r.n_samples for r in results] == [20, 40, 33]
+    assert [r.steps for r in results] == [2, 3, 3]
+    assert all(r.state.lora["fc1"].A.device.type == "cpu" for r in results)
+    assert again[0].state.ranks() == ranks[1]
+
+
+def test_warmup_gives_per_epoch_losses() -> None:
+    # Prepare
+    data = [_blobs(24, seed=i) for i in range(2)]
+    jobs = warmup_jobs(
+        [x for x, _ in data], [y for _, y in data], ranks={"fc1": 4}, epochs=3, seed=0
+    )
+
+    # Execute
+    curves = warmup(SequentialBackend(LORA, SGD, device="cpu"), _base(), jobs)
+
+    # Assert
+    assert [len(c) for c in curves] == [3, 3]
+    assert jobs[0].seed != jobs[1].seed and jobs[0].state is None
+    with pytest.raises(ValueError, match="epochs must be >= 2"):
+        warmup_jobs([data[0][0]], [data[0][1]], ranks={"fc1": 4}, epochs=1, seed=0)
+
+
+def test_personalised_eval_uses_the_state() -> None:
+    # Prepare
+    x, y = _blobs(64, seed=2)
+    base = _base()
+    job = ClientJob(0, {"fc1": 4}, None, x, y, 5, seed=0)
+    trained = run_client_job(base, job, LORA, SGD, torch.device("cpu"))
+
+    # Execute
+    result = personalised_eval(
+        base, trained.state, {"fc1": 4}, x, y, lora=LORA, device=torch.device("cpu")
+    )
+
+    # Assert
+    assert result.accuracy > 0.95
+
+
+def test_settings_from_config() -> None:
+    lora = LoraSettings.from_config(LoraConfig(alpha_policy="rslora"), head_modules("mlp"))
+    train = TrainSettings.from_config(TrainingConfig(optimizer="adam", lr=0.001))
+    assert lora.policy == "rslora" and lora.head == ("head",)
+    assert train.optimizer == "adam" and train.batch_size == 64
+
+
+def test_pick_device_and_threads() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        pick_device("tpu")  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        assert pick_device("auto", client=3) == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+    with pytest.raises(ValueError, match="threads"):
+        limit_threads(0)
+    before = torch.get_num_threads()
+    limit_threads(1)
+    assert torch.get_num_threads() == 1
+    limit_threads(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda() -> None:
+    # Prepare
+    x, y = _blobs(64, seed=3)
+    job = ClientJob(1, {"fc1": 4, "fc2": 4}, None, x, y, 3, seed=0)
+    device = pick_device("cuda", client=1)
+
+    # Execute
+    result = SequentialBackend(LORA, SGD, device=device).train_clients(_base(), [job])[0]
+
+    # Assert
+    assert result.state.lora["fc1"].A.device.type == "cpu"
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert device.index == 1 % torch.cuda.device_count()
