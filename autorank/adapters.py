@@ -106,7 +106,7 @@ class AggregationResult:
 
 
 def resize(factors: LoraFactors, rank: int, scale: float) -> LoraFactors:
-    """Truncate or zero-pad factors to ``rank`` at a new ``scale``, keeping each component's product.
+    """Truncate or zero-pad factors to ``rank`` at a new ``scale``, keeping each product.
 
     Component k contributes ``scale * B[:, k] A[k]``; after resizing it contributes the same, so
     truncation drops the trailing components and padding adds zero ones.

@@ -156,10 +156,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}"
         ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {str(folder)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}"
-            f", expected {FORMAT_VERSION}"
+            f"checkpoint {str(folder)!r} has format {found}, expected {FORMAT_VERSION}"
         )
     return meta
 

@@ -43,6 +43,8 @@ def scale_for(rank: int, *, policy: AlphaPolicy, alpha: float, alpha_ratio: floa
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if alpha <= 0 or alpha_ratio <= 0:
+        raise ValueError(f"alpha and alpha_ratio must be > 0, got {alpha} and {alpha_ratio}")
     if policy == "fixed":
         return alpha / rank
     if policy == "proportional":
@@ -186,6 +188,9 @@ def wrap_lora(
     )
     model = get_peft_model(copy.deepcopy(base), config)
     setattr(model, "autorank_scaling", _Scaling(policy, alpha, alpha_ratio))  # noqa: B010
+    built = {p: int(layer.r[ADAPTER]) for p, layer in _lora_layers(model).items()}
+    if built != per_path:
+        raise RuntimeError(f"peft built ranks {built}, expected {per_path}: matching rules differ")
     _seed_lora_init(model, seed)
     return model
 

@@ -50,7 +50,7 @@ def closeness_vs_rank(
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot()
     have_scores = all(c is not None for c in closeness)
-    xs = [float(c) for c in closeness] if have_scores else [float(c) for c in clients]
+    xs = [float(c or 0.0) for c in closeness] if have_scores else [float(c) for c in clients]
     ax.scatter(xs, ranks, s=40)
     for x, r, client in zip(xs, ranks, clients, strict=True):
         ax.annotate(str(client), (x, r), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -29,7 +29,7 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line with exit code 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         sys.stderr.write(f"autorank: error: {message} (see autorank --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
@@ -71,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_ranks(args: argparse.Namespace) -> int:
-    from flows.ranking import rank_table
-
     from autorank.config import load_config
+    from flows.ranking import rank_table
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)

@@ -6,11 +6,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autorank.config import ExperimentConfig, RuntimeConfig
 
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
 
-def task_runner_for(runtime: RuntimeConfig) -> object:
+
+def task_runner_for(runtime: RuntimeConfig) -> TaskRunner[Any]:
     """Local threads (one per client task, bounded), or an existing Dask cluster by address."""
     if runtime.task_runner == "dask":
         try:
@@ -45,7 +49,7 @@ def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose:
     from flows.experiment import federated_training
 
     runner = task_runner_for(config.runtime)
-    run_id = federated_training.with_options(task_runner=runner)(  # type: ignore[call-overload]
+    run_id = federated_training.with_options(task_runner=runner)(
         config=config, resume_run_id=resume_run_id
     )
     print(f"MLflow run id: {run_id}")

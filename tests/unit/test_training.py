@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -244,3 +245,24 @@ def test_trains_on_cuda() -> None:
     assert result.state.lora["fc1"].A.device.type == "cpu"
     assert result.epoch_losses[-1] < result.epoch_losses[0]
     assert device.index == 1 % torch.cuda.device_count()
+
+
+def test_parallel_threads_match_sequential() -> None:
+    # Prepare
+    base = _base()
+    data = [_blobs(40, seed=i) for i in range(3)]
+    jobs = [
+        ClientJob(i, {"fc1": 2 + i}, None, x, y, 2, client_seed(0, 1, i))
+        for i, (x, y) in enumerate(data)
+    ]
+    cpu = torch.device("cpu")
+
+    # Execute
+    sequential = [run_client_job(base, j, LORA, SGD, cpu) for j in jobs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parallel = list(pool.map(lambda j: run_client_job(base, j, LORA, SGD, cpu), jobs))
+
+    # Assert
+    for s, p in zip(sequential, parallel, strict=True):
+        assert s.epoch_losses == p.epoch_losses
+        assert all(torch.equal(f.B, p.state.lora[k].B) for k, f in s.state.lora.items())

@@ -1,0 +1,38 @@
+"""Flow tests run the real flow under Prefect's test harness (one ephemeral API per session)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autorank.config import ExperimentConfig, parse_config
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_config(tmp_path: Path, **sections: Any) -> ExperimentConfig:
+    """A seconds-long experiment on digits with its tracking store and checkpoints in tmp."""
+    raw: dict[str, Any] = {
+        "partition": {"n_clients": 4},
+        "model": {"pretrain_epochs": 1},
+        "lora": {"r_min": 2, "r_max": 8},
+        "training": {"rounds": 2, "local_epochs": 1, "warmup_epochs": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        "runtime": {"device": "cpu", "checkpoint_dir": str(tmp_path / "ckpt"), "max_workers": 2},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return parse_config(raw)

@@ -1,0 +1,96 @@
+"""A run killed with SIGKILL mid-round and resumed ends exactly like an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autorank.checkpoint import CheckpointError, load_checkpoint
+from autorank.config import config_digest, to_yaml
+from flows.experiment import federated_training
+from tests.flows.conftest import tiny_config
+
+ROUNDS = 5
+KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/c02/accuracy")
+
+
+def _cli(*args: str, home: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PREFECT_HOME=str(home))
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        for pointer in ckpt_dir.glob("*/LATEST"):
+            if pointer.read_text().strip() == f"round_{round_idx:04d}":
+                return pointer.parent.name
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"run ended before round {round_idx}:\n{out[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"round {round_idx} never checkpointed")
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_sigkill_mid_round_then_resume_matches_uninterrupted(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(config))
+    ckpt_dir = config.runtime.checkpoint_dir
+    reference = federated_training(config=config)
+
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
+    victim = None
+    try:
+        while victim is None or victim == reference:
+            victim = _wait_for_round(ckpt_dir, 2, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    logged = _history(client, victim, "global/accuracy")
+    assert len(logged) < ROUNDS  # really interrupted
+
+    resumed = _cli("resume", victim, "--checkpoint-dir", str(ckpt_dir), home=tmp_path / "home")
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+
+    assert client.get_run(victim).info.status == "FINISHED"
+    for key in KEYS:
+        got, want = _history(client, victim, key), _history(client, reference, key)
+        assert [s for s, _ in got] == list(range(1, ROUNDS + 1)), key
+        assert got == want, key
+
+
+def test_checkpoint_of_another_config_or_corrupt_is_refused(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    config = tiny_config(tmp_path, training={"rounds": 1, "local_epochs": 1})
+    run_id = federated_training(config=config)
+    root = config.runtime.checkpoint_dir
+    other = tiny_config(tmp_path, training={"rounds": 1, "local_epochs": 2})
+
+    with pytest.raises(CheckpointError, match="another config"):
+        load_checkpoint(root, run_id, config_digest=config_digest(other))
+    state = next(root.glob(f"{run_id}/round_*/state.safetensors"))
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(root, run_id, config_digest=config_digest(config))
