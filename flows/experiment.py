@@ -33,7 +33,7 @@ from autorank.rounds import (
     round_jobs,
     test_data,
 )
-from flows.ranking import layer_ranges
+from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import finish_run, open_run, record_decision, relog_checkpoint_round
 from tasks.checkpointing import load_round, save_round
 from tasks.clients import ClientOutcome, train_client, warm_up_client
@@ -213,9 +213,8 @@ def federated_training(
     """AutoRank federated LoRA: partition, profile, warm up, rank, then train/aggregate rounds."""
     run_id = open_run(config, resume_run_id)
     try:
-        public = config.model.pretrain_fraction if config.model.init == "pretrain" else 0.0
         federation = load_federation(
-            config.data, config.partition, public_fraction=public, seed=config.seed
+            config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
         )
         base = build_base(
             config.model,

@@ -40,10 +40,36 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+        # The in-process API server may log cancelled background flushes at exit: not news.
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+def preflight(config: ExperimentConfig) -> None:
+    """Fail on bad input before anything is started or written: data, partition, model, targets."""
+    from autorank.backend import pick_device
+    from autorank.lora import expand_ranks
+    from autorank.models import build_model, load_base_weights
+    from flows.ranking import federation_for, layer_ranges, rank_table
+
+    federation = federation_for(config)
+    rank_table(config, federation)
+    model = build_model(
+        config.model.name,
+        input_shape=federation.data.input_shape,
+        n_classes=federation.data.n_classes,
+        hidden=config.model.hidden,
+        hf_name_or_path=config.model.hf_name_or_path,
+        seed=config.seed,
+    )
+    if config.model.init == "safetensors" and config.model.weights_path is not None:
+        load_base_weights(model, config.model.weights_path)
+    expand_ranks(model, {k: hi for k, (_, hi) in layer_ranges(config).items()})
+    pick_device(config.runtime.device)
 
 
 def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
     """Run (or resume) the flow here and print where to find the results."""
+    preflight(config)
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     configure_logging(verbose)
     from flows.experiment import federated_training

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from autorank.config import ExperimentConfig
 from autorank.data import load_data
-from autorank.federation import build_federation
+from autorank.federation import Federation, build_federation
 from autorank.models import default_targets
 from autorank.ranks import RankAssignment, assign_ranks
 
@@ -17,8 +17,13 @@ def layer_ranges(config: ExperimentConfig) -> dict[str, tuple[int, int]]:
     return {layer: config.lora.range_of(layer) for layer in targets}
 
 
-def rank_table(config: ExperimentConfig) -> RankAssignment:
-    """Load, partition, profile (no training) and assign ranks as the config says."""
+def public_fraction(config: ExperimentConfig) -> float:
+    """The share of training data the server keeps for pre-training the base."""
+    return config.model.pretrain_fraction if config.model.init == "pretrain" else 0.0
+
+
+def federation_for(config: ExperimentConfig) -> Federation:
+    """Load the data and lay it out over the clients exactly as a run of this config does."""
     data = load_data(
         config.data.name,
         path=config.data.path,
@@ -26,10 +31,14 @@ def rank_table(config: ExperimentConfig) -> RankAssignment:
         seed=config.seed,
         max_train_samples=config.data.max_train_samples,
     )
-    public_fraction = config.model.pretrain_fraction if config.model.init == "pretrain" else 0.0
-    federation = build_federation(
-        data, config.partition, public_fraction=public_fraction, seed=config.seed
+    return build_federation(
+        data, config.partition, public_fraction=public_fraction(config), seed=config.seed
     )
+
+
+def rank_table(config: ExperimentConfig, federation: Federation | None = None) -> RankAssignment:
+    """Partition, profile (no training) and assign ranks as the config says."""
+    federation = federation or federation_for(config)
     return assign_ranks(
         config.ranking.assigner,
         federation.profiles(),
@@ -37,6 +46,6 @@ def rank_table(config: ExperimentConfig) -> RankAssignment:
         r_min=config.lora.r_min,
         r_max=config.lora.r_max,
         layers=layer_ranges(config),
-        n_classes=data.n_classes,
+        n_classes=federation.data.n_classes,
         seed=config.seed,
     )

@@ -1,0 +1,102 @@
+"""The CLI: the rank table, and bad input as one line, exit code 2, nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main
+
+
+def _tracking(tmp_path: Path) -> list[str]:
+    return [
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
+        "--set",
+        f"runtime.checkpoint_dir={tmp_path}/ckpt",
+    ]
+
+
+def test_ranks_prints_the_default_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["ranks"])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0] == "assigner: autorank"
+    assert len(out) == 2 + 10 + 1  # header lines, 10 clients, weights
+    assert out[-1].startswith("CRITIC weights: entropy=")
+    ranks = [int(line.split()[6]) for line in out[2:12]]
+    assert ranks == sorted(ranks) and ranks[0] == 2 and ranks[-1] == 32
+
+
+def test_ranks_json_matches_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["ranks", "--set", "partition.n_clients=5"])
+    table = capsys.readouterr().out.splitlines()
+    main(["ranks", "--set", "partition.n_clients=5", "--json"])
+    record = json.loads(capsys.readouterr().out)
+
+    assert [row["rank"] for row in record["clients"]] == [
+        int(line.split()[6]) for line in table[2:7]
+    ]
+    assert abs(sum(record["weights"].values()) - 1.0) < 1e-9
+
+
+BAD = [
+    (["run", "--config", "missing.yaml"], "not found"),
+    (["run", "--set", "partition.n_clients=0"], "partition.n_clients"),
+    (["run", "--set", "data.name=nope"], "nope"),
+    (["run", "--set", "data.name=fashion_mnist", "--set", "data.path=/no/such/dir"], "/no/such"),
+    (["run", "--set", "partition.n_clients=5000"], "n_clients"),
+    (["run", "--set", "lora.target_modules=[nope]"], "nope"),
+    (
+        ["run", "--set", "model.init=safetensors", "--set", "model.weights_path=/no/w.safetensors"],
+        "/no/w.safetensors",
+    ),
+    (
+        [
+            "run",
+            "--set",
+            "partition.scheme=dirichlet",
+            "--set",
+            "partition.alpha=0.001",
+            "--set",
+            "partition.min_size=100",
+        ],
+        "alpha",
+    ),
+    (["run", "--set", "ranking.assigner=wizard"], "ranking.assigner"),
+    (["run", "--set", "tracking.experiment="], "tracking.experiment"),
+    (["run", "--set", "training.batch_size=-1"], "training.batch_size"),
+    (["run", "--set", "lora.layer_ranges={fc1: {r_min: 9, r_max: 3}}"], "must not exceed"),
+    (["run", "--bogus"], "unrecognized arguments"),
+    (["resume", "no-such-run"], "no checkpoint folder"),
+    (["ranks", "--set", "ranking.criteria=[]"], "at least one criterion"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    argv: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = _tracking(tmp_path) if argv[0] == "run" and "--bogus" not in argv else []
+
+    try:
+        code = main([*argv, *extra])
+    except SystemExit as exit_:
+        code = exit_.code
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("autorank: error: "), err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--set", "runtime.device=cuda", *_tracking(tmp_path)])
+
+    assert code == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""Every deployment in prefect.yaml: a real entrypoint, valid cron schedules, the declared work
+pool, and parameters that the flow accepts and ExperimentConfig validates.
+
+No server here: scripts/deploy_smoke.sh deploys the same file to a throwaway local one.
+"""
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect import Flow
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.callables import parameter_schema
+from prefect.utilities.schema_tools import validate
+from pydantic import ValidationError
+
+from autorank.config import ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+POOL = "autorank-pool"  # what scripts/deploy_smoke.sh (and the docs) create
+PROJECT = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+DEPLOYMENTS: dict[str, dict[str, Any]] = {d["name"]: d for d in PROJECT["deployments"]}
+
+
+def _flow_of(entrypoint: str) -> Flow[..., Any]:
+    """The flow an entrypoint names, loaded from the file as a worker loads it."""
+    path, _, func = entrypoint.partition(":")
+    # No placeholder: a flow file that fails to import must fail here, not fall back to AST.
+    return load_flow_from_entrypoint(f"{ROOT / path}:{func}", use_placeholder_flow=False)
+
+
+def check_parameters(parameters: dict[str, Any], flow: Flow[..., Any]) -> ExperimentConfig:
+    """Raise ValueError unless the flow accepts every parameter and `config` validates."""
+    accepted = inspect.signature(flow.fn).parameters
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not arguments of {flow.name!r}")
+    return ExperimentConfig.model_validate(parameters.get("config", {}))
+
+
+@pytest.fixture(scope="module")
+def flows() -> dict[str, Flow[..., Any]]:
+    entrypoints = {d["entrypoint"] for d in DEPLOYMENTS.values()}
+    return {e: _flow_of(e) for e in entrypoints}
+
+
+def test_the_expected_deployments_are_declared() -> None:
+    assert set(DEPLOYMENTS) == {"quickstart", "fashion-mnist-autorank", "nightly-comparison"}
+
+
+def test_code_is_used_in_place_not_built_or_pulled() -> None:
+    (step,) = PROJECT["pull"]
+
+    assert PROJECT["build"] is None and PROJECT["push"] is None
+    assert list(step) == ["prefect.deployments.steps.set_working_directory"]
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_entrypoint_is_a_flow(name: str, flows: dict[str, Flow[..., Any]]) -> None:
+    entrypoint = DEPLOYMENTS[name]["entrypoint"]
+    path, _, func = entrypoint.partition(":")
+
+    assert (ROOT / path).is_file()
+    assert flows[entrypoint].fn.__name__ == func
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_schedules_are_valid_crons_with_a_timezone(name: str) -> None:
+    schedules = DEPLOYMENTS[name]["schedules"]
+
+    assert schedules, f"{name} has no schedule"
+    for entry in schedules:
+        schedule = CronSchedule(cron=entry["cron"], timezone=entry["timezone"])
+        assert schedule.timezone == "UTC"
+
+
+@pytest.mark.parametrize("cron", ["0 25 * * *", "0 1 * *", "nightly"])
+def test_cron_check_rejects_bad_strings(cron: str) -> None:
+    with pytest.raises(ValidationError, match="cron"):
+        CronSchedule(cron=cron, timezone="UTC")
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_work_pool_is_the_declared_pool(name: str) -> None:
+    assert PROJECT["definitions"]["work_pool"]["name"] == POOL
+    assert DEPLOYMENTS[name]["work_pool"]["name"] == POOL
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_parameters_validate(name: str, flows: dict[str, Flow[..., Any]]) -> None:
+    deployment = DEPLOYMENTS[name]
+    flow = flows[deployment["entrypoint"]]
+
+    config = check_parameters(deployment["parameters"], flow)
+
+    assert isinstance(config, ExperimentConfig)
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_parameters_pass_the_servers_schema_check(
+    name: str, flows: dict[str, Flow[..., Any]]
+) -> None:
+    # What the API runs on every flow run of a deployment (enforce_parameter_schema).
+    deployment = DEPLOYMENTS[name]
+    schema = parameter_schema(flows[deployment["entrypoint"]]).model_dump_for_openapi()
+
+    validate(deployment["parameters"], schema, raise_on_error=True)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "match"),
+    [
+        (("config", "training", "round"), 30, "training.round"),  # misspelled setting
+        (("config", "ranking", "assigner"), "autorank2", "assigner"),  # unknown choice
+        (("config", "lora", "layer_ranges", "fc2", "r_max"), 2, "r_min"),  # r_min > r_max
+        (("confg",), {}, "confg"),  # misspelled flow argument
+    ],
+)
+def test_a_misspelled_parameter_fails(
+    where: tuple[str, ...], value: Any, match: str, flows: dict[str, Flow[..., Any]]
+) -> None:
+    deployment = DEPLOYMENTS["fashion-mnist-autorank"]
+    bad = copy.deepcopy(deployment["parameters"])
+    node = bad
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+
+    with pytest.raises(ValueError, match=match):
+        check_parameters(bad, flows[deployment["entrypoint"]])
+
+
+def test_fashion_deployment_is_the_shipped_config() -> None:
+    shipped = load_config(ROOT / "configs" / "fashion_mnist_autorank.yaml")
+
+    deployed = ExperimentConfig.model_validate(
+        DEPLOYMENTS["fashion-mnist-autorank"]["parameters"]["config"]
+    )
+
+    assert deployed == shipped
+
+
+def test_comparison_differs_from_autorank_only_in_ranks_and_run_name() -> None:
+    autorank, baseline = (
+        ExperimentConfig.model_validate(DEPLOYMENTS[name]["parameters"]["config"])
+        for name in ("fashion-mnist-autorank", "nightly-comparison")
+    )
+
+    assert baseline.ranking.assigner != autorank.ranking.assigner
+    assert baseline.tracking.experiment == autorank.tracking.experiment
+    assert baseline.tracking.run_name != autorank.tracking.run_name
+    same = {"ranking", "tracking"}
+    assert baseline.model_dump(exclude=same) == autorank.model_dump(exclude=same)
