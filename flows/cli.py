@@ -14,15 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Before anything imports MLflow or Prefect: no telemetry, nothing reaching out.
-for _key, _value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}.items():
-    os.environ.setdefault(_key, _value)
-
 EXIT_BAD_INPUT = 2
 
 

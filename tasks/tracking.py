@@ -8,19 +8,16 @@ metrics go in one batch per round.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from prefect import task
 
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
@@ -125,9 +122,7 @@ def run_info(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str], str
     return dict(run.data.params), dict(run.data.tags), str(run.info.status)
 
 
-# --- tasks: the flow's tracking steps (retried: they do I/O against the store) -------------
-
-from prefect import task  # noqa: E402
+# The flow's tracking steps as tasks, retried: they do I/O against the store.
 
 _RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_result": False}
 

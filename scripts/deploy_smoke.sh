@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Deploy prefect.yaml to a throwaway local Prefect server and check what landed: the three
+# deployments, on the autorank-pool process pool, with their cron schedules live (the
+# scheduler has queued runs). Everything lives in a temp dir and on 127.0.0.1; the server is
+# stopped on exit. Prints one summary line; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+POOL=autorank-pool
+STEP_TIMEOUT=120  # seconds per CLI call: `prefect deploy` imports torch on 2 busy cores
+HEALTH_TIMEOUT=90
+PY=.venv/bin/python
+PREFECT=.venv/bin/prefect
+
+export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
+TMP=$(mktemp -d -t autorank-deploy-smoke.XXXXXX)
+export PREFECT_HOME="$TMP/prefect-home"
+LOG="$TMP/server.log"
+SERVER_PID=""
+STARTED=$SECONDS
+
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  # The server runs in its own process group (setsid): stop the group, then make sure.
+  kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 -- "-$SERVER_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+cleanup() {
+  stop_server
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+  echo "--- last server log lines ---" >&2
+  tail -n 20 "$LOG" >&2 2>/dev/null || true
+  echo "deploy-smoke: FAIL: $* ($((SECONDS - STARTED)) s)" >&2
+  exit 1
+}
+
+# `prefect work-pool create` asks the server for the collections registry, and the server
+# then tries GitHub; creating the pool through the client with the process worker's own
+# template stays on 127.0.0.1.
+create_pool() {
+  timeout "$STEP_TIMEOUT" "$PY" - "$POOL" <<'EOF'
+import asyncio
+import sys
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.workers.process import ProcessWorker
+
+
+async def main(name: str) -> None:
+    template = ProcessWorker.get_default_base_job_template()
+    async with get_client() as client:
+        await client.create_work_pool(
+            WorkPoolCreate(name=name, type="process", base_job_template=template)
+        )
+
+
+asyncio.run(main(sys.argv[1]))
+EOF
+}
+
+# Compare the server's deployments with prefect.yaml: names, pool, schedules, parameters,
+# working directory, and that the scheduler has queued future runs of each.
+verify_deployments() {
+  timeout "$STEP_TIMEOUT" "$PY" - "$POOL" "$PWD" <<'EOF'
+import asyncio
+import sys
+from datetime import datetime, timezone
+
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.schedules import CronSchedule
+
+POOL, PROJECT_DIR = sys.argv[1], sys.argv[2]
+SCHEDULER_WAIT_S = 30
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        sys.exit(f"verify: {what}")
+
+
+async def scheduled_runs(client, deployment_id) -> list:
+    flt = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    runs = await client.read_flow_runs(deployment_filter=flt)
+    return [r for r in runs if r.state_type is not None and r.state_type.value == "SCHEDULED"]
+
+
+async def main() -> None:
+    declared = yaml.safe_load(open("prefect.yaml"))["deployments"]
+    async with get_client() as client:
+        for spec in declared:
+            dep = await client.read_deployment_by_name(f"autorank/{spec['name']}")
+            check(dep.work_pool_name == POOL, f"{dep.name}: work pool {dep.work_pool_name!r}")
+            check(dep.parameters == spec["parameters"], f"{dep.name}: parameters differ")
+            crons = [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules
+                     if isinstance(s.schedule, CronSchedule) and s.active]
+            wanted = [(s["cron"], s["timezone"]) for s in spec["schedules"]]
+            check(crons == wanted, f"{dep.name}: active schedules {crons}, want {wanted}")
+            (step,) = dep.pull_steps
+            where = step["prefect.deployments.steps.set_working_directory"]["directory"]
+            check(where == PROJECT_DIR, f"{dep.name}: pull step directory {where!r}")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SCHEDULER_WAIT_S
+            while not (runs := await scheduled_runs(client, dep.id)):
+                check(loop.time() < deadline, f"{dep.name}: no scheduled runs after "
+                      f"{SCHEDULER_WAIT_S} s")
+                await asyncio.sleep(1)
+            now = datetime.now(timezone.utc)
+            check(all(r.expected_start_time > now for r in runs),
+                  f"{dep.name}: a scheduled run is in the past")
+            first = min(r.expected_start_time for r in runs)
+            print(f"  {dep.name}: {crons[0][0]} {crons[0][1]}, {len(runs)} runs queued, "
+                  f"next {first:%Y-%m-%d %H:%M} UTC")
+
+
+asyncio.run(main())
+EOF
+}
+
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
+
+# setsid: its own process group, so that stop_server ends the server and its children only.
+setsid "$PREFECT" server start --host 127.0.0.1 --port "$PORT" --no-ui >"$LOG" 2>&1 &
+SERVER_PID=$!
+
+deadline=$((SECONDS + HEALTH_TIMEOUT))
+until curl -fsS --max-time 2 "$PREFECT_API_URL/health" >/dev/null 2>&1; do
+  kill -0 "$SERVER_PID" 2>/dev/null || fail "server exited during startup"
+  [ "$SECONDS" -lt "$deadline" ] || fail "server not healthy after ${HEALTH_TIMEOUT} s"
+  sleep 1
+done
+echo "deploy-smoke: server healthy on 127.0.0.1:$PORT after $((SECONDS - STARTED)) s"
+
+create_pool || fail "could not create work pool $POOL"
+timeout "$STEP_TIMEOUT" "$PREFECT" --no-prompt deploy --all >"$TMP/deploy.log" 2>&1 \
+  || { tail -n 30 "$TMP/deploy.log" >&2; fail "prefect --no-prompt deploy --all failed"; }
+timeout "$STEP_TIMEOUT" "$PREFECT" deployment ls || fail "prefect deployment ls failed"
+verify_deployments | tee "$TMP/verify.log" || fail "deployments on the server do not match prefect.yaml"
+count=$(grep -c "runs queued" "$TMP/verify.log")
+
+stop_server
+echo "deploy-smoke: OK: $count deployments on pool $POOL with live cron schedules" \
+  "($((SECONDS - STARTED)) s)"
