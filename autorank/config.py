@@ -170,6 +170,7 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = Field("autorank", min_length=1)
     run_name: str | None = None
+    parent_run_id: str | None = Field(None, description="nest the run under this run (grids)")
 
 
 class RuntimeConfig(_Section):

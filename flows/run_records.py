@@ -53,7 +53,13 @@ def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
         f"{config.ranking.assigner}-{config.aggregation.method}-{config.data.name}-s{config.seed}"
     )
     tags = run_tags(config) | {"prefect.flow_run_id": _prefect_flow_run_id()}
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name=name, tags=tags)
+    run_id = tracking.start_run(
+        uri,
+        config.tracking.experiment,
+        run_name=name,
+        tags=tags,
+        parent_run_id=config.tracking.parent_run_id,
+    )
     tracking.log_params(uri, run_id, flatten(config))
     tracking.log_text(uri, run_id, to_yaml(config), CONFIG_FILE)
     (run_dir / run_id).mkdir(parents=True, exist_ok=True)

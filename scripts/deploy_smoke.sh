@@ -3,8 +3,18 @@
 # deployments, on the autorank-pool process pool, with their cron schedules live (the
 # scheduler has queued runs). Everything lives in a temp dir and on 127.0.0.1; the server is
 # stopped on exit. Prints one summary line; exits non-zero on any failure.
+#   bash scripts/deploy_smoke.sh                   # ~25 s: deploy and check (CI)
+#   bash scripts/deploy_smoke.sh --run-quickstart  # also run the quickstart deployment, shrunk
+#                                                  # to seconds, through a process worker
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+RUN_QUICKSTART=false
+case "${1:-}" in
+  "") ;;
+  --run-quickstart) RUN_QUICKSTART=true ;;
+  *) echo "usage: $0 [--run-quickstart]" >&2; exit 2 ;;
+esac
 
 POOL=autorank-pool
 STEP_TIMEOUT=120  # seconds per CLI call: `prefect deploy` imports torch on 2 busy cores
@@ -17,18 +27,26 @@ TMP=$(mktemp -d -t autorank-deploy-smoke.XXXXXX)
 export PREFECT_HOME="$TMP/prefect-home"
 LOG="$TMP/server.log"
 SERVER_PID=""
+WORKER_PID=""
 STARTED=$SECONDS
 
-stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  # The server runs in its own process group (setsid): stop the group, then make sure.
-  kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+# Server and worker each run in their own process group (setsid), so that stopping one
+# ends it and its children (the worker's flow run processes), and nothing else.
+stop_group() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || true
   for _ in $(seq 50); do
-    kill -0 -- "-$SERVER_PID" 2>/dev/null || break
+    kill -0 -- "-$pid" 2>/dev/null || break
     sleep 0.2
   done
-  kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+stop_server() {
+  stop_group "$WORKER_PID"
+  WORKER_PID=""
+  stop_group "$SERVER_PID"
   SERVER_PID=""
 }
 cleanup() {
