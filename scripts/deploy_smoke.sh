@@ -19,6 +19,7 @@ esac
 POOL=autorank-pool
 STEP_TIMEOUT=120  # seconds per CLI call: `prefect deploy` imports torch on 2 busy cores
 HEALTH_TIMEOUT=90
+RUN_TIMEOUT=300  # --run-quickstart: the worker, the flow run process and the flow
 PY=.venv/bin/python
 PREFECT=.venv/bin/prefect
 
@@ -148,6 +149,79 @@ asyncio.run(main())
 EOF
 }
 
+# The quickstart deployment, shrunk to seconds and tracked in $TMP, through a real process
+# worker: pull step (working directory), job variables, the API's parameter check, the flow.
+run_quickstart() {
+  local flow_run_id deadline
+  flow_run_id=$(timeout "$STEP_TIMEOUT" "$PY" - "$TMP" <<'EOF'
+import asyncio
+import sys
+
+from prefect.client.orchestration import get_client
+
+tmp = sys.argv[1]
+tiny = {
+    "partition": {"n_clients": 4},
+    "model": {"pretrain_epochs": 1},
+    "lora": {"r_min": 2, "r_max": 8},
+    "training": {"rounds": 1, "local_epochs": 1, "warmup_epochs": 2},
+    "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "deploy-smoke"},
+    "runtime": {"device": "cpu", "checkpoint_dir": f"{tmp}/checkpoints"},
+}
+
+
+async def main() -> None:
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name("autorank/quickstart")
+        run = await client.create_flow_run_from_deployment(dep.id, parameters={"config": tiny})
+        print(run.id)
+
+
+asyncio.run(main())
+EOF
+  ) || return 1
+  # --limit: with --run-once the worker then waits for its run to finish before exiting.
+  setsid "$PREFECT" worker start --pool "$POOL" --run-once --limit 1 --install-policy never \
+    >"$TMP/worker.log" 2>&1 &
+  WORKER_PID=$!
+  deadline=$((SECONDS + RUN_TIMEOUT))
+  while kill -0 "$WORKER_PID" 2>/dev/null; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "worker still busy after ${RUN_TIMEOUT} s" >&2
+      return 1
+    fi
+    sleep 1
+  done
+  wait "$WORKER_PID" || { tail -n 30 "$TMP/worker.log" >&2; return 1; }
+  WORKER_PID=""
+  timeout "$STEP_TIMEOUT" "$PY" - "$flow_run_id" "$TMP" <<'EOF' || { tail -n 30 "$TMP/worker.log" >&2; return 1; }
+import asyncio
+import sys
+
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+
+flow_run_id, tmp = sys.argv[1], sys.argv[2]
+
+
+async def state_of(run_id: str) -> str:
+    async with get_client() as client:
+        run = await client.read_flow_run(run_id)
+        return run.state.type.value if run.state else "NONE"
+
+
+state = asyncio.run(state_of(flow_run_id))
+if state != "COMPLETED":
+    sys.exit(f"quickstart flow run {flow_run_id} ended {state}")
+tracking = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+experiment = tracking.get_experiment_by_name("deploy-smoke")
+statuses = [r.info.status for r in tracking.search_runs([experiment.experiment_id])]
+if statuses != ["FINISHED"]:
+    sys.exit(f"expected one FINISHED MLflow run, got {statuses}")
+print(f"  quickstart: flow run {flow_run_id} COMPLETED, its MLflow run FINISHED")
+EOF
+}
+
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 
@@ -169,7 +243,12 @@ timeout "$STEP_TIMEOUT" "$PREFECT" --no-prompt deploy --all >"$TMP/deploy.log" 2
 timeout "$STEP_TIMEOUT" "$PREFECT" deployment ls || fail "prefect deployment ls failed"
 verify_deployments | tee "$TMP/verify.log" || fail "deployments on the server do not match prefect.yaml"
 count=$(grep -c "runs queued" "$TMP/verify.log")
+ran=""
+if [ "$RUN_QUICKSTART" = true ]; then
+  run_quickstart || fail "the quickstart deployment did not run through a worker"
+  ran=", quickstart ran through a worker"
+fi
 
 stop_server
-echo "deploy-smoke: OK: $count deployments on pool $POOL with live cron schedules" \
+echo "deploy-smoke: OK: $count deployments on pool $POOL with live cron schedules$ran" \
   "($((SECONDS - STARTED)) s)"
