@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.adapters import AdapterState
@@ -29,12 +29,12 @@ from autorank.rounds import (
     client_data,
     communication,
     initial_states,
-    max_ranks,
     round_jobs,
     test_data,
 )
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import finish_run, open_run, record_decision, relog_checkpoint_round
+from flows.runners import task_runner_for
 from tasks.checkpointing import load_round, save_round
 from tasks.clients import ClientOutcome, train_client, warm_up_client
 from tasks.ranking import rank_clients
@@ -62,11 +62,26 @@ def _settings(config: ExperimentConfig) -> tuple[LoraSettings, TrainSettings]:
     return LoraSettings.from_config(config.lora, head), TrainSettings.from_config(config.training)
 
 
+def _common(config: ExperimentConfig, base: nn.Module) -> dict[str, Any]:
+    """Task parameters every client shares."""
+    lora, train = _settings(config)
+    return {
+        "base": base,
+        "lora": lora,
+        "train": train,
+        "device": config.runtime.device,
+        "threads": config.runtime.threads_per_client,
+    }
+
+
 def _warm_up_and_rank(
-    config: ExperimentConfig, base: nn.Module, federation: Federation, data: list[ClientData]
+    config: ExperimentConfig,
+    base: nn.Module,
+    federation: Federation,
+    data: list[ClientData],
+    runner: TaskRunner[Any],
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
-    lora, train = _settings(config)
     layers = layer_ranges(config)
     profiles = federation.profiles()
     if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
@@ -77,14 +92,11 @@ def _warm_up_and_rank(
             epochs=config.training.warmup_epochs,
             seed=config.seed,
         )
-        curves = warm_up_client.map(
-            unmapped(base),
-            jobs,
-            unmapped(lora),
-            unmapped(train),
-            unmapped(config.runtime.device),
-            unmapped(config.runtime.threads_per_client),
-        ).result()
+        common = _common(config, base)
+        curves = [
+            f.result()
+            for f in [runner.submit(warm_up_client, {"job": job, **common}) for job in jobs]
+        ]
         profiles = federation.profiles([list(c) for c in curves])
         progress.info("warm-up done: %d loss curves", len(curves))
     return rank_clients(
@@ -104,8 +116,9 @@ def _fresh_state(
     base: nn.Module,
     federation: Federation,
     data: list[ClientData],
+    runner: TaskRunner[Any],
 ) -> RunState:
-    assignment = _warm_up_and_rank(config, base, federation, data)
+    assignment = _warm_up_and_rank(config, base, federation, data, runner)
     record_decision(config.tracking.uri, run_id, federation, assignment)
     lora, _ = _settings(config)
     global_state, states = initial_states(base, assignment.ranks(), lora, seed=config.seed)
@@ -113,9 +126,12 @@ def _fresh_state(
 
 
 def _train_round(
-    config: ExperimentConfig, state: RunState, data: list[ClientData], round_idx: int
+    config: ExperimentConfig,
+    state: RunState,
+    data: list[ClientData],
+    round_idx: int,
+    runner: TaskRunner[Any],
 ) -> list[ClientOutcome]:
-    lora, train = _settings(config)
     jobs = round_jobs(
         data,
         state.client_states,
@@ -124,15 +140,11 @@ def _train_round(
         seed=config.seed,
         round_idx=round_idx,
     )
-    futures = train_client.map(
-        unmapped(state.base),
-        jobs,
-        data,
-        unmapped(lora),
-        unmapped(train),
-        unmapped(config.runtime.device),
-        unmapped(config.runtime.threads_per_client),
-    )
+    common = _common(config, state.base)
+    futures = [
+        runner.submit(train_client, {"job": job, "data": d, **common})
+        for job, d in zip(jobs, data, strict=True)
+    ]
     for done, _ in enumerate(as_completed(list(futures)), start=1):
         progress.debug("round %d: %d/%d clients done", round_idx, done, len(jobs))
     return [f.result() for f in futures]
@@ -145,10 +157,11 @@ def _run_round(
     data: list[ClientData],
     test: tuple[Any, Any],
     round_idx: int,
+    runner: TaskRunner[Any],
 ) -> RunState:
     start = time.perf_counter()
     lora, _ = _settings(config)
-    outcomes = _train_round(config, state, data, round_idx)
+    outcomes = _train_round(config, state, data, round_idx, runner)
     results = [o.result for o in outcomes]
     agg = aggregate_round(config.aggregation.method, results)
     if agg.base_delta:
@@ -224,11 +237,14 @@ def federated_training(
             seed=config.seed,
         )
         data, test = client_data(federation), test_data(federation)
-        state = _restore(config, run_id, base) or _fresh_state(
-            config, run_id, base, federation, data
-        )
-        for round_idx in range(state.start_round, config.training.rounds + 1):
-            state = _run_round(config, run_id, state, data, test, round_idx)
+        # Client training goes to the configured runner (threads, or a Dask cluster), also
+        # when the flow runs from a deployment.
+        with task_runner_for(config.runtime) as runner:
+            state = _restore(config, run_id, base) or _fresh_state(
+                config, run_id, base, federation, data, runner
+            )
+            for round_idx in range(state.start_round, config.training.rounds + 1):
+                state = _run_round(config, run_id, state, data, test, round_idx, runner)
         finish_run(config, run_id, state.global_state, state.history)
     except BaseException:
         from tasks.tracking import end_run
@@ -255,6 +271,3 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState
         list(ckpt.meta["history"]),
         ckpt.round_idx + 1,
     )
-
-
-__all__ = ["federated_training", "max_ranks"]

@@ -1,0 +1,28 @@
+"""Where client tasks run: local threads by default, or an existing Dask cluster."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from autorank.config import RuntimeConfig
+
+
+def task_runner_for(runtime: RuntimeConfig) -> TaskRunner[Any]:
+    """Threads (``max_workers``, default one per core), or Dask at ``runtime.dask_address``.
+
+    Each client task bounds its own torch threads (``threads_per_client``), so threads times
+    workers stays near the core count.
+    """
+    if runtime.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ValueError(
+                "runtime.task_runner 'dask' needs prefect-dask: pip install -e '.[dask]'"
+            ) from None
+        runner: TaskRunner[Any] = DaskTaskRunner(address=runtime.dask_address)
+        return runner
+    return ThreadPoolTaskRunner(max_workers=runtime.max_workers or os.cpu_count() or 1)
