@@ -52,6 +52,20 @@ def test_the_expected_deployments_are_declared() -> None:
     assert set(DEPLOYMENTS) == {"quickstart", "fashion-mnist-autorank", "nightly-comparison"}
 
 
+def test_every_key_is_one_prefect_deploy_reads() -> None:
+    # `prefect deploy` drops keys it does not know without a word: a misspelled `schedules`
+    # deploys a deployment that never runs. These are the models it reads the file with.
+    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel
+
+    top_level = {f.alias or name for name, f in PrefectYamlModel.model_fields.items()}
+    assert set(PROJECT) - top_level == {"definitions"}  # our YAML anchors only
+    unknown = {
+        name: sorted(set(deployment) - set(DeploymentConfig.model_fields))
+        for name, deployment in DEPLOYMENTS.items()
+    }
+    assert unknown == {name: [] for name in DEPLOYMENTS}
+
+
 def test_code_is_used_in_place_not_built_or_pulled() -> None:
     (step,) = PROJECT["pull"]
 
@@ -70,7 +84,7 @@ def test_entrypoint_is_a_flow(name: str, flows: dict[str, Flow[..., Any]]) -> No
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_schedules_are_valid_crons_with_a_timezone(name: str) -> None:
-    schedules = DEPLOYMENTS[name]["schedules"]
+    schedules = DEPLOYMENTS[name].get("schedules")
 
     assert schedules, f"{name} has no schedule"
     for entry in schedules:
