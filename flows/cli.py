@@ -1,4 +1,4 @@
-"""The `autorank` command line: `ranks`, `run`, `resume`, `ui`.
+"""The `autorank` command line: `ranks`, `run`, `resume`, `compare`, `ui`.
 
 Bad input (config, data, flags) ends with one line on stderr and exit code 2, never a traceback.
 Heavy imports (torch, Prefect, MLflow) happen inside the commands that need them.
@@ -55,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the run's checkpoints are (runtime.checkpoint_dir; default %(default)s)",
     )
     resume.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
+    compare = sub.add_parser("compare", help="run a grid of methods and print a summary table")
+    compare.add_argument("--config", type=Path, required=True, help="grid YAML (configs/grids/)")
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one grid setting, e.g. --set base.training.rounds=3 (repeatable)",
+    )
+    compare.add_argument(
+        "--resume",
+        metavar="PARENT_RUN_ID",
+        help="continue a comparison: finished cells are skipped, interrupted ones resumed",
+    )
+    compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", default="sqlite:///mlruns/mlflow.db", help="tracking URI")
     ui.add_argument("--port", type=int, default=5000)
@@ -123,6 +139,24 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from autorank.comparison import load_grid
+    from flows.local import configure_logging
+
+    grid = load_grid(args.config, args.overrides)
+    # Before Prefect is imported, so that its home and log level apply.
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    configure_logging(args.verbose)
+    from flows.compare import compare_locally
+
+    parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
+    print(table)
+    print(f"MLflow parent run id: {parent}")
+    print(f"Open the UI with `autorank ui --uri {grid.base.tracking.uri}` -> http://127.0.0.1:5000")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -150,7 +184,13 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
-COMMANDS = {"ranks": _cmd_ranks, "run": _cmd_run, "resume": _cmd_resume, "ui": _cmd_ui}
+COMMANDS = {
+    "ranks": _cmd_ranks,
+    "run": _cmd_run,
+    "resume": _cmd_resume,
+    "compare": _cmd_compare,
+    "ui": _cmd_ui,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

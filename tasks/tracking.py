@@ -8,14 +8,18 @@ metrics go in one batch per round.
 from __future__ import annotations
 
 import json
+import posixpath
+import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -120,6 +124,95 @@ def run_info(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str], str
     """A run's (params, tags, status), for resuming and comparisons."""
     run = client_for(uri).get_run(run_id)
     return dict(run.data.params), dict(run.data.tags), str(run.info.status)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (it is being resumed)."""
+    client_for(uri).update_run(run_id, status="RUNNING")
+
+
+def find_run_tags(uri: str, run_id: str) -> dict[str, str] | None:
+    """A run's tags, or None when the store has no such run."""
+    try:
+        return dict(client_for(uri).get_run(run_id).data.tags)
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A run nested under a parent, as a resumed comparison sees it."""
+
+    run_id: str
+    name: str
+    status: str
+    config_digest: str | None
+    start_time: int
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[ChildRun]:
+    """The runs nested under ``parent_run_id`` (tag ``mlflow.parentRunId``), oldest first."""
+    client = client_for(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment], query, max_results=1000, page_token=token)
+        found += [
+            ChildRun(
+                r.info.run_id,
+                r.data.tags.get("mlflow.runName", r.info.run_name or ""),
+                str(r.info.status),
+                r.data.tags.get("config_digest"),
+                int(r.info.start_time or 0),
+            )
+            for r in page
+        ]
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda c: c.start_time)
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run."""
+    return dict(client_for(uri).get_run(run_id).data.metrics)
+
+
+def metric_series(uri: str, run_id: str, key: str) -> list[float]:
+    """A metric's values in step order, one per step (the latest logged at a step wins)."""
+    history = sorted(client_for(uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    by_step = {m.step: m.value for m in history}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def read_text(uri: str, run_id: str, artifact_file: str) -> str:
+    """A text artifact of a run, read back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client_for(uri).download_artifacts(run_id, artifact_file, tmp)
+        return Path(local).read_text()
+
+
+def read_json(uri: str, run_id: str, artifact_file: str) -> Any:
+    """A JSON artifact of a run, parsed."""
+    return json.loads(read_text(uri, run_id, artifact_file))
+
+
+def log_table(uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
+    """Store an MLflow table (column -> values); logging it again replaces it.
+
+    ``MlflowClient.log_table`` appends rows to an existing table, so a re-summarised
+    comparison would list every method twice: the second time, the file is overwritten in the
+    same (pandas ``split``) layout and keeps the table tag from the first.
+    """
+    import pandas as pd
+
+    client = client_for(uri)
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file in {f.path for f in client.list_artifacts(run_id, folder)}:
+        frame = pd.DataFrame(dict(columns))
+        client.log_text(run_id, frame.to_json(orient="split", index=False), artifact_file)
+    else:
+        client.log_table(run_id, dict(columns), artifact_file)
 
 
 # The flow's tracking steps as tasks, retried: they do I/O against the store.
