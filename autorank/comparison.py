@@ -1,0 +1,432 @@
+"""Comparison grids: which methods run side by side, and how their results are summarised.
+
+A grid crosses rank assigners with aggregators and seeds over one shared experiment (``base``),
+so every method sees the same partitions, base model and seeds. ``expand_grid`` turns a grid
+into one ``ExperimentConfig`` per cell; ``summarise`` and ``markdown_table`` reduce the cells'
+histories to one row per method (assigner x aggregator), as mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from autorank.config import (
+    AggregatorName,
+    AssignerName,
+    ConfigError,
+    ExperimentConfig,
+    _format_validation_error,
+    apply_override,
+    parse_config,
+    read_yaml,
+)
+from autorank.ranks import round_half_up
+
+logger = logging.getLogger(__name__)
+
+MEAN_AUTORANK = "mean_autorank"
+
+
+def _known(names: tuple[str, ...], what: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value not in names:
+            raise ValueError(f"unknown {what}; expected one of {', '.join(names)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _rank_or_mean(value: Any) -> Any:
+    if isinstance(value, str) and value != MEAN_AUTORANK:
+        raise ValueError(f"expected a rank (an integer) or {MEAN_AUTORANK!r}")
+    return value
+
+
+Assigner = Annotated[AssignerName, _known(get_args(AssignerName), "assigner")]
+Aggregator = Annotated[AggregatorName, _known(get_args(AggregatorName), "aggregator")]
+UniformRank = Annotated[
+    Annotated[int, Field(ge=1)] | Literal["mean_autorank"] | None, BeforeValidator(_rank_or_mean)
+]
+
+
+class AssignerSpec(BaseModel):
+    """One rank assigner of the grid, with the settings that make it a distinct method.
+
+    ``uniform_rank: mean_autorank`` is uniform at AutoRank's mean rank (the same rank budget):
+    the mean of the global-scale ranks AutoRank gave the clients of the same seed, rounded half
+    up, taken from the AutoRank cell's ``rank_decision.json`` (so learning difficulty is in it).
+    With per-layer ranges narrower than the global one the match is approximate: uniform clamps
+    per layer while AutoRank scales into each layer's range (the "params per client" column
+    shows both budgets).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    assigner: Assigner
+    uniform_rank: UniformRank = None
+    label: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.@+-]+$")
+
+    @model_validator(mode="after")
+    def _uniform_only(self) -> AssignerSpec:
+        if self.uniform_rank is not None and self.assigner != "uniform":
+            raise ValueError(f"uniform_rank is for the uniform assigner, not {self.assigner!r}")
+        return self
+
+    @property
+    def method(self) -> str:
+        """The name of this assigner in run names, tables and plots."""
+        if self.label:
+            return self.label
+        if self.uniform_rank == MEAN_AUTORANK:
+            return "uniform-mean_autorank"
+        if self.uniform_rank is not None:
+            return f"uniform-r{self.uniform_rank}"
+        return self.assigner
+
+
+class GridConfig(BaseModel):
+    """A comparison: every assigner x aggregator x seed over one shared experiment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, min_length=1, description="parent run name")
+    base: ExperimentConfig = ExperimentConfig()
+    assigners: tuple[AssignerSpec, ...] = Field(min_length=1)
+    aggregators: tuple[Aggregator, ...] = Field(min_length=1)
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0,), min_length=1)
+    target_accuracy: float = Field(gt=0.0, le=1.0)
+    max_parallel: int = Field(1, ge=1, description="cells trained at the same time")
+
+    @field_validator("assigners", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return [{"assigner": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("assigners")
+    @classmethod
+    def _distinct_methods(cls, value: tuple[AssignerSpec, ...]) -> tuple[AssignerSpec, ...]:
+        methods = [a.method for a in value]
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ValueError(f"methods {twice} appear twice; give one of them a label")
+        return value
+
+    @field_validator("aggregators", "seeds")
+    @classmethod
+    def _distinct(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("has duplicates")
+        return value
+
+    @model_validator(mode="after")
+    def _ranks_in_range(self) -> GridConfig:
+        lo, hi = self.base.lora.r_min, self.base.lora.r_max
+        for spec in self.assigners:
+            if isinstance(spec.uniform_rank, int) and not lo <= spec.uniform_rank <= hi:
+                raise ValueError(
+                    f"assigners: uniform_rank {spec.uniform_rank} is outside "
+                    f"base.lora [r_min, r_max] = [{lo}, {hi}]"
+                )
+        return self
+
+
+def parse_grid(raw: Mapping[str, Any]) -> GridConfig:
+    """Validate a plain mapping into a GridConfig, raising ConfigError with one line."""
+    try:
+        return GridConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_grid(path: Path, overrides: Sequence[str] = ()) -> GridConfig:
+    """Load a grid YAML file, apply ``key=value`` overrides (``base.training.rounds=3``)."""
+    raw = read_yaml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_grid(raw)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid.
+
+    Attributes:
+        spec: the assigner and its settings.
+        aggregator: the aggregation method.
+        seed: the experiment seed.
+        config: the complete experiment; for a ``mean_autorank`` cell its ``uniform_rank`` is
+            a placeholder until ``with_uniform_rank`` fills it in.
+    """
+
+    spec: AssignerSpec
+    aggregator: AggregatorName
+    seed: int
+    config: ExperimentConfig
+
+    @property
+    def run_name(self) -> str:
+        """The child run's name, unique in the grid (``autorank-rbla-s0``)."""
+        return cell_name(self.spec, self.aggregator, self.seed)
+
+    @property
+    def needs_mean_rank(self) -> bool:
+        """Whether the uniform rank waits on AutoRank's decision for this seed."""
+        return self.spec.uniform_rank == MEAN_AUTORANK
+
+
+@dataclass(frozen=True)
+class SkippedCell:
+    """A combination the grid names but that cannot run (e.g. fedavg with unequal ranks)."""
+
+    run_name: str
+    reason: str
+
+
+def cell_name(spec: AssignerSpec, aggregator: str, seed: int) -> str:
+    """``<assigner>-<aggregator>-s<seed>``: a cell's name in MLflow and in Prefect."""
+    return f"{spec.method}-{aggregator}-s{seed}"
+
+
+def _cell_config(
+    base: ExperimentConfig, spec: AssignerSpec, aggregator: str, seed: int, rank: int | None
+) -> ExperimentConfig:
+    raw = base.model_dump(mode="json")
+    raw["seed"] = seed
+    raw["ranking"] |= {"assigner": spec.assigner, "uniform_rank": rank}
+    raw["aggregation"] |= {"method": aggregator}
+    raw["tracking"] |= {"run_name": cell_name(spec, aggregator, seed)}
+    return parse_config(raw)
+
+
+def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
+    """One cell per assigner x aggregator x seed; invalid combinations are skipped, with a note.
+
+    Returns:
+        The runnable cells (seed-major, then assigner, then aggregator) and the skipped ones.
+    """
+    cells: list[Cell] = []
+    skipped: list[SkippedCell] = []
+    for seed in grid.seeds:
+        for spec in grid.assigners:
+            rank = spec.uniform_rank if isinstance(spec.uniform_rank, int) else None
+            for aggregator in grid.aggregators:
+                name = cell_name(spec, aggregator, seed)
+                try:
+                    config = _cell_config(grid.base, spec, aggregator, seed, rank)
+                except ConfigError as err:
+                    logger.warning("skipping %s: %s", name, err)
+                    skipped.append(SkippedCell(name, str(err)))
+                    continue
+                cells.append(Cell(spec, aggregator, seed, config))
+    return cells, skipped
+
+
+def with_uniform_rank(cell: Cell, rank: int) -> Cell:
+    """The cell with its uniform rank fixed (for ``mean_autorank`` once AutoRank has run)."""
+    config = _cell_config(cell.config, cell.spec, cell.aggregator, cell.seed, rank)
+    return Cell(cell.spec, cell.aggregator, cell.seed, config)
+
+
+def mean_rank(ranks: Sequence[int], r_min: int, r_max: int) -> int:
+    """The uniform rank with AutoRank's budget: ``clamp(round_half_up(mean(ranks)))``."""
+    if not ranks:
+        raise ValueError("ranks is empty; expected one rank per client")
+    return max(r_min, min(r_max, round_half_up(sum(ranks) / len(ranks))))
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What one finished cell measured, as read back from its run.
+
+    Attributes:
+        assigner: the assigner's method name (``AssignerSpec.method``).
+        aggregator: the aggregation method.
+        seed: the experiment seed.
+        accuracy: global test accuracy per round, ``[rounds]``.
+        personal_accuracy: the last round's mean personalised accuracy (None if not measured).
+        trainable_params: the run's ``summary/trainable_params`` (the global adapter).
+        client_params: mean trainable parameters per client (None if not logged).
+        bytes_communicated: ``sum_t (bytes_up_t + bytes_down_t)`` over rounds.
+        wall_seconds: ``sum_t round_seconds_t`` over rounds (the warm-up not included).
+    """
+
+    assigner: str
+    aggregator: str
+    seed: int
+    accuracy: tuple[float, ...]
+    personal_accuracy: float | None
+    trainable_params: float
+    client_params: float | None
+    bytes_communicated: float
+    wall_seconds: float
+
+    @property
+    def method(self) -> str:
+        """``<assigner>-<aggregator>``."""
+        return f"{self.assigner}-{self.aggregator}"
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One method (assigner x aggregator) over its seeds: means, and spreads as ``(mean, std)``.
+
+    Attributes:
+        rounds_to_target: mean first round reaching the target, over the seeds that reached it
+            (None if none did); ``reached`` counts those seeds.
+    """
+
+    assigner: str
+    aggregator: str
+    seeds: int
+    best: tuple[float, float]
+    final: tuple[float, float]
+    rounds_to_target: float | None
+    reached: int
+    personal_accuracy: float | None
+    trainable_params: float
+    client_params: float | None
+    bytes_communicated: float
+    wall_seconds: float
+
+
+def rounds_to_target(accuracy: Sequence[float], target: float) -> int | None:
+    """The first round (1-based) whose accuracy is at least ``target``, or None if none is."""
+    return next((t for t, acc in enumerate(accuracy, start=1) if acc >= target), None)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1`` in the denominator; 0 for one value)."""
+    if not values:
+        raise ValueError("values is empty; expected at least one seed's result")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean_known(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(known) / len(known) if known else None
+
+
+def _by_method(results: Sequence[CellResult]) -> dict[str, list[CellResult]]:
+    groups: dict[str, list[CellResult]] = {}
+    for r in results:
+        if not r.accuracy:
+            raise ValueError(f"cell {r.method}-s{r.seed} has no rounds; expected >= 1")
+        groups.setdefault(r.method, []).append(r)
+    return groups
+
+
+def summarise(results: Sequence[CellResult], target: float) -> list[MethodSummary]:
+    """One summary per method, in order of first appearance, over that method's seeds."""
+    out = []
+    for runs in _by_method(results).values():
+        reached = [t for r in runs if (t := rounds_to_target(r.accuracy, target)) is not None]
+        out.append(
+            MethodSummary(
+                assigner=runs[0].assigner,
+                aggregator=runs[0].aggregator,
+                seeds=len(runs),
+                best=mean_std([max(r.accuracy) for r in runs]),
+                final=mean_std([r.accuracy[-1] for r in runs]),
+                rounds_to_target=_mean_known([float(t) for t in reached]),
+                reached=len(reached),
+                personal_accuracy=_mean_known([r.personal_accuracy for r in runs]),
+                trainable_params=sum(r.trainable_params for r in runs) / len(runs),
+                client_params=_mean_known([r.client_params for r in runs]),
+                bytes_communicated=sum(r.bytes_communicated for r in runs) / len(runs),
+                wall_seconds=sum(r.wall_seconds for r in runs) / len(runs),
+            )
+        )
+    return out
+
+
+def mean_curves(results: Sequence[CellResult]) -> dict[str, list[float]]:
+    """Per method, the global accuracy per round averaged over seeds (to the shortest run)."""
+    curves = {}
+    for method, runs in _by_method(results).items():
+        rounds = min(len(r.accuracy) for r in runs)
+        curves[method] = [sum(r.accuracy[t] for r in runs) / len(runs) for t in range(rounds)]
+    return curves
+
+
+def _spread(stat: tuple[float, float]) -> str:
+    return f"{stat[0]:.4f} ± {stat[1]:.4f}"
+
+
+def _reach(s: MethodSummary) -> str:
+    if s.rounds_to_target is None:
+        return "-"
+    partial = f" ({s.reached}/{s.seeds})" if s.reached < s.seeds else ""
+    return f"{s.rounds_to_target:.1f}{partial}"
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+_COLUMNS = (
+    "assigner|aggregator|seeds|best accuracy|final accuracy|rounds to {target}|"
+    "personalised accuracy|trainable params|params per client|communicated (MB)|wall time (s)"
+)
+
+
+def _row(s: MethodSummary) -> list[str]:
+    return [
+        s.assigner,
+        s.aggregator,
+        str(s.seeds),
+        _spread(s.best),
+        _spread(s.final),
+        _reach(s),
+        _maybe(s.personal_accuracy, ".4f"),
+        f"{s.trainable_params:,.0f}",
+        _maybe(s.client_params, ",.0f"),
+        f"{s.bytes_communicated / 1e6:.2f}",
+        f"{s.wall_seconds:.1f}",
+    ]
+
+
+def markdown_table(
+    summaries: Sequence[MethodSummary], target: float, skipped: Sequence[SkippedCell] = ()
+) -> str:
+    """The comparison as a markdown table, one row per method, skipped cells listed below.
+
+    "rounds to <target>" averages over the seeds that reached it; ``(k/n)`` says how many did.
+    """
+    head = _COLUMNS.format(target=f"{target:g}").split("|")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_row(s)) + " |" for s in summaries]
+    if skipped:
+        lines.append("")
+        lines += [f"- skipped `{c.run_name}`: {c.reason}" for c in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def summary_columns(summaries: Sequence[MethodSummary]) -> dict[str, list[Any]]:
+    """The summary as columns of plain values (an MLflow table: column name -> values)."""
+    rows = []
+    for s in summaries:
+        row = asdict(s)
+        row["best_accuracy_mean"], row["best_accuracy_std"] = row.pop("best")
+        row["final_accuracy_mean"], row["final_accuracy_std"] = row.pop("final")
+        rows.append(row)
+    return {key: [r[key] for r in rows] for key in (rows[0] if rows else {})}

@@ -1,0 +1,304 @@
+"""Comparing methods: a grid of federated runs nested under one parent MLflow run, then a summary.
+
+``compare_methods`` runs every cell of a grid (assigner x aggregator x seed) as a
+``federated_training`` subflow whose MLflow run is nested under the comparison's parent run, then
+logs to the parent ``summary.md``, the MLflow table ``summary.json`` and two plots. Cells share the
+base experiment and seeds, so every method sees the same partitions and initial weights.
+
+Resuming (``resume_parent_run_id``) finds the children by their parent tag and run name: a
+FINISHED child is skipped, any other (RUNNING after a crash, FAILED, KILLED) is resumed in its own
+run from its newest checkpoint; a child whose config digest differs from its cell's is refused.
+
+Order: every other cell first, then the ``mean_autorank`` cells, whose uniform rank is the mean
+of the ranks in the same seed's AutoRank ``rank_decision.json`` (with no AutoRank cell in the
+grid, the no-training ranking of ``rank_table``, without learning difficulty). ``max_parallel``
+above 1 submits cells as tasks that each call the subflow, a batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+from autorank.comparison import (
+    Cell,
+    CellResult,
+    GridConfig,
+    SkippedCell,
+    expand_grid,
+    markdown_table,
+    mean_curves,
+    mean_rank,
+    parse_grid,
+    summarise,
+    summary_columns,
+    with_uniform_rank,
+)
+from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
+from autorank.plots import accuracy_curves, ranks_per_client
+from flows.experiment import federated_training
+from flows.local import preflight
+from flows.ranking import federation_for, rank_table
+from tasks import tracking
+
+progress = logging.getLogger("autorank.progress")
+
+SUMMARY_FILE = "summary.md"
+TABLE_FILE = "summary.json"
+GRID_FILE = "grid.yaml"
+DECISION_FILE = "rank_decision.json"
+
+
+def check_parent(uri: str, run_id: str) -> None:
+    """Refuse a resume target that is missing or not a comparison run."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"run {run_id!r} not found: no tracking store at {uri}")
+    tags = tracking.find_run_tags(uri, run_id)
+    if tags is None:
+        raise ConfigError(f"run {run_id!r} not found in the tracking store {uri}")
+    if tags.get("kind") != "comparison":
+        raise ConfigError(f"run {run_id!r} is not a comparison (tag kind={tags.get('kind')!r})")
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def _open_parent(grid: GridConfig, resume_parent_run_id: str | None) -> str:
+    """Create the parent run (tags, params, grid.yaml) or reopen the one being resumed."""
+    uri = grid.base.tracking.uri
+    if resume_parent_run_id is not None:
+        check_parent(uri, resume_parent_run_id)
+        tracking.reopen_run(uri, resume_parent_run_id)
+        tracking.set_tags(uri, resume_parent_run_id, {"prefect.flow_run_id": _flow_run_id()})
+        return resume_parent_run_id
+    base = grid.base
+    tags = {
+        "kind": "comparison",
+        "dataset": base.data.name,
+        "partition": base.partition.scheme,
+        "n_clients": str(base.partition.n_clients),
+        "prefect.flow_run_id": _flow_run_id(),
+    }
+    name = grid.name or f"compare-{base.data.name}"
+    run_id = tracking.start_run(uri, base.tracking.experiment, run_name=name, tags=tags)
+    params = {
+        "assigners": ",".join(a.method for a in grid.assigners),
+        "aggregators": ",".join(grid.aggregators),
+        "seeds": ",".join(str(s) for s in grid.seeds),
+        "target_accuracy": str(grid.target_accuracy),
+        "max_parallel": str(grid.max_parallel),
+    }
+    params |= {f"base.{k}": v for k, v in flatten(base).items()}
+    tracking.log_params(uri, run_id, params)
+    text = yaml.safe_dump(grid.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    tracking.log_text(uri, run_id, text, GRID_FILE)
+    return run_id
+
+
+def _existing(children: Sequence[tracking.ChildRun], cell: Cell) -> tracking.ChildRun | None:
+    """The child run of ``cell`` to reuse (finished) or resume (anything else), if any."""
+    mine = [c for c in children if c.name == cell.run_name]
+    if not mine:
+        return None
+    child = next((c for c in mine if c.status == "FINISHED"), mine[-1])
+    if child.config_digest != config_digest(cell.config):
+        raise ConfigError(
+            f"cell {cell.run_name} ran with another config (run {child.run_id}); "
+            "start a new comparison instead of resuming this one"
+        )
+    return child
+
+
+def _nested(config: ExperimentConfig, parent: str) -> ExperimentConfig:
+    return config.model_copy(
+        update={"tracking": config.tracking.model_copy(update={"parent_run_id": parent})}
+    )
+
+
+def _train(config: ExperimentConfig, resume_run_id: str | None) -> str:
+    subflow = federated_training.with_options(flow_run_name=config.tracking.run_name)
+    return str(subflow(config=config, resume_run_id=resume_run_id))
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def train_cell(config: ExperimentConfig, resume_run_id: str | None) -> str:
+    """Train one cell of a comparison grid (a federated_training subflow)."""
+    return _train(config, resume_run_id)
+
+
+def _run_cells(
+    grid: GridConfig, parent: str, cells: Sequence[Cell], children: Sequence[tracking.ChildRun]
+) -> dict[str, str]:
+    """Train the cells not finished yet, ``max_parallel`` at a time; run name -> run id."""
+    done: dict[str, str] = {}
+    todo: list[tuple[Cell, str | None]] = []
+    for cell in cells:
+        found = _existing(children, cell)
+        if found is not None and found.status == "FINISHED":
+            progress.info("%s: finished in run %s, skipped", cell.run_name, found.run_id)
+            done[cell.run_name] = found.run_id
+        else:
+            todo.append((cell, found.run_id if found else None))
+    for start in range(0, len(todo), grid.max_parallel):
+        batch = todo[start : start + grid.max_parallel]
+        for cell, resume in batch:
+            progress.info("%s: %s", cell.run_name, f"resuming {resume}" if resume else "starting")
+        if grid.max_parallel == 1:
+            cell, resume = batch[0]
+            done[cell.run_name] = _train(_nested(cell.config, parent), resume)
+            continue
+        futures = [train_cell.submit(_nested(c.config, parent), resume) for c, resume in batch]
+        wait(futures)  # let the whole batch end before a failure propagates
+        for (cell, _), future in zip(batch, futures, strict=True):
+            done[cell.run_name] = future.result()
+    return done
+
+
+def _autorank_ranks(
+    grid: GridConfig, cells: Sequence[Cell], done: dict[str, str], seed: int
+) -> list[int]:
+    """AutoRank's global-scale ranks for ``seed``: its cell's decision, else the no-training one."""
+    source = next((c for c in cells if c.spec.assigner == "autorank" and c.seed == seed), None)
+    if source is not None:
+        decision = tracking.read_json(grid.base.tracking.uri, done[source.run_name], DECISION_FILE)
+        return [int(row["rank"]) for row in decision["clients"]]
+    progress.info(
+        "seed %d: no AutoRank cell; its mean rank comes from the no-training criteria", seed
+    )
+    config = next(c for c in cells if c.seed == seed).config
+    ranking = config.ranking.model_copy(update={"assigner": "autorank"})
+    return [d.rank for d in rank_table(config.model_copy(update={"ranking": ranking})).decisions]
+
+
+def _resolve_mean_ranks(
+    grid: GridConfig, cells: Sequence[Cell], done: dict[str, str]
+) -> list[Cell]:
+    """The ``mean_autorank`` cells with their uniform rank fixed from AutoRank's decision."""
+    lora = grid.base.lora
+    ranks = {
+        seed: mean_rank(_autorank_ranks(grid, cells, done, seed), lora.r_min, lora.r_max)
+        for seed in {c.seed for c in cells if c.needs_mean_rank}
+    }
+    for seed, rank in sorted(ranks.items()):
+        progress.info("seed %d: AutoRank's mean rank is %d", seed, rank)
+    return [with_uniform_rank(c, ranks[c.seed]) for c in cells if c.needs_mean_rank]
+
+
+def _cell_result(uri: str, cell: Cell, run_id: str) -> CellResult:
+    """Read one finished cell's history back from its run."""
+    metrics = tracking.run_metrics(uri, run_id)
+    per_client = [
+        v
+        for k, v in metrics.items()
+        if k.startswith("clients/c") and k.endswith("/trainable_params")
+    ]
+    comm = tracking.metric_series(uri, run_id, "comm/bytes_up")
+    comm += tracking.metric_series(uri, run_id, "comm/bytes_down")
+    return CellResult(
+        assigner=cell.spec.method,
+        aggregator=cell.aggregator,
+        seed=cell.seed,
+        accuracy=tuple(tracking.metric_series(uri, run_id, "global/accuracy")),
+        personal_accuracy=metrics.get("clients/mean_accuracy"),
+        trainable_params=metrics["summary/trainable_params"],
+        client_params=sum(per_client) / len(per_client) if per_client else None,
+        bytes_communicated=sum(comm),
+        wall_seconds=sum(tracking.metric_series(uri, run_id, "time/round_s")),
+    )
+
+
+def _rank_plot_data(
+    grid: GridConfig, cells: Sequence[Cell], done: dict[str, str]
+) -> dict[str, list[int]]:
+    """Per assigner, the clients' ranks in the first seed (the aggregator does not change them)."""
+    out: dict[str, list[int]] = {}
+    for cell in cells:
+        if cell.seed == grid.seeds[0] and cell.spec.method not in out:
+            decision = tracking.read_json(
+                grid.base.tracking.uri, done[cell.run_name], DECISION_FILE
+            )
+            out[cell.spec.method] = [int(row["rank"]) for row in decision["clients"]]
+    return out
+
+
+def _write_summary(
+    grid: GridConfig,
+    parent: str,
+    cells: Sequence[Cell],
+    done: dict[str, str],
+    skipped: Sequence[SkippedCell],
+) -> None:
+    """Log summary.md, the summary.json table and the two comparison plots to the parent."""
+    uri = grid.base.tracking.uri
+    results = [_cell_result(uri, c, done[c.run_name]) for c in cells]
+    summaries = summarise(results, grid.target_accuracy)
+    table = markdown_table(summaries, grid.target_accuracy, skipped)
+    tracking.log_text(uri, parent, table, SUMMARY_FILE)
+    tracking.log_table(uri, parent, summary_columns(summaries), TABLE_FILE)
+    curves = accuracy_curves(
+        mean_curves(results), title="Global test accuracy per round (mean over seeds)"
+    )
+    tracking.track_figure(uri, parent, curves, "plots/accuracy_per_round.png")
+    ranks = ranks_per_client(_rank_plot_data(grid, cells, done))
+    tracking.track_figure(uri, parent, ranks, "plots/rank_per_client.png")
+
+
+@flow(name="autorank-compare", log_prints=True)
+def compare_methods(
+    grid: GridConfig | dict,
+    resume_parent_run_id: str | None = None,
+) -> str:
+    """Compare methods: every assigner x aggregator x seed as nested runs, then a summary table."""
+    grid = grid if isinstance(grid, GridConfig) else parse_grid(grid)
+    cells, skipped = expand_grid(grid)
+    if not cells:
+        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    uri = grid.base.tracking.uri
+    parent = _open_parent(grid, resume_parent_run_id)
+    try:
+        children = tracking.child_runs(uri, parent)
+        first = [c for c in cells if not c.needs_mean_rank]
+        done = _run_cells(grid, parent, first, children)
+        resolved = _resolve_mean_ranks(grid, cells, done)
+        done |= _run_cells(grid, parent, resolved, children)
+        final = {c.run_name: c for c in [*first, *resolved]}
+        _write_summary(grid, parent, [final[c.run_name] for c in cells], done, skipped)
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    tracking.end_run(uri, parent, "FINISHED")
+    return parent
+
+
+def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
+    """Fail on bad input before anything is written: the grid, each seed's data, each assigner."""
+    cells, _ = expand_grid(grid)
+    if not cells:
+        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    if resume_parent_run_id is not None:
+        check_parent(grid.base.tracking.uri, resume_parent_run_id)
+    preflight(cells[0].config)
+    for seed in grid.seeds:
+        mine = [c for c in cells if c.seed == seed]
+        if not mine:
+            continue
+        federation = federation_for(mine[0].config)
+        for spec in dict.fromkeys(c.spec for c in mine):
+            rank_table(next(c for c in mine if c.spec == spec).config, federation)
+
+
+def compare_locally(grid: GridConfig, *, resume_parent_run_id: str | None) -> tuple[str, str]:
+    """Run (or resume) a comparison here; return the parent run id and the summary table."""
+    preflight_grid(grid, resume_parent_run_id)
+    named = compare_methods.with_options(flow_run_name=grid.name or "compare")
+    parent = named(grid=grid, resume_parent_run_id=resume_parent_run_id)
+    return parent, tracking.read_text(grid.base.tracking.uri, parent, SUMMARY_FILE)

@@ -1,0 +1,262 @@
+"""The comparison flow end to end on the digits_small grid, and a resume that re-runs nothing."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autorank.comparison import load_grid
+from flows.cli import main
+from flows.compare import compare_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = str(ROOT / "configs/grids/digits_small.yaml")
+METHODS = ["uniform-rbla", "uniform-zeropad", "autorank-rbla", "autorank-zeropad"]
+
+
+def _children(client: MlflowClient, parent) -> list:
+    experiment = client.get_run(parent).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent}'"
+    return client.search_runs([experiment], query)
+
+
+@pytest.fixture(scope="module")
+def comparison(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("compare")
+    grid = load_grid(
+        ROOT / "configs/grids/digits_small.yaml",
+        [
+            f"base.tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"base.runtime.checkpoint_dir={tmp}/ckpt",
+            "base.runtime.device=cpu",
+        ],
+    )
+    parent = compare_methods(grid=grid)
+    return grid, parent, MlflowClient(tracking_uri=grid.base.tracking.uri), tmp
+
+
+def test_four_child_runs_nested_under_the_parent(comparison) -> None:
+    _, parent, client, _ = comparison
+
+    children = _children(client, parent)
+
+    assert client.get_run(parent).data.tags["kind"] == "comparison"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == sorted(f"{m}-s0" for m in METHODS)
+    assert all(c.info.status == "FINISHED" for c in children)
+    ranks = {c.data.tags["assigner"]: c.data.params["ranking.assigner"] for c in children}
+    assert ranks == {"uniform": "uniform", "autorank": "autorank"}
+
+
+def test_summary_table_and_plots_on_the_parent(comparison) -> None:
+    _, parent, client, tmp = comparison
+
+    local = Path(client.download_artifacts(parent, "", str(tmp / "dl")))
+    summary = (local / "summary.md").read_text()
+    table = json.loads((local / "summary.json").read_text())
+
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 4
+    for method in METHODS:
+        assigner, aggregator = method.split("-")
+        assert any(row.startswith(f"| {assigner} | {aggregator} | 1 |") for row in rows), method
+    assert len(table["data"]) == 4 and "best_accuracy_mean" in table["columns"]
+    for png in ("accuracy_per_round", "rank_per_client"):
+        assert (local / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (local / "grid.yaml").is_file()
+
+
+def test_resume_of_a_finished_comparison_reruns_nothing(comparison) -> None:
+    grid, parent, client, tmp = comparison
+    before = {c.info.run_id: c.info.end_time for c in _children(client, parent)}
+
+    again = compare_methods(grid=grid, resume_parent_run_id=parent)
+
+    after = {c.info.run_id: c.info.end_time for c in _children(client, parent)}
+    assert again == parent
+    assert after == before
+    local = Path(client.download_artifacts(parent, "summary.json", str(tmp / "again")))
+    assert len(json.loads(local.read_text())["data"]) == 4  # replaced, not appended
+
+
+def test_resume_continues_a_failed_cell_in_its_own_run(comparison) -> None:
+    grid, parent, client, _ = comparison
+    victim = next(c for c in _children(client, parent) if c.info.run_name == "autorank-rbla-s0")
+    client.set_terminated(victim.info.run_id, status="FAILED")
+
+    compare_methods(grid=grid, resume_parent_run_id=parent)
+
+    children = _children(client, parent)
+    assert len(children) == 4
+    assert client.get_run(victim.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(victim.info.run_id, "global/accuracy")]
+    assert sorted(steps) == [1, 2]
+
+
+def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    grid = load_grid(
+        ROOT / "configs/grids/digits_small.yaml",
+        [
+            "assigners=[autorank, {assigner: uniform, uniform_rank: mean_autorank}]",
+            "aggregators=[rbla, fedavg]",
+            "max_parallel=2",
+            "base.training.rounds=1",
+            f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
+            "base.runtime.device=cpu",
+        ],
+    )
+    client = MlflowClient(tracking_uri=grid.base.tracking.uri)
+
+    parent = compare_methods(grid=grid)
+
+    children = {c.info.run_name: c for c in _children(client, parent)}
+    assert sorted(children) == [
+        "autorank-rbla-s0",
+        "uniform-mean_autorank-fedavg-s0",
+        "uniform-mean_autorank-rbla-s0",
+    ]
+    decision = json.loads(
+        Path(
+            client.download_artifacts(
+                children["autorank-rbla-s0"].info.run_id, "rank_decision.json", str(tmp_path)
+            )
+        ).read_text()
+    )
+    ranks = [row["rank"] for row in decision["clients"]]
+    expected = int(sum(ranks) / len(ranks) + 0.5)
+    for name in ("uniform-mean_autorank-fedavg-s0", "uniform-mean_autorank-rbla-s0"):
+        assert children[name].data.params["ranking.uniform_rank"] == str(expected)
+    summary = Path(client.download_artifacts(parent, "summary.md", str(tmp_path))).read_text()
+    assert "- skipped `autorank-fedavg-s0`: " in summary
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The CLI sets Prefect's home and log level and the progress handler: undo them after."""
+    for key in ("PREFECT_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, "WARNING" if key.startswith("PREFECT") else "false")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    progress = logging.getLogger("autorank.progress")
+    saved = (list(progress.handlers), progress.propagate, progress.level)
+    yield
+    progress.handlers[:] = saved[0]
+    progress.propagate, progress.level = saved[1], saved[2]
+
+
+def _store(tmp_path: Path) -> list[str]:
+    return [
+        "--set",
+        f"base.tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
+        "--set",
+        f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
+    ]
+
+
+BAD = [
+    (["compare"], "required: --config"),
+    (["compare", "--config", "missing.yaml"], "not found"),
+    (["compare", "--config", GRID, "--set", "assigners=[wizard]"], "wizard"),
+    (["compare", "--config", GRID, "--set", "aggregators=[rbla, nope]"], "nope"),
+    (["compare", "--config", GRID, "--set", "seeds=[0, 0]"], "seeds"),
+    (["compare", "--config", GRID, "--set", "base.data.name=nope"], "nope"),
+    (["compare", "--config", GRID, "--set", "base.partition.n_clients=5000"], "n_clients"),
+    (
+        [
+            "compare",
+            "--config",
+            GRID,
+            "--set",
+            "assigners=[autorank]",
+            "--set",
+            "aggregators=[fedavg]",
+        ],
+        "no runnable cell",
+    ),
+    (["compare", "--config", GRID, "--resume", "nope"], "no tracking store"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD, ids=[e for _, e in BAD])
+def test_bad_compare_input_is_one_line_exit_2_nothing_written(
+    argv: list[str],
+    expected: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cli_env: None,
+) -> None:
+    try:
+        code = main([*argv, *_store(tmp_path)])
+    except SystemExit as exit_:
+        code = exit_.code
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("autorank: error: "), err
+    assert expected in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_cli_resume_prints_the_table_and_refuses_other_runs(
+    comparison, capsys: pytest.CaptureFixture[str], cli_env: None
+) -> None:
+    grid, parent, client, _ = comparison
+    store = ["--set", f"base.tracking.uri={grid.base.tracking.uri}"]
+    store += ["--set", f"base.runtime.checkpoint_dir={grid.base.runtime.checkpoint_dir}"]
+    child = _children(client, parent)[0].info.run_id
+
+    code = main(["compare", "--config", GRID, *store, "--resume", parent])
+    out = capsys.readouterr().out
+    bad_id = main(["compare", "--config", GRID, *store, "--resume", "nope"])
+    not_comparison = main(["compare", "--config", GRID, *store, "--resume", child])
+    err = capsys.readouterr().err
+
+    assert code == 0
+    assert out.startswith("| assigner | aggregator |") and f"parent run id: {parent}" in out
+    assert (bad_id, not_comparison) == (2, 2)
+    assert "'nope' not found" in err and "is not a comparison" in err
+    assert len(_children(client, parent)) == 4
+
+
+@pytest.mark.slow
+def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
+    argv = ["compare", "--config", GRID, *_store(tmp_path)]
+    argv += ["--set", "base.training.rounds=6", "--set", "base.training.local_epochs=4"]
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    command = [sys.executable, "-m", "flows.cli", *argv]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    try:  # kill once the second cell has checkpointed a round
+        while len(list((tmp_path / "ckpt").glob("*/LATEST"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "never reached cell 2"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    parent = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.kind = 'comparison'"
+    )[0].info.run_id
+    interrupted = {c.info.run_id for c in _children(client, parent) if c.info.status == "RUNNING"}
+
+    resumed = subprocess.run(
+        [*command, "--resume", parent], env=env, capture_output=True, timeout=400, check=False
+    )
+
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    children = _children(client, parent)
+    assert len(interrupted) == 1 and interrupted <= {c.info.run_id for c in children}
+    assert sorted(c.info.run_name for c in children) == sorted(f"{m}-s0" for m in METHODS)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "global/accuracy")]
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], child.info.run_name

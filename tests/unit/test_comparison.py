@@ -1,0 +1,269 @@
+"""Comparison grids: loading, expansion into cells, and the summary over hand-made histories."""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autorank.comparison import (
+    CellResult,
+    SkippedCell,
+    expand_grid,
+    load_grid,
+    markdown_table,
+    mean_curves,
+    mean_rank,
+    mean_std,
+    parse_grid,
+    rounds_to_target,
+    summarise,
+    summary_columns,
+    with_uniform_rank,
+)
+from autorank.config import ConfigError, config_digest
+
+ROOT = Path(__file__).resolve().parents[2]
+GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
+
+
+def _grid(**fields: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "assigners": ["uniform", "autorank"],
+        "aggregators": ["rbla", "zeropad"],
+        "seeds": [0, 1],
+        "target_accuracy": 0.8,
+    }
+    return raw | fields
+
+
+def _result(assigner: str, seed: int, accuracy: list[float], **kw: Any) -> CellResult:
+    values: dict[str, Any] = {
+        "personal_accuracy": 0.9,
+        "trainable_params": 1000.0,
+        "client_params": 500.0,
+        "bytes_communicated": 2e6,
+        "wall_seconds": 10.0,
+    }
+    return CellResult(assigner, "rbla", seed, tuple(accuracy), **(values | kw))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_every_shipped_grid_loads_and_expands(path: Path) -> None:
+    cells, skipped = expand_grid(load_grid(path))
+
+    assert cells and not skipped
+    assert len({c.run_name for c in cells}) == len(cells)
+
+
+def test_shipped_grids_have_the_intended_size() -> None:
+    small, _ = expand_grid(load_grid(ROOT / "configs/grids/digits_small.yaml"))
+    fashion, _ = expand_grid(load_grid(ROOT / "configs/grids/fashion_mnist.yaml"))
+
+    assert [c.run_name for c in small] == [
+        "uniform-rbla-s0",
+        "uniform-zeropad-s0",
+        "autorank-rbla-s0",
+        "autorank-zeropad-s0",
+    ]
+    assert len(fashion) == 5 * 4 * 3
+    assert sum(c.needs_mean_rank for c in fashion) == 4 * 3
+    assert fashion[0].config.lora.range_of("fc2") == (4, 100)
+
+
+def test_expansion_sets_method_and_seed_and_shares_the_rest() -> None:
+    grid = parse_grid(_grid(base={"partition": {"n_clients": 5}}))
+
+    cells, skipped = expand_grid(grid)
+
+    assert not skipped
+    assert [c.run_name for c in cells][:4] == [
+        "uniform-rbla-s0",
+        "uniform-zeropad-s0",
+        "autorank-rbla-s0",
+        "autorank-zeropad-s0",
+    ]
+    assert len(cells) == 8
+    for cell in cells:
+        assert cell.config.ranking.assigner == cell.spec.assigner
+        assert cell.config.aggregation.method == cell.aggregator
+        assert cell.config.seed == cell.seed
+        assert cell.config.tracking.run_name == cell.run_name
+        assert cell.config.partition == grid.base.partition
+    assert len({config_digest(c.config) for c in cells}) == 8
+
+
+def test_invalid_combinations_are_skipped_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
+    grid = parse_grid(_grid(aggregators=["fedavg", "rbla"], seeds=[0]))
+
+    with caplog.at_level(logging.WARNING, logger="autorank.comparison"):
+        cells, skipped = expand_grid(grid)
+
+    names = [c.run_name for c in cells]
+    assert names == ["uniform-fedavg-s0", "uniform-rbla-s0", "autorank-rbla-s0"]
+    assert [s.run_name for s in skipped] == ["autorank-fedavg-s0"]
+    assert "fedavg" in skipped[0].reason
+    assert "skipping autorank-fedavg-s0" in caplog.text
+
+
+def test_uniform_rank_variants_and_mean_autorank_placeholder() -> None:
+    grid = parse_grid(
+        _grid(
+            assigners=[
+                "uniform",
+                {"assigner": "uniform", "uniform_rank": 4},
+                {"assigner": "uniform", "uniform_rank": "mean_autorank"},
+                {"assigner": "manual", "label": "by-labels"},
+            ],
+            aggregators=["rbla"],
+            seeds=[3],
+        )
+    )
+
+    cells, _ = expand_grid(grid)
+    mean_cell = cells[2]
+    resolved = with_uniform_rank(mean_cell, 7)
+
+    assert [c.run_name for c in cells] == [
+        "uniform-rbla-s3",
+        "uniform-r4-rbla-s3",
+        "uniform-mean_autorank-rbla-s3",
+        "by-labels-rbla-s3",
+    ]
+    assert cells[1].config.ranking.uniform_rank == 4
+    assert mean_cell.needs_mean_rank and mean_cell.config.ranking.uniform_rank is None
+    assert resolved.config.ranking.uniform_rank == 7
+    assert resolved.run_name == mean_cell.run_name
+    assert config_digest(resolved.config) != config_digest(mean_cell.config)
+
+
+def test_mean_rank_rounds_half_up_and_clamps() -> None:
+    assert mean_rank([2, 5, 8, 8], 2, 8) == 6  # 5.75
+    assert mean_rank([2, 3], 2, 8) == 3  # 2.5 goes up
+    assert mean_rank([1, 1], 2, 8) == 2
+    with pytest.raises(ValueError, match="empty"):
+        mean_rank([], 2, 8)
+
+
+def test_overrides_apply_to_the_grid_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text("assigners: [autorank]\naggregators: [rbla]\ntarget_accuracy: 0.5\n")
+
+    grid = load_grid(path, ["base.training.rounds=3", "seeds=[0,1]", "max_parallel=2"])
+
+    assert grid.base.training.rounds == 3
+    assert grid.seeds == (0, 1)
+    assert grid.max_parallel == 2
+
+
+BAD = [
+    ({"assigners": ["wizard"]}, "wizard"),
+    ({"assigners": [{"assigner": "wizard"}]}, "wizard"),
+    ({"aggregators": ["rbla", "nope"]}, "nope"),
+    ({"assigners": [{"assigner": "autorank", "uniform_rank": 4}]}, "uniform_rank"),
+    ({"assigners": [{"assigner": "uniform", "uniform_rank": 99}]}, "outside"),
+    ({"assigners": [{"assigner": "uniform", "uniform_rank": "mean"}]}, "uniform_rank"),
+    ({"assigners": ["uniform", "uniform"]}, "appear twice"),
+    ({"aggregators": ["rbla", "rbla"]}, "duplicates"),
+    ({"assigners": []}, "assigners"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"seeds": [-1]}, "seeds"),
+    ({"target_accuracy": 1.5}, "target_accuracy"),
+    ({"max_parallel": 0}, "max_parallel"),
+    ({"base": {"partition": {"n_clients": 0}}}, "base.partition.n_clients"),
+    ({"base": {"trainig": {}}}, "base.trainig: unknown setting"),
+    ({"colour": "red"}, "colour: unknown setting"),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), BAD, ids=[e for _, e in BAD])
+def test_bad_grid_is_a_one_line_config_error(fields: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_grid(_grid(**fields))
+
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_target_accuracy_is_named() -> None:
+    raw = _grid()
+    del raw["target_accuracy"]
+
+    with pytest.raises(ConfigError, match="target_accuracy"):
+        parse_grid(raw)
+
+
+def test_rounds_to_target_and_mean_std() -> None:
+    assert rounds_to_target([0.5, 0.8, 0.9], 0.8) == 2
+    assert rounds_to_target([0.5, 0.6], 0.8) is None
+    assert mean_std([0.7]) == (0.7, 0.0)
+    mean, std = mean_std([0.7, 0.9])
+    assert math.isclose(mean, 0.8) and math.isclose(std, math.sqrt(0.02))
+
+
+def test_summary_over_seeds_by_hand() -> None:
+    results = [
+        _result("autorank", 0, [0.5, 0.7, 0.6], personal_accuracy=0.8, wall_seconds=4.0),
+        _result("autorank", 1, [0.6, 0.8, 0.9], personal_accuracy=0.9, wall_seconds=6.0),
+        _result("uniform", 0, [0.4, 0.5], personal_accuracy=float("nan"), client_params=None),
+    ]
+
+    auto, uni = summarise(results, target=0.75)
+
+    assert (auto.assigner, auto.aggregator, auto.seeds) == ("autorank", "rbla", 2)
+    assert math.isclose(auto.best[0], 0.8) and math.isclose(auto.best[1], math.sqrt(0.02))
+    assert math.isclose(auto.final[0], 0.75) and math.isclose(auto.final[1], math.sqrt(0.045))
+    assert (auto.rounds_to_target, auto.reached) == (2.0, 1)
+    assert math.isclose(auto.personal_accuracy or 0.0, 0.85)
+    assert auto.wall_seconds == 5.0 and auto.bytes_communicated == 2e6
+    assert (uni.rounds_to_target, uni.reached) == (None, 0)
+    assert uni.personal_accuracy is None and uni.client_params is None
+
+
+def test_mean_curves_average_seeds_up_to_the_shortest_run() -> None:
+    results = [_result("autorank", 0, [0.2, 0.4, 0.6]), _result("autorank", 1, [0.4, 0.6])]
+
+    curves = mean_curves(results)
+
+    assert list(curves) == ["autorank-rbla"]
+    assert [round(v, 6) for v in curves["autorank-rbla"]] == [0.3, 0.5]
+
+
+def test_markdown_table_formatting() -> None:
+    results = [
+        _result("autorank", 0, [0.5, 0.7, 0.6]),
+        _result("autorank", 1, [0.6, 0.8, 0.9]),
+        _result("uniform", 0, [0.4, 0.5], personal_accuracy=None, client_params=None),
+    ]
+    skipped = [SkippedCell("autorank-fedavg-s0", "fedavg needs equal ranks")]
+
+    table = markdown_table(summarise(results, 0.75), 0.75, skipped)
+
+    lines = table.splitlines()
+    assert lines[0].startswith("| assigner | aggregator | seeds | best accuracy |")
+    assert "| rounds to 0.75 |" in lines[0]
+    assert lines[1] == "|" + "---|" * 11
+    assert lines[2] == (
+        "| autorank | rbla | 2 | 0.8000 ± 0.1414 | 0.7500 ± 0.2121 | 2.0 (1/2) | 0.9000 "
+        "| 1,000 | 500 | 2.00 | 10.0 |"
+    )
+    assert lines[3].split(" | ")[5:9] == ["-", "-", "1,000", "-"]
+    assert lines[-1] == "- skipped `autorank-fedavg-s0`: fedavg needs equal ranks"
+    assert all(line.count("|") == 12 for line in lines[:4])
+
+
+def test_summary_columns_are_one_value_per_method() -> None:
+    summaries = summarise([_result("a", 0, [0.5]), _result("b", 0, [0.6])], 0.55)
+
+    columns = summary_columns(summaries)
+
+    assert {len(v) for v in columns.values()} == {2}
+    assert columns["assigner"] == ["a", "b"]
+    assert columns["rounds_to_target"] == [None, 1.0]
+    assert columns["best_accuracy_mean"] == [0.5, 0.6]
+
+
+def test_a_cell_without_rounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="no rounds"):
+        summarise([_result("a", 0, [])], 0.5)
