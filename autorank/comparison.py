@@ -261,7 +261,7 @@ class CellResult:
         seed: the experiment seed.
         accuracy: global test accuracy per round, ``[rounds]``.
         personal_accuracy: the last round's mean personalised accuracy (None if not measured).
-        trainable_params: the run's ``summary/trainable_params`` (the global adapter).
+        trainable_params: the run's ``summary/trainable_params`` (summed over clients).
         client_params: mean trainable parameters per client (None if not logged).
         bytes_communicated: ``sum_t (bytes_up_t + bytes_down_t)`` over rounds.
         wall_seconds: ``sum_t round_seconds_t`` over rounds (the warm-up not included).
@@ -385,7 +385,8 @@ def _maybe(value: float | None, fmt: str) -> str:
 
 _COLUMNS = (
     "assigner|aggregator|seeds|best accuracy|final accuracy|rounds to {target}|"
-    "personalised accuracy|trainable params|params per client|communicated (MB)|wall time (s)"
+    "personalised accuracy|trainable params (all clients)|params per client|"
+    "communicated (MB)|wall time (s)"
 )
 
 

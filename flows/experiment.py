@@ -54,6 +54,7 @@ class RunState:
     client_states: list[AdapterState]
     assignment: RankAssignment
     history: list[float]
+    last_metrics: dict[str, float]
     start_round: int
 
 
@@ -122,7 +123,7 @@ def _fresh_state(
     record_decision(config.tracking.uri, run_id, federation, assignment)
     lora, _ = _settings(config)
     global_state, states = initial_states(base, assignment.ranks(), lora, seed=config.seed)
-    return RunState(base, global_state, states, assignment, [], 1)
+    return RunState(base, global_state, states, assignment, [], {}, 1)
 
 
 def _train_round(
@@ -191,6 +192,7 @@ def _run_round(
         global_state=agg.global_state,
         client_states=agg.client_states,
         history=[*state.history, ev.accuracy],
+        last_metrics=metrics,
     )
     save_round(
         config.runtime.checkpoint_dir,
@@ -245,7 +247,7 @@ def federated_training(
             )
             for round_idx in range(state.start_round, config.training.rounds + 1):
                 state = _run_round(config, run_id, state, data, test, round_idx, runner)
-        finish_run(config, run_id, state.global_state, state.history)
+        finish_run(config, run_id, state.global_state, state.history, state.last_metrics)
     except BaseException:
         from tasks.tracking import end_run
 
@@ -269,5 +271,6 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState
         list(ckpt.client_states),
         assignment,
         list(ckpt.meta["history"]),
+        dict(ckpt.meta["metrics"]),
         ckpt.round_idx + 1,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from autorank.adapters import AdapterState
@@ -96,9 +97,17 @@ def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
 
 
 def finish_run(
-    config: ExperimentConfig, run_id: str, global_state: AdapterState, history: list[float]
+    config: ExperimentConfig,
+    run_id: str,
+    global_state: AdapterState,
+    history: list[float],
+    last_metrics: Mapping[str, float],
 ) -> None:
-    """Final adapter (safetensors), accuracy plot, summary metrics; mark the run finished."""
+    """Final adapter (safetensors), accuracy plot, summary metrics; mark the run finished.
+
+    ``summary/trainable_params`` is the total the clients train (and send) per round, summed
+    over clients: the budget rank assignment controls.
+    """
     from autorank.checkpoint import save_adapter
 
     uri = config.tracking.uri
@@ -116,7 +125,9 @@ def finish_run(
     summary = {
         "summary/best_accuracy": max(history),
         "summary/final_accuracy": history[-1],
-        "summary/trainable_params": float(global_state.num_parameters()),
+        "summary/trainable_params": sum(
+            v for k, v in last_metrics.items() if k.endswith("/trainable_params")
+        ),
     }
     tracking.log_metrics(uri, run_id, summary, step=len(history))
     tracking.end_run(uri, run_id, "FINISHED")

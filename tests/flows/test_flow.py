@@ -79,3 +79,18 @@ def test_rank_decision_plots_and_adapter_artifacts(finished_run) -> None:
     assert any(k.endswith("/A") for k in adapter) and any(
         k.startswith("adapter/extra/") for k in adapter
     )
+
+
+def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None:
+    _, run_id, client, _ = finished_run
+
+    metrics = client.get_run(run_id).data.metrics
+    per_client = [
+        v
+        for k, v in metrics.items()
+        if k.startswith("clients/") and k.endswith("/trainable_params")
+    ]
+
+    assert len(per_client) == 4
+    assert metrics["summary/trainable_params"] == sum(per_client)
+    assert metrics["summary/best_accuracy"] >= metrics["summary/final_accuracy"]
