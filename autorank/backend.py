@@ -19,10 +19,10 @@ from peft import PeftModel
 from torch import nn
 
 from autorank.adapters import AdapterState
-from autorank.config import LoraConfig, TrainingConfig
+from autorank.config import LoraConfig
 from autorank.evaluation import EvalResult, evaluate
 from autorank.lora import AlphaPolicy, get_adapter_state, set_adapter_state, wrap_lora
-from autorank.training import LocalResult, Optimizer, client_seed, train_local
+from autorank.training import LocalResult, TrainSettings, client_seed, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +43,6 @@ class LoraSettings:
     def from_config(cls, lora: LoraConfig, head: Sequence[str]) -> LoraSettings:
         """From the ``lora`` config section and the model's ``head_modules``."""
         return cls(lora.alpha_policy, lora.alpha, lora.alpha_ratio, lora.dropout, tuple(head))
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The local optimiser (see ``autorank.training.train_local``)."""
-
-    optimizer: Optimizer
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    grad_clip: float | None
-
-    @classmethod
-    def from_config(cls, training: TrainingConfig) -> TrainSettings:
-        """From the ``training`` config section."""
-        return cls(
-            optimizer=training.optimizer,
-            lr=training.lr,
-            momentum=training.momentum,
-            weight_decay=training.weight_decay,
-            batch_size=training.batch_size,
-            grad_clip=training.grad_clip,
-        )
 
 
 @dataclass(frozen=True)
@@ -129,18 +105,7 @@ def run_client_job(
     init_seed, order_seed = _substreams(job.seed)
     model = build_client_model(base, job.ranks, job.state, lora, init_seed)
     losses, steps = train_local(
-        model,
-        job.x,
-        job.y,
-        optimizer=train.optimizer,
-        lr=train.lr,
-        momentum=train.momentum,
-        weight_decay=train.weight_decay,
-        batch_size=train.batch_size,
-        epochs=job.epochs,
-        grad_clip=train.grad_clip,
-        seed=order_seed,
-        device=device,
+        model, job.x, job.y, train, epochs=job.epochs, seed=order_seed, device=device
     )
     state = get_adapter_state(model)
     seconds = time.perf_counter() - start

@@ -303,24 +303,14 @@ def pretrain(
     Returns:
         Mean training loss of each epoch.
     """
-    from autorank.training import train_local
+    from autorank.training import TrainSettings, train_local
 
     home = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(True)
+    settings = TrainSettings(optimizer, lr, momentum, 0.0, batch_size, None)
     losses, _ = train_local(
-        model,
-        x,
-        y,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=0.0,
-        batch_size=batch_size,
-        epochs=epochs,
-        grad_clip=None,
-        seed=seed,
-        device=device or torch.device("cpu"),
+        model, x, y, settings, epochs=epochs, seed=seed, device=device or torch.device("cpu")
     )
     model.to(home)
     logger.info("pre-trained base model for %d epochs: loss %s", epochs, losses)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autorank.adapters import AdapterState
+from autorank.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +81,37 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int) 
         raise ValueError(f"epochs must be >= 1, got {epochs}")
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """The local optimiser and batch size (``momentum`` is ignored by Adam)."""
+
+    optimizer: Optimizer
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    grad_clip: float | None
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig) -> TrainSettings:
+        """From the ``training`` config section."""
+        return cls(
+            optimizer=training.optimizer,
+            lr=training.lr,
+            momentum=training.momentum,
+            weight_decay=training.weight_decay,
+            batch_size=training.batch_size,
+            grad_clip=training.grad_clip,
+        )
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    settings: TrainSettings,
     *,
-    optimizer: Optimizer,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    batch_size: int,
     epochs: int,
-    grad_clip: float | None,
     seed: int,
     device: torch.device,
 ) -> tuple[list[float], int]:
@@ -103,15 +123,16 @@ def train_local(
     Args:
         model: maps ``x [b, ...]`` to logits ``[b, n_classes]``.
         x: inputs ``[n, ...]``; y: integer labels ``[n]``.
-        optimizer, lr, momentum, weight_decay: the optimiser (momentum is ignored by Adam).
-        batch_size, epochs: the schedule.
-        grad_clip: max global gradient norm, or None for no clipping.
+        settings: optimiser, learning rate, momentum, weight decay, batch size, and the max
+            global gradient norm (None: no clipping).
+        epochs: passes over the data.
         seed: data-order seed.
         device: where to train.
 
     Returns:
         The sample-weighted mean loss of each epoch, and the number of optimiser steps.
     """
+    batch_size, grad_clip = settings.batch_size, settings.grad_clip
     _check_data(x, y, batch_size, epochs)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -119,7 +140,13 @@ def train_local(
     model.to(device)
     model.train()
     x, y = x.to(device), y.to(device=device, dtype=torch.long)
-    opt = make_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(
+        params,
+        settings.optimizer,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     losses: list[float] = []

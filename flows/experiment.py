@@ -17,7 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.adapters import AdapterState
-from autorank.backend import LoraSettings, TrainSettings, warmup_jobs
+from autorank.backend import LoraSettings, warmup_jobs
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
 from autorank.lora import merge_base_delta
@@ -32,6 +32,7 @@ from autorank.rounds import (
     round_jobs,
     test_data,
 )
+from autorank.training import TrainSettings
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import finish_run, open_run, record_decision, relog_checkpoint_round
 from flows.runners import task_runner_for

@@ -12,7 +12,6 @@ from autorank.backend import (
     ClientJob,
     DevicePreference,
     LoraSettings,
-    TrainSettings,
     limit_threads,
     personalised_eval,
     pick_device,
@@ -20,7 +19,7 @@ from autorank.backend import (
 )
 from autorank.evaluation import EvalResult
 from autorank.rounds import ClientData
-from autorank.training import LocalResult
+from autorank.training import LocalResult, TrainSettings
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,18 @@ def tiny_config(tmp_path: Path, **sections: Any) -> ExperimentConfig:
         else:
             raw[name] = values
     return parse_config(raw)
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI expecting bad input: exit code 2 and one stderr line, which is returned."""
+    from flows.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("autorank: error: "), err
+    assert "Traceback" not in err
+    return err

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from autorank.comparison import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
+from tests.flows.conftest import cli_error
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
@@ -195,14 +196,8 @@ def test_bad_compare_input_is_one_line_exit_2_nothing_written(
     capsys: pytest.CaptureFixture[str],
     cli_env: None,
 ) -> None:
-    try:
-        code = main([*argv, *_store(tmp_path)])
-    except SystemExit as exit_:
-        code = exit_.code
+    err = cli_error([*argv, *_store(tmp_path)], capsys)
 
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("autorank: error: "), err
     assert expected in err
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
 

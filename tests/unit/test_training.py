@@ -13,7 +13,6 @@ from autorank.backend import (
     ClientJob,
     LoraSettings,
     SequentialBackend,
-    TrainSettings,
     limit_threads,
     personalised_eval,
     pick_device,
@@ -24,7 +23,7 @@ from autorank.backend import (
 from autorank.config import LoraConfig, TrainingConfig
 from autorank.evaluation import evaluate
 from autorank.models import build_model, head_modules
-from autorank.training import Optimizer, client_seed, train_local
+from autorank.training import Optimizer, TrainSettings, client_seed, train_local
 
 LORA = LoraSettings(policy="proportional", alpha=16.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 SGD = TrainSettings(
@@ -63,20 +62,8 @@ def test_train_local_reduces_loss(optimizer: Optimizer, lr: float) -> None:
     model = _base()
 
     # Execute
-    losses, steps = train_local(
-        model,
-        x,
-        y,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=0.9,
-        weight_decay=0.0,
-        batch_size=16,
-        epochs=4,
-        grad_clip=1.0,
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    settings = TrainSettings(optimizer, lr, 0.9, 0.0, 16, 1.0)
+    losses, steps = train_local(model, x, y, settings, epochs=4, seed=0, device=torch.device("cpu"))
 
     # Assert
     assert steps == 4 * 8
@@ -97,20 +84,8 @@ def test_train_local_rejects_bad_input(
 ) -> None:
     x, y = _blobs(8, seed=0)
     with pytest.raises(ValueError, match=match):
-        train_local(
-            _base(),
-            x,
-            y[:n_y],
-            optimizer=optimizer,  # type: ignore[arg-type]
-            lr=0.1,
-            momentum=0.0,
-            weight_decay=0.0,
-            batch_size=batch_size,
-            epochs=1,
-            grad_clip=None,
-            seed=0,
-            device=torch.device("cpu"),
-        )
+        settings = TrainSettings(optimizer, 0.1, 0.0, 0.0, batch_size, None)  # type: ignore[arg-type]
+        train_local(_base(), x, y[:n_y], settings, epochs=1, seed=0, device=torch.device("cpu"))
 
 
 def test_evaluate_counts_and_restores_mode() -> None:
