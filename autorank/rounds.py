@@ -125,6 +125,32 @@ def global_eval(
     return evaluate(model, x, y, device=device)
 
 
+class DivergenceError(RuntimeError):
+    """A round produced a non-finite loss: the run cannot recover from NaN weights."""
+
+
+def check_finite(
+    round_idx: int, results: Sequence[LocalResult], global_loss: float | None = None
+) -> None:
+    """Stop at the first round whose training or test loss is not finite.
+
+    Raises:
+        DivergenceError: naming the round, the client (or the global model) and what to change.
+    """
+    hint = "lower training.lr, set training.grad_clip, or lower lora.alpha_ratio"
+    for res in results:
+        bad = [x for x in res.epoch_losses if not np.isfinite(x)]
+        if bad:
+            raise DivergenceError(
+                f"training diverged in round {round_idx}: client {res.client}'s loss is "
+                f"{bad[0]}; {hint}"
+            )
+    if global_loss is not None and not np.isfinite(global_loss):
+        raise DivergenceError(
+            f"training diverged in round {round_idx}: the global test loss is {global_loss}; {hint}"
+        )
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """What one round measured; ``metrics()`` names it for tracking."""

@@ -202,6 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         sys.stderr.write(f"autorank: error: {message}\n")
         return EXIT_BAD_INPUT
+    except RuntimeError as err:
+        from autorank.rounds import DivergenceError
+
+        if not isinstance(err, DivergenceError):
+            raise
+        sys.stderr.write(f"autorank: {err}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("autorank: interrupted\n")
         return 130

@@ -18,7 +18,7 @@ above 1 submits cells as tasks that each call the subflow, a batch at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -42,6 +42,7 @@ from autorank.comparison import (
 )
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
 from autorank.plots import accuracy_curves, ranks_per_client
+from autorank.rounds import DivergenceError
 from flows.experiment import federated_training
 from flows.local import preflight
 from flows.ranking import federation_for, rank_table
@@ -135,10 +136,10 @@ def train_cell(config: ExperimentConfig, resume_run_id: str | None) -> str:
     return _train(config, resume_run_id)
 
 
-def _run_cells(
-    grid: GridConfig, parent: str, cells: Sequence[Cell], children: Sequence[tracking.ChildRun]
-) -> dict[str, str]:
-    """Train the cells not finished yet, ``max_parallel`` at a time; run name -> run id."""
+def _split_finished(
+    cells: Sequence[Cell], children: Sequence[tracking.ChildRun]
+) -> tuple[dict[str, str], list[tuple[Cell, str | None]]]:
+    """Finished cells (run name -> run id), and the rest with the run id to resume, if any."""
     done: dict[str, str] = {}
     todo: list[tuple[Cell, str | None]] = []
     for cell in cells:
@@ -148,18 +149,42 @@ def _run_cells(
             done[cell.run_name] = found.run_id
         else:
             todo.append((cell, found.run_id if found else None))
+    return done, todo
+
+
+def _start_batch(parent: str, batch: Sequence[tuple[Cell, str | None]]) -> list[Callable[[], str]]:
+    """Start a batch of cells; one callable per cell that returns its run id (or raises)."""
+    for cell, resume in batch:
+        progress.info("%s: %s", cell.run_name, f"resuming {resume}" if resume else "starting")
+    if len(batch) == 1:
+        cell, resume = batch[0]
+        return [lambda: _train(_nested(cell.config, parent), resume)]
+    futures = [train_cell.submit(_nested(c.config, parent), r) for c, r in batch]
+    wait(futures)  # let the whole batch end before a failure propagates
+    return [f.result for f in futures]
+
+
+def _run_cells(
+    grid: GridConfig,
+    parent: str,
+    cells: Sequence[Cell],
+    children: Sequence[tracking.ChildRun],
+    diverged: list[SkippedCell],
+) -> dict[str, str]:
+    """Train the cells not finished yet, ``max_parallel`` at a time; run name -> run id.
+
+    A cell whose training diverges (non-finite loss) is recorded in ``diverged`` and left out
+    of the summary; the other cells go on.
+    """
+    done, todo = _split_finished(cells, children)
     for start in range(0, len(todo), grid.max_parallel):
         batch = todo[start : start + grid.max_parallel]
-        for cell, resume in batch:
-            progress.info("%s: %s", cell.run_name, f"resuming {resume}" if resume else "starting")
-        if grid.max_parallel == 1:
-            cell, resume = batch[0]
-            done[cell.run_name] = _train(_nested(cell.config, parent), resume)
-            continue
-        futures = [train_cell.submit(_nested(c.config, parent), resume) for c, resume in batch]
-        wait(futures)  # let the whole batch end before a failure propagates
-        for (cell, _), future in zip(batch, futures, strict=True):
-            done[cell.run_name] = future.result()
+        for (cell, _), outcome in zip(batch, _start_batch(parent, batch), strict=True):
+            try:
+                done[cell.run_name] = outcome()
+            except DivergenceError as err:
+                progress.warning("%s: %s", cell.run_name, err)
+                diverged.append(SkippedCell(cell.run_name, str(err)))
     return done
 
 
@@ -167,7 +192,14 @@ def _autorank_ranks(
     grid: GridConfig, cells: Sequence[Cell], done: dict[str, str], seed: int
 ) -> list[int]:
     """AutoRank's global-scale ranks for ``seed``: its cell's decision, else the no-training one."""
-    source = next((c for c in cells if c.spec.assigner == "autorank" and c.seed == seed), None)
+    source = next(
+        (
+            c
+            for c in cells
+            if c.spec.assigner == "autorank" and c.seed == seed and c.run_name in done
+        ),
+        None,
+    )
     if source is not None:
         decision = tracking.read_json(grid.base.tracking.uri, done[source.run_name], DECISION_FILE)
         return [int(row["rank"]) for row in decision["clients"]]
@@ -266,12 +298,14 @@ def compare_methods(
     parent = _open_parent(grid, resume_parent_run_id)
     try:
         children = tracking.child_runs(uri, parent)
+        diverged: list[SkippedCell] = []
         first = [c for c in cells if not c.needs_mean_rank]
-        done = _run_cells(grid, parent, first, children)
+        done = _run_cells(grid, parent, first, children, diverged)
         resolved = _resolve_mean_ranks(grid, cells, done)
-        done |= _run_cells(grid, parent, resolved, children)
+        done |= _run_cells(grid, parent, resolved, children, diverged)
         final = {c.run_name: c for c in [*first, *resolved]}
-        _write_summary(grid, parent, [final[c.run_name] for c in cells], done, skipped)
+        ran = [final[c.run_name] for c in cells if c.run_name in done]
+        _write_summary(grid, parent, ran, done, [*skipped, *diverged])
     except BaseException:
         tracking.end_run(uri, parent, "FAILED")
         raise

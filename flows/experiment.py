@@ -26,6 +26,7 @@ from autorank.ranks import RankAssignment
 from autorank.rounds import (
     ClientData,
     RoundReport,
+    check_finite,
     client_data,
     communication,
     initial_states,
@@ -165,6 +166,7 @@ def _run_round(
     lora, _ = _settings(config)
     outcomes = _train_round(config, state, data, round_idx, runner)
     results = [o.result for o in outcomes]
+    check_finite(round_idx, results)  # before NaN reaches the aggregator (SVD would fail)
     agg = aggregate_round(config.aggregation.method, results)
     if agg.base_delta:
         merge_base_delta(state.base, agg.base_delta)
@@ -177,6 +179,7 @@ def _run_round(
         y=test[1],
         device=config.runtime.device,
     )
+    check_finite(round_idx, results, ev.loss)  # an aggregate of finite factors can still blow up
     up, down = communication(results, agg)
     report = RoundReport(
         round_idx,

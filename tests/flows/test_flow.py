@@ -94,3 +94,23 @@ def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None
     assert len(per_client) == 4
     assert metrics["summary/trainable_params"] == sum(per_client)
     assert metrics["summary/best_accuracy"] >= metrics["summary/final_accuracy"]
+
+
+def test_divergence_stops_the_run_with_a_clear_error_and_marks_it_failed(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    from autorank.rounds import DivergenceError
+
+    config = tiny_config(
+        tmp_path,
+        training={"rounds": 3, "local_epochs": 1, "warmup_epochs": 2, "lr": 1e12},
+        ranking={"assigner": "uniform"},
+    )
+
+    with pytest.raises(DivergenceError, match="training diverged in round 1"):
+        federated_training(config=config)
+
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not client.get_metric_history(runs[0].info.run_id, "global/accuracy")
