@@ -10,13 +10,35 @@ from pathlib import Path
 from autorank.config import ExperimentConfig
 
 
+class ProgressHandler(logging.StreamHandler):
+    """Progress lines on stderr; DEBUG records are a live status line on a terminal only.
+
+    On a terminal, ``round 3: 7/10 clients done`` is redrawn in place (``\r``) until the
+    round's INFO line replaces it; in logs and CI the status records are dropped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.live = sys.stderr.isatty()
+        self.setFormatter(logging.Formatter("[autorank] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno > logging.DEBUG:
+            prefix = "\r\033[K" if self.live else ""
+            self.stream.write(prefix + self.format(record) + "\n")
+        elif self.live:
+            self.stream.write("\r\033[K" + self.format(record))
+        self.flush()
+
+
 def configure_logging(verbose: bool) -> None:
     """Round-by-round progress on stderr; Prefect's own lines only with ``verbose``."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[autorank] %(message)s"))
+    handler = ProgressHandler()
     progress = logging.getLogger("autorank.progress")
+    for old in [h for h in progress.handlers if isinstance(h, ProgressHandler)]:
+        progress.removeHandler(old)
     progress.addHandler(handler)
-    progress.setLevel(logging.INFO)
+    progress.setLevel(logging.DEBUG)
     progress.propagate = False
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
