@@ -35,7 +35,7 @@ from autorank.config import (
     parse_config,
     read_yaml,
 )
-from autorank.ranks import round_half_up
+from autorank.rank_mapping import round_half_up
 
 logger = logging.getLogger(__name__)
 

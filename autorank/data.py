@@ -33,6 +33,16 @@ import pyarrow as pa
 import xxhash
 from PIL import Image, UnidentifiedImageError
 
+from autorank.normalisation import (
+    CIFAR10_NORM,
+    DIGITS_NORM,
+    FASHION_MNIST_NORM,
+    MNIST_NORM,
+    Normalisation,
+    standardise,
+    train_statistics,
+)
+
 logger = logging.getLogger(__name__)
 
 KNOWN = ("digits", "mnist5k", "mnist", "fashion_mnist", "parquet", "hf:<hub name>")
@@ -51,19 +61,6 @@ class DataError(ValueError):
     """Data that cannot be loaded; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
-class Normalisation:
-    """Per-channel ``(x - mean) / std`` applied after scaling to [0, 1]."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-MNIST_NORM = Normalisation((0.1307,), (0.3081,))
-FASHION_MNIST_NORM = Normalisation((0.2860,), (0.3530,))
-CIFAR10_NORM = Normalisation((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-# load_digits().data / 16 over all 1,797 images x 64 pixels: mean 0.30526, std 0.37605.
-DIGITS_NORM = Normalisation((0.3053,), (0.3760,))
 _HUB_NORMS = {"mnist": MNIST_NORM, "fashion_mnist": FASHION_MNIST_NORM, "cifar10": CIFAR10_NORM}
 
 
@@ -147,11 +144,11 @@ def load_data(
         keep, _ = _stratified_take(y_train, max_train_samples, np.random.default_rng(sample_seed))
         x_train, y_train = x_train[keep], y_train[keep]
     n_classes = _count_classes(source.n_classes, y_train, y_test, name)
-    norm = source.norm or _train_statistics(x_train)
+    norm = source.norm or train_statistics(x_train)
     shape = tuple(int(s) for s in x_train.shape[1:])
     logger.info("%s: %d train, %d test, %d classes", name, len(y_train), len(y_test), n_classes)
     train, test = (
-        _to_dataset(_standardise(x, norm), y) for x, y in ((x_train, y_train), (x_test, y_test))
+        _to_dataset(standardise(x, norm), y) for x, y in ((x_train, y_train), (x_test, y_test))
     )
     return DatasetSplits(name, train, test, n_classes, shape)
 
@@ -393,23 +390,6 @@ def _stratified_take(
     mask = np.zeros(len(y), dtype=bool)
     mask[picked] = True
     return picked, np.flatnonzero(~mask)
-
-
-def _train_statistics(x: np.ndarray) -> Normalisation:
-    """Mean and std per channel (images) or per column (vectors); a zero std becomes 1."""
-    axes = tuple(a for a in range(x.ndim) if a != 1)
-    mean = x.mean(axis=axes, dtype=np.float64)
-    std = x.std(axis=axes, dtype=np.float64)
-    std[std == 0] = 1.0
-    return Normalisation(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-
-
-def _standardise(x: np.ndarray, norm: Normalisation) -> np.ndarray:
-    """``(x - mean) / std`` with mean and std broadcast along axis 1, as float32."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = np.asarray(norm.mean, dtype=np.float32).reshape(shape)
-    std = np.asarray(norm.std, dtype=np.float32).reshape(shape)
-    return ((x - mean) / std).astype(np.float32, copy=False)
 
 
 def _to_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:

@@ -12,13 +12,8 @@ import pytest
 
 from autorank.config import RankingConfig
 from autorank.profiling import ClientProfile
-from autorank.ranks import (
-    assign_ranks,
-    assigner_names,
-    closeness_positions,
-    map_closeness,
-    rank_levels,
-)
+from autorank.rank_mapping import closeness_positions, map_closeness, rank_levels
+from autorank.ranks import assign_ranks, assigner_names
 
 
 def _profile(
