@@ -28,21 +28,23 @@ from prefect.futures import wait
 
 from autorank.comparison import (
     Cell,
-    CellResult,
     GridConfig,
     SkippedCell,
     expand_grid,
-    markdown_table,
-    mean_curves,
     mean_rank,
     parse_grid,
-    summarise,
-    summary_columns,
     with_uniform_rank,
 )
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
 from autorank.plots import accuracy_curves, ranks_per_client
 from autorank.rounds import DivergenceError
+from autorank.summary import (
+    CellResult,
+    markdown_table,
+    mean_curves,
+    summarise,
+    summary_columns,
+)
 from flows.experiment import federated_training
 from flows.local import preflight
 from flows.ranking import federation_for, rank_table

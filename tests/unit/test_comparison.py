@@ -8,21 +8,23 @@ from typing import Any
 import pytest
 
 from autorank.comparison import (
-    CellResult,
     SkippedCell,
     expand_grid,
     load_grid,
-    markdown_table,
-    mean_curves,
     mean_rank,
-    mean_std,
     parse_grid,
-    rounds_to_target,
-    summarise,
-    summary_columns,
     with_uniform_rank,
 )
 from autorank.config import ConfigError, config_digest
+from autorank.summary import (
+    CellResult,
+    markdown_table,
+    mean_curves,
+    mean_std,
+    rounds_to_target,
+    summarise,
+    summary_columns,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
