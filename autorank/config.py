@@ -180,7 +180,11 @@ class RuntimeConfig(_Section):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int | None = Field(None, ge=1, description="parallel client tasks; None = cores")
     threads_per_client: int = Field(1, ge=1)
-    dask_address: str | None = None
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster")
+    dask_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Dask worker resources each client task needs, e.g. {GPU: 1}",
+    )
     checkpoint_dir: Path = Path("mlruns/checkpoints")
 
     @model_validator(mode="after")

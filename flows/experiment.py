@@ -36,7 +36,7 @@ from autorank.rounds import (
 from autorank.training import TrainSettings
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import finish_run, open_run, record_decision, relog_checkpoint_round
-from flows.runners import task_runner_for
+from flows.runners import client_task_resources, task_runner_for
 from tasks.checkpointing import load_round, save_round
 from tasks.clients import ClientOutcome, train_client, warm_up_client
 from tasks.ranking import rank_clients
@@ -96,10 +96,9 @@ def _warm_up_and_rank(
             seed=config.seed,
         )
         common = _common(config, base)
-        curves = [
-            f.result()
-            for f in [runner.submit(warm_up_client, {"job": job, **common}) for job in jobs]
-        ]
+        with client_task_resources(config.runtime):
+            futures = [runner.submit(warm_up_client, {"job": job, **common}) for job in jobs]
+        curves = [f.result() for f in futures]
         profiles = federation.profiles([list(c) for c in curves])
         progress.info("warm-up done: %d loss curves", len(curves))
     return rank_clients(
@@ -144,10 +143,11 @@ def _train_round(
         round_idx=round_idx,
     )
     common = _common(config, state.base)
-    futures = [
-        runner.submit(train_client, {"job": job, "data": d, **common})
-        for job, d in zip(jobs, data, strict=True)
-    ]
+    with client_task_resources(config.runtime):
+        futures = [
+            runner.submit(train_client, {"job": job, "data": d, **common})
+            for job, d in zip(jobs, data, strict=True)
+        ]
     for done, _ in enumerate(as_completed(list(futures)), start=1):
         progress.debug("round %d: %d/%d clients done", round_idx, done, len(jobs))
     return [f.result() for f in futures]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -26,3 +27,16 @@ def task_runner_for(runtime: RuntimeConfig) -> TaskRunner[Any]:
         runner: TaskRunner[Any] = DaskTaskRunner(address=runtime.dask_address)
         return runner
     return ThreadPoolTaskRunner(max_workers=runtime.max_workers or os.cpu_count() or 1)
+
+
+def client_task_resources(runtime: RuntimeConfig) -> AbstractContextManager[Any]:
+    """Where client tasks are submitted: Dask resource annotations (e.g. one GPU each), if any.
+
+    Dask schedules an annotated task only on a worker started with that resource
+    (``dask worker ADDRESS --resources GPU=1``), so a GPU cluster runs one client per GPU.
+    """
+    if runtime.task_runner != "dask" or not runtime.dask_resources:
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources=dict(runtime.dask_resources))

@@ -26,6 +26,7 @@ def _cli(*args: str, home: Path) -> subprocess.Popen[bytes]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the kill takes its API server along
     )
 
 
@@ -60,11 +61,11 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     try:
         while victim is None or victim == reference:
             victim = _wait_for_round(ckpt_dir, 2, proc)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     logged = _history(client, victim, "global/accuracy")
     assert len(logged) < ROUNDS  # really interrupted
