@@ -3,17 +3,16 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import distributed
 import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
 from mlflow.tracking import MlflowClient
 
 from flows.experiment import federated_training
 from tests.flows.conftest import tiny_config
 
-distributed = pytest.importorskip("distributed")
-import distributed.diagnostics.plugin  # noqa: E402
 
-
-class GpuTasks(distributed.diagnostics.plugin.SchedulerPlugin):
+class GpuTasks(SchedulerPlugin):
     """Counts tasks that finished under a one-GPU resource restriction."""
 
     def __init__(self, scheduler: object) -> None:
