@@ -81,9 +81,12 @@ def ranks_per_client(ranks: Mapping[str, Sequence[int]]) -> Figure:
     ax = fig.add_subplot()
     n_methods = max(len(ranks), 1)
     width = 0.8 / n_methods
+    n_clients = 0
     for m, (name, values) in enumerate(ranks.items()):
-        xs = np.arange(len(values)) + m * width
+        xs = np.arange(len(values)) + (m - (n_methods - 1) / 2) * width  # groups centred on ticks
         ax.bar(xs, values, width=width, label=name)
+        n_clients = max(n_clients, len(values))
+    ax.set_xticks(np.arange(n_clients))
     ax.set_xlabel("client")
     ax.set_ylabel("rank")
     ax.set_title("Rank per client per method")
