@@ -132,7 +132,7 @@ class RankingConfig(_Section):
         description="scale: map closeness into each layer's own range; "
         "clamp: map into the global range, then clamp per layer",
     )
-    rerank_every: int = Field(0, ge=0, description="re-assign ranks every T rounds; 0 = never")
+    rerank_every: int = Field(0, ge=0, description="reserved: re-ranking every T rounds; only 0")
     heavy_tail_exponent: float = Field(2.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -141,6 +141,11 @@ class RankingConfig(_Section):
             raise ValueError("ranking.criteria must name at least one criterion")
         if len(set(self.criteria)) != len(self.criteria):
             raise ValueError(f"ranking.criteria has duplicates: {list(self.criteria)}")
+        if self.rerank_every:
+            raise ValueError(
+                "re-ranking during training is not supported yet (ranks are fixed after the "
+                "warm-up); expected 0"
+            )
         return self
 
 

@@ -75,6 +75,7 @@ def test_yaml_round_trip_and_flatten() -> None:
         (["training.lr=-0.1"], "training.lr"),
         (["aggregation.method=fedavg"], "needs equal ranks"),
         (["ranking.criteria=[entropy, entropy]"], "duplicates"),
+        (["ranking.rerank_every=5"], "not supported yet"),
         (["runtime.task_runner=dask"], "dask_address"),
         (["model.name=hf"], "hf_name_or_path"),
         (["model.init=safetensors"], "weights_path"),
