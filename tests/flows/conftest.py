@@ -51,3 +51,16 @@ def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert err.count("\n") == 1 and err.startswith("autorank: error: "), err
     assert "Traceback" not in err
     return err
+
+
+def store_args(tmp_path: Path, prefix: str = "") -> list[str]:
+    """``--set`` flags that put the tracking store and checkpoints under ``tmp_path``.
+
+    ``prefix`` is ``"base."`` for a comparison grid, whose experiment sits under ``base``.
+    """
+    return [
+        "--set",
+        f"{prefix}tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
+        "--set",
+        f"{prefix}runtime.checkpoint_dir={tmp_path}/ckpt",
+    ]

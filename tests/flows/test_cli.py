@@ -7,16 +7,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from tests.flows.conftest import cli_error
-
-
-def _tracking(tmp_path: Path) -> list[str]:
-    return [
-        "--set",
-        f"tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
-        "--set",
-        f"runtime.checkpoint_dir={tmp_path}/ckpt",
-    ]
+from tests.flows.conftest import cli_error, store_args
 
 
 def test_ranks_prints_the_default_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +71,7 @@ BAD = [
 def test_bad_input_is_one_line_exit_2_nothing_written(
     argv: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    extra = _tracking(tmp_path) if argv[0] == "run" and "--bogus" not in argv else []
+    extra = store_args(tmp_path) if argv[0] == "run" and "--bogus" not in argv else []
 
     err = cli_error([*argv, *extra], capsys)
 
@@ -90,7 +81,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["run", "--set", "runtime.device=cuda", *_tracking(tmp_path)])
+    code = main(["run", "--set", "runtime.device=cuda", *store_args(tmp_path)])
 
     assert code == 2
     assert "CUDA is not available" in capsys.readouterr().err

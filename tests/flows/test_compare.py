@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from autorank.comparison import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
-from tests.flows.conftest import cli_error
+from tests.flows.conftest import cli_error, store_args
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
@@ -155,15 +155,6 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     progress.propagate, progress.level = saved[1], saved[2]
 
 
-def _store(tmp_path: Path) -> list[str]:
-    return [
-        "--set",
-        f"base.tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
-        "--set",
-        f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
-    ]
-
-
 BAD = [
     (["compare"], "required: --config"),
     (["compare", "--config", "missing.yaml"], "not found"),
@@ -196,7 +187,7 @@ def test_bad_compare_input_is_one_line_exit_2_nothing_written(
     capsys: pytest.CaptureFixture[str],
     cli_env: None,
 ) -> None:
-    err = cli_error([*argv, *_store(tmp_path)], capsys)
+    err = cli_error([*argv, *store_args(tmp_path, "base.")], capsys)
 
     assert expected in err
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
@@ -225,7 +216,7 @@ def test_cli_resume_prints_the_table_and_refuses_other_runs(
 
 @pytest.mark.slow
 def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
-    argv = ["compare", "--config", GRID, *_store(tmp_path)]
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
     argv += ["--set", "base.training.rounds=6", "--set", "base.training.local_epochs=4"]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
     command = [sys.executable, "-m", "flows.cli", *argv]
