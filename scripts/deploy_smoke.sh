@@ -105,8 +105,11 @@ async def scheduled_runs(client, deployment_id) -> list:
 async def main() -> None:
     declared = yaml.safe_load(open("prefect.yaml"))["deployments"]
     async with get_client() as client:
+        # Looked up by deployment name: flows differ (autorank, autorank-compare).
+        by_name = {d.name: d for d in await client.read_deployments()}
         for spec in declared:
-            dep = await client.read_deployment_by_name(f"autorank/{spec['name']}")
+            dep = by_name.get(spec["name"])
+            check(dep is not None, f"{spec['name']}: not deployed")
             check(dep.work_pool_name == POOL, f"{dep.name}: work pool {dep.work_pool_name!r}")
             check(dep.parameters == spec["parameters"], f"{dep.name}: parameters differ")
             crons = [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules

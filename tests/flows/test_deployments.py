@@ -18,6 +18,7 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
+from autorank.comparison import GridConfig, load_grid, parse_grid
 from autorank.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +34,16 @@ def _flow_of(entrypoint: str) -> Flow[..., Any]:
     return load_flow_from_entrypoint(f"{ROOT / path}:{func}", use_placeholder_flow=False)
 
 
-def check_parameters(parameters: dict[str, Any], flow: Flow[..., Any]) -> ExperimentConfig:
-    """Raise ValueError unless the flow accepts every parameter and `config` validates."""
+def check_parameters(
+    parameters: dict[str, Any], flow: Flow[..., Any]
+) -> ExperimentConfig | GridConfig:
+    """Raise ValueError unless the flow takes every parameter and `config`/`grid` validates."""
     accepted = inspect.signature(flow.fn).parameters
     unknown = sorted(set(parameters) - set(accepted))
     if unknown:
         raise ValueError(f"parameters {unknown} are not arguments of {flow.name!r}")
+    if "grid" in accepted:
+        return parse_grid(parameters.get("grid", {}))
     return ExperimentConfig.model_validate(parameters.get("config", {}))
 
 
@@ -49,7 +54,12 @@ def flows() -> dict[str, Flow[..., Any]]:
 
 
 def test_the_expected_deployments_are_declared() -> None:
-    assert set(DEPLOYMENTS) == {"quickstart", "fashion-mnist-autorank", "nightly-comparison"}
+    assert set(DEPLOYMENTS) == {
+        "quickstart",
+        "fashion-mnist-autorank",
+        "nightly-baseline",
+        "nightly-comparison",
+    }
 
 
 def test_every_key_is_one_prefect_deploy_reads() -> None:
@@ -111,7 +121,7 @@ def test_parameters_validate(name: str, flows: dict[str, Flow[..., Any]]) -> Non
 
     config = check_parameters(deployment["parameters"], flow)
 
-    assert isinstance(config, ExperimentConfig)
+    assert isinstance(config, ExperimentConfig | GridConfig)
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
@@ -158,10 +168,18 @@ def test_fashion_deployment_is_the_shipped_config() -> None:
     assert deployed == shipped
 
 
-def test_comparison_differs_from_autorank_only_in_ranks_and_run_name() -> None:
+def test_comparison_deployment_is_the_shipped_digits_grid() -> None:
+    shipped = load_grid(ROOT / "configs" / "grids" / "digits.yaml")
+
+    deployed = parse_grid(DEPLOYMENTS["nightly-comparison"]["parameters"]["grid"])
+
+    assert deployed == shipped
+
+
+def test_baseline_differs_from_autorank_only_in_ranks_and_run_name() -> None:
     autorank, baseline = (
         ExperimentConfig.model_validate(DEPLOYMENTS[name]["parameters"]["config"])
-        for name in ("fashion-mnist-autorank", "nightly-comparison")
+        for name in ("fashion-mnist-autorank", "nightly-baseline")
     )
 
     assert baseline.ranking.assigner != autorank.ranking.assigner
