@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from autorank.config import RuntimeConfig, TrackingConfig
+
 EXIT_BAD_INPUT = 2
 
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--checkpoint-dir",
         type=Path,
-        default=Path("mlruns/checkpoints"),
+        default=RuntimeConfig().checkpoint_dir,
         help="where the run's checkpoints are (runtime.checkpoint_dir; default %(default)s)",
     )
     resume.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    ui.add_argument("--uri", default="sqlite:///mlruns/mlflow.db", help="tracking URI")
+    ui.add_argument("--uri", default=TrackingConfig().uri, help="tracking URI (%(default)s)")
     ui.add_argument("--port", type=int, default=5000)
     return parser
 
