@@ -31,6 +31,7 @@ from autorank.config import (
     ExperimentConfig,
     _format_validation_error,
     apply_override,
+    config_digest,
     parse_config,
     read_yaml,
 )
@@ -144,6 +145,21 @@ class GridConfig(BaseModel):
                     f"base.lora [r_min, r_max] = [{lo}, {hi}]"
                 )
         return self
+
+
+def grid_digest(grid: GridConfig) -> str:
+    """A digest of what decides a comparison's cells and their results.
+
+    Left out: the parent's name, ``max_parallel`` and where runs are tracked or checkpointed, which
+    a resume on another machine may change without changing any result.
+    """
+    import hashlib
+    import json
+
+    relevant = grid.model_dump(mode="json", include={"assigners", "aggregators", "seeds"})
+    relevant["target_accuracy"] = grid.target_accuracy
+    relevant["base"] = config_digest(grid.base)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def parse_grid(raw: Mapping[str, Any]) -> GridConfig:

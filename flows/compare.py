@@ -31,6 +31,7 @@ from autorank.comparison import (
     GridConfig,
     SkippedCell,
     expand_grid,
+    grid_digest,
     mean_rank,
     parse_grid,
     with_uniform_rank,
@@ -56,10 +57,12 @@ SUMMARY_FILE = "summary.md"
 TABLE_FILE = "summary.json"
 GRID_FILE = "grid.yaml"
 DECISION_FILE = "rank_decision.json"
+GRID_DIGEST_TAG = "grid_digest"
 
 
-def check_parent(uri: str, run_id: str) -> None:
-    """Refuse a resume target that is missing or not a comparison run."""
+def check_parent(grid: GridConfig, run_id: str) -> None:
+    """Refuse a resume target that is missing, not a comparison run, or ran another grid."""
+    uri = grid.base.tracking.uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"run {run_id!r} not found: no tracking store at {uri}")
     tags = tracking.find_run_tags(uri, run_id)
@@ -67,6 +70,13 @@ def check_parent(uri: str, run_id: str) -> None:
         raise ConfigError(f"run {run_id!r} not found in the tracking store {uri}")
     if tags.get("kind") != "comparison":
         raise ConfigError(f"run {run_id!r} is not a comparison (tag kind={tags.get('kind')!r})")
+    logged = tags.get(GRID_DIGEST_TAG)
+    if logged is not None and logged != grid_digest(grid):
+        raise ConfigError(
+            f"comparison {run_id} ran another grid (its assigners, aggregators, seeds, "
+            "target_accuracy or base settings differ from these); resume it with its own "
+            f"{GRID_FILE} or start a new comparison"
+        )
 
 
 def _flow_run_id() -> str:
@@ -79,7 +89,7 @@ def _open_parent(grid: GridConfig, resume_parent_run_id: str | None) -> str:
     """Create the parent run (tags, params, grid.yaml) or reopen the one being resumed."""
     uri = grid.base.tracking.uri
     if resume_parent_run_id is not None:
-        check_parent(uri, resume_parent_run_id)
+        check_parent(grid, resume_parent_run_id)
         tracking.reopen_run(uri, resume_parent_run_id)
         tracking.set_tags(uri, resume_parent_run_id, {"prefect.flow_run_id": _flow_run_id()})
         return resume_parent_run_id
@@ -89,6 +99,7 @@ def _open_parent(grid: GridConfig, resume_parent_run_id: str | None) -> str:
         "dataset": base.data.name,
         "partition": base.partition.scheme,
         "n_clients": str(base.partition.n_clients),
+        GRID_DIGEST_TAG: grid_digest(grid),
         "prefect.flow_run_id": _flow_run_id(),
     }
     name = grid.name or f"compare-{base.data.name}"
@@ -321,7 +332,7 @@ def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
     if not cells:
         raise ConfigError("the grid has no runnable cell (every combination was skipped)")
     if resume_parent_run_id is not None:
-        check_parent(grid.base.tracking.uri, resume_parent_run_id)
+        check_parent(grid, resume_parent_run_id)
     preflight(cells[0].config)
     for seed in grid.seeds:
         mine = [c for c in cells if c.seed == seed]

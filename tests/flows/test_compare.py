@@ -205,12 +205,16 @@ def test_cli_resume_prints_the_table_and_refuses_other_runs(
     out = capsys.readouterr().out
     bad_id = main(["compare", "--config", GRID, *store, "--resume", "nope"])
     not_comparison = main(["compare", "--config", GRID, *store, "--resume", child])
+    other_grid = main(
+        ["compare", "--config", GRID, *store, "--set", "seeds=[0, 1]", "--resume", parent]
+    )
     err = capsys.readouterr().err
 
     assert code == 0
     assert out.startswith("| assigner | aggregator |") and f"parent run id: {parent}" in out
-    assert (bad_id, not_comparison) == (2, 2)
+    assert (bad_id, not_comparison, other_grid) == (2, 2, 2)
     assert "'nope' not found" in err and "is not a comparison" in err
+    assert f"comparison {parent} ran another grid" in err
     assert len(_children(client, parent)) == 4
 
 

@@ -10,6 +10,7 @@ import pytest
 from autorank.comparison import (
     SkippedCell,
     expand_grid,
+    grid_digest,
     load_grid,
     mean_rank,
     parse_grid,
@@ -94,6 +95,30 @@ def test_expansion_sets_method_and_seed_and_shares_the_rest() -> None:
         assert cell.config.tracking.run_name == cell.run_name
         assert cell.config.partition == grid.base.partition
     assert len({config_digest(c.config) for c in cells}) == 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "same"),
+    [
+        ({"name": "renamed", "max_parallel": 2}, True),
+        ({"base": {"tracking": {"uri": "sqlite:///elsewhere.db"}}}, True),
+        ({"base": {"runtime": {"checkpoint_dir": "/elsewhere"}}}, True),
+        ({"seeds": [0, 1, 2]}, False),
+        ({"seeds": [1, 0]}, False),
+        ({"assigners": ["uniform", "manual"]}, False),
+        ({"aggregators": ["rbla"]}, False),
+        ({"target_accuracy": 0.9}, False),
+        ({"base": {"partition": {"alpha": 0.1}}}, False),
+    ],
+)
+def test_grid_digest_changes_only_with_what_decides_results(
+    fields: dict[str, Any], same: bool
+) -> None:
+    before = grid_digest(parse_grid(_grid()))
+
+    after = grid_digest(parse_grid(_grid(**fields)))
+
+    assert (after == before) is same
 
 
 def test_invalid_combinations_are_skipped_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
