@@ -2,11 +2,15 @@
 
 Layout under ``<root>/<run_id>/``::
 
-    round_0007/state.safetensors   base weights, global adapter, every client's adapter
-    round_0007/meta.json           round, run id, config digest, ranks, the round's metrics
+    base-<digest>.safetensors      base weights, named by their content
+    round_0007/state.safetensors   global adapter, every client's adapter
+    round_0007/meta.json           round, run id, config digest, base file, ranks, metrics
     LATEST                         name of the newest complete round folder
 
-A round folder is written under a temporary name and renamed into place, then ``LATEST`` is
+The base is frozen except under FLoRA, which merges each round's update into it, so it is written
+once and shared by the rounds that used it instead of being copied into every round (a large
+transformers base would otherwise dominate the checkpoint I/O). Every file is written under a
+temporary name and renamed into place, the base before the round that names it, then ``LATEST`` is
 replaced atomically, so a crash at any moment leaves the previous round intact: a run loses at
 most the round in flight. No RNG state needs saving: every random stream is derived from
 ``(seed, round, client)`` (see ``autorank.training.client_seed``).
@@ -14,6 +18,7 @@ most the round in flight. No RNG state needs saving: every random stream is deri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from autorank.adapters import AdapterState, LoraFactors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = {1, 2}  # format 1 kept the base inside each round's state.safetensors
 _KEEP = 2
 
 
@@ -105,6 +111,42 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def base_digest(base: Mapping[str, torch.Tensor]) -> str:
+    """A digest of the base weights' names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(base):
+        t = base[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_base(run_dir: Path, base: Mapping[str, torch.Tensor]) -> str:
+    """Write the base weights unless a file with the same content is already there."""
+    name = f"base-{base_digest(base)}.safetensors"
+    if not (run_dir / name).is_file():
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
+        os.close(fd)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in base.items()}, tmp)
+        os.replace(tmp, run_dir / name)
+    return name
+
+
+def _prune(run_dir: Path) -> None:
+    """Keep the newest rounds and the base files they name; remove the rest."""
+    for old in sorted(run_dir.glob("round_*"))[:-_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    named = set()
+    for folder in run_dir.glob("round_*"):
+        try:
+            named.add(json.loads((folder / "meta.json").read_text()).get("base_file"))
+        except (OSError, json.JSONDecodeError):
+            return  # leave every base file while a round folder is unreadable
+    for base_file in run_dir.glob("base-*.safetensors"):
+        if base_file.name not in named:
+            base_file.unlink(missing_ok=True)
+
+
 def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     """Write a round's checkpoint atomically and prune all but the newest two.
 
@@ -114,9 +156,9 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     run_dir = root / ckpt.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"round_{ckpt.round_idx:04d}"
+    base_file = _write_base(run_dir, ckpt.base)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".incomplete-"))
-    tensors = {f"base/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.base.items()}
-    tensors |= state_tensors("global", ckpt.global_state)
+    tensors = state_tensors("global", ckpt.global_state)
     for i, state in enumerate(ckpt.client_states):
         tensors |= state_tensors(f"client{i}", state)
     save_file(tensors, str(tmp / "state.safetensors"))
@@ -126,6 +168,7 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         "run_id": ckpt.run_id,
         "config_digest": ckpt.config_digest,
         "n_clients": len(ckpt.client_states),
+        "base_file": base_file,
         **ckpt.meta,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -133,8 +176,7 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write_text(run_dir / "LATEST", final.name)
-    for old in sorted(run_dir.glob("round_*"))[:-_KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(run_dir)
     return final
 
 
@@ -157,11 +199,18 @@ def _read_meta(folder: Path) -> dict[str, Any]:
             f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}"
         ) from None
     found = meta.get("format") if isinstance(meta, dict) else None
-    if found != FORMAT_VERSION:
+    if found not in _READABLE:
         raise CheckpointError(
-            f"checkpoint {str(folder)!r} has format {found}, expected {FORMAT_VERSION}"
+            f"checkpoint {str(folder)!r} has format {found}, expected one of {sorted(_READABLE)}"
         )
     return meta
+
+
+def _load_tensors(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {str(folder)!r} is corrupt: {err}") from None
 
 
 def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoint | None:
@@ -183,15 +232,14 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
             f"checkpoint {str(folder)!r} was written for another config "
             f"(digest {meta.get('config_digest')}, this run's is {config_digest})"
         )
-    try:
-        tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"checkpoint {str(folder)!r} is corrupt: {err}") from None
+    tensors = _load_tensors(folder / "state.safetensors", folder)
+    if "base_file" in meta:
+        base = _load_tensors(folder.parent / str(meta["base_file"]), folder)
+    else:
+        base = {k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")}
     n_clients = int(meta["n_clients"])
-    base = {k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")}
-    extras = {
-        k: v for k, v in meta.items() if k not in {"format", "round", "run_id", "config_digest"}
-    }
+    own = {"format", "round", "run_id", "config_digest", "n_clients", "base_file"}
+    extras = {k: v for k, v in meta.items() if k not in own}
     return Checkpoint(
         round_idx=int(meta["round"]),
         run_id=run_id,

@@ -1,0 +1,168 @@
+"""Round checkpoints: round trip, the base written once per content, pruning, refusals."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from autorank.adapters import AdapterState, LoraFactors
+from autorank.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    base_digest,
+    load_checkpoint,
+    save_checkpoint,
+    state_tensors,
+)
+
+RUN = "run0"
+DIGEST = "cfg"
+
+
+def _state(rank: int, fill: float) -> AdapterState:
+    lora = {"fc1": LoraFactors(torch.full((rank, 6), fill), torch.full((5, rank), -fill), 2.0)}
+    return AdapterState(lora, {"head.weight": torch.full((3, 5), fill)})
+
+
+def _ckpt(round_idx: int, base: dict[str, torch.Tensor]) -> Checkpoint:
+    return Checkpoint(
+        round_idx=round_idx,
+        run_id=RUN,
+        config_digest=DIGEST,
+        base=base,
+        global_state=_state(4, float(round_idx)),
+        client_states=[_state(2, 0.5 * round_idx), _state(4, 1.5 * round_idx)],
+        meta={"history": [0.1 * round_idx], "metrics": {"global/accuracy": 0.5}},
+    )
+
+
+def _base(value: float) -> dict[str, torch.Tensor]:
+    return {"fc1.weight": torch.full((5, 6), value), "fc1.bias": torch.arange(5.0)}
+
+
+def _bases(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / RUN).glob("base-*.safetensors"))
+
+
+def test_round_trip_restores_every_tensor_and_the_meta(tmp_path: Path) -> None:
+    saved = _ckpt(3, _base(0.25))
+    save_checkpoint(tmp_path, saved)
+
+    loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+    assert loaded is not None and loaded.round_idx == 3
+    assert set(loaded.base) == set(saved.base)
+    assert all(torch.equal(loaded.base[k], saved.base[k]) for k in saved.base)
+    for got, want in zip(
+        [loaded.global_state, *loaded.client_states],
+        [saved.global_state, *saved.client_states],
+        strict=True,
+    ):
+        assert state_tensors("x", got).keys() == state_tensors("x", want).keys()
+        got_t, want_t = state_tensors("x", got), state_tensors("x", want)
+        assert all(torch.equal(got_t[k], want_t[k]) for k in want_t)
+    assert loaded.meta == {"history": [0.1 * 3], "metrics": {"global/accuracy": 0.5}}
+
+
+def test_an_unchanged_base_is_written_once_and_a_merged_one_again(tmp_path: Path) -> None:
+    frozen = _base(0.25)
+    for round_idx in (1, 2, 3):
+        save_checkpoint(tmp_path, _ckpt(round_idx, frozen))
+    files_when_frozen = _bases(tmp_path)
+    state_keys = load_file(str(tmp_path / RUN / "round_0003" / "state.safetensors")).keys()
+
+    save_checkpoint(tmp_path, _ckpt(4, _base(0.75)))  # as after a FLoRA merge
+
+    assert files_when_frozen == [f"base-{base_digest(frozen)}.safetensors"]
+    assert state_keys and not [k for k in state_keys if k.startswith("base/")]
+    assert _bases(tmp_path) == sorted(
+        f"base-{base_digest(b)}.safetensors" for b in (frozen, _base(0.75))
+    )
+    loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+    assert loaded is not None and torch.equal(loaded.base["fc1.weight"], _base(0.75)["fc1.weight"])
+
+
+def test_pruning_keeps_two_rounds_and_only_the_bases_they_name(tmp_path: Path) -> None:
+    for round_idx in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, _ckpt(round_idx, _base(float(round_idx))))
+
+    rounds = sorted(p.name for p in (tmp_path / RUN).glob("round_*"))
+
+    assert rounds == ["round_0003", "round_0004"]
+    assert _bases(tmp_path) == sorted(
+        f"base-{base_digest(_base(float(r)))}.safetensors" for r in (3, 4)
+    )
+
+
+def test_digest_tells_dtype_shape_and_names_apart() -> None:
+    base = _base(1.0)
+
+    variants = [
+        {k: v.double() for k, v in base.items()},
+        {"fc1.weight": base["fc1.weight"].reshape(6, 5), "fc1.bias": base["fc1.bias"]},
+        {"fc2.weight": base["fc1.weight"], "fc1.bias": base["fc1.bias"]},
+    ]
+
+    assert len({base_digest(base), *(base_digest(v) for v in variants)}) == 4
+    assert base_digest(base) == base_digest({k: v.clone() for k, v in base.items()})
+
+
+def test_a_missing_or_corrupt_base_file_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    (base_file,) = (tmp_path / RUN).glob("base-*.safetensors")
+
+    base_file.write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+    base_file.unlink()
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_a_format_1_checkpoint_with_the_base_inside_still_loads(tmp_path: Path) -> None:
+    folder = tmp_path / RUN / "round_0002"
+    folder.mkdir(parents=True)
+    ckpt = _ckpt(2, _base(0.5))
+    tensors = {f"base/{k}": v for k, v in ckpt.base.items()} | state_tensors(
+        "global", ckpt.global_state
+    )
+    for i, state in enumerate(ckpt.client_states):
+        tensors |= state_tensors(f"client{i}", state)
+    save_file(tensors, str(folder / "state.safetensors"))
+    meta = {"format": 1, "round": 2, "run_id": RUN, "config_digest": DIGEST, "n_clients": 2}
+    (folder / "meta.json").write_text(json.dumps(meta | dict(ckpt.meta)))
+    (tmp_path / RUN / "LATEST").write_text("round_0002")
+
+    loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+    assert loaded is not None and loaded.round_idx == 2 and len(loaded.client_states) == 2
+    assert torch.equal(loaded.base["fc1.weight"], ckpt.base["fc1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"format": 9}, "has format 9, expected one of [1, 2]"),
+        ({"run_id": "other"}, "belongs to run 'other'"),
+        ({"config_digest": "zzz"}, "written for another config"),
+    ],
+)
+def test_foreign_checkpoints_are_refused(tmp_path: Path, meta: dict, message: str) -> None:
+    folder = save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    written = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(written | meta))
+
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_no_checkpoint_yet_is_none_and_a_dangling_pointer_an_error(tmp_path: Path) -> None:
+    assert load_checkpoint(tmp_path, RUN, config_digest=DIGEST) is None
+
+    (tmp_path / RUN).mkdir()
+    (tmp_path / RUN / "LATEST").write_text("round_0009")
+
+    with pytest.raises(CheckpointError, match="names a missing folder"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
