@@ -6,16 +6,26 @@ Uses the non-interactive Agg canvas so it works on headless machines and in thre
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _legend_outside(ax: Axes) -> None:
+    """A legend to the right of the axes, so that it never covers a bar or a line."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def label_distribution(histogram: np.ndarray) -> Figure:
@@ -63,21 +73,24 @@ def closeness_vs_rank(
 
 def accuracy_curves(curves: Mapping[str, Sequence[float]], *, title: str) -> Figure:
     """One line per series of accuracy over rounds (rounds start at 1)."""
-    fig = _figure()
+    fig = _figure(8.5, 4.0)
     ax = fig.add_subplot()
+    longest = max((len(v) for v in curves.values()), default=0)
     for name, values in curves.items():
-        ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+        marker = "o" if longest <= 40 else None
+        ax.plot(np.arange(1, len(values) + 1), values, marker=marker, markersize=3, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     return fig
 
 
 def ranks_per_client(ranks: Mapping[str, Sequence[int]]) -> Figure:
     """Grouped bars: the rank each method gives each client."""
-    fig = _figure()
+    fig = _figure(8.5, 4.0)
     ax = fig.add_subplot()
     n_methods = max(len(ranks), 1)
     width = 0.8 / n_methods
@@ -90,5 +103,5 @@ def ranks_per_client(ranks: Mapping[str, Sequence[int]]) -> Figure:
     ax.set_xlabel("client")
     ax.set_ylabel("rank")
     ax.set_title("Rank per client per method")
-    ax.legend(fontsize="small")
+    _legend_outside(ax)
     return fig
