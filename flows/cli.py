@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -195,9 +197,28 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop or preemption), handled like Ctrl-C so runs stop cleanly."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autorank` console script."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _dispatch(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run one command; bad input, divergence and interrupts become one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, KeyError) as err:
@@ -211,9 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"autorank: {err}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("autorank: interrupted\n")
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        sys.stderr.write(f"autorank: {how}; completed rounds are checkpointed\n")
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from autorank.summary import (
 from flows.experiment import federated_training
 from flows.local import preflight
 from flows.ranking import federation_for, rank_table
+from flows.run_records import close_interrupted_or_failed
 from tasks import tracking
 
 progress = logging.getLogger("autorank.progress")
@@ -319,8 +320,9 @@ def compare_methods(
         final = {c.run_name: c for c in [*first, *resolved]}
         ran = [final[c.run_name] for c in cells if c.run_name in done]
         _write_summary(grid, parent, ran, done, [*skipped, *diverged])
-    except BaseException:
-        tracking.end_run(uri, parent, "FAILED")
+    except BaseException as err:
+        hint = f"`autorank compare --config GRID.yaml --resume {parent}`"
+        close_interrupted_or_failed(uri, parent, err, hint)
         raise
     tracking.end_run(uri, parent, "FINISHED")
     return parent

@@ -35,7 +35,13 @@ from autorank.rounds import (
 )
 from autorank.training import TrainSettings
 from flows.ranking import layer_ranges, public_fraction
-from flows.run_records import finish_run, open_run, record_decision, relog_checkpoint_round
+from flows.run_records import (
+    close_interrupted_or_failed,
+    finish_run,
+    open_run,
+    record_decision,
+    relog_checkpoint_round,
+)
 from flows.runners import client_task_resources, task_runner_for
 from tasks.checkpointing import load_round, save_round
 from tasks.clients import ClientOutcome, train_client, warm_up_client
@@ -252,10 +258,9 @@ def federated_training(
             for round_idx in range(state.start_round, config.training.rounds + 1):
                 state = _run_round(config, run_id, state, data, test, round_idx, runner)
         finish_run(config, run_id, state.global_state, state.history, state.last_metrics)
-    except BaseException:
-        from tasks.tracking import end_run
-
-        end_run(config.tracking.uri, run_id, "FAILED")
+    except BaseException as err:
+        hint = f"`autorank resume {run_id}`"
+        close_interrupted_or_failed(config.tracking.uri, run_id, err, hint)
         raise
     return run_id
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from prefect.exceptions import TerminationSignal
 
 from autorank.adapters import AdapterState
 from autorank.checkpoint import Checkpoint, CheckpointError
@@ -15,6 +18,22 @@ from autorank.ranks import RankAssignment
 from tasks import tracking
 
 CONFIG_FILE = "config.yaml"
+progress = logging.getLogger("autorank.progress")
+
+
+def close_interrupted_or_failed(
+    uri: str, run_id: str, err: BaseException, resume_hint: str
+) -> None:
+    """Mark a run that stopped early: KILLED after an interrupt, FAILED after an error.
+
+    Ctrl-C raises KeyboardInterrupt; SIGTERM (a scheduler's stop, a preemption) reaches flow code
+    as Prefect's TerminationSignal. Neither is a failure of the run: it stopped between
+    checkpoints, and ``resume_hint`` (the command that continues it) is logged.
+    """
+    interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal)
+    tracking.end_run(uri, run_id, "KILLED" if interrupted else "FAILED")
+    if interrupted:
+        progress.info("run %s stopped; %s continues it", run_id, resume_hint)
 
 
 def run_tags(config: ExperimentConfig) -> dict[str, str]:

@@ -1,12 +1,13 @@
 """The CLI: the rank table, and bad input as one line, exit code 2, nothing written."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from flows.cli import main
+from flows.cli import COMMANDS, Terminated, main
 from tests.flows.conftest import cli_error, store_args
 
 
@@ -85,3 +86,27 @@ def test_cuda_requested_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "word"),
+    [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")],
+)
+def test_interrupts_are_one_line_and_the_signal_exit_code(
+    raised: type[BaseException],
+    code: int,
+    word: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def stop(args: object) -> int:
+        raise raised
+
+    monkeypatch.setitem(COMMANDS, "ranks", stop)
+    before = signal.getsignal(signal.SIGTERM)
+
+    got = main(["ranks"])
+
+    assert got == code
+    assert capsys.readouterr().err == f"autorank: {word}; completed rounds are checkpointed\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler does not leak

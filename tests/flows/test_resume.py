@@ -95,3 +95,48 @@ def test_checkpoint_of_another_config_or_corrupt_is_refused(
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(root, run_id, config_digest=config_digest(config))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_stops_cleanly_marks_killed_and_resumes(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(config))
+    ckpt_dir = config.runtime.checkpoint_dir
+
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
+    try:
+        victim = _wait_for_round(ckpt_dir, 2, proc)
+        proc.send_signal(signal.SIGTERM)  # the CLI process only, as a scheduler would
+        out, _ = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphaned = _group_alive(proc.pid)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+
+    assert proc.returncode == 128 + signal.SIGTERM, out.decode()[-3000:]
+    assert "autorank: terminated; completed rounds are checkpointed" in out.decode()
+    assert f"run {victim} stopped; `autorank resume {victim}` continues it" in out.decode()
+    assert not orphaned  # its Prefect API server went with it
+    assert client.get_run(victim).info.status == "KILLED"
+    assert len(_history(client, victim, "global/accuracy")) < ROUNDS
+
+    resumed = _cli("resume", victim, "--checkpoint-dir", str(ckpt_dir), home=tmp_path / "home")
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert client.get_run(victim).info.status == "FINISHED"
+    steps = [s for s, _ in _history(client, victim, "global/accuracy")]
+    assert steps == list(range(1, ROUNDS + 1))
