@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autorank.checkpoint import CheckpointError, load_checkpoint
-from autorank.config import config_digest, to_yaml
+from autorank.config import ExperimentConfig, config_digest, to_yaml
 from flows.experiment import federated_training
 from tests.flows.conftest import tiny_config
 
@@ -43,6 +43,14 @@ def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes
     raise AssertionError(f"round {round_idx} never checkpointed")
 
 
+def _written_config(tmp_path: Path) -> tuple[ExperimentConfig, Path]:
+    """A run long enough to stop mid-way, and its YAML file for the CLI."""
+    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(config))
+    return config, config_file
+
+
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -50,9 +58,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     prefect_harness: None, tmp_path: Path
 ) -> None:
-    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(to_yaml(config))
+    config, config_file = _written_config(tmp_path)
     ckpt_dir = config.runtime.checkpoint_dir
     reference = federated_training(config=config)
 
@@ -108,9 +114,7 @@ def _group_alive(pgid: int) -> bool:
 def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     prefect_harness: None, tmp_path: Path
 ) -> None:
-    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(to_yaml(config))
+    config, config_file = _written_config(tmp_path)
     ckpt_dir = config.runtime.checkpoint_dir
 
     proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
