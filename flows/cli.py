@@ -14,9 +14,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autorank.config import RuntimeConfig, TrackingConfig
+
+if TYPE_CHECKING:
+    from autorank.comparison import GridConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -73,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="PARENT_RUN_ID",
         help="continue a comparison: finished cells are skipped, interrupted ones resumed",
+    )
+    compare.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the runs the grid expands to and exit, without running or writing anything",
     )
     compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
@@ -143,11 +151,42 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_plan(grid: GridConfig) -> str:
+    """The runs a grid expands to, one line each, then the skipped combinations and a total."""
+    import logging
+
+    from autorank.comparison import expand_grid
+
+    quiet = logging.getLogger("autorank.comparison")
+    level, quiet.level = quiet.level, logging.ERROR  # the skipped cells are listed below instead
+    try:
+        cells, skipped = expand_grid(grid)
+    finally:
+        quiet.setLevel(level)
+    rounds = grid.base.training.rounds
+    lines = [f"{'run':<40} {'assigner':<15} {'aggregator':<10} seed  rounds"]
+    for cell in cells:
+        assigner = cell.spec.assigner + (" (mean)" if cell.needs_mean_rank else "")
+        lines.append(
+            f"{cell.run_name:<40} {assigner:<15} {cell.aggregator:<10} {cell.seed:>4}  {rounds:>6}"
+        )
+    lines += [f"skipped {s.run_name}: {s.reason}" for s in skipped]
+    waiting = sum(c.needs_mean_rank for c in cells)
+    lines.append(
+        f"{len(cells)} runs ({waiting} wait for AutoRank's mean rank), {len(skipped)} skipped, "
+        f"up to {grid.max_parallel} at a time; tracked in {grid.base.tracking.uri}"
+    )
+    return "\n".join(lines)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from autorank.comparison import load_grid
     from flows.local import configure_logging
 
     grid = load_grid(args.config, args.overrides)
+    if args.dry_run:
+        print(grid_plan(grid))
+        return 0
     # Before Prefect is imported, so that its home and log level apply.
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -250,3 +250,27 @@ def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "global/accuracy")]
         assert sorted(steps) == [1, 2, 3, 4, 5, 6], child.info.run_name
+
+
+def test_dry_run_lists_the_runs_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
+    argv += ["--set", "aggregators=[rbla, fedavg]", "--set", "seeds=[0, 1]", "--dry-run"]
+
+    code = main(argv)
+    captured = capsys.readouterr()
+
+    lines = captured.out.splitlines()
+    names = [line.split()[0] for line in lines[1:] if line.split()[0].endswith(("-s0", "-s1"))]
+    assert code == 0 and captured.err == ""
+    assert names == [
+        f"{m}-s{s}" for s in (0, 1) for m in ("uniform-rbla", "uniform-fedavg", "autorank-rbla")
+    ]
+    assert [line for line in lines if line.startswith("skipped ")] == [
+        f"skipped autorank-fedavg-s{s}: config: aggregation.method 'fedavg' needs equal ranks: "
+        "set ranking.assigner to 'uniform' (got 'autorank')"
+        for s in (0, 1)
+    ]
+    assert lines[-1].startswith("6 runs (0 wait for AutoRank's mean rank), 2 skipped")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
