@@ -32,6 +32,7 @@ from autorank.config import (
     _format_validation_error,
     apply_override,
     config_digest,
+    json_digest,
     parse_config,
     read_yaml,
 )
@@ -153,13 +154,10 @@ def grid_digest(grid: GridConfig) -> str:
     Left out: the parent's name, ``max_parallel`` and where runs are tracked or checkpointed, which
     a resume on another machine may change without changing any result.
     """
-    import hashlib
-    import json
-
     relevant = grid.model_dump(mode="json", include={"assigners", "aggregators", "seeds"})
     relevant["target_accuracy"] = grid.target_accuracy
     relevant["base"] = config_digest(grid.base)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(relevant)
 
 
 def parse_grid(raw: Mapping[str, Any]) -> GridConfig:

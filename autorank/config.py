@@ -317,10 +317,14 @@ def to_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def config_digest(config: ExperimentConfig) -> str:
-    """A digest of everything that changes results (not where they are tracked or run)."""
+def json_digest(payload: Any) -> str:
+    """A short, stable digest of a JSON-ready value (keys sorted)."""
     import hashlib
     import json
 
-    relevant = config.model_dump(mode="json", exclude={"tracking", "runtime"})
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """A digest of everything that changes results (not where they are tracked or run)."""
+    return json_digest(config.model_dump(mode="json", exclude={"tracking", "runtime"}))

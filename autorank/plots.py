@@ -76,8 +76,8 @@ def accuracy_curves(curves: Mapping[str, Sequence[float]], *, title: str) -> Fig
     fig = _figure(8.5, 4.0)
     ax = fig.add_subplot()
     longest = max((len(v) for v in curves.values()), default=0)
+    marker = "o" if longest <= 40 else None  # markers would merge into a band on long runs
     for name, values in curves.items():
-        marker = "o" if longest <= 40 else None
         ax.plot(np.arange(1, len(values) + 1), values, marker=marker, markersize=3, label=name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")

@@ -121,13 +121,18 @@ def summarise(results: Sequence[CellResult], target: float) -> list[MethodSummar
     return out
 
 
+def mean_curve(series: Sequence[Sequence[float]]) -> list[float]:
+    """The per-round mean of several seeds' series, ``[n_seeds][rounds]``, to the shortest one."""
+    rounds = min(len(s) for s in series)
+    return [sum(s[t] for s in series) / len(series) for t in range(rounds)]
+
+
 def mean_curves(results: Sequence[CellResult]) -> dict[str, list[float]]:
     """Per method, the global accuracy per round averaged over seeds (to the shortest run)."""
-    curves = {}
-    for method, runs in _by_method(results).items():
-        rounds = min(len(r.accuracy) for r in runs)
-        curves[method] = [sum(r.accuracy[t] for r in runs) / len(runs) for t in range(rounds)]
-    return curves
+    return {
+        method: mean_curve([r.accuracy for r in runs])
+        for method, runs in _by_method(results).items()
+    }
 
 
 def _spread(stat: tuple[float, float]) -> str:

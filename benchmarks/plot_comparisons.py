@@ -18,6 +18,7 @@ from pathlib import Path
 
 from autorank.config import TrackingConfig
 from autorank.plots import accuracy_curves
+from autorank.summary import mean_curve
 from tasks import tracking
 
 _SEED = re.compile(r"-s\d+$")
@@ -50,8 +51,8 @@ def main() -> None:
 
     curves = {}
     for method, runs in method_series(args.uri, args.parents).items():
-        rounds = min(len(r) for r in runs)
-        curves[method] = [sum(r[t] for r in runs) / len(runs) for t in range(rounds)]
+        curves[method] = mean_curve(runs)
+        rounds = len(curves[method])
         print(f"{method}: {len(runs)} seeds, {rounds} rounds, best mean {max(curves[method]):.4f}")
     accuracy_curves(curves, title=args.title).savefig(args.out)
     print(f"wrote {args.out}")

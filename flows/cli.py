@@ -158,7 +158,8 @@ def grid_plan(grid: GridConfig) -> str:
     from autorank.comparison import expand_grid
 
     quiet = logging.getLogger("autorank.comparison")
-    level, quiet.level = quiet.level, logging.ERROR  # the skipped cells are listed below instead
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the skipped cells are listed below instead
     try:
         cells, skipped = expand_grid(grid)
     finally:
