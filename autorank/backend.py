@@ -1,28 +1,28 @@
-"""The client-training boundary: ``train_clients(base, jobs) -> results``.
+"""The client-training boundary: ``train_clients(jobs, tests) -> outcomes``.
 
-Flows and aggregation see only ``ClientJob`` in and ``LocalResult`` out, so a backend that trains
-many clients at once (batched on one GPU, spread over several) can replace ``SequentialBackend``
-without touching them.
+Flows and aggregation see only ``ClientJob`` in and ``ClientOutcome`` out. A backend is built
+once per cohort slot and kept for the whole run: ``SequentialBackend`` (``autorank.sequential``)
+trains the cohort's clients one after another on persistent peft models, ``BatchedBackend``
+(``autorank.batched``) trains them together in one forward/backward per local step. Nothing here
+imports peft.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from peft import PeftModel
 from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.config import LoraConfig
-from autorank.evaluation import EvalResult, evaluate
-from autorank.lora import AlphaPolicy, get_adapter_state, set_adapter_state, wrap_lora
-from autorank.training import LocalResult, TrainSettings, client_seed, train_local
+from autorank.evaluation import EvalResult
+from autorank.targets import AlphaPolicy
+from autorank.training import LocalResult, client_seed
 
 logger = logging.getLogger(__name__)
 
@@ -68,56 +68,44 @@ class ClientJob:
     seed: int
 
 
-def _substreams(seed: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class LocalSplit:
+    """A client's held-out samples for its personalised accuracy: ``x [m, ...]``, ``y [m]``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """A client's trained update and its personalised accuracy (None without a local split)."""
+
+    result: LocalResult
+    personal: EvalResult | None
+
+
+def substreams(seed: int) -> tuple[int, int]:
     """Independent seeds for LoRA initialisation and data order."""
     init, order = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
     return int(init), int(order)
 
 
-def build_client_model(
-    base: nn.Module,
-    ranks: dict[str, int],
-    state: AdapterState | None,
-    lora: LoraSettings,
-    seed: int,
-) -> PeftModel:
-    """A wrapped copy of ``base`` at ``ranks`` holding ``state`` (fresh LoRA if None)."""
-    model = wrap_lora(
-        base,
-        ranks,
-        policy=lora.policy,
-        alpha=lora.alpha,
-        alpha_ratio=lora.alpha_ratio,
-        dropout=lora.dropout,
-        head=lora.head,
-        seed=seed,
-    )
-    if state is not None:
-        set_adapter_state(model, state)
-    return model
-
-
-def run_client_job(
-    base: nn.Module, job: ClientJob, lora: LoraSettings, train: TrainSettings, device: torch.device
-) -> LocalResult:
-    """Wrap a copy of ``base`` with the job's ranks, load its state, train, and read it back."""
-    start = time.perf_counter()
-    init_seed, order_seed = _substreams(job.seed)
-    model = build_client_model(base, job.ranks, job.state, lora, init_seed)
-    losses, steps = train_local(
-        model, job.x, job.y, train, epochs=job.epochs, seed=order_seed, device=device
-    )
-    state = get_adapter_state(model)
-    seconds = time.perf_counter() - start
-    logger.debug("client %d: %d steps in %.3f s, losses %s", job.client, steps, seconds, losses)
-    return LocalResult(job.client, state, int(job.x.shape[0]), tuple(losses), seconds, steps)
-
-
 class ClientBackend(Protocol):
-    """Trains a round's clients; returns one result per job, in the jobs' order."""
+    """Trains a cohort's clients from one frozen base; one outcome per job, in the jobs' order."""
 
-    def train_clients(self, base: nn.Module, jobs: Sequence[ClientJob]) -> list[LocalResult]:
-        """Run every job from the same frozen ``base``."""
+    name: str
+
+    def train_clients(
+        self, jobs: Sequence[ClientJob], tests: Sequence[LocalSplit | None] | None = None
+    ) -> list[ClientOutcome]:
+        """Train every job; evaluate each on its local split where one is given."""
+        ...
+
+    def sync_base(self, base: nn.Module, version: int) -> None:
+        """See the base's weights as of ``version`` (FLoRA merges into it between rounds).
+
+        A no-op when the engine already saw that version (or shares the base's tensors).
+        """
         ...
 
 
@@ -141,30 +129,6 @@ def limit_threads(n: int) -> None:
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     torch.set_num_threads(n)
-
-
-class SequentialBackend:
-    """Runs jobs one after another on one device (``pick_device(preference)``).
-
-    Args:
-        lora: adapter settings shared by all clients.
-        train: optimiser settings shared by all clients.
-        device: a device, or a preference resolved with ``pick_device``.
-    """
-
-    def __init__(
-        self,
-        lora: LoraSettings,
-        train: TrainSettings,
-        device: torch.device | DevicePreference = "auto",
-    ) -> None:
-        self.lora = lora
-        self.train = train
-        self.device = device if isinstance(device, torch.device) else pick_device(device)
-
-    def train_clients(self, base: nn.Module, jobs: Sequence[ClientJob]) -> list[LocalResult]:
-        """Run every job from the same frozen ``base``; results in the jobs' order."""
-        return [run_client_job(base, job, self.lora, self.train, self.device) for job in jobs]
 
 
 def warmup_jobs(
@@ -194,23 +158,6 @@ def warmup_jobs(
     ]
 
 
-def warmup(
-    backend: ClientBackend, base: nn.Module, jobs: Sequence[ClientJob]
-) -> list[tuple[float, ...]]:
+def warmup(backend: ClientBackend, jobs: Sequence[ClientJob]) -> list[tuple[float, ...]]:
     """Run the warm-up jobs; each client's per-epoch mean losses (input to learning difficulty)."""
-    return [r.epoch_losses for r in backend.train_clients(base, jobs)]
-
-
-def personalised_eval(
-    base: nn.Module,
-    state: AdapterState,
-    ranks: dict[str, int],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    lora: LoraSettings,
-    device: torch.device,
-) -> EvalResult:
-    """Evaluate a client's state (at its ranks) on the client's own held-out split."""
-    model = build_client_model(base, ranks, state, lora, seed=0)
-    return evaluate(model, x, y, device=device)
+    return [o.result.epoch_losses for o in backend.train_clients(jobs)]

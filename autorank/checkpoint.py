@@ -3,9 +3,14 @@
 Layout under ``<root>/<run_id>/``::
 
     base-<digest>.safetensors      base weights, named by their content
-    round_0007/state.safetensors   global adapter, every client's adapter
-    round_0007/meta.json           round, run id, config digest, base file, ranks, metrics
+    round_0007/state.safetensors   the global adapter
+    round_0007/meta.json           round, run id, config digest, base file, ranks, metrics,
+                                   the round's sampled clients
     LATEST                         name of the newest complete round folder
+
+Clients keep no state of their own between rounds (each sampled client downloads the global
+adapter at its ranks, see ``autorank.rounds``), so a checkpoint does not grow with the number of
+clients. Formats 1 and 2 also stored every client's download; they still load.
 
 The base is frozen except under FLoRA, which merges each round's update into it, so it is written
 once and shared by the rounds that used it instead of being copied into every round (a large
@@ -34,8 +39,8 @@ from safetensors.torch import load_file, save_file
 
 from autorank.adapters import AdapterState, LoraFactors
 
-FORMAT_VERSION = 2
-_READABLE = {1, 2}  # format 1 kept the base inside each round's state.safetensors
+FORMAT_VERSION = 3
+_READABLE = {1, 2, 3}  # 1 kept the base inside each round's state; 1 and 2 kept client states
 _KEEP = 2
 
 
@@ -53,7 +58,7 @@ class Checkpoint:
         config_digest: digest of the experiment config that produced it.
         base: frozen base weights (they change under FLoRA merging).
         global_state: the server's adapter.
-        client_states: what each client holds for the next round, in client order.
+        fresh: the last update was merged into the base (FLoRA): clients start fresh adapters.
         meta: JSON-ready extras (ranks, the rank decision, the round's metrics, ...).
     """
 
@@ -62,7 +67,7 @@ class Checkpoint:
     config_digest: str
     base: Mapping[str, torch.Tensor]
     global_state: AdapterState
-    client_states: list[AdapterState]
+    fresh: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -158,16 +163,13 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     final = run_dir / f"round_{ckpt.round_idx:04d}"
     base_file = _write_base(run_dir, ckpt.base)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".incomplete-"))
-    tensors = state_tensors("global", ckpt.global_state)
-    for i, state in enumerate(ckpt.client_states):
-        tensors |= state_tensors(f"client{i}", state)
-    save_file(tensors, str(tmp / "state.safetensors"))
+    save_file(state_tensors("global", ckpt.global_state), str(tmp / "state.safetensors"))
     meta = {
         "format": FORMAT_VERSION,
         "round": ckpt.round_idx,
         "run_id": ckpt.run_id,
         "config_digest": ckpt.config_digest,
-        "n_clients": len(ckpt.client_states),
+        "fresh_adapters": ckpt.fresh,
         "base_file": base_file,
         **ckpt.meta,
     }
@@ -237,8 +239,11 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
         base = _load_tensors(folder.parent / str(meta["base_file"]), folder)
     else:
         base = {k.removeprefix("base/"): v for k, v in tensors.items() if k.startswith("base/")}
-    n_clients = int(meta["n_clients"])
-    own = {"format", "round", "run_id", "config_digest", "n_clients", "base_file"}
+    if "fresh_adapters" in meta:
+        fresh = bool(meta["fresh_adapters"])
+    else:  # formats 1 and 2: clients downloaded empty LoRA factors after a merge
+        fresh = not any(k.startswith("client0/lora/") for k in tensors)
+    own = {"format", "round", "run_id", "config_digest", "n_clients", "base_file", "fresh_adapters"}
     extras = {k: v for k, v in meta.items() if k not in own}
     return Checkpoint(
         round_idx=int(meta["round"]),
@@ -246,7 +251,7 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
         config_digest=config_digest,
         base=base,
         global_state=state_from_tensors("global", tensors),
-        client_states=[state_from_tensors(f"client{i}", tensors) for i in range(n_clients)],
+        fresh=fresh,
         meta=extras,
     )
 

@@ -161,6 +161,19 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(64, ge=1)
     grad_clip: float | None = Field(None, gt=0.0)
+    clients_per_round: int | float | None = Field(
+        None,
+        description="clients sampled each round: a count, a fraction in (0, 1], or None for all",
+    )
+
+    @model_validator(mode="after")
+    def _participation(self) -> TrainingConfig:
+        c = self.clients_per_round
+        if isinstance(c, float) and not 0.0 < c <= 1.0:
+            raise ValueError(f"training.clients_per_round as a fraction must be in (0, 1], got {c}")
+        if isinstance(c, int) and c < 1:
+            raise ValueError(f"training.clients_per_round must be >= 1, got {c}")
+        return self
 
 
 class AggregationConfig(_Section):
@@ -176,15 +189,37 @@ class TrackingConfig(_Section):
     experiment: str = Field("autorank", min_length=1)
     run_name: str | None = None
     parent_run_id: str | None = Field(None, description="nest the run under this run (grids)")
+    keyed_clients_max: int = Field(
+        20,
+        ge=0,
+        description="per-client metric keys (clients/cNN/...) only up to this many clients; "
+        "above it per-client values go to one table artifact per round",
+    )
+    client_table_every: int = Field(
+        1, ge=1, description="write the per-client table artifact every N rounds"
+    )
 
 
 class RuntimeConfig(_Section):
     """Where and how the clients train."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "sequential", "batched"] = Field(
+        "auto",
+        description="batched: a cohort's clients in one forward/backward per step; sequential: "
+        "one client after another on peft models; auto: batched where the model allows it",
+    )
     task_runner: Literal["threads", "dask"] = "threads"
-    max_workers: int | None = Field(None, ge=1, description="parallel client tasks; None = cores")
-    threads_per_client: int = Field(1, ge=1)
+    max_workers: int | None = Field(None, ge=1, description="parallel cohort tasks; None = cores")
+    cohort_size: int | None = Field(
+        None, ge=1, description="clients per cohort task; None: one cohort per worker"
+    )
+    batch_clients: int = Field(
+        64, ge=1, description="batched backend: clients trained together in one step at most"
+    )
+    threads_per_client: int = Field(
+        1, ge=1, description="torch CPU threads of every task (cohorts, server, set-up)"
+    )
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster")
     dask_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -215,6 +250,12 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        c = self.training.clients_per_round
+        if isinstance(c, int) and c > self.partition.n_clients:
+            raise ValueError(
+                f"training.clients_per_round ({c}) exceeds partition.n_clients "
+                f"({self.partition.n_clients})"
+            )
         if self.aggregation.method == "fedavg" and self.ranking.assigner != "uniform":
             raise ValueError(
                 "aggregation.method 'fedavg' needs equal ranks: set ranking.assigner to 'uniform' "
@@ -327,4 +368,7 @@ def json_digest(payload: Any) -> str:
 
 def config_digest(config: ExperimentConfig) -> str:
     """A digest of everything that changes results (not where they are tracked or run)."""
-    return json_digest(config.model_dump(mode="json", exclude={"tracking", "runtime"}))
+    payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
+    if payload["training"]["clients_per_round"] is None:
+        del payload["training"]["clients_per_round"]  # full participation: digests as before
+    return json_digest(payload)

@@ -1,12 +1,8 @@
 """LoRA on peft: per-layer ranks, the alpha policy, and moving adapter state in and out.
 
-Layer names are module paths relative to the base model (``fc1``, or
-``model.vit.encoder.layer.0.attention.attention.query`` for a wrapped transformers model). A key
-of ``ranks`` selects every module whose path equals it or ends with ``.<key>`` (peft's rule), so
-``{"query": 8}`` adapts every attention query; the states carry the concrete paths.
-
-Scaling: ``scale_for`` is the one place that says how the LoRA scale depends on rank; peft's own
-``scaling`` is checked against it whenever a state is read (see ``autorank.adapters``).
+Targets, ranks and scales are named as in ``autorank.targets``; the states carry the concrete
+module paths. peft's own ``scaling`` is checked against ``scale_for`` whenever a state is read
+(see ``autorank.adapters``).
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -26,32 +22,18 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from autorank.adapters import AdapterState, LoraFactors
+from autorank.targets import (
+    AlphaPolicy,
+    expand_ranks,
+    fresh_down_projections,
+    head_parameter_names,
+    matches,
+    scale_for,
+)
 
 logger = logging.getLogger(__name__)
 
-AlphaPolicy = Literal["fixed", "proportional", "rslora"]
-ALPHA_POLICIES: tuple[AlphaPolicy, ...] = ("fixed", "proportional", "rslora")
 ADAPTER = "default"  # peft's adapter name; one adapter per wrapped model
-
-
-def scale_for(rank: int, *, policy: AlphaPolicy, alpha: float, alpha_ratio: float) -> float:
-    """The LoRA scale at ``rank``: ``delta W = scale * B @ A``.
-
-    ``fixed``: ``alpha / r`` (peft's default); ``proportional``: peft's ``lora_alpha`` is
-    ``alpha_ratio * r``, so the scale is ``alpha_ratio`` at every rank; ``rslora``:
-    ``alpha / sqrt(r)`` (Kalajdzievski 2023).
-    """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    if alpha <= 0 or alpha_ratio <= 0:
-        raise ValueError(f"alpha and alpha_ratio must be > 0, got {alpha} and {alpha_ratio}")
-    if policy == "fixed":
-        return alpha / rank
-    if policy == "proportional":
-        return alpha_ratio
-    if policy == "rslora":
-        return alpha / math.sqrt(rank)
-    raise ValueError(f"alpha policy must be one of {ALPHA_POLICIES}, got {policy!r}")
 
 
 def _lora_alpha(rank: int, policy: AlphaPolicy, alpha: float, alpha_ratio: float) -> float:
@@ -68,78 +50,33 @@ class _Scaling:
     alpha_ratio: float
 
 
-def _matches(path: str, key: str) -> bool:
-    return path == key or path.endswith("." + key)
-
-
-def _dims(module: nn.Module, path: str) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        k_h, k_w = module.kernel_size
-        return module.out_channels, module.in_channels * k_h * k_w
-    raise ValueError(
-        f"LoRA target '{path}' is a {type(module).__name__}; expected nn.Linear or an "
-        "ungrouped nn.Conv2d"
-    )
-
-
-def expand_ranks(base: nn.Module, ranks: Mapping[str, int]) -> dict[str, int]:
-    """Concrete module path -> rank for every module selected by a key of ``ranks``.
-
-    The first matching key wins, as in peft's ``rank_pattern``.
-
-    Raises:
-        ValueError: a rank below 1, a key that selects nothing, or a target that is neither
-            ``nn.Linear`` nor an ungrouped ``nn.Conv2d``.
-    """
-    if not ranks:
-        raise ValueError("ranks must name at least one target module")
-    for key, r in ranks.items():
-        if int(r) != r or r < 1:
-            raise ValueError(f"rank of '{key}' must be an integer >= 1, got {r}")
-    out: dict[str, int] = {}
-    hit: set[str] = set()
-    for path, module in base.named_modules():
-        selected = [k for k in ranks if _matches(path, k)]
-        if selected:
-            _dims(module, path)
-            out[path] = int(ranks[selected[0]])
-            hit.add(selected[0])
-    missing = [k for k in ranks if k not in hit]
-    if missing:
-        raise ValueError(f"LoRA targets {missing} match no module of {type(base).__name__}")
-    return out
-
-
-def target_dims(base: nn.Module, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """``(d_out, d_in)`` of each module the targets select (conv: ``d_in = c_in * k_h * k_w``).
-
-    ``min(d_out, d_in)`` is the largest rank that adds expressiveness to that layer.
-    """
-    paths = expand_ranks(base, dict.fromkeys(targets, 1))
-    return {p: _dims(base.get_submodule(p), p) for p in paths}
-
-
 def _check_head(base: nn.Module, head: Sequence[str], targets: Mapping[str, int]) -> None:
-    paths = [p for p, _ in base.named_modules()]
+    head_parameter_names(base, head)  # every head name matches a module
     for name in head:
-        if not any(_matches(p, name) for p in paths):
-            raise ValueError(f"head module '{name}' matches no module of {type(base).__name__}")
-        if any(_matches(p, name) for p in targets):
+        if any(matches(p, name) for p in targets):
             raise ValueError(f"head module '{name}' is also a LoRA target")
 
 
-def _seed_lora_init(model: PeftModel, seed: int) -> None:
-    """Re-draw every ``A`` from a local generator (peft's init uses the global RNG); ``B = 0``."""
-    gen = torch.Generator().manual_seed(seed)
+def seed_lora_init(model: nn.Module, seed: int) -> None:
+    """Re-draw every ``A`` (``fresh_down_projections``) and zero ``B``; peft used the global RNG."""
+    layers = _lora_layers(model)
+    shapes = {p: _factors(layer)[0].shape for p, layer in layers.items()}
+    dims = {p: (0, math.prod(s[1:])) for p, s in shapes.items()}
+    fresh = fresh_down_projections(dims, {p: s[0] for p, s in shapes.items()}, seed)
     with torch.no_grad():
-        for _, layer in sorted(_lora_layers(model).items()):
+        for path, layer in layers.items():
             A, B = _factors(layer)
-            fresh = torch.empty(A.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-            A.copy_(fresh)
+            A.copy_(fresh[path].reshape(A.shape))
             B.zero_()
+
+
+def reset_head(model: nn.Module) -> None:
+    """Put the trained copy of every head module back to the base's own weights."""
+    with torch.no_grad():
+        for module in _root(model).modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                own = module.original_module.state_dict()
+                module.modules_to_save[ADAPTER].load_state_dict(own)
 
 
 def wrap_lora(
@@ -152,6 +89,7 @@ def wrap_lora(
     dropout: float,
     head: Sequence[str],
     seed: int,
+    share_base: bool = False,
 ) -> PeftModel:
     """A copy of ``base`` with LoRA adapters of per-layer ranks; ``base`` itself is untouched.
 
@@ -166,6 +104,9 @@ def wrap_lora(
         dropout: LoRA dropout (drawn from the global RNG: keep 0 for exact reproducibility).
         head: modules trained in full and averaged by FedAvg.
         seed: LoRA initialisation seed.
+        share_base: the copy shares the base's weight tensors instead of copying them, so many
+            wrapped models of one base cost one base in memory and see in-place changes to it
+            (FLoRA's merge). Keep the base on the device the models train on.
     """
     per_path = expand_ranks(base, ranks)
     _check_head(base, head, per_path)
@@ -186,12 +127,13 @@ def wrap_lora(
         modules_to_save=list(head) or None,
         bias="none",
     )
-    model = get_peft_model(copy.deepcopy(base), config)
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]} if share_base else {}
+    model = get_peft_model(copy.deepcopy(base, memo), config)
     setattr(model, "autorank_scaling", _Scaling(policy, alpha, alpha_ratio))  # noqa: B010
     built = {p: int(layer.r[ADAPTER]) for p, layer in _lora_layers(model).items()}
     if built != per_path:
         raise RuntimeError(f"peft built ranks {built}, expected {per_path}: matching rules differ")
-    _seed_lora_init(model, seed)
+    seed_lora_init(model, seed)
     return model
 
 
@@ -314,28 +256,3 @@ def set_adapter_state(model: nn.Module, state: AdapterState) -> None:
                     f"{tuple(heads[name].shape)}"
                 )
             heads[name].copy_(value)
-
-
-def merge_base_delta(base: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
-    """Add dense updates ``[d_out, d_in]`` into the base weights in place (FLoRA's merge).
-
-    Conv deltas are reshaped to ``[c_out, c_in, k_h, k_w]``.
-
-    Raises:
-        ValueError: a name that is no Linear/Conv2d of ``base`` or a delta of the wrong shape.
-    """
-    with torch.no_grad():
-        for path, d in delta.items():
-            try:
-                module = base.get_submodule(path)
-            except AttributeError:
-                raise ValueError(f"base delta '{path}' matches no module of the base") from None
-            if isinstance(module, LoraLayer):
-                module = module.get_base_layer()
-            dims = _dims(module, path)
-            if tuple(d.shape) != dims:
-                raise ValueError(
-                    f"base delta '{path}' has shape {tuple(d.shape)}, expected {dims} [d_out, d_in]"
-                )
-            weight = cast(torch.Tensor, module.weight)
-            weight.add_(d.to(device=weight.device, dtype=weight.dtype).reshape(weight.shape))

@@ -5,12 +5,17 @@ arithmetic of a round lives in one place and is testable without Prefect.
 
 Conventions [choice]: the warm-up round only profiles clients (its adapters are discarded);
 training starts from one common seeded LoRA init at the maximum ranks, each client downloading
-its first ``r_i`` components. Personalised accuracy is the client's locally trained model on its
-own held-out split, measured right after local training.
+its first ``r_i`` components. A client keeps no state of its own between rounds: when sampled it
+downloads the current global adapter cut to its ranks (or starts fresh adapters on the merged
+base under FLoRA), so a run's state is the base and the global adapter alone. Components of the
+global adapter that no client of a round covers keep their previous values. Personalised accuracy
+is the client's locally trained model on its own held-out split, measured right after local
+training.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,11 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.adapters import AdapterState, AggregationResult, LoraFactors, resize
-from autorank.backend import ClientJob, LoraSettings, build_client_model
-from autorank.evaluation import EvalResult, evaluate
+from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors, resize
+from autorank.aggregation import aggregate
+from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
+from autorank.batched import LoraTemplate, evaluate_state
+from autorank.config import AggregatorName
+from autorank.evaluation import EvalResult
 from autorank.federation import Federation
-from autorank.lora import expand_ranks, get_adapter_state, scale_for
+from autorank.targets import (
+    expand_ranks,
+    fresh_down_projections,
+    head_parameter_names,
+    merge_base_delta,
+    scale_for,
+    target_dims,
+)
 from autorank.training import LocalResult, client_seed
 
 
@@ -34,6 +49,10 @@ class ClientData:
     y: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    def local_split(self) -> LocalSplit | None:
+        """The held-out split for personalised accuracy, None when the client has none."""
+        return LocalSplit(self.x_test, self.y_test) if self.x_test.shape[0] > 0 else None
 
 
 def client_data(federation: Federation) -> list[ClientData]:
@@ -74,55 +93,98 @@ def download(
     return AdapterState(factors, dict(global_state.extra))
 
 
-def initial_states(
+def initial_state(
     base: nn.Module, ranks: Sequence[Mapping[str, int]], lora: LoraSettings, *, seed: int
-) -> tuple[AdapterState, list[AdapterState]]:
-    """The common starting adapter at the maximum ranks and each client's download of it."""
-    top = max_ranks(ranks)
-    global_state = get_adapter_state(build_client_model(base, top, None, lora, seed))
-    clients = [download(global_state, expand_ranks(base, dict(r)), lora) for r in ranks]
-    return global_state, clients
+) -> AdapterState:
+    """The common starting adapter at the maximum ranks: fresh ``A`` from ``seed``, ``B = 0``.
+
+    Each client starts from its ``download``; the head is the base's own.
+    """
+    paths = expand_ranks(base, max_ranks(ranks))
+    dims = target_dims(base, list(paths))
+    factors = {
+        path: LoraFactors(A, A.new_zeros(dims[path][0], paths[path]), _scale(paths[path], lora))
+        for path, A in fresh_down_projections(dims, paths, seed).items()
+    }
+    own = dict(base.named_parameters())
+    head = {
+        n: own[n].detach().to("cpu", torch.float32, copy=True)
+        for n in head_parameter_names(base, lora.head)
+    }
+    return AdapterState(factors, head)
+
+
+def _scale(rank: int, lora: LoraSettings) -> float:
+    return scale_for(rank, policy=lora.policy, alpha=lora.alpha, alpha_ratio=lora.alpha_ratio)
+
+
+def start_state(
+    global_state: AdapterState, paths: Mapping[str, int], lora: LoraSettings, *, fresh: bool
+) -> AdapterState:
+    """What a sampled client starts its round from: its ``download``, or, when the last update
+    was merged into the base (FLoRA), fresh adapters and the global head."""
+    if fresh:
+        return AdapterState({}, dict(global_state.extra))
+    return download(global_state, paths, lora)
 
 
 def round_jobs(
     data: Sequence[ClientData],
-    states: Sequence[AdapterState],
+    clients: Sequence[int],
+    starts: Sequence[AdapterState],
     ranks: Sequence[Mapping[str, int]],
     *,
     epochs: int,
     seed: int,
     round_idx: int,
 ) -> list[ClientJob]:
-    """One training job per client for round ``round_idx`` (1-based)."""
+    """One training job for each of ``clients`` in round ``round_idx`` (1-based).
+
+    Args:
+        data: every client's tensors; ranks: every client's target ranks (indexed by client).
+        clients: the clients training this round; starts: their start states, in that order.
+    """
     return [
-        ClientJob(i, dict(r), s, d.x, d.y, epochs, client_seed(seed, round_idx, i))
-        for i, (d, s, r) in enumerate(zip(data, states, ranks, strict=True))
+        ClientJob(
+            c, dict(ranks[c]), s, data[c].x, data[c].y, epochs, client_seed(seed, round_idx, c)
+        )
+        for c, s in zip(clients, starts, strict=True)
     ]
 
 
-def global_eval(
-    base: nn.Module,
-    global_state: AdapterState,
-    *,
-    merged: bool,
-    lora: LoraSettings,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device,
-) -> EvalResult:
-    """Accuracy of the server's model on the test split.
+def keep_uncovered(previous: AdapterState, merged: AdapterState) -> AdapterState:
+    """The merged global adapter, with the components no sampled client covered kept as before.
 
-    When the round's update was merged into the base (FLoRA), the global adapter is already
-    inside ``base``: only the averaged head is loaded, on a zero (fresh) adapter.
+    When the round's sampled clients all hold ranks below the global rank of a layer, the merge
+    yields fewer components; components ``k >= r_merged`` of ``previous`` carry over unchanged
+    (in product space: ``scale * B[:, k] A[k]`` is kept) so that a high-rank client not sampled
+    this round still finds its components next time.
     """
-    ranks = global_state.ranks()
-    if merged:
-        # A zero (fresh) adapter leaves the merged base as it is; only the head is loaded.
-        state = AdapterState({}, dict(global_state.extra))
-        model = build_client_model(base, dict.fromkeys(ranks, 1), state, lora, seed=0)
-    else:
-        model = build_client_model(base, ranks, global_state, lora, seed=0)
-    return evaluate(model, x, y, device=device)
+    lora: dict[str, LoraFactors] = {}
+    for path, new in merged.lora.items():
+        old = previous.lora.get(path)
+        if old is None or old.rank <= new.rank:
+            lora[path] = new
+            continue
+        grown = resize(new, old.rank, old.scale)
+        A, B = grown.A.clone(), grown.B.clone()
+        A[new.rank :] = old.A[new.rank :]
+        B[:, new.rank :] = old.B[:, new.rank :]
+        lora[path] = LoraFactors(A, B, old.scale)
+    return AdapterState(lora, merged.extra)
+
+
+def client_parameters(global_state: AdapterState, paths: Sequence[Mapping[str, int]]) -> list[int]:
+    """Trainable parameters of each client (LoRA at its ranks plus the head)."""
+    head = sum(t.numel() for t in global_state.extra.values())
+    out = []
+    for own in paths:
+        lora = 0
+        for path, r in own.items():
+            f = global_state.lora[path]
+            lora += r * (f.A.shape[1] + f.B.shape[0])
+        out.append(lora + head)
+    return out
 
 
 class DivergenceError(RuntimeError):
@@ -151,37 +213,89 @@ def check_finite(
         )
 
 
+def _spread(prefix: str, values: Sequence[float]) -> dict[str, float]:
+    """``mean``, ``min``, ``p10``, ``median``, ``p90``, ``max`` of a per-client quantity."""
+    if not values:
+        return {}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        f"{prefix}_mean": float(v.mean()),
+        f"{prefix}_min": float(v.min()),
+        f"{prefix}_p10": float(np.percentile(v, 10)),
+        f"{prefix}_median": float(np.median(v)),
+        f"{prefix}_p90": float(np.percentile(v, 90)),
+        f"{prefix}_max": float(v.max()),
+    }
+
+
 @dataclass(frozen=True)
 class RoundReport:
-    """What one round measured; ``metrics()`` names it for tracking."""
+    """What one round measured; ``metrics()`` names it for tracking.
+
+    Attributes:
+        outcomes: the round's sampled clients, ascending by client.
+        n_clients: clients in the federation (sampled or not).
+        timings: seconds of the round's phases (``train``, ``aggregate``, ``evaluate``).
+    """
 
     round_idx: int
     global_eval: EvalResult
-    personal: list[EvalResult | None]
-    results: list[LocalResult]
+    outcomes: list[ClientOutcome]
+    n_clients: int
     bytes_up: list[int]
     bytes_down: list[int]
     seconds: float
+    timings: Mapping[str, float]
 
-    def metrics(self) -> dict[str, float]:
-        """Round metrics (MLflow keys); per-client keys are ``clients/cNN/<name>``."""
-        personal = [e.accuracy for e in self.personal if e is not None]
+    def metrics(self, *, keyed_clients: bool) -> dict[str, float]:
+        """Round metrics (MLflow keys): global, the clients' spread, communication, time.
+
+        With ``keyed_clients`` each sampled client also gets ``clients/cNN/<name>`` keys; without
+        it the number of metric keys does not grow with the number of clients (per-client values
+        go to ``client_table`` instead).
+        """
+        personal = [o.personal.accuracy for o in self.outcomes if o.personal is not None]
+        losses = [o.result.epoch_losses[-1] for o in self.outcomes]
+        params = [float(o.result.state.num_parameters()) for o in self.outcomes]
         out = {
             "global/accuracy": self.global_eval.accuracy,
             "global/loss": self.global_eval.loss,
             "clients/mean_accuracy": float(np.mean(personal)) if personal else float("nan"),
+            **_spread("clients/accuracy", personal),
+            **_spread("clients/train_loss", losses),
+            "clients/sampled": float(len(self.outcomes)),
+            "clients/trainable_params": float(sum(params)),
             "comm/bytes_up": float(sum(self.bytes_up)),
             "comm/bytes_down": float(sum(self.bytes_down)),
             "time/round_s": self.seconds,
-            "time/client_train_s": float(sum(r.seconds for r in self.results)),
+            "time/client_train_s": float(sum(o.result.seconds for o in self.outcomes)),
+            **{f"time/{k}_s": float(v) for k, v in self.timings.items()},
         }
-        for res, ev in zip(self.results, self.personal, strict=True):
-            key = f"clients/c{res.client:02d}"
-            out[f"{key}/train_loss"] = res.epoch_losses[-1]
-            out[f"{key}/trainable_params"] = float(res.state.num_parameters())
-            if ev is not None:
-                out[f"{key}/accuracy"] = ev.accuracy
+        if keyed_clients:
+            for o in self.outcomes:
+                key = f"clients/c{o.result.client:02d}"
+                out[f"{key}/train_loss"] = o.result.epoch_losses[-1]
+                out[f"{key}/trainable_params"] = float(o.result.state.num_parameters())
+                if o.personal is not None:
+                    out[f"{key}/accuracy"] = o.personal.accuracy
         return out
+
+    def client_table(self) -> dict[str, list[float | int | None]]:
+        """One row per sampled client: id, samples, ranks per layer, loss, accuracy, bytes."""
+        rows = self.outcomes
+        table: dict[str, list[float | int | None]] = {
+            "client": [o.result.client for o in rows],
+            "n_samples": [o.result.n_samples for o in rows],
+        }
+        for layer in rows[0].result.state.lora if rows else ():
+            table[f"rank/{layer}"] = [o.result.state.lora[layer].rank for o in rows]
+        table["train_loss"] = [o.result.epoch_losses[-1] for o in rows]
+        table["accuracy"] = [o.personal.accuracy if o.personal else None for o in rows]
+        table["trainable_params"] = [o.result.state.num_parameters() for o in rows]
+        table["bytes_up"] = list(self.bytes_up)
+        table["bytes_down"] = list(self.bytes_down)
+        table["steps"] = [o.result.steps for o in rows]
+        return table
 
 
 def communication(
@@ -194,7 +308,80 @@ def communication(
     """
     up = [r.state.num_bytes() for r in results]
     if agg.base_delta:
-        down = [agg.global_state.num_bytes()] * len(results)
+        return up, [agg.global_state.num_bytes()] * len(results)
+    # A client's download has the shapes of its upload: its ranks and the head.
+    return up, [s.num_bytes() for s in agg.client_states]
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """The server's half of a round: the merge, the new global adapter, its test metrics.
+
+    Attributes:
+        aggregation: the aggregator's result over the sampled clients.
+        global_state: the global adapter for the next round (uncovered components kept).
+        evaluation: the global model on the test split.
+        timings: seconds spent aggregating and evaluating.
+    """
+
+    aggregation: AggregationResult
+    global_state: AdapterState
+    evaluation: EvalResult
+    timings: Mapping[str, float]
+
+    def report(
+        self,
+        round_idx: int,
+        outcomes: Sequence[ClientOutcome],
+        *,
+        n_clients: int,
+        seconds: float,
+        train_seconds: float,
+    ) -> RoundReport:
+        """The round's report once the clients' outcomes and the wall times are known."""
+        up, down = communication([o.result for o in outcomes], self.aggregation)
+        return RoundReport(
+            round_idx,
+            self.evaluation,
+            list(outcomes),
+            n_clients,
+            up,
+            down,
+            seconds,
+            {"train": train_seconds, **self.timings},
+        )
+
+
+def server_step(
+    method: AggregatorName,
+    outcomes: Sequence[ClientOutcome],
+    *,
+    previous: AdapterState,
+    base: nn.Module,
+    template: LoraTemplate,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    round_idx: int,
+) -> ServerStep:
+    """Aggregate the round's updates, merge into the base if the method does, evaluate.
+
+    Raises:
+        DivergenceError: a client's loss or the global test loss is not finite.
+    """
+    results = [o.result for o in outcomes]
+    check_finite(round_idx, results)  # before NaN reaches the aggregator (SVD would fail)
+    start = time.perf_counter()
+    agg = aggregate(method, [ClientUpdate(r.state, r.n_samples) for r in results])
+    if agg.base_delta:
+        merge_base_delta(base, agg.base_delta)
+        template.sync_base(base)
+        global_state = agg.global_state
+        evaluated = AdapterState({}, dict(agg.global_state.extra))  # already inside the base
     else:
-        down = [s.num_bytes() for s in agg.client_states]
-    return up, down
+        global_state = keep_uncovered(previous, agg.global_state)
+        evaluated = global_state
+    aggregated = time.perf_counter()
+    ev = evaluate_state(template, evaluated, x, y)
+    check_finite(round_idx, results, ev.loss)  # an aggregate of finite factors can still blow up
+    timings = {"aggregate": aggregated - start, "evaluate": time.perf_counter() - aggregated}
+    return ServerStep(agg, global_state, ev, timings)

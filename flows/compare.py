@@ -242,11 +242,6 @@ def _resolve_mean_ranks(
 def _cell_result(uri: str, cell: Cell, run_id: str) -> CellResult:
     """Read one finished cell's history back from its run."""
     metrics = tracking.run_metrics(uri, run_id)
-    per_client = [
-        v
-        for k, v in metrics.items()
-        if k.startswith("clients/c") and k.endswith("/trainable_params")
-    ]
     comm = tracking.metric_series(uri, run_id, "comm/bytes_up")
     comm += tracking.metric_series(uri, run_id, "comm/bytes_down")
     return CellResult(
@@ -256,7 +251,7 @@ def _cell_result(uri: str, cell: Cell, run_id: str) -> CellResult:
         accuracy=tuple(tracking.metric_series(uri, run_id, "global/accuracy")),
         personal_accuracy=metrics.get("clients/mean_accuracy"),
         trainable_params=metrics["summary/trainable_params"],
-        client_params=sum(per_client) / len(per_client) if per_client else None,
+        client_params=metrics.get("summary/params_per_client"),
         bytes_communicated=sum(comm),
         wall_seconds=sum(tracking.metric_series(uri, run_id, "time/round_s")),
     )

@@ -1,39 +1,38 @@
 """The AutoRank flow: partition -> profile -> warm up -> assign ranks -> federated rounds.
 
-Each round: parallel client training -> aggregate -> evaluate -> checkpoint -> log. A run
-resumes from its newest checkpoint in the same MLflow run (``resume_run_id``).
+Each round: sample the clients -> train them in a handful of cohort tasks -> one server task
+(aggregate, evaluate) -> one record task (checkpoint, MLflow). A run resumes from its newest
+checkpoint in the same MLflow run (``resume_run_id``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import flow
-from prefect.futures import as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.adapters import AdapterState
-from autorank.backend import LoraSettings, warmup_jobs
+from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
+from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
-from autorank.lora import merge_base_delta
-from autorank.models import head_modules
 from autorank.ranks import RankAssignment
 from autorank.rounds import (
     ClientData,
-    RoundReport,
-    check_finite,
+    ServerStep,
     client_data,
-    communication,
-    initial_states,
+    initial_state,
     round_jobs,
+    start_state,
     test_data,
 )
-from autorank.training import TrainSettings
+from flows.engines import Engines, build_engines, lora_settings
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import (
     close_interrupted_or_failed,
@@ -43,44 +42,66 @@ from flows.run_records import (
     relog_checkpoint_round,
 )
 from flows.runners import client_task_resources, task_runner_for
-from tasks.checkpointing import load_round, save_round
-from tasks.clients import ClientOutcome, train_client, warm_up_client
+from tasks.checkpointing import RoundRecord, load_round, record_round
+from tasks.clients import train_cohort
 from tasks.ranking import rank_clients
-from tasks.server import aggregate_round, evaluate_global
+from tasks.server import server_round
 from tasks.setup import build_base, load_federation
-from tasks.tracking import track_round
 
 progress = logging.getLogger("autorank.progress")
 
 
 @dataclass
 class RunState:
-    """What changes from round to round (and what a checkpoint restores)."""
+    """What changes from round to round (and what a checkpoint restores).
+
+    ``fresh``: the last update was merged into the base (FLoRA), so clients start fresh adapters.
+    ``base_version`` counts those merges (engines on another device copy the base when it moves).
+    """
 
     base: nn.Module
     global_state: AdapterState
-    client_states: list[AdapterState]
+    fresh: bool
     assignment: RankAssignment
     history: list[float]
     last_metrics: dict[str, float]
     start_round: int
+    base_version: int = 0
 
 
-def _settings(config: ExperimentConfig) -> tuple[LoraSettings, TrainSettings]:
-    head = head_modules(config.model.name)
-    return LoraSettings.from_config(config.lora, head), TrainSettings.from_config(config.training)
+def _run_cohorts(
+    config: ExperimentConfig,
+    engines: Engines,
+    jobs: Sequence[ClientJob],
+    data: Sequence[ClientData] | None,
+    base: nn.Module,
+    base_version: int,
+    label: str,
+) -> list[ClientOutcome]:
+    """Split the jobs into cohorts, one task each on the configured runner; outcomes in order.
 
-
-def _common(config: ExperimentConfig, base: nn.Module) -> dict[str, Any]:
-    """Task parameters every client shares."""
-    lora, train = _settings(config)
-    return {
-        "base": base,
-        "lora": lora,
-        "train": train,
-        "device": config.runtime.device,
-        "threads": config.runtime.threads_per_client,
-    }
+    With ``data`` each client is also evaluated on its local split (not in the warm-up).
+    """
+    chunks = split_cohorts(jobs, len(engines.backends))
+    with client_task_resources(config.runtime):
+        futures = [
+            engines.runner.submit(
+                train_cohort,
+                {
+                    "engine": engines.backends[i],
+                    "jobs": chunk,
+                    "tests": None
+                    if data is None
+                    else [data[j.client].local_split() for j in chunk],
+                    "base": base,
+                    "base_version": base_version,
+                    "threads": config.runtime.threads_per_client,
+                    "label": f"{label}-cohort-{i}",
+                },
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+    return [o for f in futures for o in f.result()]
 
 
 def _warm_up_and_rank(
@@ -88,7 +109,7 @@ def _warm_up_and_rank(
     base: nn.Module,
     federation: Federation,
     data: list[ClientData],
-    runner: TaskRunner[Any],
+    engines: Engines,
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
     layers = layer_ranges(config)
@@ -101,11 +122,9 @@ def _warm_up_and_rank(
             epochs=config.training.warmup_epochs,
             seed=config.seed,
         )
-        common = _common(config, base)
-        with client_task_resources(config.runtime):
-            futures = [runner.submit(warm_up_client, {"job": job, **common}) for job in jobs]
-        curves = [f.result() for f in futures]
-        profiles = federation.profiles([list(c) for c in curves])
+        outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
+        curves = [list(o.result.epoch_losses) for o in outcomes]
+        profiles = federation.profiles(curves)
         progress.info("warm-up done: %d loss curves", len(curves))
     return rank_clients(
         profiles,
@@ -124,39 +143,12 @@ def _fresh_state(
     base: nn.Module,
     federation: Federation,
     data: list[ClientData],
-    runner: TaskRunner[Any],
+    engines: Engines,
 ) -> RunState:
-    assignment = _warm_up_and_rank(config, base, federation, data, runner)
-    record_decision(config.tracking.uri, run_id, federation, assignment)
-    lora, _ = _settings(config)
-    global_state, states = initial_states(base, assignment.ranks(), lora, seed=config.seed)
-    return RunState(base, global_state, states, assignment, [], {}, 1)
-
-
-def _train_round(
-    config: ExperimentConfig,
-    state: RunState,
-    data: list[ClientData],
-    round_idx: int,
-    runner: TaskRunner[Any],
-) -> list[ClientOutcome]:
-    jobs = round_jobs(
-        data,
-        state.client_states,
-        state.assignment.ranks(),
-        epochs=config.training.local_epochs,
-        seed=config.seed,
-        round_idx=round_idx,
-    )
-    common = _common(config, state.base)
-    with client_task_resources(config.runtime):
-        futures = [
-            runner.submit(train_client, {"job": job, "data": d, **common})
-            for job, d in zip(jobs, data, strict=True)
-        ]
-    for done, _ in enumerate(as_completed(list(futures)), start=1):
-        progress.debug("round %d: %d/%d clients done", round_idx, done, len(jobs))
-    return [f.result() for f in futures]
+    assignment = _warm_up_and_rank(config, base, federation, data, engines)
+    record_decision(config, run_id, federation, assignment)
+    global_state = initial_state(base, assignment.ranks(), lora_settings(config), seed=config.seed)
+    return RunState(base, global_state, False, assignment, [], {}, 1)
 
 
 def _run_round(
@@ -166,68 +158,89 @@ def _run_round(
     data: list[ClientData],
     test: tuple[Any, Any],
     round_idx: int,
-    runner: TaskRunner[Any],
+    engines: Engines,
 ) -> RunState:
     start = time.perf_counter()
-    lora, _ = _settings(config)
-    outcomes = _train_round(config, state, data, round_idx, runner)
-    results = [o.result for o in outcomes]
-    check_finite(round_idx, results)  # before NaN reaches the aggregator (SVD would fail)
-    agg = aggregate_round(config.aggregation.method, results)
-    if agg.base_delta:
-        merge_base_delta(state.base, agg.base_delta)
-    ev = evaluate_global(
-        state.base,
-        agg.global_state,
-        merged=bool(agg.base_delta),
-        lora=lora,
+    lora = lora_settings(config)
+    ranks = state.assignment.ranks()
+    sampled = sample_clients(
+        len(data), config.training.clients_per_round, seed=config.seed, round_idx=round_idx
+    )
+    starts = [
+        start_state(state.global_state, engines.paths[c], lora, fresh=state.fresh) for c in sampled
+    ]
+    jobs = round_jobs(
+        data,
+        sampled,
+        starts,
+        ranks,
+        epochs=config.training.local_epochs,
+        seed=config.seed,
+        round_idx=round_idx,
+    )
+    outcomes = _run_cohorts(
+        config, engines, jobs, data, state.base, state.base_version, f"round-{round_idx}"
+    )
+    trained = time.perf_counter()
+    step: ServerStep = server_round(
+        config.aggregation.method,
+        outcomes,
+        previous=state.global_state,
+        base=state.base,
+        template=engines.evaluator,
         x=test[0],
         y=test[1],
-        device=config.runtime.device,
+        round_idx=round_idx,
+        threads=config.runtime.threads_per_client,
     )
-    check_finite(round_idx, results, ev.loss)  # an aggregate of finite factors can still blow up
-    up, down = communication(results, agg)
-    report = RoundReport(
-        round_idx,
-        ev,
-        [o.personal for o in outcomes],
-        results,
-        up,
-        down,
-        time.perf_counter() - start,
-    )
-    metrics = report.metrics()
+    merged = bool(step.aggregation.base_delta)
     new = replace(
         state,
-        global_state=agg.global_state,
-        client_states=agg.client_states,
-        history=[*state.history, ev.accuracy],
-        last_metrics=metrics,
+        global_state=step.global_state,
+        fresh=merged,
+        history=[*state.history, step.evaluation.accuracy],
+        base_version=state.base_version + int(merged),
     )
-    save_round(
-        config.runtime.checkpoint_dir,
-        run_id=run_id,
-        digest=config_digest(config),
-        round_idx=round_idx,
-        base=new.base.state_dict(),
-        global_state=new.global_state,
-        client_states=new.client_states,
-        meta={
-            "metrics": metrics,
-            "history": new.history,
-            "rank_decision": new.assignment.to_json(),
-        },
+    report = step.report(
+        round_idx,
+        outcomes,
+        n_clients=len(data),
+        seconds=time.perf_counter() - start,
+        train_seconds=trained - start,
     )
-    track_round(config.tracking.uri, run_id, metrics, round_idx)
+    metrics = report.metrics(keyed_clients=len(data) <= config.tracking.keyed_clients_max)
+    record_round(
+        RoundRecord(
+            root=config.runtime.checkpoint_dir,
+            uri=config.tracking.uri,
+            run_id=run_id,
+            digest=config_digest(config),
+            round_idx=round_idx,
+            base=new.base,
+            global_state=new.global_state,
+            fresh=merged,
+            meta={
+                "metrics": metrics,
+                "history": new.history,
+                "sampled": sampled,
+                "rank_decision": new.assignment.to_json(),
+            },
+            metrics=metrics,
+            table=report.client_table()
+            if round_idx % config.tracking.client_table_every == 0
+            or round_idx == config.training.rounds
+            else None,
+        )
+    )
     progress.info(
         "round %d/%d: global accuracy %.4f, clients' mean accuracy %.4f (%.1f s)",
         round_idx,
         config.training.rounds,
-        ev.accuracy,
+        step.evaluation.accuracy,
         metrics["clients/mean_accuracy"],
         report.seconds,
     )
-    return new
+    return replace(new, last_metrics=metrics)
 
 
 @flow(name="autorank", task_runner=ThreadPoolTaskRunner(), log_prints=True)  # type: ignore[arg-type]
@@ -236,6 +249,7 @@ def federated_training(
     resume_run_id: str | None = None,
 ) -> str:
     """AutoRank federated LoRA: partition, profile, warm up, rank, then train/aggregate rounds."""
+    limit_threads(config.runtime.threads_per_client)
     run_id = open_run(config, resume_run_id)
     try:
         federation = load_federation(
@@ -247,17 +261,19 @@ def federated_training(
             lr=config.training.lr,
             batch_size=config.training.batch_size,
             seed=config.seed,
+            threads=config.runtime.threads_per_client,
         )
         data, test = client_data(federation), test_data(federation)
-        # Client training goes to the configured runner (threads, or a Dask cluster), also
-        # when the flow runs from a deployment.
+        # Cohorts go to the configured runner (threads, or a Dask cluster), also when the flow
+        # runs from a deployment.
+        restored = _restore(config, run_id, base)
         with task_runner_for(config.runtime) as runner:
-            state = _restore(config, run_id, base) or _fresh_state(
-                config, run_id, base, federation, data, runner
-            )
+            engines = build_engines(config, base, data, runner)  # from the restored base
+            state = restored or _fresh_state(config, run_id, base, federation, data, engines)
+            engines.set_ranks(state.assignment.ranks(), base)
             for round_idx in range(state.start_round, config.training.rounds + 1):
-                state = _run_round(config, run_id, state, data, test, round_idx, runner)
-        finish_run(config, run_id, state.global_state, state.history, state.last_metrics)
+                state = _run_round(config, run_id, state, data, test, round_idx, engines)
+        finish_run(config, run_id, state.global_state, state.history, engines.paths)
     except BaseException as err:
         hint = f"`autorank resume {run_id}`"
         close_interrupted_or_failed(config.tracking.uri, run_id, err, hint)
@@ -277,7 +293,7 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState
     return RunState(
         base,
         ckpt.global_state,
-        list(ckpt.client_states),
+        ckpt.fresh,
         assignment,
         list(ckpt.meta["history"]),
         dict(ckpt.meta["metrics"]),

@@ -50,7 +50,7 @@ def configure_logging(verbose: bool) -> None:
 def preflight(config: ExperimentConfig) -> None:
     """Fail on bad input before anything is started or written: data, partition, model, targets."""
     from autorank.backend import pick_device
-    from autorank.lora import expand_ranks
+    from autorank.targets import expand_ranks
     from autorank.models import build_model, load_base_weights
     from flows.ranking import federation_for, layer_ranges, rank_table
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from prefect.exceptions import TerminationSignal
 
 from autorank.adapters import AdapterState
@@ -15,6 +16,7 @@ from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
 from autorank.federation import Federation
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranks import RankAssignment
+from autorank.rounds import client_parameters
 from tasks import tracking
 
 CONFIG_FILE = "config.yaml"
@@ -88,13 +90,22 @@ def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
 
 
 def record_decision(
-    uri: str, run_id: str, federation: Federation, assignment: RankAssignment
+    config: ExperimentConfig, run_id: str, federation: Federation, assignment: RankAssignment
 ) -> None:
-    """The rank decision table, the clients' ranks as metrics, and the decision plots."""
+    """The rank decision table, the ranks' spread (and each client's rank up to
+    ``tracking.keyed_clients_max`` clients) as metrics, and the decision plots."""
+    uri = config.tracking.uri
     decision = assignment.to_json()
     tracking.track_json(uri, run_id, decision, "rank_decision.json")
-    ranks = {f"clients/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
-    tracking.log_metrics(uri, run_id, ranks, step=0)
+    ranks = [float(d.rank) for d in assignment.decisions]
+    metrics = {
+        "ranks/mean": float(np.mean(ranks)),
+        "ranks/min": min(ranks),
+        "ranks/max": max(ranks),
+    }
+    if len(ranks) <= config.tracking.keyed_clients_max:
+        metrics |= {f"clients/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
+    tracking.log_metrics(uri, run_id, metrics, step=0)
     tracking.track_figure(
         uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
     )
@@ -112,7 +123,7 @@ def record_decision(
 
 def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
     """Log the checkpointed round's metrics if the crash came before they reached MLflow."""
-    tracking.track_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx)
+    tracking.log_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx)
 
 
 def finish_run(
@@ -120,12 +131,12 @@ def finish_run(
     run_id: str,
     global_state: AdapterState,
     history: list[float],
-    last_metrics: Mapping[str, float],
+    paths: Sequence[Mapping[str, int]],
 ) -> None:
     """Final adapter (safetensors), accuracy plot, summary metrics; mark the run finished.
 
-    ``summary/trainable_params`` is the total the clients train (and send) per round, summed
-    over clients: the budget rank assignment controls.
+    ``summary/trainable_params`` is what every client trains (and sends) in a round it takes
+    part in, summed over all clients: the budget rank assignment controls.
     """
     from autorank.checkpoint import save_adapter
 
@@ -141,12 +152,12 @@ def finish_run(
         accuracy_curves({"global": history}, title="Global test accuracy per round"),
         "plots/accuracy.png",
     )
+    params = client_parameters(global_state, paths)
     summary = {
         "summary/best_accuracy": max(history),
         "summary/final_accuracy": history[-1],
-        "summary/trainable_params": sum(
-            v for k, v in last_metrics.items() if k.endswith("/trainable_params")
-        ),
+        "summary/trainable_params": float(sum(params)),
+        "summary/params_per_client": float(np.mean(params)),
     }
     tracking.log_metrics(uri, run_id, summary, step=len(history))
     tracking.end_run(uri, run_id, "FINISHED")

@@ -1,34 +1,69 @@
-"""Checkpoint tasks: save each completed round atomically, load the newest on resume."""
+"""The round's record (checkpoint, then MLflow) as one task, and loading the newest on resume."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tasks import tracking
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)
-def save_round(
-    root: Path,
-    *,
-    run_id: str,
-    digest: str,
-    round_idx: int,
-    base: Mapping[str, torch.Tensor],
-    global_state: AdapterState,
-    client_states: Sequence[AdapterState],
-    meta: Mapping[str, Any],
-) -> str:
-    """Write the round's checkpoint atomically; returns its folder."""
-    ckpt = Checkpoint(round_idx, run_id, digest, base, global_state, list(client_states), meta)
-    return str(save_checkpoint(root, ckpt))
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything one completed round leaves behind.
+
+    Attributes:
+        root: the checkpoint directory; uri, run_id: the MLflow run.
+        digest: the config digest the checkpoint is bound to.
+        base, global_state, fresh: the state the next round starts from.
+        meta: JSON-ready extras of the checkpoint (metrics, history, sampled clients, ranks).
+        metrics: the round's metrics (one MLflow batch at step ``round_idx``).
+        table: per-client columns for the round's table artifact, or None this round.
+    """
+
+    root: Path
+    uri: str
+    run_id: str
+    digest: str
+    round_idx: int
+    base: nn.Module
+    global_state: AdapterState
+    fresh: bool
+    meta: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    table: Mapping[str, list[Any]] | None
+
+
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=1,
+    task_run_name="round-{record.round_idx}-checkpoint-log",
+)
+def record_round(record: RoundRecord) -> None:
+    """Checkpoint the round atomically, then log its metrics (once) and its client table."""
+    ckpt = Checkpoint(
+        record.round_idx,
+        record.run_id,
+        record.digest,
+        record.base.state_dict(),
+        record.global_state,
+        record.fresh,
+        record.meta,
+    )
+    save_checkpoint(record.root, ckpt)
+    tracking.log_round(record.uri, record.run_id, record.metrics, record.round_idx)
+    if record.table is not None:
+        tracking.log_client_table(record.uri, record.run_id, record.table, record.round_idx)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -1,66 +1,27 @@
-"""Client-side tasks: one client's warm-up or one client's round, mapped over the clients."""
+"""Client-side task: one cohort of clients trained for one round (or the warm-up)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.backend import (
-    ClientJob,
-    DevicePreference,
-    LoraSettings,
-    limit_threads,
-    personalised_eval,
-    pick_device,
-    run_client_job,
-)
-from autorank.evaluation import EvalResult
-from autorank.rounds import ClientData
-from autorank.training import LocalResult, TrainSettings
+from autorank.backend import ClientBackend, ClientJob, ClientOutcome, LocalSplit, limit_threads
 
 
-@dataclass(frozen=True)
-class ClientOutcome:
-    """A client's trained update and its personalised accuracy (None without a local split)."""
-
-    result: LocalResult
-    personal: EvalResult | None
-
-
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="train-client-{job.client}")
-def train_client(
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def train_cohort(
+    engine: ClientBackend,
+    jobs: Sequence[ClientJob],
+    tests: Sequence[LocalSplit | None] | None,
     base: nn.Module,
-    job: ClientJob,
-    data: ClientData,
-    lora: LoraSettings,
-    train: TrainSettings,
-    device: DevicePreference,
+    base_version: int,
     threads: int,
-) -> ClientOutcome:
-    """Train one client's LoRA adapter for one round and evaluate it on its own local split."""
+    label: str,
+) -> list[ClientOutcome]:
+    """Train a cohort of clients' LoRA adapters and evaluate each on its own local split."""
     limit_threads(threads)
-    where = pick_device(device, job.client)
-    result = run_client_job(base, job, lora, train, where)
-    personal = None
-    if data.x_test.shape[0] > 0:
-        personal = personalised_eval(
-            base, result.state, job.ranks, data.x_test, data.y_test, lora=lora, device=where
-        )
-    return ClientOutcome(result, personal)
-
-
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="warm-up-client-{job.client}")
-def warm_up_client(
-    base: nn.Module,
-    job: ClientJob,
-    lora: LoraSettings,
-    train: TrainSettings,
-    device: DevicePreference,
-    threads: int,
-) -> tuple[float, ...]:
-    """Train one client at the maximum rank from the common init; return its loss curve."""
-    limit_threads(threads)
-    return run_client_job(base, job, lora, train, pick_device(device, job.client)).epoch_losses
+    engine.sync_base(base, base_version)  # FLoRA merges into the base between rounds
+    return engine.train_clients(jobs, tests)

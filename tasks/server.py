@@ -1,4 +1,4 @@
-"""Server-side tasks: aggregate the round's updates, evaluate the global model."""
+"""Server-side task: aggregate the round's updates and evaluate the global model."""
 
 from __future__ import annotations
 
@@ -9,33 +9,39 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.adapters import AdapterState, AggregationResult, ClientUpdate
-from autorank.aggregation import aggregate
-from autorank.backend import DevicePreference, LoraSettings, pick_device
+from autorank.adapters import AdapterState
+from autorank.backend import ClientOutcome, limit_threads
+from autorank.batched import LoraTemplate
 from autorank.config import AggregatorName
-from autorank.evaluation import EvalResult
-from autorank.rounds import global_eval
-from autorank.training import LocalResult
+from autorank.rounds import ServerStep, server_step
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def aggregate_round(method: AggregatorName, results: Sequence[LocalResult]) -> AggregationResult:
-    """Merge the clients' heterogeneous-rank adapters with the configured aggregator."""
-    return aggregate(method, [ClientUpdate(r.state, r.n_samples) for r in results])
-
-
-@task(cache_policy=NO_CACHE, persist_result=False)
-def evaluate_global(
-    base: nn.Module,
-    global_state: AdapterState,
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    task_run_name="round-{round_idx}-aggregate-evaluate",
+)
+def server_round(
+    method: AggregatorName,
+    outcomes: Sequence[ClientOutcome],
     *,
-    merged: bool,
-    lora: LoraSettings,
+    previous: AdapterState,
+    base: nn.Module,
+    template: LoraTemplate,
     x: torch.Tensor,
     y: torch.Tensor,
-    device: DevicePreference,
-) -> EvalResult:
-    """Global accuracy and loss of the server's model on the test split."""
-    return global_eval(
-        base, global_state, merged=merged, lora=lora, x=x, y=y, device=pick_device(device)
+    round_idx: int,
+    threads: int,
+) -> ServerStep:
+    """Merge the clients' heterogeneous-rank adapters and test the global model."""
+    limit_threads(threads)
+    return server_step(
+        method,
+        outcomes,
+        previous=previous,
+        base=base,
+        template=template,
+        x=x,
+        y=y,
+        round_idx=round_idx,
     )

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from autorank.backend import limit_threads
 from autorank.base import make_base
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
 from autorank.data import load_data
@@ -29,9 +30,16 @@ def load_federation(
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def build_base(
-    model: ModelConfig, federation: Federation, *, lr: float, batch_size: int, seed: int
+    model: ModelConfig,
+    federation: Federation,
+    *,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    threads: int,
 ) -> nn.Module:
     """Build the frozen base model (pre-trained on the server's public share if configured)."""
+    limit_threads(threads)
     return make_base(
         model, federation.data, federation.public, lr=lr, batch_size=batch_size, seed=seed
     )

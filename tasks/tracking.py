@@ -220,12 +220,23 @@ def log_table(uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_
 _RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_result": False}
 
 
-@task(**_RETRY)
-def track_round(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_round(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     """Log one round's metrics (one batch), unless that step is already in the run."""
     if step in logged_steps(uri, run_id, "global/accuracy"):
         return
     log_metrics(uri, run_id, metrics, step)
+
+
+def client_table_file(round_idx: int) -> str:
+    """The artifact path of a round's per-client table."""
+    return f"clients/round_{round_idx:04d}.json"
+
+
+def log_client_table(
+    uri: str, run_id: str, columns: Mapping[str, list[Any]], round_idx: int
+) -> None:
+    """Store a round's per-client values as an MLflow table (one row per sampled client)."""
+    log_table(uri, run_id, columns, client_table_file(round_idx))
 
 
 @task(**_RETRY)

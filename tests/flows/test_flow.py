@@ -88,7 +88,7 @@ def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None
     per_client = [
         v
         for k, v in metrics.items()
-        if k.startswith("clients/") and k.endswith("/trainable_params")
+        if k.startswith("clients/c") and k.endswith("/trainable_params")
     ]
 
     assert len(per_client) == 4

@@ -16,7 +16,8 @@ from flows.experiment import federated_training
 from tests.flows.conftest import tiny_config
 
 ROUNDS = 5
-KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/c02/accuracy")
+KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/accuracy_p10")
+SAMPLED = "clients/c02/accuracy"  # client 2 is not sampled every round
 
 
 def _cli(*args: str, home: Path) -> subprocess.Popen[bytes]:
@@ -45,7 +46,10 @@ def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes
 
 def _written_config(tmp_path: Path) -> tuple[ExperimentConfig, Path]:
     """A run long enough to stop mid-way, and its YAML file for the CLI."""
-    config = tiny_config(tmp_path, training={"rounds": ROUNDS, "local_epochs": 12})
+    # 3 of the 4 clients train each round: resume must sample the same cohorts again.
+    config = tiny_config(
+        tmp_path, training={"rounds": ROUNDS, "local_epochs": 12, "clients_per_round": 3}
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(config))
     return config, config_file
@@ -85,6 +89,9 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
         got, want = _history(client, victim, key), _history(client, reference, key)
         assert [s for s, _ in got] == list(range(1, ROUNDS + 1)), key
         assert got == want, key
+    sampled = _history(client, victim, SAMPLED)
+    assert 0 < len(sampled) < ROUNDS  # the check below sees sampling, not full rounds
+    assert sampled == _history(client, reference, SAMPLED)
 
 
 def test_checkpoint_of_another_config_or_corrupt_is_refused(

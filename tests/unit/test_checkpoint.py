@@ -26,14 +26,14 @@ def _state(rank: int, fill: float) -> AdapterState:
     return AdapterState(lora, {"head.weight": torch.full((3, 5), fill)})
 
 
-def _ckpt(round_idx: int, base: dict[str, torch.Tensor]) -> Checkpoint:
+def _ckpt(round_idx: int, base: dict[str, torch.Tensor], fresh: bool = False) -> Checkpoint:
     return Checkpoint(
         round_idx=round_idx,
         run_id=RUN,
         config_digest=DIGEST,
         base=base,
         global_state=_state(4, float(round_idx)),
-        client_states=[_state(2, 0.5 * round_idx), _state(4, 1.5 * round_idx)],
+        fresh=fresh,
         meta={"history": [0.1 * round_idx], "metrics": {"global/accuracy": 0.5}},
     )
 
@@ -46,24 +46,30 @@ def _bases(root: Path) -> list[str]:
     return sorted(p.name for p in (root / RUN).glob("base-*.safetensors"))
 
 
-def test_round_trip_restores_every_tensor_and_the_meta(tmp_path: Path) -> None:
-    saved = _ckpt(3, _base(0.25))
+@pytest.mark.parametrize("fresh", [False, True])
+def test_round_trip_restores_every_tensor_and_the_meta(tmp_path: Path, fresh: bool) -> None:
+    saved = _ckpt(3, _base(0.25), fresh)
     save_checkpoint(tmp_path, saved)
 
     loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
 
-    assert loaded is not None and loaded.round_idx == 3
+    assert loaded is not None and loaded.round_idx == 3 and loaded.fresh is fresh
     assert set(loaded.base) == set(saved.base)
     assert all(torch.equal(loaded.base[k], saved.base[k]) for k in saved.base)
-    for got, want in zip(
-        [loaded.global_state, *loaded.client_states],
-        [saved.global_state, *saved.client_states],
-        strict=True,
-    ):
-        assert state_tensors("x", got).keys() == state_tensors("x", want).keys()
-        got_t, want_t = state_tensors("x", got), state_tensors("x", want)
-        assert all(torch.equal(got_t[k], want_t[k]) for k in want_t)
+    got_t = state_tensors("x", loaded.global_state)
+    want_t = state_tensors("x", saved.global_state)
+    assert got_t.keys() == want_t.keys()
+    assert all(torch.equal(got_t[k], want_t[k]) for k in want_t)
     assert loaded.meta == {"history": [0.1 * 3], "metrics": {"global/accuracy": 0.5}}
+
+
+def test_checkpoint_size_does_not_grow_with_clients(tmp_path: Path) -> None:
+    saved = _ckpt(1, _base(0.25))
+    folder = save_checkpoint(tmp_path, saved)
+
+    names = set(load_file(str(folder / "state.safetensors")))
+
+    assert names == set(state_tensors("global", saved.global_state))
 
 
 def test_an_unchanged_base_is_written_once_and_a_merged_one_again(tmp_path: Path) -> None:
@@ -128,8 +134,8 @@ def test_a_format_1_checkpoint_with_the_base_inside_still_loads(tmp_path: Path) 
     tensors = {f"base/{k}": v for k, v in ckpt.base.items()} | state_tensors(
         "global", ckpt.global_state
     )
-    for i, state in enumerate(ckpt.client_states):
-        tensors |= state_tensors(f"client{i}", state)
+    for i in range(2):  # formats 1 and 2 stored each client's download (here: fresh LoRA)
+        tensors |= state_tensors(f"client{i}", AdapterState({}, dict(ckpt.global_state.extra)))
     save_file(tensors, str(folder / "state.safetensors"))
     meta = {"format": 1, "round": 2, "run_id": RUN, "config_digest": DIGEST, "n_clients": 2}
     (folder / "meta.json").write_text(json.dumps(meta | dict(ckpt.meta)))
@@ -137,14 +143,15 @@ def test_a_format_1_checkpoint_with_the_base_inside_still_loads(tmp_path: Path) 
 
     loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
 
-    assert loaded is not None and loaded.round_idx == 2 and len(loaded.client_states) == 2
+    assert loaded is not None and loaded.round_idx == 2
+    assert loaded.fresh  # the clients' stored downloads had no LoRA factors: FLoRA merged
     assert torch.equal(loaded.base["fc1.weight"], ckpt.base["fc1.weight"])
 
 
 @pytest.mark.parametrize(
     ("meta", "message"),
     [
-        ({"format": 9}, "has format 9, expected one of [1, 2]"),
+        ({"format": 9}, "has format 9, expected one of [1, 2, 3]"),
         ({"run_id": "other"}, "belongs to run 'other'"),
         ({"config_digest": "zzz"}, "written for another config"),
     ],

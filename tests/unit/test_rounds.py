@@ -7,17 +7,21 @@ import torch
 from torch.testing import assert_close
 
 from autorank.adapters import AdapterState, AggregationResult, LoraFactors
-from autorank.backend import LoraSettings
+from autorank.backend import ClientOutcome, LoraSettings
 from autorank.evaluation import EvalResult
+from autorank.lora import get_adapter_state, wrap_lora
 from autorank.models import build_model
 from autorank.rounds import (
     DivergenceError,
     RoundReport,
     check_finite,
+    client_parameters,
     communication,
     download,
-    initial_states,
+    initial_state,
+    keep_uncovered,
     max_ranks,
+    start_state,
 )
 from autorank.training import LocalResult
 
@@ -46,16 +50,70 @@ def test_download_keeps_each_component_product_at_the_clients_scale() -> None:
     assert_close(factors.delta(), want.scale * want.B[:, :2] @ want.A[:2])
 
 
-def test_initial_states_share_one_init_cut_to_each_clients_ranks() -> None:
+def test_initial_state_is_peft_s_seeded_init_at_the_maximum_ranks() -> None:
+    # Prepare
     base = build_model("mlp", input_shape=(1, 4, 4), n_classes=3, hidden=(8, 6), seed=0)
     ranks = [{"fc1": 2, "fc2": 1}, {"fc1": 4, "fc2": 3}]
 
-    global_state, clients = initial_states(base, ranks, FIXED, seed=0)
+    # Execute
+    got = initial_state(base, ranks, FIXED, seed=7)
+    peft = get_adapter_state(
+        wrap_lora(
+            base,
+            max_ranks(ranks),
+            policy="fixed",
+            alpha=8.0,
+            alpha_ratio=2.0,
+            dropout=0.0,
+            head=("head",),
+            seed=7,
+        )
+    )
 
-    assert global_state.ranks() == max_ranks(ranks) == {"fc1": 4, "fc2": 3}
-    assert [c.ranks() for c in clients] == ranks
-    assert_close(clients[0].lora["fc1"].A, global_state.lora["fc1"].A[:2])
-    assert all(torch.count_nonzero(c.lora["fc2"].B) == 0 for c in clients)  # B starts at zero
+    # Assert
+    assert got.ranks() == {"fc1": 4, "fc2": 3}
+    for path in ("fc1", "fc2"):
+        assert_close(got.lora[path].A, peft.lora[path].A, rtol=0, atol=0)
+        assert torch.count_nonzero(got.lora[path].B) == 0  # B starts at zero
+        assert got.lora[path].scale == peft.lora[path].scale
+    assert sorted(got.extra) == sorted(peft.extra)
+    assert_close(got.extra["head.weight"], base.head.weight, rtol=0, atol=0)
+
+
+def test_start_state_is_the_download_or_fresh_adapters_after_a_merge() -> None:
+    global_state = _state(4, scale=8.0 / 4)
+
+    cut = start_state(global_state, {"fc1": 2}, FIXED, fresh=False)
+    fresh = start_state(global_state, {"fc1": 2}, FIXED, fresh=True)
+
+    assert cut.ranks() == {"fc1": 2}
+    assert fresh.lora == {} and sorted(fresh.extra) == ["head.bias"]
+
+
+def test_keep_uncovered_keeps_components_no_sampled_client_covered() -> None:
+    # Prepare: the global adapter had rank 4 at scale 2; this round's merge only rank 2 at 4.
+    previous = _state(4, scale=2.0)
+    merged = _state(2, scale=4.0)
+
+    # Execute
+    got = keep_uncovered(previous, merged).lora["fc1"]
+
+    # Assert: components 0-1 are the merge's, 2-3 the previous ones, each product preserved
+    assert got.rank == 4 and got.scale == 2.0
+    old, new = previous.lora["fc1"], merged.lora["fc1"]
+    for k in range(4):
+        src = new if k < 2 else old
+        assert_close(
+            got.scale * torch.outer(got.B[:, k], got.A[k]),
+            src.scale * torch.outer(src.B[:, k], src.A[k]),
+        )
+    assert keep_uncovered(merged, previous).lora["fc1"] is previous.lora["fc1"]  # covered
+
+
+def test_client_parameters_count_lora_at_each_rank_and_the_head() -> None:
+    global_state = _state(4)  # fc1: d_in 3, d_out 2; head.bias: 2
+
+    assert client_parameters(global_state, [{"fc1": 1}, {"fc1": 4}]) == [1 * 5 + 2, 4 * 5 + 2]
 
 
 def test_communication_counts_downloads_or_the_stacked_factors_when_merged() -> None:
@@ -84,23 +142,41 @@ def test_divergence_names_the_round_and_client(bad: float) -> None:
     check_finite(7, results[:1], 0.3)  # finite: nothing raised
 
 
-def test_round_metrics_name_global_comm_and_each_client() -> None:
+def _report() -> RoundReport:
     results = [_result(0, (1.0, 0.5), _state(2)), _result(1, (2.0, 0.25), _state(4))]
-    report = RoundReport(
-        3,
-        EvalResult(0.8, 0.6, 100),
-        [EvalResult(0.9, 0.1, 5), None],
-        results,
-        [10, 20],
-        [30, 40],
-        1.5,
+    outcomes = [ClientOutcome(results[0], EvalResult(0.9, 0.1, 5)), ClientOutcome(results[1], None)]
+    return RoundReport(
+        3, EvalResult(0.8, 0.6, 100), outcomes, 10, [10, 20], [30, 40], 1.5, {"train": 1.0}
     )
 
-    m = report.metrics()
+
+def test_round_metrics_name_global_comm_and_each_client() -> None:
+    m = _report().metrics(keyed_clients=True)
 
     assert m["global/accuracy"] == 0.8 and m["global/loss"] == 0.6
     assert m["clients/mean_accuracy"] == 0.9  # the client without a local split is left out
+    assert m["clients/accuracy_min"] == m["clients/accuracy_max"] == 0.9
+    assert m["clients/train_loss_mean"] == pytest.approx(0.375)
+    assert m["clients/sampled"] == 2 and m["time/train_s"] == 1.0
     assert m["comm/bytes_up"] == 30 and m["comm/bytes_down"] == 70
     assert m["clients/c01/train_loss"] == 0.25
     assert m["clients/c01/trainable_params"] == _state(4).num_parameters()
     assert "clients/c01/accuracy" not in m and m["clients/c00/accuracy"] == 0.9
+
+
+def test_round_metrics_without_keyed_clients_do_not_grow_with_clients() -> None:
+    m = _report().metrics(keyed_clients=False)
+
+    assert not [k for k in m if k.startswith("clients/c")]
+    assert m["clients/trainable_params"] == _state(2).num_parameters() + _state(4).num_parameters()
+
+
+def test_client_table_has_one_row_per_sampled_client() -> None:
+    table = _report().client_table()
+
+    assert table["client"] == [0, 1]
+    assert table["rank/fc1"] == [2, 4]
+    assert table["accuracy"] == [0.9, None]
+    assert table["train_loss"] == [0.5, 0.25]
+    assert table["bytes_down"] == [30, 40]
+    assert {len(v) for v in table.values()} == {2}

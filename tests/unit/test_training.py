@@ -11,18 +11,17 @@ from torch import nn
 
 from autorank.backend import (
     ClientJob,
+    LocalSplit,
     LoraSettings,
-    SequentialBackend,
     limit_threads,
-    personalised_eval,
     pick_device,
-    run_client_job,
     warmup,
     warmup_jobs,
 )
 from autorank.config import LoraConfig, TrainingConfig
 from autorank.evaluation import evaluate
 from autorank.models import build_model, head_modules
+from autorank.sequential import SequentialBackend, run_client_job
 from autorank.training import Optimizer, TrainSettings, client_seed, train_local
 
 LORA = LoraSettings(policy="proportional", alpha=16.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
@@ -134,11 +133,12 @@ def test_backend_returns_one_result_per_job_at_its_ranks() -> None:
         ClientJob(i, r, None, x, y, 1, seed=i)
         for i, (r, (x, y)) in enumerate(zip(ranks, data, strict=True))
     ]
-    backend = SequentialBackend(LORA, SGD, device="cpu")
+    backend = SequentialBackend(base, LORA, SGD, torch.device("cpu"))
 
     # Execute
-    results = backend.train_clients(base, jobs)
-    again = backend.train_clients(base, [ClientJob(1, ranks[1], results[1].state, *data[1], 1, 5)])
+    results = [o.result for o in backend.train_clients(jobs)]
+    state = results[1].state
+    again = backend.train_clients([ClientJob(1, ranks[1], state, *data[1], 1, 5)])
 
     # Assert
     assert [r.client for r in results] == [0, 1, 2]
@@ -146,7 +146,35 @@ def test_backend_returns_one_result_per_job_at_its_ranks() -> None:
     assert [r.n_samples for r in results] == [20, 40, 33]
     assert [r.steps for r in results] == [2, 3, 3]
     assert all(r.state.lora["fc1"].A.device.type == "cpu" for r in results)
-    assert again[0].state.ranks() == ranks[1]
+    assert again[0].result.state.ranks() == ranks[1]
+
+
+def test_reused_models_train_as_freshly_wrapped_ones() -> None:
+    # Prepare: one persistent model per rank pattern serves jobs with and without states
+    base = _base()
+    x, y = _blobs(30, seed=4)
+    first = ClientJob(0, {"fc1": 4}, None, x, y, 2, seed=3)
+    trained = run_client_job(base, first, LORA, SGD, torch.device("cpu")).state
+    fresh_lora = type(trained)({}, dict(trained.extra))
+    jobs = [
+        first,
+        ClientJob(1, {"fc1": 4}, trained, x, y, 2, seed=4),
+        ClientJob(2, {"fc1": 4}, fresh_lora, x, y, 2, seed=5),
+        ClientJob(3, {"fc1": 4}, None, x, y, 2, seed=6),
+    ]
+    backend = SequentialBackend(base, LORA, SGD, torch.device("cpu"))
+
+    # Execute
+    reused = [o.result for o in backend.train_clients(jobs)]
+    fresh = [run_client_job(base, j, LORA, SGD, torch.device("cpu")) for j in jobs]
+
+    # Assert: bit-identical, and the base was left alone
+    for a, b in zip(reused, fresh, strict=True):
+        assert a.epoch_losses == b.epoch_losses
+        assert torch.equal(a.state.lora["fc1"].B, b.state.lora["fc1"].B)
+        assert torch.equal(a.state.extra["head.weight"], b.state.extra["head.weight"])
+    assert torch.equal(base.head.weight, _base().head.weight)
+    assert len(backend._models) == 1
 
 
 def test_warmup_gives_per_epoch_losses() -> None:
@@ -157,7 +185,7 @@ def test_warmup_gives_per_epoch_losses() -> None:
     )
 
     # Execute
-    curves = warmup(SequentialBackend(LORA, SGD, device="cpu"), _base(), jobs)
+    curves = warmup(SequentialBackend(_base(), LORA, SGD, torch.device("cpu")), jobs)
 
     # Assert
     assert [len(c) for c in curves] == [3, 3]
@@ -166,20 +194,20 @@ def test_warmup_gives_per_epoch_losses() -> None:
         warmup_jobs([data[0][0]], [data[0][1]], ranks={"fc1": 4}, epochs=1, seed=0)
 
 
-def test_personalised_eval_uses_the_state() -> None:
+def test_personalised_accuracy_is_the_trained_models() -> None:
     # Prepare
     x, y = _blobs(64, seed=2)
-    base = _base()
     job = ClientJob(0, {"fc1": 4}, None, x, y, 5, seed=0)
-    trained = run_client_job(base, job, LORA, SGD, torch.device("cpu"))
+    backend = SequentialBackend(_base(), LORA, SGD, torch.device("cpu"))
 
     # Execute
-    result = personalised_eval(
-        base, trained.state, {"fc1": 4}, x, y, lora=LORA, device=torch.device("cpu")
-    )
+    outcome = backend.train_clients([job], [LocalSplit(x, y)])[0]
+    untrained = backend.train_clients([ClientJob(0, {"fc1": 4}, None, x, y, 1, 0)], [None])[0]
 
     # Assert
-    assert result.accuracy > 0.95
+    assert outcome.personal is not None and outcome.personal.accuracy > 0.95
+    assert outcome.personal.n == 64
+    assert untrained.personal is None
 
 
 def test_settings_from_config() -> None:
@@ -214,7 +242,7 @@ def test_trains_on_cuda() -> None:
     device = pick_device("cuda", client=1)
 
     # Execute
-    result = SequentialBackend(LORA, SGD, device=device).train_clients(_base(), [job])[0]
+    result = SequentialBackend(_base(), LORA, SGD, device).train_clients([job])[0].result
 
     # Assert
     assert result.state.lora["fc1"].A.device.type == "cpu"

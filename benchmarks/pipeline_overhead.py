@@ -1,0 +1,266 @@
+"""The pipeline against bare loops doing the same training: per round, whole process, memory.
+
+Prints measured figures only (nothing asserted):
+
+    .venv/bin/python benchmarks/pipeline_overhead.py rounds --clients 10 100 1000 \\
+        [--per-round 100] [--rounds 3] [--set key=value ...]
+    .venv/bin/python benchmarks/pipeline_overhead.py process [--set key=value ...]
+
+``rounds``: the flow runs twice in this process, with 1 and 1+R rounds; the difference in CPU
+seconds of this process and its children (Prefect's temporary API server) over R is the pipeline's
+CPU per round, with start-up, pre-training and the warm-up cancelled out (wall likewise). The bare
+loops then train exactly the same clients (the run's ranks, the same sampled cohorts, data order
+and epochs) with nothing around them: no Prefect, MLflow, evaluation, aggregation or checkpoints.
+"bare sequential" is one persistent peft model per rank pattern and torch.optim, one client after
+another; "bare batched" is the batched engine called directly. Both run on one thread, the
+pipeline's cohorts in parallel on ``runtime.max_workers`` (default: every core), so CPU seconds
+are the fair measure. Phase shares are the pipeline's own wall seconds (``time/*`` metrics).
+
+``process``: the whole ``autorank run`` process (imports, Prefect's server, data, pre-training,
+warm-up, rounds, tracking) against a bare process that imports torch and peft, loads the same
+data, builds the same base and trains the same warm-up and rounds sequentially with peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its live children."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _config(tmp: str, overrides: list[str]):  # type: ignore[no-untyped-def]
+    from autorank.config import load_config
+
+    return load_config(
+        None,
+        [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"runtime.checkpoint_dir={tmp}/ckpt", *overrides],
+    )
+
+
+def _run(config) -> tuple[str, float, float]:  # type: ignore[no-untyped-def]
+    from flows.experiment import federated_training
+
+    cpu, wall = tree_cpu(), time.perf_counter()
+    run_id = federated_training(config=config)
+    return run_id, tree_cpu() - cpu, time.perf_counter() - wall
+
+
+def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:
+    """Mean wall seconds per round of each phase, over rounds after ``first``."""
+    from tasks import tracking
+
+    out = {}
+    for phase in ("round", "train", "aggregate", "evaluate"):
+        series = tracking.metric_series(uri, run_id, f"time/{phase}_s")[first:]
+        out[phase] = sum(series) / len(series)
+    return out
+
+
+def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-def]
+    """The measured rounds' jobs, rebuilt from the run's rank decision and seeds."""
+    import json
+
+    from autorank.base import make_base
+    from autorank.cohorts import sample_clients
+    from autorank.ranks import RankAssignment
+    from autorank.rounds import client_data, initial_state, round_jobs, start_state
+    from autorank.targets import expand_ranks
+    from flows.engines import lora_settings
+    from flows.ranking import federation_for
+
+    federation = federation_for(config)
+    base = make_base(
+        config.model,
+        federation.data,
+        federation.public,
+        lr=config.training.lr,
+        batch_size=config.training.batch_size,
+        seed=config.seed,
+    )
+    meta = json.loads(next(config.runtime.checkpoint_dir.glob(f"{run_id}/round_*/meta.json")).read_text())
+    ranks = RankAssignment.from_json(meta["rank_decision"]).ranks()
+    lora = lora_settings(config)
+    global_state = initial_state(base, ranks, lora, seed=config.seed)
+    data = client_data(federation)
+    per_round = []
+    for r in rounds:
+        sampled = sample_clients(len(data), config.training.clients_per_round, seed=config.seed, round_idx=r)
+        starts = [start_state(global_state, expand_ranks(base, ranks[c]), lora, fresh=False) for c in sampled]
+        per_round.append(
+            round_jobs(data, sampled, starts, ranks, epochs=config.training.local_epochs, seed=config.seed, round_idx=r)
+        )
+    return base, per_round
+
+
+def _bare(config, base, per_round, kind: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """CPU and wall seconds per round of a bare loop over the same jobs, on one thread."""
+    import torch
+
+    from autorank.batched import BatchedBackend
+    from autorank.sequential import SequentialBackend
+    from autorank.training import TrainSettings
+    from flows.engines import lora_settings
+    from flows.ranking import layer_ranges
+
+    torch.set_num_threads(1)
+    lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+    cpu_dev = torch.device("cpu")
+    if kind == "sequential":
+        engine = SequentialBackend(base, lora, train, cpu_dev)
+    else:
+        engine = BatchedBackend(
+            base, list(layer_ranges(config)), lora, train, cpu_dev, max_clients=config.runtime.batch_clients
+        )
+    cpu, wall = time.process_time(), time.perf_counter()
+    for jobs in per_round:
+        engine.train_clients(jobs)
+    n = len(per_round)
+    return (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+
+
+def rounds_mode(args: argparse.Namespace) -> None:
+    from flows.local import configure_logging
+
+    configure_logging(verbose=False)
+    print(f"machine: {psutil.cpu_count()} cores, {os.uname().machine}; rounds timed: {args.rounds}")
+    print(
+        "clients  per round  pipeline CPU s  wall s | bare seq CPU s  ratio | bare batched CPU s  "
+        "ratio | train  aggregate  evaluate  other (wall shares) | peak RSS MB"
+    )
+    for k in args.clients:
+        per = args.per_round if args.per_round and args.per_round < k else None
+        tmp = tempfile.mkdtemp(prefix="autorank-bench-")
+        common = [f"partition.n_clients={k}", *args.overrides]
+        if per:
+            common.append(f"training.clients_per_round={per}")
+        short = _config(tmp, [*common, "training.rounds=1"])
+        long = _config(tmp, [*common, f"training.rounds={1 + args.rounds}"])
+        _, cpu1, wall1 = _run(short)
+        run_id, cpu2, wall2 = _run(long)
+        cpu = (cpu2 - cpu1) / args.rounds
+        wall = (wall2 - wall1) / args.rounds
+        phases = _phases(long.tracking.uri, run_id, first=1)
+        base, jobs = _bare_jobs(long, run_id, range(2, 2 + args.rounds))
+        seq_cpu, _ = _bare(long, base, jobs, "sequential")
+        bat_cpu, _ = _bare(long, base, jobs, "batched")
+        share = {p: phases[p] / phases["round"] for p in ("train", "aggregate", "evaluate")}
+        other = 1 - sum(share.values())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"{k:7d}  {per or k:9d}  {cpu:14.2f}  {wall:6.2f} | {seq_cpu:14.2f}  {cpu / seq_cpu:5.2f} | "
+            f"{bat_cpu:18.2f}  {cpu / bat_cpu:5.2f} | {share['train']:5.0%}  {share['aggregate']:9.0%}  "
+            f"{share['evaluate']:8.0%}  {other:5.0%}                | {rss:11.0f}"
+        )
+
+
+BARE = """
+import sys, time
+start = time.perf_counter()
+import torch
+from autorank.backend import warmup_jobs
+from autorank.base import make_base
+from autorank.config import load_config
+from autorank.rounds import client_data, initial_state, round_jobs, start_state, test_data
+from autorank.sequential import SequentialBackend
+from autorank.batched import LoraTemplate, evaluate_state
+from autorank.training import TrainSettings
+from autorank.targets import expand_ranks
+from autorank.ranks import RankAssignment
+from flows.engines import lora_settings
+from flows.ranking import federation_for, layer_ranges
+import json
+torch.set_num_threads(1)
+config = load_config(None, sys.argv[2:])
+ranks = RankAssignment.from_json(json.loads(open(sys.argv[1]).read())).ranks()
+federation = federation_for(config)
+base = make_base(config.model, federation.data, federation.public, lr=config.training.lr,
+                 batch_size=config.training.batch_size, seed=config.seed)
+lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+engine = SequentialBackend(base, lora, train, torch.device("cpu"))
+data = client_data(federation)
+layers = layer_ranges(config)
+engine.train_clients(warmup_jobs([d.x for d in data], [d.y for d in data],
+    ranks={k: hi for k, (_, hi) in layers.items()}, epochs=config.training.warmup_epochs, seed=config.seed))
+state = initial_state(base, ranks, lora, seed=config.seed)
+clients = list(range(len(data)))
+for r in range(1, config.training.rounds + 1):
+    starts = [start_state(state, expand_ranks(base, ranks[c]), lora, fresh=False) for c in clients]
+    engine.train_clients(round_jobs(data, clients, starts, ranks, epochs=config.training.local_epochs,
+                                    seed=config.seed, round_idx=r))
+x, y = test_data(federation)
+acc = evaluate_state(LoraTemplate(base, list(layers), lora.head, torch.device("cpu")), state, x, y)
+print(f"bare process done in {time.perf_counter() - start:.1f} s")
+"""
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU seconds (the process and every child it waited for) of a command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def process_mode(args: argparse.Namespace) -> None:
+    tmp = tempfile.mkdtemp(prefix="autorank-bench-")
+    env = dict(os.environ, PREFECT_HOME=f"{tmp}/prefect")
+    sets = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"runtime.checkpoint_dir={tmp}/ckpt", *args.overrides]
+    flags = [a for s in sets for a in ("--set", s)]
+    wall, cpu = _timed([sys.executable, "-m", "flows.cli", "run", *flags], env)
+    from autorank.config import load_config
+
+    config = load_config(None, sets)
+    run_dir = next(config.runtime.checkpoint_dir.glob("*/round_*/meta.json"))
+    import json
+
+    decision = Path(tmp) / "decision.json"
+    decision.write_text(json.dumps(json.loads(run_dir.read_text())["rank_decision"]))
+    bare_wall, bare_cpu = _timed([sys.executable, "-c", BARE, str(decision), *sets], env)
+    print(f"machine: {psutil.cpu_count()} cores; config overrides: {args.overrides or 'none'}")
+    print("process                 wall s   CPU s")
+    print(f"autorank run          {wall:7.1f}  {cpu:6.1f}")
+    print(f"bare torch+peft loop  {bare_wall:7.1f}  {bare_cpu:6.1f}")
+    print(f"ratio                 {wall / bare_wall:6.2f}x  {cpu / bare_cpu:5.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    rounds = sub.add_parser("rounds", help="CPU per round against bare loops")
+    rounds.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    rounds.add_argument("--per-round", type=int, default=None, help="clients sampled per round")
+    rounds.add_argument("--rounds", type=int, default=3, help="rounds timed")
+    rounds.add_argument("--set", dest="overrides", action="append", default=[])
+    process = sub.add_parser("process", help="the whole autorank run process against a bare one")
+    process.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="autorank-bench-prefect-"))
+    sys.path.insert(0, str(HERE))
+    (rounds_mode if args.mode == "rounds" else process_mode)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The run's training engines: one backend per cohort slot, built once and kept for every round."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.task_runners import TaskRunner
+from torch import nn
+
+from autorank.backend import ClientBackend, LoraSettings, pick_device
+from autorank.batched import LoraTemplate
+from autorank.cohorts import cohort_count, make_backend, participants, why_not_batched
+from autorank.config import ExperimentConfig
+from autorank.models import head_modules
+from autorank.rounds import ClientData
+from autorank.targets import expand_ranks
+from autorank.training import TrainSettings
+from flows.ranking import layer_ranges
+
+progress = logging.getLogger("autorank.progress")
+
+
+def lora_settings(config: ExperimentConfig) -> LoraSettings:
+    """The adapter settings of a config (its model's head included)."""
+    return LoraSettings.from_config(config.lora, head_modules(config.model.name))
+
+
+@dataclass
+class Engines:
+    """Where a run's cohorts train, and what the server evaluates with.
+
+    Attributes:
+        runner: the task runner cohort tasks are submitted to.
+        backends: one engine per cohort slot (cohort i of a round uses backend i).
+        evaluator: the base with pluggable LoRA factors, for the global model.
+        paths: each client's module path -> rank, once ranks are decided (``set_ranks``).
+    """
+
+    runner: TaskRunner[Any]
+    backends: list[ClientBackend]
+    evaluator: LoraTemplate
+    paths: list[dict[str, int]] = field(default_factory=list)
+
+    def set_ranks(self, ranks: Sequence[Mapping[str, int]], base: nn.Module) -> None:
+        """Expand every client's target ranks to module paths (once per distinct pattern)."""
+        cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
+        self.paths = []
+        for r in ranks:
+            key = tuple(sorted(r.items()))
+            if key not in cache:
+                cache[key] = expand_ranks(base, r)
+            self.paths.append(cache[key])
+
+
+def backend_kind(config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData]) -> str:
+    """``batched`` where asked (or ``auto``) and the model allows it, else ``sequential``."""
+    asked = config.runtime.backend
+    if asked == "sequential":
+        return asked
+    reason = why_not_batched(base, list(layer_ranges(config)), lora_settings(config), data[0].x)
+    if reason is None:
+        return "batched"
+    progress.warning("runtime.backend %s: training sequentially, %s", asked, reason)
+    return "sequential"
+
+
+def build_engines(
+    config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData], runner: TaskRunner[Any]
+) -> Engines:
+    """One engine per cohort slot: ``runtime.cohort_size``, else one per worker."""
+    runtime = config.runtime
+    kind = backend_kind(config, base, data)
+    n = participants(len(data), config.training.clients_per_round)
+    workers = runtime.max_workers or os.cpu_count() or 1
+    count = cohort_count(n, workers=workers, cohort_size=runtime.cohort_size)
+    lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+    targets = list(layer_ranges(config))
+    backends = [
+        make_backend(
+            kind,  # type: ignore[arg-type]
+            base,
+            targets,
+            lora,
+            train,
+            pick_device(runtime.device, i),
+            max_clients=runtime.batch_clients,
+        )
+        for i in range(count)
+    ]
+    evaluator = LoraTemplate(base, targets, lora.head, pick_device(runtime.device))
+    progress.info(
+        "%d cohort(s) of up to %d clients per round, %s engine", count, -(-n // count), kind
+    )
+    return Engines(runner, backends, evaluator)

@@ -1,0 +1,86 @@
+"""A sampled run of many clients: cohort tasks, bounded metric keys, per-client tables."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.experiment import federated_training
+from tests.flows.conftest import tiny_config
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def sampled_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("cohorts")
+    config = tiny_config(
+        tmp,
+        partition={"n_clients": 12, "scheme": "dirichlet", "alpha": 1.0},
+        training={"rounds": ROUNDS, "local_epochs": 1, "clients_per_round": 5},
+        tracking={"keyed_clients_max": 4},
+        runtime={"max_workers": 2, "backend": "batched"},
+    )
+    run_id = federated_training(config=config)
+    return config, run_id, MlflowClient(tracking_uri=config.tracking.uri), tmp
+
+
+def test_metric_keys_do_not_grow_with_clients(sampled_run) -> None:
+    _, run_id, client, _ = sampled_run
+
+    keys = set(client.get_run(run_id).data.metrics)
+
+    assert not [k for k in keys if k.startswith("clients/c")]
+    for key in ("clients/accuracy_p10", "clients/accuracy_median", "clients/train_loss_max"):
+        assert len(client.get_metric_history(run_id, key)) == ROUNDS, key
+    sampled = client.get_metric_history(run_id, "clients/sampled")
+    assert [m.value for m in sorted(sampled, key=lambda m: m.step)] == [5.0] * ROUNDS
+
+
+def test_each_round_has_a_table_of_its_sampled_clients(sampled_run) -> None:
+    config, run_id, client, tmp = sampled_run
+
+    folder = Path(client.download_artifacts(run_id, "clients", str(tmp / "dl")))
+    tables = sorted(folder.glob("round_*.json"))
+
+    assert [t.name for t in tables] == [f"round_{r:04d}.json" for r in range(1, ROUNDS + 1)]
+    first = json.loads(tables[0].read_text())
+    rows = [dict(zip(first["columns"], row, strict=True)) for row in first["data"]]
+    assert len(rows) == 5
+    clients = [r["client"] for r in rows]
+    assert clients == sorted(clients) and len(set(clients)) == 5
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if r["accuracy"] is not None)
+    assert all(r["rank/fc1"] >= config.lora.r_min for r in rows)
+    ckpt = json.loads(
+        next(config.runtime.checkpoint_dir.glob(f"{run_id}/round_*/meta.json")).read_text()
+    )
+    assert len(ckpt["sampled"]) == 5
+
+
+def test_a_round_is_a_handful_of_task_runs_all_recorded(sampled_run) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, run_id, client, _ = sampled_run
+    flow_run_id = client.get_run(run_id).data.tags["prefect.flow_run_id"]
+    flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as prefect:
+        deadline = time.monotonic() + 30
+        while True:  # the API server records task runs from events, slightly after the fact
+            runs = prefect.read_task_runs(flow_run_filter=flt)
+            done = [r for r in runs if r.state is not None and r.state.is_completed()]
+            if len(done) == len(runs) and any(r.name.startswith("round-3-") for r in runs):
+                break
+            assert time.monotonic() < deadline, [(r.name, r.state) for r in runs]
+            time.sleep(0.5)
+
+    per_round = [r.name for r in runs if r.name.startswith("round-2-")]
+    # 2 cohorts, the server's step and the record: at most twice the cohorts
+    assert sorted(per_round) == [
+        "round-2-aggregate-evaluate",
+        "round-2-checkpoint-log",
+        "round-2-cohort-0",
+        "round-2-cohort-1",
+    ]

@@ -1,0 +1,259 @@
+"""The batched engine against the sequential (peft) one: same states, losses and accuracies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from autorank.adapters import AdapterState
+from autorank.aggregation import AGGREGATORS
+from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
+from autorank.batched import BatchedBackend, LoraTemplate, evaluate_state
+from autorank.cohorts import why_not_batched
+from autorank.evaluation import evaluate
+from autorank.models import build_model
+from autorank.rounds import (
+    ClientData,
+    client_parameters,
+    initial_state,
+    round_jobs,
+    server_step,
+    start_state,
+)
+from autorank.sequential import SequentialBackend, build_client_model
+from autorank.targets import AlphaPolicy, expand_ranks
+from autorank.training import TrainSettings, client_seed
+
+CPU = torch.device("cpu")
+# Batched matmuls sum in another order than one client's: a few ulps per step, compounded.
+CLOSE = {"rtol": 2e-4, "atol": 2e-5}
+
+
+def _lora(policy: AlphaPolicy = "fixed") -> LoraSettings:
+    return LoraSettings(policy, alpha=8.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
+
+
+def _train(kind: str = "sgd", clip: float | None = None) -> TrainSettings:
+    if kind == "adam":
+        return TrainSettings("adam", 0.01, 0.0, 1e-3, 8, clip)
+    if kind == "momentum":
+        return TrainSettings("sgd", 0.1, 0.9, 1e-2, 8, clip)
+    return TrainSettings("sgd", 0.1, 0.0, 0.0, 8, clip)
+
+
+def _mlp() -> nn.Module:
+    return build_model("mlp", input_shape=(1, 4, 4), n_classes=3, hidden=(12, 10), seed=0)
+
+
+def _data(n: int, seed: int, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x = torch.randn(n, d, generator=gen) + y[:, None].float()
+    return x, y
+
+
+# Unequal sizes: clients run out of batches at different steps, last batches are short.
+SIZES = (5, 19, 8, 33)
+RANKS = ({"fc1": 2, "fc2": 1}, {"fc1": 6, "fc2": 4}, {"fc1": 3, "fc2": 4}, {"fc1": 1, "fc2": 2})
+
+
+def _jobs(base: nn.Module, lora: LoraSettings, starts: str) -> list[ClientJob]:
+    """Jobs from the global init (``download``), fresh adapters (FLoRA) or nothing (warm-up)."""
+    global_state = initial_state(base, RANKS, lora, seed=1)
+    # Give the global adapter non-zero B so the download's products are not trivially zero.
+    gen = torch.Generator().manual_seed(9)
+    for f in global_state.lora.values():
+        f.B.copy_(0.1 * torch.randn(f.B.shape, generator=gen))
+    jobs = []
+    for i, (n, ranks) in enumerate(zip(SIZES, RANKS, strict=True)):
+        x, y = _data(n, seed=i)
+        paths = expand_ranks(base, ranks)
+        state: AdapterState | None = None
+        if starts != "warm-up":
+            state = start_state(global_state, paths, lora, fresh=starts == "fresh")
+        jobs.append(ClientJob(i, dict(ranks), state, x, y, 2, client_seed(0, 1, i)))
+    return jobs
+
+
+def _tests() -> list[LocalSplit | None]:
+    return [LocalSplit(*_data(7 + i, seed=50 + i)) for i in range(len(SIZES) - 1)] + [None]
+
+
+def _assert_same(batched: Sequence[ClientOutcome], sequential: Sequence[ClientOutcome]) -> None:
+    for b, s in zip(batched, sequential, strict=True):
+        assert b.result.client == s.result.client and b.result.steps == s.result.steps
+        assert b.result.state.ranks() == s.result.state.ranks()
+        assert_close(
+            torch.tensor(b.result.epoch_losses), torch.tensor(s.result.epoch_losses), **CLOSE
+        )
+        for path, f in s.result.state.lora.items():
+            g = b.result.state.lora[path]
+            assert g.scale == pytest.approx(f.scale, rel=1e-12)
+            assert_close(g.A, f.A, **CLOSE)
+            assert_close(g.B, f.B, **CLOSE)
+        for name, t in s.result.state.extra.items():
+            assert_close(b.result.state.extra[name], t, **CLOSE)
+        if s.personal is None:
+            assert b.personal is None
+        else:
+            assert b.personal is not None
+            assert b.personal.accuracy == pytest.approx(s.personal.accuracy, abs=1e-12)
+            assert b.personal.loss == pytest.approx(s.personal.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "proportional", "rslora"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("starts", ["download", "fresh", "warm-up"])
+def test_one_round_matches_the_sequential_engine(
+    policy: AlphaPolicy, optimizer: str, starts: str
+) -> None:
+    # Prepare
+    base, lora, train = _mlp(), _lora(policy), _train(optimizer)
+    jobs = _jobs(base, lora, starts)
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs, _tests())
+    batched = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs, _tests())
+
+    # Assert
+    _assert_same(batched, sequential)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_per_client_gradient_clipping_matches(optimizer: str) -> None:
+    base, lora, train = _mlp(), _lora(), _train(optimizer, clip=0.05)
+    jobs = _jobs(base, lora, "download")
+
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
+    batched = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs)
+
+    _assert_same(batched, sequential)
+
+
+def test_chunks_of_clients_give_the_same_outcomes() -> None:
+    base, lora, train = _mlp(), _lora(), _train("momentum")
+    jobs = _jobs(base, lora, "download")
+
+    whole = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs, _tests())
+    chunked = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU, max_clients=3)
+
+    _assert_same(chunked.train_clients(jobs, _tests()), whole)
+
+
+def test_cnn_with_lora_on_convolutions_matches() -> None:
+    # Prepare
+    base = build_model("cnn", input_shape=(1, 8, 8), n_classes=3, hidden=(16,), seed=0)
+    lora, train = _lora(), _train("sgd")
+    ranks = [{"conv1": 2, "conv2": 3, "fc1": 4}, {"conv1": 4, "conv2": 1, "fc1": 2}]
+    global_state = initial_state(base, ranks, lora, seed=2)
+    jobs = []
+    for i, r in enumerate(ranks):
+        x, y = _data(11 + 6 * i, seed=i, d=64)
+        state = start_state(global_state, expand_ranks(base, r), lora, fresh=False)
+        jobs.append(ClientJob(i, r, state, x, y, 2, client_seed(0, 1, i)))
+    targets = ["conv1", "conv2", "fc1"]
+    tests = [LocalSplit(*_data(5, seed=9, d=64)), LocalSplit(*_data(6, seed=8, d=64))]
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs, tests)
+    batched = BatchedBackend(base, targets, lora, train, CPU).train_clients(jobs, tests)
+
+    # Assert
+    _assert_same(batched, sequential)
+
+
+def test_evaluate_state_matches_the_peft_model() -> None:
+    base, lora = _mlp(), _lora("rslora")
+    state = initial_state(base, RANKS, lora, seed=3)
+    for f in state.lora.values():
+        f.B.normal_(generator=torch.Generator().manual_seed(4))
+    x, y = _data(40, seed=5)
+    template = LoraTemplate(base, ["fc1", "fc2"], ("head",), CPU)
+
+    got = evaluate_state(template, state, x, y)
+    peft = build_client_model(base, state.ranks(), state, lora, seed=0)
+    want = evaluate(peft, x, y, device=CPU)
+
+    assert got.accuracy == want.accuracy and got.n == want.n
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
+
+
+def _three_rounds(method: str, engine: str) -> list[float]:
+    """A library-level run of three rounds (every aggregator's merge), global accuracy each."""
+    base, lora, train = _mlp(), _lora(), _train("sgd")
+    data = [ClientData(*_data(n, seed=i), *_data(4, seed=70 + i)) for i, n in enumerate(SIZES)]
+    ranks = [dict(r) for r in RANKS] if method != "fedavg" else [{"fc1": 4, "fc2": 4}] * 4
+    paths = [expand_ranks(base, r) for r in ranks]
+    x_test, y_test = _data(60, seed=99)
+    backend = (
+        BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU)
+        if engine == "batched"
+        else SequentialBackend(base, lora, train, CPU)
+    )
+    template = LoraTemplate(base, ["fc1", "fc2"], ("head",), CPU)
+    global_state, fresh, version, accuracy = initial_state(base, ranks, lora, seed=0), False, 0, []
+    for round_idx in (1, 2, 3):
+        clients = [c for c in range(4) if (c + round_idx) % 4 != 0]  # one client sits out
+        starts = [start_state(global_state, paths[c], lora, fresh=fresh) for c in clients]
+        jobs = round_jobs(data, clients, starts, ranks, epochs=1, seed=0, round_idx=round_idx)
+        backend.sync_base(base, version)
+        outcomes = backend.train_clients(jobs, [data[c].local_split() for c in clients])
+        step = server_step(
+            method,  # type: ignore[arg-type]
+            outcomes,
+            previous=global_state,
+            base=base,
+            template=template,
+            x=x_test,
+            y=y_test,
+            round_idx=round_idx,
+        )
+        global_state, fresh = step.global_state, bool(step.aggregation.base_delta)
+        version += int(fresh)
+        accuracy.append(step.evaluation.accuracy)
+    assert client_parameters(global_state, paths)  # every client's count is defined
+    return accuracy
+
+
+@pytest.mark.parametrize("method", sorted(AGGREGATORS))
+def test_three_sampled_rounds_give_the_same_accuracy(method: str) -> None:
+    assert _three_rounds(method, "batched") == _three_rounds(method, "sequential")
+
+
+def test_why_not_batched_names_dropout_and_untraceable_models() -> None:
+    class Gate(nn.Module):
+        """Data-dependent control flow: vmap cannot trace it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            return self.head(h if float(h.sum()) > 0 else -h)
+
+    x = torch.randn(3, 4)
+    dropout = LoraSettings("fixed", 8.0, 2.0, 0.1, ("head",))
+
+    assert why_not_batched(_mlp(), ["fc1"], _lora(), torch.randn(3, 16)) is None
+    assert "dropout" in str(why_not_batched(_mlp(), ["fc1"], dropout, torch.randn(3, 16)))
+    assert why_not_batched(Gate(), ["fc1"], _lora(), x) is not None
+
+
+def test_bad_jobs_are_refused_with_the_client_named() -> None:
+    base, lora, train = _mlp(), _lora(), _train()
+    engine = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU)
+    x, y = _data(4, seed=0)
+
+    with pytest.raises(ValueError, match="client 7"):
+        engine.train_clients([ClientJob(7, {"fc1": 2, "fc2": 2}, None, x, y[:3], 1, 0)])
+    with pytest.raises(ValueError, match="rank 2, the client has 3"):
+        state = _jobs(base, lora, "download")[0].state
+        engine.train_clients([ClientJob(0, {"fc1": 3, "fc2": 1}, state, x, y, 1, 0)])
+    with pytest.raises(ValueError, match="dropout"):
+        BatchedBackend(base, ["fc1"], LoraSettings("fixed", 8.0, 2.0, 0.2, ("head",)), train, CPU)
