@@ -37,6 +37,7 @@ from autorank.backend import (
     substreams,
 )
 from autorank.evaluation import EvalResult
+from autorank.optim import ClientOptimizer
 from autorank.targets import (
     expand_ranks,
     fresh_down_projections,
@@ -285,66 +286,6 @@ def _schedule(jobs: Sequence[ClientJob], batch_size: int, offsets: Sequence[int]
     return _Schedule(idx.clamp_min(0), mask, epoch, active)
 
 
-class _Optimizer:
-    """SGD (momentum, weight decay) or Adam, as torch.optim computes them, per client.
-
-    ``step(k)`` updates only the first ``k`` clients; every client's state is its own slice.
-    """
-
-    def __init__(self, params: Sequence[torch.Tensor], settings: TrainSettings) -> None:
-        self.params = list(params)
-        self.s = settings
-        self.bufs: list[torch.Tensor | None] = [None] * len(self.params)
-        self.sq: list[torch.Tensor] = []
-        self.t = 0
-        if settings.optimizer == "adam":
-            self.bufs = [torch.zeros_like(p) for p in self.params]
-            self.sq = [torch.zeros_like(p) for p in self.params]
-        elif settings.optimizer != "sgd":
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {settings.optimizer!r}")
-
-    @torch.no_grad()
-    def clip(self, k: int) -> None:
-        """Per-client global-norm clipping, as ``torch.nn.utils.clip_grad_norm_``."""
-        if self.s.grad_clip is None:
-            return
-        grads = [cast(torch.Tensor, p.grad)[:k] for p in self.params]
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads])
-        total = torch.linalg.vector_norm(norms, dim=0)  # [k]
-        coef = torch.clamp(self.s.grad_clip / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.reshape(k, *([1] * (g.ndim - 1))))
-
-    @torch.no_grad()
-    def step(self, k: int) -> None:
-        self.t += 1
-        lr, wd = self.s.lr, self.s.weight_decay
-        for j, p in enumerate(self.params):
-            w, g = p[:k], cast(torch.Tensor, p.grad)[:k]
-            if wd != 0:
-                g = g.add(w, alpha=wd)
-            if self.s.optimizer == "adam":
-                self._adam(j, k, w, g, lr)
-                continue
-            if self.s.momentum != 0:
-                buf = self.bufs[j]
-                if buf is None:  # every client takes the first step
-                    buf = self.bufs[j] = g.clone()
-                else:
-                    buf[:k].mul_(self.s.momentum).add_(g)
-                g = buf[:k]
-            w.add_(g, alpha=-lr)
-
-    def _adam(self, j: int, k: int, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
-        beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
-        m, v = cast(torch.Tensor, self.bufs[j])[:k], self.sq[j][:k]
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = lr / (1 - beta1**self.t)
-        denom = (v.sqrt() / (1 - beta2**self.t) ** 0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
-
-
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of ``[K, b, C]`` logits, ``[K, b]``."""
     K, b, C = logits.shape
@@ -452,7 +393,7 @@ class BatchedBackend:
         idx, mask, epoch = sched.idx.to(dev), sched.mask.to(dev), sched.epoch.to(dev)
         E = max(j.epochs for j in jobs)
         totals = torch.zeros(len(jobs), E, device=dev, dtype=torch.float32)
-        opt = _Optimizer(list(stack.params.values()), self.train_settings)
+        opt = ClientOptimizer(list(stack.params.values()), self.train_settings, stacked=True)
         params = list(stack.params.values())
         for t, k in enumerate(sched.active):
             rows, keep = idx[:k, t], mask[:k, t]

@@ -60,19 +60,35 @@ def sample_clients(
     return sorted(int(c) for c in rng.choice(n_clients, size=m, replace=False))
 
 
-def split_cohorts(clients: Sequence[T], n_cohorts: int) -> list[list[T]]:
-    """Contiguous, near-equal chunks of ``clients`` (no empty chunk).
+def split_cohorts(
+    items: Sequence[T], n_cohorts: int, work: Sequence[float] | None = None
+) -> list[list[T]]:
+    """Split ``items`` into at most ``n_cohorts`` non-empty cohorts of near-equal work.
+
+    Longest-processing-time first: items in decreasing ``work`` (ties by position) each join
+    the cohort with the least work so far; each cohort keeps its items in their given order.
+    Without ``work`` every item counts the same, giving contiguous near-equal chunks.
 
     Raises:
-        ValueError: ``n_cohorts`` below 1.
+        ValueError: ``n_cohorts`` below 1, or ``work`` of another length than ``items``.
     """
     if n_cohorts < 1:
         raise ValueError(f"n_cohorts must be >= 1, got {n_cohorts}")
-    k = min(n_cohorts, len(clients))
+    k = min(n_cohorts, len(items))
     if k == 0:
         return []
-    bounds = [round(i * len(clients) / k) for i in range(k + 1)]
-    return [list(clients[bounds[i] : bounds[i + 1]]) for i in range(k)]
+    if work is None:
+        bounds = [round(i * len(items) / k) for i in range(k + 1)]
+        return [list(items[bounds[i] : bounds[i + 1]]) for i in range(k)]
+    if len(work) != len(items):
+        raise ValueError(f"work lists {len(work)} items, expected {len(items)}")
+    loads = [0.0] * k
+    members: list[list[int]] = [[] for _ in range(k)]
+    for pos in sorted(range(len(items)), key=lambda p: (-work[p], p)):
+        lightest = min(range(k), key=lambda c: (loads[c], c))
+        loads[lightest] += work[pos]
+        members[lightest].append(pos)
+    return [[items[p] for p in sorted(m)] for m in members]
 
 
 def cohort_count(n_sampled: int, *, workers: int, cohort_size: int | None) -> int:

@@ -6,12 +6,13 @@ from the config's data, partition and seed alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from autorank.config import PartitionConfig
-from autorank.data import DatasetSplits
+from autorank.config import DataConfig, PartitionConfig
+from autorank.data import DatasetSplits, load_data
 from autorank.partition import (
     label_histogram,
     partition,
@@ -104,3 +105,22 @@ def build_federation(
         clients.append(ClientSplit(i, train, local_test))
     histogram = label_histogram(labels, [c.train for c in clients], data.n_classes)
     return Federation(data, public, tuple(clients), histogram)
+
+
+@functools.lru_cache(maxsize=1)
+def federation_from_config(
+    data: DataConfig, partition: PartitionConfig, *, public_fraction: float, seed: int
+) -> Federation:
+    """Load the data and lay it out over the clients as a run of these settings does.
+
+    The last layout is kept, so the checks before a run, the rank preview and the flow in one
+    process load and partition the data once. Treat the result as read-only.
+    """
+    splits = load_data(
+        data.name,
+        path=data.path,
+        test_fraction=data.test_fraction,
+        seed=seed,
+        max_train_samples=data.max_train_samples,
+    )
+    return build_federation(splits, partition, public_fraction=public_fraction, seed=seed)

@@ -17,6 +17,7 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.config import TrainingConfig
+from autorank.optim import ClientOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +52,6 @@ class LocalResult:
     epoch_losses: tuple[float, ...]
     seconds: float
     steps: int
-
-
-def make_optimizer(
-    params: list[nn.Parameter],
-    kind: Optimizer,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> torch.optim.Optimizer:
-    """SGD (with optional momentum) or Adam over ``params``."""
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int) -> None:
@@ -132,7 +117,7 @@ def train_local(
     Returns:
         The sample-weighted mean loss of each epoch, and the number of optimiser steps.
     """
-    batch_size, grad_clip = settings.batch_size, settings.grad_clip
+    batch_size = settings.batch_size
     _check_data(x, y, batch_size, epochs)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -140,13 +125,7 @@ def train_local(
     model.to(device)
     model.train()
     x, y = x.to(device), y.to(device=device, dtype=torch.long)
-    opt = make_optimizer(
-        params,
-        settings.optimizer,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
+    opt = ClientOptimizer(params, settings)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     losses: list[float] = []
@@ -157,10 +136,10 @@ def train_local(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.clip()
             opt.step()
             total += loss.detach() * idx.shape[0]
             steps += 1

@@ -6,9 +6,10 @@ Prints measured figures only (nothing asserted):
         [--per-round 100] [--rounds 3] [--set key=value ...]
     .venv/bin/python benchmarks/pipeline_overhead.py process [--set key=value ...]
 
-``rounds``: the flow runs twice in this process, with 1 and 1+R rounds; the difference in CPU
-seconds of this process and its children (Prefect's temporary API server) over R is the pipeline's
-CPU per round, with start-up, pre-training and the warm-up cancelled out (wall likewise). The bare
+``rounds``: after one untimed run, the flow runs twice in this process, with 1 and 1+R rounds;
+the difference in CPU seconds of this process and its children (Prefect's temporary API server)
+over R is the pipeline's CPU per round, with start-up, pre-training and the warm-up cancelled out
+(wall likewise). The bare
 loops then train exactly the same clients (the run's ranks, the same sampled cohorts, data order
 and epochs) with nothing around them: no Prefect, MLflow, evaluation, aggregation or checkpoints.
 "bare sequential" is one persistent peft model per rank pattern and torch.optim, one client after
@@ -24,6 +25,8 @@ data, builds the same base and trains the same warm-up and rounds sequentially w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import resource
 import subprocess
@@ -42,10 +45,8 @@ def tree_cpu() -> float:
     me = psutil.Process()
     total = sum(me.cpu_times()[:2])
     for child in me.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += sum(child.cpu_times()[:2])
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
@@ -54,7 +55,11 @@ def _config(tmp: str, overrides: list[str]):  # type: ignore[no-untyped-def]
 
     return load_config(
         None,
-        [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"runtime.checkpoint_dir={tmp}/ckpt", *overrides],
+        [
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"runtime.checkpoint_dir={tmp}/ckpt",
+            *overrides,
+        ],
     )
 
 
@@ -98,17 +103,32 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
         batch_size=config.training.batch_size,
         seed=config.seed,
     )
-    meta = json.loads(next(config.runtime.checkpoint_dir.glob(f"{run_id}/round_*/meta.json")).read_text())
+    meta = json.loads(
+        next(config.runtime.checkpoint_dir.glob(f"{run_id}/round_*/meta.json")).read_text()
+    )
     ranks = RankAssignment.from_json(meta["rank_decision"]).ranks()
     lora = lora_settings(config)
     global_state = initial_state(base, ranks, lora, seed=config.seed)
     data = client_data(federation)
     per_round = []
     for r in rounds:
-        sampled = sample_clients(len(data), config.training.clients_per_round, seed=config.seed, round_idx=r)
-        starts = [start_state(global_state, expand_ranks(base, ranks[c]), lora, fresh=False) for c in sampled]
+        sampled = sample_clients(
+            len(data), config.training.clients_per_round, seed=config.seed, round_idx=r
+        )
+        starts = [
+            start_state(global_state, expand_ranks(base, ranks[c]), lora, fresh=False)
+            for c in sampled
+        ]
         per_round.append(
-            round_jobs(data, sampled, starts, ranks, epochs=config.training.local_epochs, seed=config.seed, round_idx=r)
+            round_jobs(
+                data,
+                sampled,
+                starts,
+                ranks,
+                epochs=config.training.local_epochs,
+                seed=config.seed,
+                round_idx=r,
+            )
         )
     return base, per_round
 
@@ -130,7 +150,12 @@ def _bare(config, base, per_round, kind: str) -> tuple[float, float]:  # type: i
         engine = SequentialBackend(base, lora, train, cpu_dev)
     else:
         engine = BatchedBackend(
-            base, list(layer_ranges(config)), lora, train, cpu_dev, max_clients=config.runtime.batch_clients
+            base,
+            list(layer_ranges(config)),
+            lora,
+            train,
+            cpu_dev,
+            max_clients=config.runtime.batch_clients,
         )
     cpu, wall = time.process_time(), time.perf_counter()
     for jobs in per_round:
@@ -143,10 +168,12 @@ def rounds_mode(args: argparse.Namespace) -> None:
     from flows.local import configure_logging
 
     configure_logging(verbose=False)
+    logging.getLogger("autorank.progress").setLevel(logging.WARNING)
     print(f"machine: {psutil.cpu_count()} cores, {os.uname().machine}; rounds timed: {args.rounds}")
     print(
-        "clients  per round  pipeline CPU s  wall s | bare seq CPU s  ratio | bare batched CPU s  "
-        "ratio | train  aggregate  evaluate  other (wall shares) | peak RSS MB"
+        "clients  per round  pipeline CPU s  wall s | bare seq CPU s  wall s  CPU ratio  "
+        "wall ratio | bare batched CPU s  CPU ratio | train  aggregate  evaluate  other "
+        "(wall shares) | peak RSS MB"
     )
     for k in args.clients:
         per = args.per_round if args.per_round and args.per_round < k else None
@@ -156,21 +183,24 @@ def rounds_mode(args: argparse.Namespace) -> None:
             common.append(f"training.clients_per_round={per}")
         short = _config(tmp, [*common, "training.rounds=1"])
         long = _config(tmp, [*common, f"training.rounds={1 + args.rounds}"])
+        _run(short)  # Prefect's server, caches and allocators warm up: not counted
         _, cpu1, wall1 = _run(short)
         run_id, cpu2, wall2 = _run(long)
         cpu = (cpu2 - cpu1) / args.rounds
         wall = (wall2 - wall1) / args.rounds
         phases = _phases(long.tracking.uri, run_id, first=1)
         base, jobs = _bare_jobs(long, run_id, range(2, 2 + args.rounds))
-        seq_cpu, _ = _bare(long, base, jobs, "sequential")
+        seq_cpu, seq_wall = _bare(long, base, jobs, "sequential")
         bat_cpu, _ = _bare(long, base, jobs, "batched")
         share = {p: phases[p] / phases["round"] for p in ("train", "aggregate", "evaluate")}
         other = 1 - sum(share.values())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
-            f"{k:7d}  {per or k:9d}  {cpu:14.2f}  {wall:6.2f} | {seq_cpu:14.2f}  {cpu / seq_cpu:5.2f} | "
-            f"{bat_cpu:18.2f}  {cpu / bat_cpu:5.2f} | {share['train']:5.0%}  {share['aggregate']:9.0%}  "
-            f"{share['evaluate']:8.0%}  {other:5.0%}                | {rss:11.0f}"
+            f"{k:7d}  {per or k:9d}  {cpu:14.2f}  {wall:6.2f} | "
+            f"{seq_cpu:14.2f}  {seq_wall:6.2f}  {cpu / seq_cpu:9.2f}  {wall / seq_wall:10.2f} | "
+            f"{bat_cpu:18.2f}  {cpu / bat_cpu:9.2f} | {share['train']:5.0%}  "
+            f"{share['aggregate']:9.0%}  {share['evaluate']:8.0%}  {other:5.0%}"
+            f"                | {rss:11.0f}"
         )
 
 
@@ -200,14 +230,18 @@ lora, train = lora_settings(config), TrainSettings.from_config(config.training)
 engine = SequentialBackend(base, lora, train, torch.device("cpu"))
 data = client_data(federation)
 layers = layer_ranges(config)
-engine.train_clients(warmup_jobs([d.x for d in data], [d.y for d in data],
-    ranks={k: hi for k, (_, hi) in layers.items()}, epochs=config.training.warmup_epochs, seed=config.seed))
+top = {k: hi for k, (_, hi) in layers.items()}
+xs, ys = [d.x for d in data], [d.y for d in data]
+epochs = config.training.warmup_epochs
+engine.train_clients(warmup_jobs(xs, ys, ranks=top, epochs=epochs, seed=config.seed))
 state = initial_state(base, ranks, lora, seed=config.seed)
 clients = list(range(len(data)))
 for r in range(1, config.training.rounds + 1):
-    starts = [start_state(state, expand_ranks(base, ranks[c]), lora, fresh=False) for c in clients]
-    engine.train_clients(round_jobs(data, clients, starts, ranks, epochs=config.training.local_epochs,
-                                    seed=config.seed, round_idx=r))
+    starts = [start_state(state, expand_ranks(base, ranks[c]), lora, fresh=False)
+              for c in clients]
+    E = config.training.local_epochs
+    engine.train_clients(round_jobs(data, clients, starts, ranks, epochs=E, seed=config.seed,
+                                    round_idx=r))
 x, y = test_data(federation)
 acc = evaluate_state(LoraTemplate(base, list(layers), lora.head, torch.device("cpu")), state, x, y)
 print(f"bare process done in {time.perf_counter() - start:.1f} s")
@@ -218,7 +252,9 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall and CPU seconds (the process and every child it waited for) of a command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        cmd, env=env, check=True, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -227,23 +263,32 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 def process_mode(args: argparse.Namespace) -> None:
     tmp = tempfile.mkdtemp(prefix="autorank-bench-")
     env = dict(os.environ, PREFECT_HOME=f"{tmp}/prefect")
-    sets = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"runtime.checkpoint_dir={tmp}/ckpt", *args.overrides]
+    sets = [
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"runtime.checkpoint_dir={tmp}/ckpt",
+        *args.overrides,
+    ]
     flags = [a for s in sets for a in ("--set", s)]
+    # The first run creates the MLflow and Prefect stores (a fresh machine), the second reuses them.
+    cold_wall, cold_cpu = _timed([sys.executable, "-m", "flows.cli", "run", *flags], env)
     wall, cpu = _timed([sys.executable, "-m", "flows.cli", "run", *flags], env)
     from autorank.config import load_config
 
     config = load_config(None, sets)
-    run_dir = next(config.runtime.checkpoint_dir.glob("*/round_*/meta.json"))
+    run_dir = sorted(config.runtime.checkpoint_dir.glob("*/round_*/meta.json"))[-1]
     import json
 
     decision = Path(tmp) / "decision.json"
     decision.write_text(json.dumps(json.loads(run_dir.read_text())["rank_decision"]))
     bare_wall, bare_cpu = _timed([sys.executable, "-c", BARE, str(decision), *sets], env)
     print(f"machine: {psutil.cpu_count()} cores; config overrides: {args.overrides or 'none'}")
-    print("process                 wall s   CPU s")
-    print(f"autorank run          {wall:7.1f}  {cpu:6.1f}")
-    print(f"bare torch+peft loop  {bare_wall:7.1f}  {bare_cpu:6.1f}")
-    print(f"ratio                 {wall / bare_wall:6.2f}x  {cpu / bare_cpu:5.2f}x")
+    print("process                              wall s   CPU s   ratio (wall, CPU)")
+    print(f"bare torch+peft loop               {bare_wall:7.1f}  {bare_cpu:6.1f}")
+    for what, w, c in (("new stores", cold_wall, cold_cpu), ("existing stores", wall, cpu)):
+        print(
+            f"autorank run, {what:<20} {w:7.1f}  {c:6.1f}   "
+            f"{w / bare_wall:.2f}x, {c / bare_cpu:.2f}x"
+        )
 
 
 def main() -> None:

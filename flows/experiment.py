@@ -82,7 +82,9 @@ def _run_cohorts(
 
     With ``data`` each client is also evaluated on its local split (not in the warm-up).
     """
-    chunks = split_cohorts(jobs, len(engines.backends))
+    # Balanced by local steps, so that parallel cohorts finish together.
+    steps = [j.epochs * -(-int(j.x.shape[0]) // config.training.batch_size) for j in jobs]
+    chunks = split_cohorts(jobs, len(engines.backends), steps)
     with client_task_resources(config.runtime):
         futures = [
             engines.runner.submit(
@@ -101,7 +103,8 @@ def _run_cohorts(
             )
             for i, chunk in enumerate(chunks)
         ]
-    return [o for f in futures for o in f.result()]
+    done = {o.result.client: o for f in futures for o in f.result()}
+    return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were
 
 
 def _warm_up_and_rank(

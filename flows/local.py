@@ -23,6 +23,7 @@ class ProgressHandler(logging.StreamHandler):
         self.setFormatter(logging.Formatter("[autorank] %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # whatever stderr is now (tests swap it between commands)
         if record.levelno > logging.DEBUG:
             prefix = "\r\033[K" if self.live else ""
             self.stream.write(prefix + self.format(record) + "\n")
@@ -50,8 +51,8 @@ def configure_logging(verbose: bool) -> None:
 def preflight(config: ExperimentConfig) -> None:
     """Fail on bad input before anything is started or written: data, partition, model, targets."""
     from autorank.backend import pick_device
-    from autorank.targets import expand_ranks
     from autorank.models import build_model, load_base_weights
+    from autorank.targets import expand_ranks
     from flows.ranking import federation_for, layer_ranges, rank_table
 
     federation = federation_for(config)
@@ -71,13 +72,28 @@ def preflight(config: ExperimentConfig) -> None:
 
 
 def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
-    """Run (or resume) the flow here and print where to find the results."""
-    preflight(config)
-    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
-    configure_logging(verbose)
-    from flows.experiment import federated_training
+    """Run (or resume) the flow here and print where to find the results.
 
-    run_id = federated_training(config=config, resume_run_id=resume_run_id)
+    Prefect's API server boots beside the input checks and imports (``flows.orchestrator``);
+    bad input stops it and leaves nothing behind.
+    """
+    import tasks  # noqa: F401  (no-telemetry settings, before the server starts)
+    from flows.orchestrator import prefect_api
+
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve())))
+    configure_logging(verbose)
+    with prefect_api(home) as server:
+        try:
+            preflight(config)
+        except BaseException:
+            if server is not None:
+                server.discard()
+            raise
+        from flows.experiment import federated_training
+
+        if server is not None:
+            server.wait_ready()
+        run_id = federated_training(config=config, resume_run_id=resume_run_id)
     print(f"MLflow run id: {run_id}")
     print(f"Open the UI with `autorank ui --uri {config.tracking.uri}` -> http://127.0.0.1:5000")
     return str(run_id)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from autorank.config import ExperimentConfig
-from autorank.data import load_data
-from autorank.federation import Federation, build_federation
+from autorank.federation import Federation, federation_from_config
 from autorank.models import default_targets
 from autorank.ranks import RankAssignment, assign_ranks
 
@@ -24,15 +23,8 @@ def public_fraction(config: ExperimentConfig) -> float:
 
 def federation_for(config: ExperimentConfig) -> Federation:
     """Load the data and lay it out over the clients exactly as a run of this config does."""
-    data = load_data(
-        config.data.name,
-        path=config.data.path,
-        test_fraction=config.data.test_fraction,
-        seed=config.seed,
-        max_train_samples=config.data.max_train_samples,
-    )
-    return build_federation(
-        data, config.partition, public_fraction=public_fraction(config), seed=config.seed
+    return federation_from_config(
+        config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
     )
 
 

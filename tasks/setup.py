@@ -9,8 +9,7 @@ from torch import nn
 from autorank.backend import limit_threads
 from autorank.base import make_base
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
-from autorank.data import load_data
-from autorank.federation import Federation, build_federation
+from autorank.federation import Federation, federation_from_config
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -18,14 +17,7 @@ def load_federation(
     data: DataConfig, partition: PartitionConfig, *, public_fraction: float, seed: int
 ) -> Federation:
     """Load the dataset and partition it among the clients."""
-    splits = load_data(
-        data.name,
-        path=data.path,
-        test_fraction=data.test_fraction,
-        seed=seed,
-        max_train_samples=data.max_train_samples,
-    )
-    return build_federation(splits, partition, public_fraction=public_fraction, seed=seed)
+    return federation_from_config(data, partition, public_fraction=public_fraction, seed=seed)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -257,3 +257,26 @@ def test_bad_jobs_are_refused_with_the_client_named() -> None:
         engine.train_clients([ClientJob(0, {"fc1": 3, "fc2": 1}, state, x, y, 1, 0)])
     with pytest.raises(ValueError, match="dropout"):
         BatchedBackend(base, ["fc1"], LoraSettings("fixed", 8.0, 2.0, 0.2, ("head",)), train, CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_on_cuda_matches_sequential_on_cpu() -> None:
+    # Prepare
+    base, lora, train = _mlp(), _lora(), _train("adam")
+    jobs = _jobs(base, lora, "download")
+    cuda = torch.device("cuda", 0)
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs, _tests())
+    engine = BatchedBackend(base, ["fc1", "fc2"], lora, train, cuda)
+    batched = engine.train_clients(jobs, _tests())
+
+    # Assert: results come back on the CPU; TF32 and other kernels: a looser tolerance
+    assert all(o.result.state.lora["fc1"].A.device.type == "cpu" for o in batched)
+    for b, s in zip(batched, sequential, strict=True):
+        for path, f in s.result.state.lora.items():
+            assert_close(b.result.state.lora[path].B, f.B, rtol=1e-2, atol=1e-3)
+        assert b.result.epoch_losses[-1] == pytest.approx(s.result.epoch_losses[-1], rel=1e-2)
+    assert next(engine.template.model.parameters()).device.type == "cuda"
+    assert next(base.parameters()).device.type == "cpu"  # the caller's base stays where it was

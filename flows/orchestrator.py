@@ -1,0 +1,149 @@
+"""Prefect's API for a local command: started first, booting beside the command's own start-up.
+
+Without ``PREFECT_API_URL`` a flow call makes Prefect start a temporary API server only when the
+flow starts, after importing the server's code into this process (about 7 s of CPU on these
+machines), and then waits for it (4-10 s). Starting the same server ourselves, as the first thing
+a command does, lets it boot on another core while this process imports torch and checks its
+input, and keeps the server's code out of this process. It is Prefect's own ASGI app served by
+uvicorn on 127.0.0.1, with the settings Prefect gives its temporary server (no UI), and it is
+asked to die with this process (Linux ``PR_SET_PDEATHSIG``), so even a SIGKILL leaves no server
+behind. With ``PREFECT_API_URL`` already set, that server is used and nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class LocalServer:
+    """A Prefect API server process for this command (see the module docstring)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.created_home = not home.exists()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
+        # Where prefect is installed, found without importing it (the server runs elsewhere).
+        spec = importlib.util.find_spec("prefect")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("prefect is not installed (pip install -e .)")
+        package = Path(next(iter(spec.submodule_search_locations))).parent
+        env = dict(
+            os.environ,
+            PREFECT_HOME=str(home),
+            PREFECT_UI_ENABLED="0",
+            PREFECT__SERVER_EPHEMERAL="1",
+            PREFECT__SERVER_FINAL="1",
+        )
+        env.pop("PREFECT_API_URL", None)
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(package), "--factory",
+                   "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                   str(self.port), "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            preexec_fn=_die_with_parent,
+        )
+
+    def wait_ready(self) -> None:
+        """Block until the server answers its health check.
+
+        Raises:
+            RuntimeError: the server exited or did not answer in time (one line, with its last
+                error line).
+        """
+        timeout = float(os.environ.get(_TIMEOUT_ENV, "90"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Prefect's API server exited with code {self.process.returncode}: "
+                    f"{self._last_error()}"
+                )
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply,
+            ):
+                if reply.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"Prefect's API server did not start within {timeout:.0f} s ({_TIMEOUT_ENV}); "
+            f"{self._last_error()}"
+        )
+
+    def _last_error(self) -> str:
+        self.log.seek(0)
+        lines = [ln.strip() for ln in self.log.read().decode(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        return lines[-1] if lines else "no error output"
+
+    def stop(self) -> None:
+        """Shut the server down (SIGTERM, then SIGKILL after 10 s)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def discard(self) -> None:
+        """Stop, and remove the Prefect home if this server created it (bad input: no traces)."""
+        self.stop()
+        if self.created_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prefect_api(home: Path) -> Iterator[LocalServer | None]:
+    """Start a local Prefect API server unless ``PREFECT_API_URL`` names one; stop it after.
+
+    Yields the server (None when an existing one is used). ``PREFECT_API_URL`` points at it for
+    the duration, so Prefect's client in this process connects to it instead of starting its own.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    server = LocalServer(home)
+    os.environ["PREFECT_API_URL"] = server.url
+    try:
+        yield server
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
