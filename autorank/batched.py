@@ -51,55 +51,51 @@ from autorank.training import LocalResult, TrainSettings
 Params = dict[str, torch.Tensor]
 
 
-class _LoraLinear(nn.Module):
-    """``base(x) + scale * (x A^T) B^T``, peft's order of operations; factors come per call."""
+class _LoraSlot(nn.Module):
+    """A base layer plus LoRA placeholders that ``functional_call`` fills per client.
+
+    ``lora_A: [r, d_in]``, ``lora_B: [d_out, r]`` and ``scale`` are buffers (never trained
+    here): each call brings one client's tensors.
+    """
 
     lora_A: torch.Tensor  # noqa: N815  (peft's names)
     lora_B: torch.Tensor  # noqa: N815
     scale: torch.Tensor
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
         self.base = base
-        w = base.weight
-        self.register_buffer("lora_A", w.new_zeros(1, base.in_features), persistent=False)
-        self.register_buffer("lora_B", w.new_zeros(base.out_features, 1), persistent=False)
+        d_out, d_in = layer_dims(base, path)
+        w = cast(torch.Tensor, base.weight)
+        self.register_buffer("lora_A", w.new_zeros(1, d_in), persistent=False)
+        self.register_buffer("lora_B", w.new_zeros(d_out, 1), persistent=False)
         self.register_buffer("scale", w.new_zeros(()), persistent=False)
+
+
+class _LoraLinear(_LoraSlot):
+    """``base(x) + scale * (x A^T) B^T``, peft's order of operations."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return self.base(x) + lora * self.scale
+        return cast(torch.Tensor, self.base(x)) + lora * self.scale
 
 
-class _LoraConv2d(nn.Module):
+class _LoraConv2d(_LoraSlot):
     """A conv's LoRA as peft builds it: ``A`` a conv of the base's kernel, ``B`` a 1x1 conv."""
 
-    lora_A: torch.Tensor  # noqa: N815  (peft's names)
-    lora_B: torch.Tensor  # noqa: N815
-    scale: torch.Tensor
-
-    def __init__(self, base: nn.Conv2d) -> None:
-        super().__init__()
-        self.base = base
-        d_in = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
-        w = base.weight
-        self.register_buffer("lora_A", w.new_zeros(1, d_in), persistent=False)
-        self.register_buffer("lora_B", w.new_zeros(base.out_channels, 1), persistent=False)
-        self.register_buffer("scale", w.new_zeros(()), persistent=False)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.base
+        c = cast(nn.Conv2d, self.base)
         A = self.lora_A.reshape(self.lora_A.shape[0], c.in_channels, *c.kernel_size)
         B = self.lora_B.reshape(c.out_channels, -1, 1, 1)
         h = F.conv2d(x, A, None, c.stride, c.padding)
         return c(x) + F.conv2d(h, B) * self.scale
 
 
-def _wrap(module: nn.Module) -> nn.Module:
+def _wrap(module: nn.Module, path: str) -> nn.Module:
     if isinstance(module, nn.Linear):
-        return _LoraLinear(module)
+        return _LoraLinear(module, path)
     if isinstance(module, nn.Conv2d):
-        return _LoraConv2d(module)
+        return _LoraConv2d(module, path)
     raise TypeError(f"cannot batch LoRA on a {type(module).__name__}")
 
 
@@ -127,7 +123,7 @@ class LoraTemplate:
         for path in self.paths:
             parent, _, leaf = path.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, leaf, _wrap(owner.get_submodule(leaf)))
+            setattr(owner, leaf, _wrap(owner.get_submodule(leaf), path))
         model.requires_grad_(False)
         self.model = model.to(device).eval()
         self.device = device

@@ -268,3 +268,30 @@ def load_adapter(path: Path) -> AdapterState:
         return state_from_tensors("adapter", load_file(str(path)))
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"adapter file {str(path)!r} is unreadable: {err}") from None
+
+
+DECISION_FILE = "rank_decision.json"
+
+
+def save_decision(root: Path, run_id: str, decision: Mapping[str, Any]) -> None:
+    """Write the run's rank decision once, beside its rounds (it does not change per round)."""
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / DECISION_FILE, json.dumps(decision))
+
+
+def load_decision(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
+    """The run's rank decision: its own file, or (formats 1-2) the checkpoint's meta.
+
+    Raises:
+        CheckpointError: neither holds a readable decision.
+    """
+    path = root / ckpt.run_id / DECISION_FILE
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"rank decision {str(path)!r} is unreadable: {err}") from None
+    if "rank_decision" in ckpt.meta:
+        return dict(ckpt.meta["rank_decision"])
+    raise CheckpointError(f"run {ckpt.run_id} has no rank decision ({str(path)!r} is missing)")

@@ -131,9 +131,12 @@ def start_state(
 def round_jobs(
     data: Sequence[ClientData],
     clients: Sequence[int],
-    starts: Sequence[AdapterState],
+    global_state: AdapterState,
     ranks: Sequence[Mapping[str, int]],
+    paths: Sequence[Mapping[str, int]],
+    lora: LoraSettings,
     *,
+    fresh: bool,
     epochs: int,
     seed: int,
     round_idx: int,
@@ -141,14 +144,22 @@ def round_jobs(
     """One training job for each of ``clients`` in round ``round_idx`` (1-based).
 
     Args:
-        data: every client's tensors; ranks: every client's target ranks (indexed by client).
-        clients: the clients training this round; starts: their start states, in that order.
+        data, ranks, paths: every client's tensors, target ranks and module-path ranks
+            (``expand_ranks``), indexed by client.
+        clients: the clients training this round; each starts from ``start_state``.
+        fresh: the last update was merged into the base (FLoRA).
     """
     return [
         ClientJob(
-            c, dict(ranks[c]), s, data[c].x, data[c].y, epochs, client_seed(seed, round_idx, c)
+            c,
+            dict(ranks[c]),
+            start_state(global_state, paths[c], lora, fresh=fresh),
+            data[c].x,
+            data[c].y,
+            epochs,
+            client_seed(seed, round_idx, c),
         )
-        for c, s in zip(clients, starts, strict=True)
+        for c in clients
     ]
 
 

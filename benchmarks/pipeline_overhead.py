@@ -6,9 +6,9 @@ Prints measured figures only (nothing asserted):
         [--per-round 100] [--rounds 3] [--set key=value ...]
     .venv/bin/python benchmarks/pipeline_overhead.py process [--set key=value ...]
 
-``rounds``: after one untimed run, the flow runs twice in this process, with 1 and 1+R rounds;
-the difference in CPU seconds of this process and its children (Prefect's temporary API server)
-over R is the pipeline's CPU per round, with start-up, pre-training and the warm-up cancelled out
+``rounds``: the flow runs 1+R rounds in this process; the CPU seconds of this process and its
+children (Prefect's temporary API server) between the checkpoints of round 1 and round 1+R,
+over R, are the pipeline's CPU per round: start-up, pre-training and the warm-up are left out
 (wall likewise). The bare
 loops then train exactly the same clients (the run's ranks, the same sampled cohorts, data order
 and epochs) with nothing around them: no Prefect, MLflow, evaluation, aggregation or checkpoints.
@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,35 @@ def _config(tmp: str, overrides: list[str]):  # type: ignore[no-untyped-def]
     )
 
 
-def _run(config) -> tuple[str, float, float]:  # type: ignore[no-untyped-def]
+def _observed_run(config) -> tuple[str, list[tuple[float, float]]]:  # type: ignore[no-untyped-def]
+    """Run the flow in a thread; (CPU, wall) of the process tree as each round is checkpointed."""
+    import threading
+
     from flows.experiment import federated_training
 
-    cpu, wall = tree_cpu(), time.perf_counter()
-    run_id = federated_training(config=config)
-    return run_id, tree_cpu() - cpu, time.perf_counter() - wall
+    out: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            out["run_id"] = federated_training(config=config)
+        except BaseException as err:  # re-raised below, in the main thread
+            out["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    marks: list[tuple[float, float]] = []
+    seen = ""
+    while thread.is_alive():
+        pointers = list(config.runtime.checkpoint_dir.glob("*/LATEST"))
+        now = pointers[0].read_text().strip() if pointers else ""
+        if now and now != seen:
+            seen = now
+            marks.append((tree_cpu(), time.perf_counter()))
+        time.sleep(0.005)
+    thread.join()
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return str(out["run_id"]), marks
 
 
 def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:
@@ -89,7 +113,7 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
     from autorank.base import make_base
     from autorank.cohorts import sample_clients
     from autorank.ranks import RankAssignment
-    from autorank.rounds import client_data, initial_state, round_jobs, start_state
+    from autorank.rounds import client_data, initial_state, round_jobs
     from autorank.targets import expand_ranks
     from flows.engines import lora_settings
     from flows.ranking import federation_for
@@ -103,29 +127,28 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
         batch_size=config.training.batch_size,
         seed=config.seed,
     )
-    meta = json.loads(
-        next(config.runtime.checkpoint_dir.glob(f"{run_id}/round_*/meta.json")).read_text()
-    )
-    ranks = RankAssignment.from_json(meta["rank_decision"]).ranks()
+    decision = config.runtime.checkpoint_dir / run_id / "rank_decision.json"
+    ranks = RankAssignment.from_json(json.loads(decision.read_text())).ranks()
     lora = lora_settings(config)
     global_state = initial_state(base, ranks, lora, seed=config.seed)
     data = client_data(federation)
     per_round = []
+    paths = [expand_ranks(base, r) for r in ranks]
     for r in rounds:
         sampled = sample_clients(
             len(data), config.training.clients_per_round, seed=config.seed, round_idx=r
         )
-        starts = [
-            start_state(global_state, expand_ranks(base, ranks[c]), lora, fresh=False)
-            for c in sampled
-        ]
+        epochs = config.training.local_epochs
         per_round.append(
             round_jobs(
                 data,
                 sampled,
-                starts,
+                global_state,
                 ranks,
-                epochs=config.training.local_epochs,
+                paths,
+                lora,
+                fresh=False,
+                epochs=epochs,
                 seed=config.seed,
                 round_idx=r,
             )
@@ -134,7 +157,11 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
 
 
 def _bare(config, base, per_round, kind: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """CPU and wall seconds per round of a bare loop over the same jobs, on one thread."""
+    """CPU and wall seconds per round of a bare loop over the same jobs, on one thread.
+
+    Each round's jobs run three times and the median counts (this machine's timings vary by
+    tens of percent from one run to the next); the mean over rounds is returned.
+    """
     import torch
 
     from autorank.batched import BatchedBackend
@@ -157,11 +184,16 @@ def _bare(config, base, per_round, kind: str) -> tuple[float, float]:  # type: i
             cpu_dev,
             max_clients=config.runtime.batch_clients,
         )
-    cpu, wall = time.process_time(), time.perf_counter()
-    for jobs in per_round:
+    cpus, walls = [], []
+    for jobs in per_round * 3:  # every round three times: the median of each is kept
+        cpu, wall = time.process_time(), time.perf_counter()
         engine.train_clients(jobs)
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
     n = len(per_round)
-    return (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+    per_cpu = [statistics.median(cpus[r::n]) for r in range(n)]
+    per_wall = [statistics.median(walls[r::n]) for r in range(n)]
+    return statistics.mean(per_cpu), statistics.mean(per_wall)
 
 
 def rounds_mode(args: argparse.Namespace) -> None:
@@ -181,13 +213,11 @@ def rounds_mode(args: argparse.Namespace) -> None:
         common = [f"partition.n_clients={k}", *args.overrides]
         if per:
             common.append(f"training.clients_per_round={per}")
-        short = _config(tmp, [*common, "training.rounds=1"])
         long = _config(tmp, [*common, f"training.rounds={1 + args.rounds}"])
-        _run(short)  # Prefect's server, caches and allocators warm up: not counted
-        _, cpu1, wall1 = _run(short)
-        run_id, cpu2, wall2 = _run(long)
-        cpu = (cpu2 - cpu1) / args.rounds
-        wall = (wall2 - wall1) / args.rounds
+        run_id, marks = _observed_run(long)
+        assert len(marks) == 1 + args.rounds, f"saw {len(marks)} rounds checkpointed"
+        cpu = (marks[-1][0] - marks[0][0]) / args.rounds
+        wall = (marks[-1][1] - marks[0][1]) / args.rounds
         phases = _phases(long.tracking.uri, run_id, first=1)
         base, jobs = _bare_jobs(long, run_id, range(2, 2 + args.rounds))
         seq_cpu, seq_wall = _bare(long, base, jobs, "sequential")
@@ -211,7 +241,7 @@ import torch
 from autorank.backend import warmup_jobs
 from autorank.base import make_base
 from autorank.config import load_config
-from autorank.rounds import client_data, initial_state, round_jobs, start_state, test_data
+from autorank.rounds import client_data, initial_state, round_jobs, test_data
 from autorank.sequential import SequentialBackend
 from autorank.batched import LoraTemplate, evaluate_state
 from autorank.training import TrainSettings
@@ -237,11 +267,10 @@ engine.train_clients(warmup_jobs(xs, ys, ranks=top, epochs=epochs, seed=config.s
 state = initial_state(base, ranks, lora, seed=config.seed)
 clients = list(range(len(data)))
 for r in range(1, config.training.rounds + 1):
-    starts = [start_state(state, expand_ranks(base, ranks[c]), lora, fresh=False)
-              for c in clients]
+    paths = [expand_ranks(base, rk) for rk in ranks]
     E = config.training.local_epochs
-    engine.train_clients(round_jobs(data, clients, starts, ranks, epochs=E, seed=config.seed,
-                                    round_idx=r))
+    engine.train_clients(round_jobs(data, clients, state, ranks, paths, lora, fresh=False,
+                                    epochs=E, seed=config.seed, round_idx=r))
 x, y = test_data(federation)
 acc = evaluate_state(LoraTemplate(base, list(layers), lora.head, torch.device("cpu")), state, x, y)
 print(f"bare process done in {time.perf_counter() - start:.1f} s")
@@ -275,11 +304,7 @@ def process_mode(args: argparse.Namespace) -> None:
     from autorank.config import load_config
 
     config = load_config(None, sets)
-    run_dir = sorted(config.runtime.checkpoint_dir.glob("*/round_*/meta.json"))[-1]
-    import json
-
-    decision = Path(tmp) / "decision.json"
-    decision.write_text(json.dumps(json.loads(run_dir.read_text())["rank_decision"]))
+    decision = sorted(config.runtime.checkpoint_dir.glob("*/rank_decision.json"))[-1]
     bare_wall, bare_cpu = _timed([sys.executable, "-c", BARE, str(decision), *sets], env)
     print(f"machine: {psutil.cpu_count()} cores; config overrides: {args.overrides or 'none'}")
     print("process                              wall s   CPU s   ratio (wall, CPU)")

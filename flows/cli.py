@@ -182,19 +182,25 @@ def grid_plan(grid: GridConfig) -> str:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from autorank.comparison import load_grid
-    from flows.local import configure_logging
+    from flows.local import configure_logging, local_orchestration
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
         print(grid_plan(grid))
         return 0
-    # Before Prefect is imported, so that its home and log level apply.
-    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    # Before Prefect is imported, so that its home, log level and API server apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     configure_logging(args.verbose)
-    from flows.compare import compare_locally
 
-    parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
+    def check() -> None:
+        from flows.compare import preflight_grid
+
+        preflight_grid(grid, args.resume)
+
+    with local_orchestration(check):
+        from flows.compare import compare_locally
+
+        parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
     print(table)
     print(f"MLflow parent run id: {parent}")
     print(f"Open the UI with `autorank ui --uri {grid.base.tracking.uri}` -> http://127.0.0.1:5000")

@@ -341,8 +341,10 @@ def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
 
 
 def compare_locally(grid: GridConfig, *, resume_parent_run_id: str | None) -> tuple[str, str]:
-    """Run (or resume) a comparison here; return the parent run id and the summary table."""
-    preflight_grid(grid, resume_parent_run_id)
+    """Run (or resume) a comparison here; return the parent run id and the summary table.
+
+    Check the grid first (``preflight_grid``).
+    """
     named = compare_methods.with_options(flow_run_name=grid.name or "compare")
     parent = named(grid=grid, resume_parent_run_id=resume_parent_run_id)
     return parent, tracking.read_text(grid.base.tracking.uri, parent, SUMMARY_FILE)

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -19,6 +19,7 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
+from autorank.checkpoint import load_decision, save_decision
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
@@ -29,7 +30,6 @@ from autorank.rounds import (
     client_data,
     initial_state,
     round_jobs,
-    start_state,
     test_data,
 )
 from flows.engines import Engines, build_engines, lora_settings
@@ -41,7 +41,7 @@ from flows.run_records import (
     record_decision,
     relog_checkpoint_round,
 )
-from flows.runners import client_task_resources, task_runner_for
+from flows.runners import client_task_resources, opaque, task_runner_for
 from tasks.checkpointing import RoundRecord, load_round, record_round
 from tasks.clients import train_cohort
 from tasks.ranking import rank_clients
@@ -49,6 +49,7 @@ from tasks.server import server_round
 from tasks.setup import build_base, load_federation
 
 progress = logging.getLogger("autorank.progress")
+T = TypeVar("T")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class RunState:
     base_version: int = 0
 
 
+def _same(value: T) -> T:
+    return value
+
+
 def _run_cohorts(
     config: ExperimentConfig,
     engines: Engines,
@@ -85,16 +90,18 @@ def _run_cohorts(
     # Balanced by local steps, so that parallel cohorts finish together.
     steps = [j.epochs * -(-int(j.x.shape[0]) // config.training.batch_size) for j in jobs]
     chunks = split_cohorts(jobs, len(engines.backends), steps)
+    # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
+    wrap = opaque if config.runtime.task_runner == "threads" else _same
     with client_task_resources(config.runtime):
         futures = [
             engines.runner.submit(
                 train_cohort,
                 {
                     "engine": engines.backends[i],
-                    "jobs": chunk,
-                    "tests": None
-                    if data is None
-                    else [data[j.client].local_split() for j in chunk],
+                    "jobs": wrap(chunk),
+                    "tests": wrap(
+                        None if data is None else [data[j.client].local_split() for j in chunk]
+                    ),
                     "base": base,
                     "base_version": base_version,
                     "threads": config.runtime.threads_per_client,
@@ -149,6 +156,8 @@ def _fresh_state(
     engines: Engines,
 ) -> RunState:
     assignment = _warm_up_and_rank(config, base, federation, data, engines)
+    # Once per run, not in every round's checkpoint: it grows with the number of clients.
+    save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
     record_decision(config, run_id, federation, assignment)
     global_state = initial_state(base, assignment.ranks(), lora_settings(config), seed=config.seed)
     return RunState(base, global_state, False, assignment, [], {}, 1)
@@ -164,19 +173,17 @@ def _run_round(
     engines: Engines,
 ) -> RunState:
     start = time.perf_counter()
-    lora = lora_settings(config)
-    ranks = state.assignment.ranks()
     sampled = sample_clients(
         len(data), config.training.clients_per_round, seed=config.seed, round_idx=round_idx
     )
-    starts = [
-        start_state(state.global_state, engines.paths[c], lora, fresh=state.fresh) for c in sampled
-    ]
     jobs = round_jobs(
         data,
         sampled,
-        starts,
-        ranks,
+        state.global_state,
+        state.assignment.ranks(),
+        engines.paths,
+        lora_settings(config),
+        fresh=state.fresh,
         epochs=config.training.local_epochs,
         seed=config.seed,
         round_idx=round_idx,
@@ -187,8 +194,8 @@ def _run_round(
     trained = time.perf_counter()
     step: ServerStep = server_round(
         config.aggregation.method,
-        outcomes,
-        previous=state.global_state,
+        opaque(outcomes),
+        previous=opaque(state.global_state),
         base=state.base,
         template=engines.evaluator,
         x=test[0],
@@ -213,26 +220,27 @@ def _run_round(
     )
     metrics = report.metrics(keyed_clients=len(data) <= config.tracking.keyed_clients_max)
     record_round(
-        RoundRecord(
-            root=config.runtime.checkpoint_dir,
-            uri=config.tracking.uri,
-            run_id=run_id,
-            digest=config_digest(config),
-            round_idx=round_idx,
-            base=new.base,
-            global_state=new.global_state,
-            fresh=merged,
-            meta={
-                "metrics": metrics,
-                "history": new.history,
-                "sampled": sampled,
-                "rank_decision": new.assignment.to_json(),
-            },
-            metrics=metrics,
-            table=report.client_table()
-            if round_idx % config.tracking.client_table_every == 0
-            or round_idx == config.training.rounds
-            else None,
+        opaque(
+            RoundRecord(
+                root=config.runtime.checkpoint_dir,
+                uri=config.tracking.uri,
+                run_id=run_id,
+                digest=config_digest(config),
+                round_idx=round_idx,
+                base=new.base,
+                global_state=new.global_state,
+                fresh=merged,
+                meta={
+                    "metrics": metrics,
+                    "history": new.history,
+                    "sampled": sampled,
+                },
+                metrics=metrics,
+                table=report.client_table()
+                if round_idx % config.tracking.client_table_every == 0
+                or round_idx == config.training.rounds
+                else None,
+            )
         )
     )
     progress.info(
@@ -290,7 +298,7 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState
     if ckpt is None:
         return None
     base.load_state_dict(dict(ckpt.base))
-    assignment = RankAssignment.from_json(ckpt.meta["rank_decision"])
+    assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)
     progress.info("resuming run %s after round %d", run_id, ckpt.round_idx)
     return RunState(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from autorank.config import ExperimentConfig
@@ -71,28 +73,36 @@ def preflight(config: ExperimentConfig) -> None:
     pick_device(config.runtime.device)
 
 
-def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
-    """Run (or resume) the flow here and print where to find the results.
+@contextlib.contextmanager
+def local_orchestration(check: Callable[[], object]) -> Iterator[None]:
+    """Start Prefect's API server, run ``check`` while it boots, wait until it answers.
 
-    Prefect's API server boots beside the input checks and imports (``flows.orchestrator``);
-    bad input stops it and leaves nothing behind.
+    Must be entered before Prefect is imported (its settings are read at import), so that its
+    client uses this server (``flows.orchestrator``). Bad input found by ``check`` stops the
+    server and leaves nothing behind.
     """
     import tasks  # noqa: F401  (no-telemetry settings, before the server starts)
     from flows.orchestrator import prefect_api
 
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve())))
-    configure_logging(verbose)
     with prefect_api(home) as server:
         try:
-            preflight(config)
+            check()
         except BaseException:
             if server is not None:
                 server.discard()
             raise
-        from flows.experiment import federated_training
-
         if server is not None:
             server.wait_ready()
+        yield
+
+
+def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
+    """Run (or resume) the flow here and print where to find the results."""
+    configure_logging(verbose)
+    with local_orchestration(lambda: preflight(config)):
+        from flows.experiment import federated_training
+
         run_id = federated_training(config=config, resume_run_id=resume_run_id)
     print(f"MLflow run id: {run_id}")
     print(f"Open the UI with `autorank ui --uri {config.tracking.uri}` -> http://127.0.0.1:5000")

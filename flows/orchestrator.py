@@ -130,20 +130,42 @@ class LocalServer:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+_STARTED: set[str] = set()  # API URLs of the servers this process started (and stopped)
+
+
+def _configured_url() -> str | None:
+    """The API URL Prefect uses now, unless it is one of ours (stopped by now)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url and "prefect.context" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+    return url if url and url not in _STARTED else None
+
+
 @contextlib.contextmanager
 def prefect_api(home: Path) -> Iterator[LocalServer | None]:
-    """Start a local Prefect API server unless ``PREFECT_API_URL`` names one; stop it after.
+    """Start a local Prefect API server unless Prefect is pointed at one; stop it after.
 
-    Yields the server (None when an existing one is used). ``PREFECT_API_URL`` points at it for
-    the duration, so Prefect's client in this process connects to it instead of starting its own.
+    Yields the server, or None when ``PREFECT_API_URL`` (or an active Prefect settings context,
+    such as Prefect's test harness) names a server already. Prefect reads its settings when it is
+    imported: before that ``PREFECT_API_URL`` is set for the duration; after it, the setting is
+    overridden in a Prefect settings context.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    if _configured_url() is not None:
         yield None
         return
     server = LocalServer(home)
+    _STARTED.add(server.url)
     os.environ["PREFECT_API_URL"] = server.url
     try:
-        yield server
+        if "prefect.context" in sys.modules:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: server.url}):
+                yield server
+        else:
+            yield server
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

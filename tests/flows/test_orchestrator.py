@@ -28,11 +28,17 @@ def test_the_server_answers_then_stops_and_bad_input_leaves_no_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # Prefect pointed nowhere (in this test process a harness may be active)
+    monkeypatch.setattr("flows.orchestrator._configured_url", lambda: None)
     home = tmp_path / "prefect-home"
 
     with prefect_api(home) as server:
         assert server is not None
         assert os.environ["PREFECT_API_URL"] == server.url
+        if "prefect.context" in sys.modules:  # an imported Prefect is pointed at it too
+            from prefect.settings import get_current_settings
+
+            assert get_current_settings().api.url == server.url
         assert server.url.startswith("http://127.0.0.1:")
         server.wait_ready()
         with urllib.request.urlopen(f"{server.url}/health", timeout=5) as reply:
@@ -43,6 +49,21 @@ def test_the_server_answers_then_stops_and_bad_input_leaves_no_home(
     assert "PREFECT_API_URL" not in os.environ
     assert not _alive(pid)
     assert not home.exists()
+
+
+def test_a_second_command_in_one_process_gets_a_server_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prefect.context  # noqa: F401  (Prefect imported, as after a first command)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import orchestrator
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    stale = "http://127.0.0.1:1/api"
+    monkeypatch.setattr(orchestrator, "_STARTED", {stale})  # a first command's, now stopped
+    with temporary_settings(updates={PREFECT_API_URL: stale}), prefect_api(tmp_path / "h") as s:
+        assert s is not None and s.url != stale
 
 
 def test_an_existing_api_url_is_used_and_nothing_started(

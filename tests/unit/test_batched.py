@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,8 +199,10 @@ def _three_rounds(method: str, engine: str) -> list[float]:
     global_state, fresh, version, accuracy = initial_state(base, ranks, lora, seed=0), False, 0, []
     for round_idx in (1, 2, 3):
         clients = [c for c in range(4) if (c + round_idx) % 4 != 0]  # one client sits out
-        starts = [start_state(global_state, paths[c], lora, fresh=fresh) for c in clients]
-        jobs = round_jobs(data, clients, starts, ranks, epochs=1, seed=0, round_idx=round_idx)
+        jobs = round_jobs(
+            data, clients, global_state, ranks, paths, lora,
+            fresh=fresh, epochs=1, seed=0, round_idx=round_idx,
+        )  # fmt: skip
         backend.sync_base(base, version)
         outcomes = backend.train_clients(jobs, [data[c].local_split() for c in clients])
         step = server_step(
@@ -280,3 +283,29 @@ def test_batched_on_cuda_matches_sequential_on_cpu() -> None:
         assert b.result.epoch_losses[-1] == pytest.approx(s.result.epoch_losses[-1], rel=1e-2)
     assert next(engine.template.model.parameters()).device.type == "cuda"
     assert next(base.parameters()).device.type == "cpu"  # the caller's base stays where it was
+
+
+def test_a_transformers_vit_trains_batched_like_sequential(tiny_vit_dir: Path) -> None:
+    # Prepare: LoRA on the attention projections, the classifier as the head
+    base = build_model(
+        "hf", input_shape=(1, 8, 8), n_classes=3, hf_name_or_path=str(tiny_vit_dir), seed=0
+    ).eval()
+    base.requires_grad_(False)
+    lora = LoraSettings("fixed", 8.0, 2.0, 0.0, ("classifier",))
+    targets = ["q_proj", "v_proj"]
+    ranks = [{"q_proj": 2, "v_proj": 4}, {"q_proj": 4, "v_proj": 1}]
+    global_state = initial_state(base, ranks, lora, seed=0)
+    jobs = [
+        ClientJob(i, r, start_state(global_state, expand_ranks(base, r), lora, fresh=False),
+                  *_data(9 + 4 * i, seed=i, d=64), 2, client_seed(0, 1, i))
+        for i, r in enumerate(ranks)
+    ]  # fmt: skip
+    train = _train("sgd")
+
+    # Execute
+    assert why_not_batched(base, targets, lora, jobs[0].x) is None
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
+    batched = BatchedBackend(base, targets, lora, train, CPU).train_clients(jobs)
+
+    # Assert
+    _assert_same(batched, sequential)
