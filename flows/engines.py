@@ -57,11 +57,26 @@ class Engines:
 
 
 def backend_kind(config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData]) -> str:
-    """``batched`` where asked (or ``auto``) and the model allows it, else ``sequential``."""
+    """``batched`` where asked (or ``auto``) and the model allows it, else ``sequential``.
+
+    ``auto`` keeps LoRA on convolutions sequential on a CPU: there the batched engine's
+    per-client convolutions ran 2-4x slower than one client after another
+    (``benchmarks/engine_throughput.py``, docs/performance.md).
+    """
     asked = config.runtime.backend
     if asked == "sequential":
         return asked
-    reason = why_not_batched(base, list(layer_ranges(config)), lora_settings(config), data[0].x)
+    targets = list(layer_ranges(config))
+    convs = [p for p in expand_ranks(base, dict.fromkeys(targets, 1))
+             if isinstance(base.get_submodule(p), nn.Conv2d)]  # fmt: skip
+    if asked == "auto" and convs and pick_device(config.runtime.device).type == "cpu":
+        progress.info(
+            "runtime.backend auto: training sequentially (LoRA on convolutions %s batches "
+            "slower than sequentially on a CPU)",
+            ", ".join(convs),
+        )
+        return "sequential"
+    reason = why_not_batched(base, targets, lora_settings(config), data[0].x)
     if reason is None:
         return "batched"
     progress.warning("runtime.backend %s: training sequentially, %s", asked, reason)
