@@ -21,7 +21,7 @@ from torch import nn
 from autorank.adapters import AdapterState
 from autorank.config import LoraConfig
 from autorank.evaluation import EvalResult
-from autorank.targets import AlphaPolicy
+from autorank.targets import AlphaPolicy, scale_for
 from autorank.training import LocalResult, client_seed
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ class LoraSettings:
     def from_config(cls, lora: LoraConfig, head: Sequence[str]) -> LoraSettings:
         """From the ``lora`` config section and the model's ``head_modules``."""
         return cls(lora.alpha_policy, lora.alpha, lora.alpha_ratio, lora.dropout, tuple(head))
+
+    def scale(self, rank: int) -> float:
+        """The LoRA scale at ``rank`` under this alpha policy (``targets.scale_for``)."""
+        return scale_for(rank, policy=self.policy, alpha=self.alpha, alpha_ratio=self.alpha_ratio)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from autorank.targets import (
     head_parameter_names,
     layer_dims,
     matches,
-    scale_for,
 )
 from autorank.training import LocalResult, TrainSettings
 
@@ -175,7 +174,7 @@ class LoraTemplate:
             _check_state(state, ranks)
             for path, f in state.lora.items():
                 # Keep the product scale * B @ A if the state was made at another scale.
-                ratio = f.scale / _scale(ranks[path], lora)
+                ratio = f.scale / lora.scale(ranks[path])
                 params[f"{path}.lora_A"] = f.A
                 params[f"{path}.lora_B"] = f.B * ratio
         extra = state.extra if state is not None and state.extra else self.head_init
@@ -186,10 +185,6 @@ class LoraTemplate:
             )
         params |= {n: extra[n] for n in self.head_names}
         return ranks, params
-
-
-def _scale(rank: int, lora: LoraSettings) -> float:
-    return scale_for(rank, policy=lora.policy, alpha=lora.alpha, alpha_ratio=lora.alpha_ratio)
 
 
 def _check_state(state: AdapterState, ranks: Mapping[str, int]) -> None:
@@ -239,7 +234,7 @@ def _stack(
         params[f"{path}.lora_A"] = A.requires_grad_(True)
         params[f"{path}.lora_B"] = B.requires_grad_(True)
         scales[f"{path}.scale"] = torch.tensor(
-            [_scale(ranks[path], lora) for ranks, _ in starts], device=dev
+            [lora.scale(ranks[path]) for ranks, _ in starts], device=dev
         )
     for name in template.head_names:
         head = torch.stack([p[name].to(dev) for _, p in starts])
@@ -455,7 +450,7 @@ class BatchedBackend:
             r = ranks[path]
             A = stack.params[f"{path}.lora_A"][pos, :r]
             B = stack.params[f"{path}.lora_B"][pos, :, :r]
-            lora[path] = LoraFactors(_cpu(A), _cpu(B), _scale(r, self.lora))
+            lora[path] = LoraFactors(_cpu(A), _cpu(B), self.lora.scale(r))
         extra = {n: _cpu(stack.params[n][pos]) for n in self.template.head_names}
         return AdapterState(lora, extra)
 

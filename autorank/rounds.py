@@ -35,7 +35,6 @@ from autorank.targets import (
     fresh_down_projections,
     head_parameter_names,
     merge_base_delta,
-    scale_for,
     target_dims,
 )
 from autorank.training import LocalResult, client_seed
@@ -88,7 +87,7 @@ def download(
     """
     factors: dict[str, LoraFactors] = {}
     for path, r in paths.items():
-        scale = scale_for(r, policy=lora.policy, alpha=lora.alpha, alpha_ratio=lora.alpha_ratio)
+        scale = lora.scale(r)
         factors[path] = resize(global_state.lora[path], r, scale)
     return AdapterState(factors, dict(global_state.extra))
 
@@ -103,7 +102,7 @@ def initial_state(
     paths = expand_ranks(base, max_ranks(ranks))
     dims = target_dims(base, list(paths))
     factors = {
-        path: LoraFactors(A, A.new_zeros(dims[path][0], paths[path]), _scale(paths[path], lora))
+        path: LoraFactors(A, A.new_zeros(dims[path][0], paths[path]), lora.scale(paths[path]))
         for path, A in fresh_down_projections(dims, paths, seed).items()
     }
     own = dict(base.named_parameters())
@@ -112,10 +111,6 @@ def initial_state(
         for n in head_parameter_names(base, lora.head)
     }
     return AdapterState(factors, head)
-
-
-def _scale(rank: int, lora: LoraSettings) -> float:
-    return scale_for(rank, policy=lora.policy, alpha=lora.alpha, alpha_ratio=lora.alpha_ratio)
 
 
 def start_state(
