@@ -21,7 +21,6 @@ from autorank.training import TrainSettings
 
 logger = logging.getLogger(__name__)
 
-BackendName = Literal["auto", "sequential", "batched"]
 T = TypeVar("T")
 _SAMPLING_STREAM = 0x5A  # keeps the sampling stream apart from the clients' (seed, round, client)
 
@@ -123,7 +122,7 @@ def why_not_batched(
 
 
 def make_backend(
-    kind: BackendName,
+    kind: Literal["sequential", "batched"],
     base: nn.Module,
     targets: Sequence[str],
     lora: LoraSettings,
@@ -132,13 +131,13 @@ def make_backend(
     *,
     max_clients: int,
 ) -> ClientBackend:
-    """The engine of one cohort slot: batched where asked (or ``auto``) and possible."""
-    if kind in ("auto", "batched"):
+    """The engine of one cohort slot, of a kind already resolved from ``runtime.backend``."""
+    if kind == "batched":
         from autorank.batched import BatchedBackend
 
         return BatchedBackend(base, targets, lora, train, device, max_clients=max_clients)
     if kind != "sequential":
-        raise ValueError(f"backend must be 'auto', 'sequential' or 'batched', got {kind!r}")
+        raise ValueError(f"backend must be 'sequential' or 'batched', got {kind!r}")
     from autorank.sequential import SequentialBackend
 
     return SequentialBackend(base, lora, train, device)

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prefect.task_runners import TaskRunner
 from torch import nn
@@ -45,18 +45,14 @@ class Engines:
     evaluator: LoraTemplate
     paths: list[dict[str, int]] = field(default_factory=list)
 
-    def set_ranks(self, ranks: Sequence[Mapping[str, int]], base: nn.Module) -> None:
+    def set_ranks(self, ranks: Sequence[Mapping[str, int]]) -> None:
         """Expand every client's target ranks to module paths (once per distinct pattern)."""
-        cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
-        self.paths = []
-        for r in ranks:
-            key = tuple(sorted(r.items()))
-            if key not in cache:
-                cache[key] = expand_ranks(base, r)
-            self.paths.append(cache[key])
+        self.paths = [self.evaluator.expand(r) for r in ranks]
 
 
-def backend_kind(config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData]) -> str:
+def backend_kind(
+    config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData]
+) -> Literal["sequential", "batched"]:
     """``batched`` where asked (or ``auto``) and the model allows it, else ``sequential``.
 
     ``auto`` keeps LoRA on convolutions sequential on a CPU: there the batched engine's
@@ -65,7 +61,7 @@ def backend_kind(config: ExperimentConfig, base: nn.Module, data: Sequence[Clien
     """
     asked = config.runtime.backend
     if asked == "sequential":
-        return asked
+        return "sequential"
     targets = list(layer_ranges(config))
     convs = [p for p in expand_ranks(base, dict.fromkeys(targets, 1))
              if isinstance(base.get_submodule(p), nn.Conv2d)]  # fmt: skip
@@ -96,7 +92,7 @@ def build_engines(
     targets = list(layer_ranges(config))
     backends = [
         make_backend(
-            kind,  # type: ignore[arg-type]
+            kind,
             base,
             targets,
             lora,

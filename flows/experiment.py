@@ -65,7 +65,6 @@ class RunState:
     fresh: bool
     assignment: RankAssignment
     history: list[float]
-    last_metrics: dict[str, float]
     start_round: int
     base_version: int = 0
 
@@ -160,7 +159,7 @@ def _fresh_state(
     save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
     record_decision(config, run_id, federation, assignment)
     global_state = initial_state(base, assignment.ranks(), lora_settings(config), seed=config.seed)
-    return RunState(base, global_state, False, assignment, [], {}, 1)
+    return RunState(base, global_state, False, assignment, [], 1)
 
 
 def _run_round(
@@ -230,12 +229,9 @@ def _run_round(
                 base=new.base,
                 global_state=new.global_state,
                 fresh=merged,
-                meta={
-                    "metrics": metrics,
-                    "history": new.history,
-                    "sampled": sampled,
-                },
                 metrics=metrics,
+                history=new.history,
+                sampled=sampled,
                 table=report.client_table()
                 if round_idx % config.tracking.client_table_every == 0
                 or round_idx == config.training.rounds
@@ -251,7 +247,7 @@ def _run_round(
         metrics["clients/mean_accuracy"],
         report.seconds,
     )
-    return replace(new, last_metrics=metrics)
+    return new
 
 
 @flow(name="autorank", task_runner=ThreadPoolTaskRunner(), log_prints=True)  # type: ignore[arg-type]
@@ -281,7 +277,7 @@ def federated_training(
         with task_runner_for(config.runtime) as runner:
             engines = build_engines(config, base, data, runner)  # from the restored base
             state = restored or _fresh_state(config, run_id, base, federation, data, engines)
-            engines.set_ranks(state.assignment.ranks(), base)
+            engines.set_ranks(state.assignment.ranks())
             for round_idx in range(state.start_round, config.training.rounds + 1):
                 state = _run_round(config, run_id, state, data, test, round_idx, engines)
         finish_run(config, run_id, state.global_state, state.history, engines.paths)
@@ -307,6 +303,5 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState
         ckpt.fresh,
         assignment,
         list(ckpt.meta["history"]),
-        dict(ckpt.meta["metrics"]),
         ckpt.round_idx + 1,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ class RoundRecord:
         root: the checkpoint directory; uri, run_id: the MLflow run.
         digest: the config digest the checkpoint is bound to.
         base, global_state, fresh: the state the next round starts from.
-        meta: JSON-ready extras of the checkpoint (metrics, history, sampled clients, ranks).
-        metrics: the round's metrics (one MLflow batch at step ``round_idx``).
+        metrics: the round's metrics (one MLflow batch at step ``round_idx``; the checkpoint
+            keeps them too, to log them on resume if the crash came first).
+        history: global accuracy of every round so far; sampled: this round's clients.
         table: per-client columns for the round's table artifact, or None this round.
     """
 
@@ -37,8 +38,9 @@ class RoundRecord:
     base: nn.Module
     global_state: AdapterState
     fresh: bool
-    meta: Mapping[str, Any]
     metrics: Mapping[str, float]
+    history: Sequence[float]
+    sampled: Sequence[int]
     table: Mapping[str, list[Any]] | None
 
 
@@ -58,7 +60,11 @@ def record_round(record: RoundRecord) -> None:
         record.base.state_dict(),
         record.global_state,
         record.fresh,
-        record.meta,
+        {
+            "metrics": dict(record.metrics),
+            "history": list(record.history),
+            "sampled": list(record.sampled),
+        },
     )
     save_checkpoint(record.root, ckpt)
     tracking.log_round(record.uri, record.run_id, record.metrics, record.round_idx)
