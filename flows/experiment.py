@@ -41,7 +41,7 @@ from flows.run_records import (
     record_decision,
     relog_checkpoint_round,
 )
-from flows.runners import client_task_resources, opaque, task_runner_for
+from flows.runners import client_task_resources, opaque, signals_deferred, task_runner_for
 from tasks.checkpointing import RoundRecord, load_round, record_round
 from tasks.clients import train_cohort
 from tasks.ranking import rank_clients
@@ -218,27 +218,28 @@ def _run_round(
         train_seconds=trained - start,
     )
     metrics = report.metrics(keyed_clients=len(data) <= config.tracking.keyed_clients_max)
-    record_round(
-        opaque(
-            RoundRecord(
-                root=config.runtime.checkpoint_dir,
-                uri=config.tracking.uri,
-                run_id=run_id,
-                digest=config_digest(config),
-                round_idx=round_idx,
-                base=new.base,
-                global_state=new.global_state,
-                fresh=merged,
-                metrics=metrics,
-                history=new.history,
-                sampled=sampled,
-                table=report.client_table()
-                if round_idx % config.tracking.client_table_every == 0
-                or round_idx == config.training.rounds
-                else None,
+    with signals_deferred():  # a signal lands after the record, not inside its writes
+        record_round(
+            opaque(
+                RoundRecord(
+                    root=config.runtime.checkpoint_dir,
+                    uri=config.tracking.uri,
+                    run_id=run_id,
+                    digest=config_digest(config),
+                    round_idx=round_idx,
+                    base=new.base,
+                    global_state=new.global_state,
+                    fresh=merged,
+                    metrics=metrics,
+                    history=new.history,
+                    sampled=sampled,
+                    table=report.client_table()
+                    if round_idx % config.tracking.client_table_every == 0
+                    or round_idx == config.training.rounds
+                    else None,
+                )
             )
         )
-    )
     progress.info(
         "round %d/%d: global accuracy %.4f, clients' mean accuracy %.4f (%.1f s)",
         round_idx,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 from prefect.exceptions import TerminationSignal
 
 from autorank.adapters import AdapterState
@@ -35,16 +33,7 @@ def close_interrupted_or_failed(
     checkpoints, and ``resume_hint`` (the command that continues it) is logged.
     """
     interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal)
-    status = "KILLED" if interrupted else "FAILED"
-    for attempt in range(10):
-        try:
-            tracking.end_run(uri, run_id, status)
-            break
-        except MlflowException as failure:
-            # A round's record may still be writing to a sqlite store when a signal lands.
-            if "locked" not in str(failure) or attempt == 9:
-                raise
-            time.sleep(0.5)
+    tracking.end_run(uri, run_id, "KILLED" if interrupted else "FAILED")
     if interrupted:
         progress.info("run %s stopped; %s continues it", run_id, resume_hint)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import FrameType
 from typing import Any, TypeVar, cast
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -53,3 +57,33 @@ def client_task_resources(runtime: RuntimeConfig) -> AbstractContextManager[Any]
     import dask
 
     return dask.annotate(resources=dict(runtime.dask_resources))
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act on them as before.
+
+    A round's record (checkpoint, then its MLflow writes) must not be cut in the middle: an
+    interrupted sqlite write keeps the store locked, so the run could not even be marked
+    KILLED. Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append((signum, frame))
+
+    previous = {int(sig): signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught[:1]:  # the first signal, to whoever handled it before
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
