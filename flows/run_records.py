@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ def close_interrupted_or_failed(
     checkpoints, and ``resume_hint`` (the command that continues it) is logged.
     """
     interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal)
+    with contextlib.suppress(Exception):  # else they are logged again from the checkpoint
+        tracking.settle(run_id)
     tracking.end_run(uri, run_id, "KILLED" if interrupted else "FAILED")
     if interrupted:
         progress.info("run %s stopped; %s continues it", run_id, resume_hint)
@@ -141,6 +144,7 @@ def finish_run(
     from autorank.checkpoint import save_adapter
 
     uri = config.tracking.uri
+    tracking.settle(run_id)  # the last round's metrics, written in the background
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "global_adapter.safetensors"
         meta = {"ranks": str(global_state.ranks()), "config_digest": config_digest(config)}

@@ -67,7 +67,7 @@ def record_round(record: RoundRecord) -> None:
         },
     )
     save_checkpoint(record.root, ckpt)
-    tracking.log_round(record.uri, record.run_id, record.metrics, record.round_idx)
+    tracking.log_round(record.uri, record.run_id, record.metrics, record.round_idx, background=True)
     if record.table is not None:
         tracking.log_client_table(record.uri, record.run_id, record.table, record.round_idx)
 

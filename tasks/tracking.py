@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import posixpath
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -220,11 +221,85 @@ def log_table(uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_
 _RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_result": False}
 
 
-def log_round(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log one round's metrics (one batch), unless that step is already in the run."""
-    if step in logged_steps(uri, run_id, "global/accuracy"):
+def log_round(
+    uri: str, run_id: str, metrics: Mapping[str, float], step: int, *, background: bool = False
+) -> None:
+    """Log one round's metrics (one batch), exactly once per step.
+
+    Args:
+        background: write on MLflow's logging thread while the next round trains. The previous
+            round's write is awaited first (``settle``), so at most one round's metrics are in
+            flight; the caller has checkpointed the round before, and a resume logs the
+            checkpointed round's metrics again if the process died before they were written.
+            Without it the store is asked first whether the step is already there (a resume).
+    """
+    settle(run_id)
+    if not background:
+        if step not in logged_steps(uri, run_id, "global/accuracy"):
+            log_metrics(uri, run_id, metrics, step)
         return
-    log_metrics(uri, run_id, metrics, step)
+    with _pending_lock:
+        if _sent.get(run_id) == step:
+            return  # a retry of the record that already sent this round
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        client = client_for(uri)
+        ops = [
+            client.log_batch(run_id, metrics=items[i : i + _BATCH_METRICS], synchronous=False)
+            for i in range(0, len(items), _BATCH_METRICS)
+        ]
+        _pending[run_id] = _Pending(uri, dict(metrics), step, ops)
+        _sent[run_id] = step
+
+
+@dataclass
+class _Pending:
+    """One round's metrics being written in the background.
+
+    ``ops`` are MLflow's RunOperations, one per batch; None once a write failed (to be written
+    again synchronously).
+    """
+
+    uri: str
+    metrics: dict[str, float]
+    step: int
+    ops: list[Any] | None
+
+
+_pending: dict[str, _Pending] = {}
+_sent: dict[str, int] = {}
+_pending_lock = threading.Lock()
+
+
+def settle(run_id: str) -> None:
+    """Wait until a run's round metrics written in the background are in the store.
+
+    A background write that failed is written again here, synchronously (only if its step is
+    not in the store yet); if that fails too the error is raised and the metrics stay pending,
+    for the next call.
+    """
+    with _pending_lock:
+        pending = _pending.pop(run_id, None)
+    if pending is None or _written(pending.ops):
+        return
+    try:
+        if pending.step not in logged_steps(pending.uri, run_id, "global/accuracy"):
+            log_metrics(pending.uri, run_id, pending.metrics, pending.step)
+    except Exception:
+        with _pending_lock:
+            _pending.setdefault(run_id, replace(pending, ops=None))
+        raise
+
+
+def _written(ops: list[Any] | None) -> bool:
+    if ops is None:
+        return False
+    try:
+        for op in ops:
+            op.wait()
+    except MlflowException:
+        return False
+    return True
 
 
 def client_table_file(round_idx: int) -> str:

@@ -1,0 +1,81 @@
+"""Round metrics written in the background: once per step, awaited, rewritten after a failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from tasks import tracking
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[str, str]:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    run_id = client.create_run(tracking.experiment_id(uri, "t")).info.run_id
+    return uri, run_id
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted(
+        (m.step, m.value) for m in tracking.client_for(uri).get_metric_history(run_id, key)
+    )
+
+
+def test_background_rounds_land_once_each_after_settle(run: tuple[str, str]) -> None:
+    uri, run_id = run
+    for step in (1, 2, 3):
+        metrics = {"global/accuracy": step / 10, "global/loss": 1.0 / step}
+        tracking.log_round(uri, run_id, metrics, step, background=True)
+    tracking.log_round(
+        uri, run_id, {"global/accuracy": 0.3, "global/loss": 0.5}, 3, background=True
+    )
+    tracking.settle(run_id)
+    assert _history(uri, run_id, "global/accuracy") == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert _history(uri, run_id, "global/loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+
+def test_synchronous_round_is_not_logged_twice(run: tuple[str, str]) -> None:
+    uri, run_id = run
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, background=True)
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1)  # a resume re-logging it
+    assert _history(uri, run_id, "global/accuracy") == [(1, 0.5)]
+
+
+class _Failed:
+    def wait(self) -> None:
+        raise MlflowException("the store went away")
+
+
+def test_failed_background_write_is_written_again_on_settle(
+    run: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, run_id = run
+    client = tracking.client_for(uri)
+    monkeypatch.setattr(client, "log_batch", lambda *a, **k: _Failed())
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.7}, 4, background=True)
+    monkeypatch.undo()
+    assert _history(uri, run_id, "global/accuracy") == []
+    tracking.settle(run_id)
+    assert _history(uri, run_id, "global/accuracy") == [(4, 0.7)]
+
+
+def test_a_rewrite_that_fails_stays_pending(
+    run: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, run_id = run
+    client = tracking.client_for(uri)
+    monkeypatch.setattr(client, "log_batch", lambda *a, **k: _Failed())
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.7}, 5, background=True)
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise MlflowException("still down")
+
+    monkeypatch.setattr(tracking, "log_metrics", down)
+    with pytest.raises(MlflowException, match="still down"):
+        tracking.settle(run_id)
+    monkeypatch.undo()
+    tracking.settle(run_id)  # the store is back: the pending round is written now
+    assert _history(uri, run_id, "global/accuracy") == [(5, 0.7)]
