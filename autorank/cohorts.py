@@ -90,10 +90,28 @@ def split_cohorts(
     return [[items[p] for p in sorted(m)] for m in members]
 
 
-def cohort_count(n_sampled: int, *, workers: int, cohort_size: int | None) -> int:
-    """Cohorts per round: ``ceil(n / cohort_size)``, or one per worker by default."""
+# A batched cohort on a CPU runs Python for every step (vmap, the optimiser) and only its
+# matrix products release the GIL, so cohorts on parallel threads pay off only with enough
+# arithmetic per step. Measured on 2 cores: the digits MLP (55k base parameters), 10 clients, ran
+# a round in 0.31 s as one cohort and 0.39 s as two; the Fashion-MNIST MLP (199k), 100 clients,
+# in 1.21 s as one and 0.96 s as two.
+CPU_BATCHED_GRAIN = 4_000_000  # clients x base parameters per cohort thread, at least
+
+
+def cohort_count(
+    n_sampled: int, *, workers: int, cohort_size: int | None, grain_work: int | None = None
+) -> int:
+    """Cohorts per round: ``ceil(n / cohort_size)``, or one per worker by default.
+
+    Args:
+        grain_work: without ``cohort_size``, the round's work in clients x base parameters,
+            to give each cohort at least ``CPU_BATCHED_GRAIN`` of it (the batched engine on a
+            CPU); None: one cohort per worker.
+    """
     if cohort_size is not None:
         return max(1, math.ceil(n_sampled / cohort_size))
+    if grain_work is not None:
+        workers = min(workers, grain_work // CPU_BATCHED_GRAIN)
     return max(1, min(workers, n_sampled))
 
 

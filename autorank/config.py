@@ -212,7 +212,10 @@ class RuntimeConfig(_Section):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int | None = Field(None, ge=1, description="parallel cohort tasks; None = cores")
     cohort_size: int | None = Field(
-        None, ge=1, description="clients per cohort task; None: one cohort per worker"
+        None,
+        ge=1,
+        description="clients per cohort task; None: one cohort per worker (the batched engine "
+        "on a CPU splits a round only where each cohort has enough work to keep a core busy)",
     )
     batch_clients: int = Field(
         64, ge=1, description="batched backend: clients trained together in one step at most"

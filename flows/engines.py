@@ -87,7 +87,12 @@ def build_engines(
     kind = backend_kind(config, base, data)
     n = participants(len(data), config.training.clients_per_round)
     workers = runtime.max_workers or os.cpu_count() or 1
-    count = cohort_count(n, workers=workers, cohort_size=runtime.cohort_size)
+    # Threads of one process share the GIL (Dask workers are processes of their own).
+    shared_gil = runtime.task_runner == "threads" and pick_device(runtime.device).type == "cpu"
+    work = (
+        n * sum(p.numel() for p in base.parameters()) if kind == "batched" and shared_gil else None
+    )
+    count = cohort_count(n, workers=workers, cohort_size=runtime.cohort_size, grain_work=work)
     lora, train = lora_settings(config), TrainSettings.from_config(config.training)
     targets = list(layer_ranges(config))
     backends = [

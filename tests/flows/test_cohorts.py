@@ -21,7 +21,7 @@ def sampled_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory)
         partition={"n_clients": 12, "scheme": "dirichlet", "alpha": 1.0},
         training={"rounds": ROUNDS, "local_epochs": 1, "clients_per_round": 5},
         tracking={"keyed_clients_max": 4},
-        runtime={"max_workers": 2, "backend": "batched"},
+        runtime={"max_workers": 2, "backend": "batched", "cohort_size": 3},
     )
     run_id = federated_training(config=config)
     return config, run_id, MlflowClient(tracking_uri=config.tracking.uri), tmp

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from autorank.cohorts import cohort_count, participants, sample_clients, split_cohorts
+from autorank.cohorts import (
+    CPU_BATCHED_GRAIN,
+    cohort_count,
+    participants,
+    sample_clients,
+    split_cohorts,
+)
 
 
 def test_participants_from_a_count_a_fraction_or_everyone() -> None:
@@ -70,3 +76,12 @@ def test_cohort_count_per_worker_or_by_size() -> None:
     assert cohort_count(1000, workers=2, cohort_size=None) == 2
     assert cohort_count(1, workers=8, cohort_size=None) == 1
     assert cohort_count(1000, workers=2, cohort_size=64) == 16
+
+
+def test_cohort_count_gives_cpu_batched_cohorts_a_grain_of_work() -> None:
+    grain = CPU_BATCHED_GRAIN
+    assert cohort_count(10, workers=2, cohort_size=None, grain_work=grain - 1) == 1
+    assert cohort_count(100, workers=2, cohort_size=None, grain_work=2 * grain) == 2
+    assert cohort_count(100, workers=8, cohort_size=None, grain_work=3 * grain + 1) == 3
+    assert cohort_count(100, workers=2, cohort_size=None, grain_work=50 * grain) == 2
+    assert cohort_count(100, workers=2, cohort_size=10, grain_work=0) == 10  # asked for
