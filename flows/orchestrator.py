@@ -13,6 +13,7 @@ behind. With ``PREFECT_API_URL`` already set, that server is used and nothing is
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -45,12 +46,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+class OrchestratorError(RuntimeError):
+    """Prefect's API server could not be started or died; the message is one line."""
+
+
 class LocalServer:
-    """A Prefect API server process for this command (see the module docstring)."""
+    """A Prefect API server process for this command (see the module docstring).
+
+    Commands started at once in one folder share its Prefect home: the first to find no
+    database there holds a lock on the home until its server has created and migrated it
+    (servers migrating one new database at once failed), the others wait for that.
+    """
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self.created_home = not home.exists()
+        home.mkdir(parents=True, exist_ok=True)
+        self._boot_lock: int | None = os.open(home, os.O_RDONLY)
+        fcntl.flock(self._boot_lock, fcntl.LOCK_EX)
+        if (home / "prefect.db").exists():
+            self._release_boot_lock()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
@@ -79,18 +94,29 @@ class LocalServer:
             preexec_fn=_die_with_parent,
         )
 
+    def _release_boot_lock(self) -> None:
+        if self._boot_lock is not None:
+            os.close(self._boot_lock)  # releases the lock
+            self._boot_lock = None
+
     def wait_ready(self) -> None:
         """Block until the server answers its health check.
 
         Raises:
-            RuntimeError: the server exited or did not answer in time (one line, with its last
-                error line).
+            OrchestratorError: the server exited or did not answer in time (one line, with its
+                last error line).
         """
+        try:
+            self._wait_ready()
+        finally:
+            self._release_boot_lock()
+
+    def _wait_ready(self) -> None:
         timeout = float(os.environ.get(_TIMEOUT_ENV, "90"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
+                raise OrchestratorError(
                     f"Prefect's API server exited with code {self.process.returncode}: "
                     f"{self._last_error()}"
                 )
@@ -101,7 +127,7 @@ class LocalServer:
                 if reply.status == 200:
                     return
             time.sleep(0.1)
-        raise RuntimeError(
+        raise OrchestratorError(
             f"Prefect's API server did not start within {timeout:.0f} s ({_TIMEOUT_ENV}); "
             f"{self._last_error()}"
         )
@@ -114,6 +140,7 @@ class LocalServer:
 
     def stop(self) -> None:
         """Shut the server down (SIGTERM, then SIGKILL after 10 s)."""
+        self._release_boot_lock()
         if self.process.poll() is None:
             self.process.terminate()
             try:

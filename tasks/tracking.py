@@ -7,12 +7,15 @@ metrics go in one batch per round.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import posixpath
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -30,10 +33,22 @@ _BATCH_METRICS = 1000
 
 @cache
 def client_for(uri: str) -> MlflowClient:
-    """One client per tracking URI (sqlite stores are created on first use)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    """One client per tracking URI (sqlite stores are created on first use).
+
+    Creating a client creates or upgrades a sqlite store's schema; processes that do it at
+    once race (runs failed and a store was left unusable), so they take turns on a lock of
+    the store's folder.
+    """
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def artifact_root(uri: str) -> str | None:
@@ -241,31 +256,25 @@ def log_round(
     with _pending_lock:
         if _sent.get(run_id) == step:
             return  # a retry of the record that already sent this round
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        client = client_for(uri)
-        ops = [
-            client.log_batch(run_id, metrics=items[i : i + _BATCH_METRICS], synchronous=False)
-            for i in range(0, len(items), _BATCH_METRICS)
-        ]
-        _pending[run_id] = _Pending(uri, dict(metrics), step, ops)
+        write = _writer.submit(log_metrics, uri, run_id, dict(metrics), step)
+        _pending[run_id] = _Pending(uri, dict(metrics), step, write)
         _sent[run_id] = step
 
 
 @dataclass
 class _Pending:
-    """One round's metrics being written in the background.
-
-    ``ops`` are MLflow's RunOperations, one per batch; None once a write failed (to be written
-    again synchronously).
-    """
+    """One round's metrics being written in the background (``write``; None once it failed,
+    to be written again synchronously)."""
 
     uri: str
     metrics: dict[str, float]
     step: int
-    ops: list[Any] | None
+    write: Future[None] | None
 
 
+# One writer thread of our own rather than MLflow's asynchronous logging, whose queue makes a
+# process wait up to a second at exit and logs an ERROR line for a write that is retried here.
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autorank-metrics")
 _pending: dict[str, _Pending] = {}
 _sent: dict[str, int] = {}
 _pending_lock = threading.Lock()
@@ -280,24 +289,23 @@ def settle(run_id: str) -> None:
     """
     with _pending_lock:
         pending = _pending.pop(run_id, None)
-    if pending is None or _written(pending.ops):
+    if pending is None or _written(pending.write):
         return
     try:
         if pending.step not in logged_steps(pending.uri, run_id, "global/accuracy"):
             log_metrics(pending.uri, run_id, pending.metrics, pending.step)
     except Exception:
         with _pending_lock:
-            _pending.setdefault(run_id, replace(pending, ops=None))
+            _pending.setdefault(run_id, replace(pending, write=None))
         raise
 
 
-def _written(ops: list[Any] | None) -> bool:
-    if ops is None:
+def _written(write: Future[None] | None) -> bool:
+    if write is None:
         return False
     try:
-        for op in ops:
-            op.wait()
-    except MlflowException:
+        write.result()
+    except Exception:
         return False
     return True
 
