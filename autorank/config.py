@@ -59,7 +59,7 @@ class ModelConfig(_Section):
     pretrain_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="public share of train data for server pre-training"
     )
-    pretrain_epochs: int = Field(5, ge=0)
+    pretrain_epochs: int = Field(5, ge=0, le=10_000)
 
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
@@ -152,9 +152,11 @@ class RankingConfig(_Section):
 class TrainingConfig(_Section):
     """Local training and the round schedule."""
 
-    rounds: int = Field(20, ge=1)
-    local_epochs: int = Field(5, ge=1)
-    warmup_epochs: int = Field(5, ge=2, description="E >= 2 epochs for learning difficulty")
+    rounds: int = Field(20, ge=1, le=100_000)
+    local_epochs: int = Field(5, ge=1, le=10_000)
+    warmup_epochs: int = Field(
+        5, ge=2, le=10_000, description="E >= 2 epochs for learning difficulty"
+    )
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -314,12 +316,30 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r}: value is not valid YAML") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                    "(expected each setting once)"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping from a file, raising ConfigError for a missing or malformed file."""
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as err:
+        raise ConfigError(f"config file {str(path)!r}, {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

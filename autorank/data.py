@@ -362,7 +362,15 @@ def _count_classes(declared: int | None, y_train: np.ndarray, y_test: np.ndarray
     seen = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
     if declared is not None and seen > declared:
         raise DataError(f"{name}: label {seen - 1} out of range; expected 0..{declared - 1}")
-    return declared if declared is not None else seen
+    if declared is not None:
+        return declared
+    n = len(y_train) + len(y_test)
+    if seen > n:  # labels are class indices, so C classes need C samples at least
+        raise DataError(
+            f"{name}: labels go up to {seen - 1} but there are {n} samples; expected labels "
+            "0..C-1 with C at most the number of samples (is the label column right?)"
+        )
+    return seen
 
 
 def _n_held_out(n: int, fraction: float) -> int:

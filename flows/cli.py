@@ -85,8 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", default=TrackingConfig().uri, help="tracking URI (%(default)s)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="port (%(default)s)")
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {port}")
+    return port
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a port something on 127.0.0.1 already listens on (the UI would fail later)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ValueError(
+                f"port {port} on 127.0.0.1 is not free ({err.strerror}); pass --port with another"
+            ) from None
 
 
 def _cmd_ranks(args: argparse.Namespace) -> int:
@@ -182,7 +206,7 @@ def grid_plan(grid: GridConfig) -> str:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from autorank.comparison import load_grid
-    from flows.local import configure_logging, local_orchestration
+    from flows.local import configure_logging, local_orchestration, no_failure_records
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
@@ -197,7 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         preflight_grid(grid, args.resume)
 
-    with local_orchestration(check):
+    with local_orchestration(check), no_failure_records():
         from flows.compare import compare_locally
 
         parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
@@ -212,6 +236,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     from tasks.tracking import artifact_root
 
+    _check_port_free(args.port)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [
         sys.executable,
@@ -273,10 +298,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except RuntimeError as err:
         from autorank.rounds import DivergenceError
+        from flows.orchestrator import OrchestratorError
 
-        if not isinstance(err, DivergenceError):
+        if not isinstance(err, DivergenceError | OrchestratorError):
             raise
-        sys.stderr.write(f"autorank: {err}\n")
+        sys.stderr.write(f"autorank: {str(err).splitlines()[0]}\n")
         return 1
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"

@@ -50,11 +50,72 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 
 
+def _check_writable(path: Path, setting: str) -> None:
+    """``path`` is a writable folder, or can be created as one (nothing is created here)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{setting}: {str(probe)!r} is a file; expected a folder")
+    import tempfile
+
+    try:  # an unnamed file (O_TMPFILE), gone when closed: access() says yes to root everywhere
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise ValueError(f"{setting}: {str(probe)!r} is not writable") from None
+
+
+def _check_reachable(host: str, port: int, what: str, timeout: float = 5.0) -> None:
+    """Something accepts TCP connections at ``host:port`` within ``timeout`` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{what}: nothing answers at {host}:{port} ({reason})") from None
+
+
+def check_places(config: ExperimentConfig) -> None:
+    """Where the run writes and what it talks to, checked in seconds, before it starts.
+
+    The tracking store (a sqlite folder that can be written, or a server that answers), the
+    checkpoint folder, and the Dask scheduler.
+    """
+    from urllib.parse import urlsplit
+
+    uri = config.tracking.uri
+    if uri.startswith("sqlite:///"):
+        _check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking.uri")
+    elif uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        default = 443 if parts.scheme == "https" else 80
+        if not parts.hostname:
+            raise ValueError(f"tracking.uri: {uri!r} names no host")
+        _check_reachable(parts.hostname, parts.port or default, f"tracking.uri {uri}")
+    _check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
+    address = config.runtime.dask_address
+    if config.runtime.task_runner == "dask" and address:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        if not parts.hostname or not parts.port:
+            raise ValueError(
+                f"runtime.dask_address: {address!r}; expected tcp://host:port of a scheduler"
+            )
+        _check_reachable(parts.hostname, parts.port, "runtime.dask_address")
+
+
 def preflight(config: ExperimentConfig) -> None:
-    """Fail on bad input before anything is started or written: data, partition, model, targets."""
+    """Fail on bad input before anything is started or written: places, data, partition, model,
+    targets, sizes."""
     from autorank.backend import pick_device
+
+    check_places(config)
     from autorank.models import build_model, load_base_weights
-    from autorank.targets import expand_ranks
+    from autorank.targets import expand_ranks, layer_dims
     from flows.ranking import federation_for, layer_ranges, rank_table
 
     federation = federation_for(config)
@@ -69,7 +130,27 @@ def preflight(config: ExperimentConfig) -> None:
     )
     if config.model.init == "safetensors" and config.model.weights_path is not None:
         load_base_weights(model, config.model.weights_path)
-    expand_ranks(model, {k: hi for k, (_, hi) in layer_ranges(config).items()})
+    ranges = layer_ranges(config)
+    unknown = sorted(set(config.lora.layer_ranges) - set(ranges))
+    if unknown:
+        raise ValueError(
+            f"lora.layer_ranges names {unknown}, which are not adapted layers "
+            f"(expected some of {sorted(ranges)})"
+        )
+    paths = expand_ranks(model, {k: hi for k, (_, hi) in ranges.items()})
+    for path, r_max in paths.items():
+        d_out, d_in = layer_dims(model.get_submodule(path), path)
+        if r_max > min(d_out, d_in):
+            raise ValueError(
+                f"lora.r_max {r_max} exceeds layer '{path}' ({d_out} x {d_in}): a rank of at "
+                f"most {min(d_out, d_in)} is expected"
+            )
+    cores = os.cpu_count() or 1
+    if config.runtime.threads_per_client > cores:
+        raise ValueError(
+            f"runtime.threads_per_client is {config.runtime.threads_per_client} but this machine "
+            f"has {cores} cores: expected at most {cores}"
+        )
     pick_device(config.runtime.device)
 
 
@@ -97,10 +178,40 @@ def local_orchestration(check: Callable[[], object]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def no_failure_records() -> Iterator[None]:
+    """Remove what Prefect writes when a flow run fails: the exception, pickled.
+
+    Prefect persists a failed flow run's exception as a cloudpickle file in its local result
+    storage (``$PREFECT_HOME/storage``) whatever ``persist_result`` says. Nothing reads it back
+    here (the one-line error and the MLflow run say what happened), and a pickle is not a file
+    the project leaves behind, so the files a failed run added are removed.
+    """
+
+    def storage() -> Path | None:
+        if "prefect.settings" not in sys.modules:
+            return None
+        from prefect.settings import get_current_settings
+
+        return Path(get_current_settings().results.local_storage_path)
+
+    folder = storage()
+    before = set(folder.iterdir()) if folder is not None and folder.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        folder = folder or storage()
+        if folder is not None and folder.is_dir():
+            for left in set(folder.iterdir()) - before:
+                if left.is_file():
+                    left.unlink(missing_ok=True)
+        raise
+
+
 def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
     """Run (or resume) the flow here and print where to find the results."""
     configure_logging(verbose)
-    with local_orchestration(lambda: preflight(config)):
+    with local_orchestration(lambda: preflight(config)), no_failure_records():
         from flows.experiment import federated_training
 
         run_id = federated_training(config=config, resume_run_id=resume_run_id)

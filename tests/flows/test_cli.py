@@ -62,6 +62,13 @@ BAD = [
     (["run", "--set", "tracking.experiment="], "tracking.experiment"),
     (["run", "--set", "training.batch_size=-1"], "training.batch_size"),
     (["run", "--set", "lora.layer_ranges={fc1: {r_min: 9, r_max: 3}}"], "must not exceed"),
+    (["run", "--set", "lora.r_max=1000000"], "exceeds layer"),
+    (["run", "--set", "lora.layer_ranges={fc9: {r_min: 2, r_max: 4}}"], "['fc9']"),
+    (["run", "--set", "runtime.threads_per_client=100000"], "runtime.threads_per_client"),
+    (["run", "--set", "training.local_epochs=1000000000"], "training.local_epochs"),
+    (["run", "--set", "training.rounds=10000000"], "training.rounds"),
+    (["ui", "--port", "0"], "expected a port number 1-65535"),
+    (["ui", "--port", "http"], "expected a port number 1-65535"),
     (["run", "--bogus"], "unrecognized arguments"),
     (["resume", "no-such-run"], "no checkpoint folder"),
     (["ranks", "--set", "ranking.criteria=[]"], "at least one criterion"),
@@ -110,3 +117,69 @@ def test_interrupts_are_one_line_and_the_signal_exit_code(
     assert got == code
     assert capsys.readouterr().err == f"autorank: {word}; completed rounds are checkpointed\n"
     assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler does not leak
+
+
+def test_a_busy_ui_port_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = cli_error(["ui", "--port", str(port), "--uri", f"sqlite:///{tmp_path}/m.db"], capsys)
+
+    assert f"port {port} on 127.0.0.1 is not free" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "twice.yaml"
+    config.write_text("training:\n  rounds: 2\n  local_epochs: 1\n  rounds: 50\n")
+
+    err = cli_error(["run", "--config", str(config), *store_args(tmp_path)], capsys)
+
+    assert "line 4: key 'rounds' is given twice" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+PLACES = [
+    ("tracking.uri=http://127.0.0.1:9", "tracking.uri http://127.0.0.1:9: nothing answers"),
+    ("tracking.uri=sqlite:////proc/no/mlflow.db", "tracking.uri: '/proc' is not writable"),
+    ("tracking.uri=sqlite:///{tmp}/file/mlflow.db", "is a file; expected a folder"),
+    ("runtime.checkpoint_dir={tmp}/file/ckpt", "runtime.checkpoint_dir: "),
+    ("runtime.checkpoint_dir=/proc/ckpt", "runtime.checkpoint_dir: '/proc' is not writable"),
+]
+
+
+@pytest.mark.parametrize(("setting", "expected"), PLACES, ids=[p for p, _ in PLACES])
+def test_unusable_places_are_found_before_the_run(
+    setting: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["run", *store_args(tmp_path), "--set", setting.format(tmp=tmp_path)]
+
+    err = cli_error(argv, capsys)
+
+    assert expected in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+DASK = [
+    ("tcp://127.0.0.1:9", "runtime.dask_address: nothing answers at 127.0.0.1:9"),
+    ("scheduler", "expected tcp://host:port of a scheduler"),
+]
+
+
+@pytest.mark.parametrize(("address", "expected"), DASK, ids=[a for a, _ in DASK])
+def test_an_unreachable_dask_scheduler_is_found_before_the_run(
+    address: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", *store_args(tmp_path), "--set", "runtime.task_runner=dask"]
+    argv += ["--set", f"runtime.dask_address={address}"]
+
+    err = cli_error(argv, capsys)
+
+    assert expected in err
+    assert not list(tmp_path.iterdir())

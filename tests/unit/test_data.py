@@ -245,6 +245,14 @@ def test_parquet_single_file_with_rgb_pngs_is_split(tmp_path: Path) -> None:
     np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
 
 
+def test_parquet_labels_beyond_the_sample_count_are_refused(tmp_path: Path) -> None:
+    table = pa.table({"a": np.arange(30.0), "label": [0] * 29 + [1_000_000]})
+    pq.write_table(table, tmp_path / "train.parquet")
+
+    with pytest.raises(DataError, match="labels go up to 1000000 but there are 30 samples"):
+        load_data("parquet", path=tmp_path)
+
+
 def test_parquet_numeric_columns_become_vectors(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     table = pa.table({"a": rng.normal(5, 2, 20), "b": rng.integers(0, 9, 20), "label": [0, 1] * 10})
