@@ -4,9 +4,16 @@ Layout under ``<root>/<run_id>/``::
 
     base-<digest>.safetensors      base weights, named by their content
     round_0007/state.safetensors   the global adapter
-    round_0007/meta.json           round, run id, config digest, base file, ranks, metrics,
-                                   the round's sampled clients
-    LATEST                         name of the newest complete round folder
+    round_0007/meta.json           round, run id, config digest, base file, metrics, the
+                                   round's sampled clients, the sha256 of every file it uses
+    rank_decision.json             the ranks decided once for the run
+    LATEST                         the newest complete round folder and the sha256 of its meta
+    .lock                          held (flock) by the process running the run
+
+A checkpoint proves what it is (format 4): its meta names its run, round (equal to its folder's)
+and config digest and the sha256 of the state, base and rank-decision files, and ``LATEST`` the
+sha256 of that meta. A file copied from another round or run, a symlink, or an edited meta is
+refused with one line instead of resuming into wrong numbers.
 
 Clients keep no state of their own between rounds (each sampled client downloads the global
 adapter at its ranks, see ``autorank.rounds``), so a checkpoint does not grow with the number of
@@ -23,25 +30,32 @@ most the round in flight. No RNG state needs saving: every random stream is deri
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from autorank.adapters import AdapterState, LoraFactors
 
-FORMAT_VERSION = 3
-_READABLE = {1, 2, 3}  # 1 kept the base inside each round's state; 1 and 2 kept client states
+FORMAT_VERSION = 4
+# 1 kept the base inside each round's state; 1 and 2 kept client states; 1-3 bound no file hashes
+_READABLE = {1, 2, 3, 4}
 _KEEP = 2
+_ROUND = re.compile(r"round_(\d{4,})")
+DECISION_FILE = "rank_decision.json"
+_TEMPORARY = (".incomplete-", ".base-", ".LATEST.", f".{DECISION_FILE}.")
 
 
 class CheckpointError(ValueError):
@@ -107,13 +121,33 @@ def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Adap
     return AdapterState(lora, extra)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, text.encode())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# sha256 of base files already written, by path (a run writes its base once, or once per merge)
+_written_sha: dict[Path, str] = {}
 
 
 def base_digest(base: Mapping[str, torch.Tensor]) -> str:
@@ -126,19 +160,27 @@ def base_digest(base: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_base(run_dir: Path, base: Mapping[str, torch.Tensor]) -> str:
-    """Write the base weights unless a file with the same content is already there."""
+def _write_base(run_dir: Path, base: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """Write the base weights unless this run already wrote them; (file name, its sha256)."""
     name = f"base-{base_digest(base)}.safetensors"
-    if not (run_dir / name).is_file():
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
-        os.close(fd)
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in base.items()}, tmp)
-        os.replace(tmp, run_dir / name)
-    return name
+    path = run_dir / name
+    known = _written_sha.get(path)
+    if known is None or not path.is_file():
+        data = save({k: v.detach().cpu().contiguous() for k, v in base.items()})
+        _atomic_write(path, data)
+        known = _written_sha[path] = _sha256(data)
+    return name, known
 
 
 def _prune(run_dir: Path) -> None:
-    """Keep the newest rounds and the base files they name; remove the rest."""
+    """Keep the newest rounds and the base files they name; remove the rest, and what
+    interrupted writes left (the run's lock keeps other writers out)."""
+    for left in run_dir.iterdir():
+        if left.name.startswith(_TEMPORARY):
+            if left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
     for old in sorted(run_dir.glob("round_*"))[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     named = set()
@@ -161,9 +203,14 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     run_dir = root / ckpt.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"round_{ckpt.round_idx:04d}"
-    base_file = _write_base(run_dir, ckpt.base)
+    base_file, base_sha = _write_base(run_dir, ckpt.base)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".incomplete-"))
-    save_file(state_tensors("global", ckpt.global_state), str(tmp / "state.safetensors"))
+    state = save(state_tensors("global", ckpt.global_state))
+    (tmp / "state.safetensors").write_bytes(state)
+    files = {"state.safetensors": _sha256(state), f"../{base_file}": base_sha}
+    decision = run_dir / DECISION_FILE
+    if decision.is_file():
+        files[f"../{DECISION_FILE}"] = _file_sha256(decision)
     meta = {
         "format": FORMAT_VERSION,
         "round": ckpt.round_idx,
@@ -171,31 +218,48 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         "config_digest": ckpt.config_digest,
         "fresh_adapters": ckpt.fresh,
         "base_file": base_file,
+        "sha256": files,
         **ckpt.meta,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    text = json.dumps(meta, indent=1).encode()
+    (tmp / "meta.json").write_bytes(text)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(run_dir / "LATEST", final.name)
+    _atomic_write_text(run_dir / "LATEST", f"{final.name} sha256:{_sha256(text)}\n")
     _prune(run_dir)
     return final
 
 
-def latest_round_dir(root: Path, run_id: str) -> Path | None:
-    """The newest complete round folder of a run, or None if the run has no checkpoint yet."""
+def _pointer(root: Path, run_id: str) -> tuple[Path, str | None] | None:
+    """``LATEST``: the newest round folder and the sha256 of its meta (None before format 4)."""
     pointer = root / run_id / "LATEST"
     if not pointer.is_file():
         return None
-    folder = root / run_id / pointer.read_text().strip()
+    name, _, sha = pointer.read_text().strip().partition(" ")
+    folder = root / run_id / name
+    if not _ROUND.fullmatch(name) or folder.is_symlink():
+        raise CheckpointError(
+            f"checkpoint pointer {str(pointer)!r} names {name!r}, expected a round folder"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint pointer {str(pointer)!r} names a missing folder")
-    return folder
+    return folder, sha.removeprefix("sha256:") or None
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
+def latest_round_dir(root: Path, run_id: str) -> Path | None:
+    """The newest complete round folder of a run, or None if the run has no checkpoint yet."""
+    found = _pointer(root, run_id)
+    return None if found is None else found[0]
+
+
+def _read_meta(folder: Path, sha: str | None = None) -> dict[str, Any]:
+    path = folder / "meta.json"
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        if path.is_symlink():
+            raise OSError("it is a symbolic link")
+        data = path.read_bytes()
+        meta = json.loads(data)
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has an unreadable meta.json: {err}"
@@ -205,7 +269,31 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has format {found}, expected one of {sorted(_READABLE)}"
         )
+    if found >= 4 and sha != _sha256(data):
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r}: meta.json does not match the sha256 in LATEST "
+            "(edited after it was written?)"
+        )
     return meta
+
+
+def _verify_files(folder: Path, meta: Mapping[str, Any]) -> None:
+    """Every file the round uses is a regular file with the sha256 its meta recorded."""
+    if meta["format"] < 4:
+        return
+    files = meta.get("sha256")
+    if not isinstance(files, dict) or "state.safetensors" not in files:
+        raise CheckpointError(f"checkpoint {str(folder)!r} records no file hashes")
+    for rel, expected in files.items():
+        path = folder / rel
+        if path.is_symlink() or not path.is_file():
+            what = "a symbolic link" if path.is_symlink() else "missing"
+            raise CheckpointError(f"checkpoint {str(folder)!r}: {rel} is {what}")
+        if _file_sha256(path) != expected:
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r}: {rel} does not match its recorded sha256 "
+                "(copied from another round or run?)"
+            )
 
 
 def _load_tensors(path: Path, folder: Path) -> dict[str, torch.Tensor]:
@@ -221,10 +309,11 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
     Returns:
         The checkpoint, or None when the run has none yet.
     """
-    folder = latest_round_dir(root, run_id)
-    if folder is None:
+    found = _pointer(root, run_id)
+    if found is None:
         return None
-    meta = _read_meta(folder)
+    folder, meta_sha = found
+    meta = _read_meta(folder, meta_sha)
     if meta.get("run_id") != run_id:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} belongs to run {meta.get('run_id')!r}, not {run_id!r}"
@@ -234,6 +323,17 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
             f"checkpoint {str(folder)!r} was written for another config "
             f"(digest {meta.get('config_digest')}, this run's is {config_digest})"
         )
+    if meta.get("round") != int(_ROUND.fullmatch(folder.name).group(1)):  # type: ignore[union-attr]
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} says round {meta.get('round')!r}, its folder another"
+        )
+    history = meta.get("history")
+    if history is not None and len(history) != meta["round"]:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} says round {meta['round']} but holds "
+            f"{len(history)} rounds of history"
+        )
+    _verify_files(folder, meta)
     tensors = _load_tensors(folder / "state.safetensors", folder)
     if "base_file" in meta:
         base = _load_tensors(folder.parent / str(meta["base_file"]), folder)
@@ -243,7 +343,16 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
         fresh = bool(meta["fresh_adapters"])
     else:  # formats 1 and 2: clients downloaded empty LoRA factors after a merge
         fresh = not any(k.startswith("client0/lora/") for k in tensors)
-    own = {"format", "round", "run_id", "config_digest", "n_clients", "base_file", "fresh_adapters"}
+    own = {
+        "format",
+        "round",
+        "run_id",
+        "config_digest",
+        "n_clients",
+        "base_file",
+        "fresh_adapters",
+        "sha256",
+    }
     extras = {k: v for k, v in meta.items() if k not in own}
     return Checkpoint(
         round_idx=int(meta["round"]),
@@ -270,9 +379,6 @@ def load_adapter(path: Path) -> AdapterState:
         raise CheckpointError(f"adapter file {str(path)!r} is unreadable: {err}") from None
 
 
-DECISION_FILE = "rank_decision.json"
-
-
 def save_decision(root: Path, run_id: str, decision: Mapping[str, Any]) -> None:
     """Write the run's rank decision once, beside its rounds (it does not change per round)."""
     run_dir = root / run_id
@@ -295,3 +401,33 @@ def load_decision(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
     if "rank_decision" in ckpt.meta:
         return dict(ckpt.meta["rank_decision"])
     raise CheckpointError(f"run {ckpt.run_id} has no rank decision ({str(path)!r} is missing)")
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, run_id: str) -> Iterator[None]:
+    """Hold a run's lock while it trains, so that a second process cannot resume it too.
+
+    An advisory ``flock`` on ``<root>/<run_id>/.lock``: the kernel releases it when the holder
+    exits, however it ends (a SIGKILL leaves no stale lock).
+
+    Raises:
+        CheckpointError: another process holds the run.
+    """
+    run_dir = root / run_id
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run {run_id} has no checkpoint folder (expected {run_dir})")
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise CheckpointError(
+                f"run {run_id} is being run by another process{by}; wait for it to end or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock

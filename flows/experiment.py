@@ -7,6 +7,7 @@ checkpoint in the same MLflow run (``resume_run_id``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
-from autorank.checkpoint import load_decision, save_decision
+from autorank.checkpoint import Checkpoint, load_decision, run_lock, save_decision
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
@@ -40,6 +41,7 @@ from flows.run_records import (
     open_run,
     record_decision,
     relog_checkpoint_round,
+    run_finished,
 )
 from flows.runners import client_task_resources, opaque, signals_deferred, task_runner_for
 from tasks.checkpointing import RoundRecord, load_round, record_round
@@ -258,7 +260,24 @@ def federated_training(
 ) -> str:
     """AutoRank federated LoRA: partition, profile, warm up, rank, then train/aggregate rounds."""
     limit_threads(config.runtime.threads_per_client)
-    run_id = open_run(config, resume_run_id)
+    root = config.runtime.checkpoint_dir
+    with contextlib.ExitStack() as held:
+        ckpt = None
+        if resume_run_id is not None:
+            held.enter_context(run_lock(root, resume_run_id))
+            if run_finished(config.tracking.uri, resume_run_id):
+                progress.info("run %s already finished; nothing to resume", resume_run_id)
+                return resume_run_id
+            # A checkpoint that is not what it claims is refused before anything is written.
+            ckpt = load_round(root, run_id=resume_run_id, digest=config_digest(config))
+        run_id = open_run(config, resume_run_id)
+        if resume_run_id is None:
+            held.enter_context(run_lock(root, run_id))
+        return _train(config, run_id, ckpt)
+
+
+def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> str:
+    """The run's body, between opening its MLflow run and marking it finished (or stopped)."""
     try:
         federation = load_federation(
             config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
@@ -274,7 +293,7 @@ def federated_training(
         data, test = client_data(federation), test_data(federation)
         # Cohorts go to the configured runner (threads, or a Dask cluster), also when the flow
         # runs from a deployment.
-        restored = _restore(config, run_id, base)
+        restored = None if ckpt is None else _restore(config, run_id, base, ckpt)
         with task_runner_for(config.runtime) as runner:
             engines = build_engines(config, base, data, runner)  # from the restored base
             state = restored or _fresh_state(config, run_id, base, federation, data, engines)
@@ -289,11 +308,8 @@ def federated_training(
     return run_id
 
 
-def _restore(config: ExperimentConfig, run_id: str, base: nn.Module) -> RunState | None:
-    """The state after the newest checkpointed round, or None to start from scratch."""
-    ckpt = load_round(config.runtime.checkpoint_dir, run_id=run_id, digest=config_digest(config))
-    if ckpt is None:
-        return None
+def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Checkpoint) -> RunState:
+    """The state after the newest checkpointed round."""
     base.load_state_dict(dict(ckpt.base))
     assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)

@@ -60,6 +60,11 @@ def _prefect_flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
+def run_finished(uri: str, run_id: str) -> bool:
+    """Whether a run ended with every round done (resuming it has nothing to do)."""
+    return tracking.run_info(uri, run_id)[2] == "FINISHED"
+
+
 def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
     """Create the run (params, tags, config.yaml) or reopen ``resume_run_id`` after checks."""
     uri = config.tracking.uri

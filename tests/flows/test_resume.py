@@ -20,8 +20,12 @@ KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/accu
 SAMPLED = "clients/c02/accuracy"  # client 2 is not sampled every round
 
 
-def _cli(*args: str, home: Path) -> subprocess.Popen[bytes]:
+def _cli(*args: str, home: Path, own_server: bool = False) -> subprocess.Popen[bytes]:
+    from prefect.settings import get_current_settings
+
     env = dict(os.environ, PREFECT_HOME=str(home))
+    if not own_server:  # the test harness's API server, instead of booting one (seconds)
+        env["PREFECT_API_URL"] = get_current_settings().api.url or ""
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
         env=env,
@@ -35,7 +39,7 @@ def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         for pointer in ckpt_dir.glob("*/LATEST"):
-            if pointer.read_text().strip() == f"round_{round_idx:04d}":
+            if pointer.read_text().split()[0] == f"round_{round_idx:04d}":
                 return pointer.parent.name
         if proc.poll() is not None:
             out = proc.stdout.read().decode() if proc.stdout else ""
@@ -106,7 +110,7 @@ def test_checkpoint_of_another_config_or_corrupt_is_refused(
         load_checkpoint(root, run_id, config_digest=config_digest(other))
     state = next(root.glob(f"{run_id}/round_*/state.safetensors"))
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"state\.safetensors does not match its recorded"):
         load_checkpoint(root, run_id, config_digest=config_digest(config))
 
 
@@ -124,7 +128,7 @@ def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     config, config_file = _written_config(tmp_path)
     ckpt_dir = config.runtime.checkpoint_dir
 
-    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home", own_server=True)
     try:
         victim = _wait_for_round(ckpt_dir, 2, proc)
         proc.send_signal(signal.SIGTERM)  # the CLI process only, as a scheduler would
@@ -151,3 +155,59 @@ def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     assert client.get_run(victim).info.status == "FINISHED"
     steps = [s for s, _ in _history(client, victim, "global/accuracy")]
     assert steps == list(range(1, ROUNDS + 1))
+
+
+def _storage_files() -> set[Path]:
+    from prefect.settings import get_current_settings
+
+    folder = Path(get_current_settings().results.local_storage_path)
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
+    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autorank.checkpoint import latest_round_dir
+    from tests.flows.conftest import cli_error
+
+    config = tiny_config(tmp_path, training={"rounds": 2, "local_epochs": 1})
+    run_id = federated_training(config=config)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    client.set_terminated(run_id, "KILLED")  # as if it had been stopped
+    root = config.runtime.checkpoint_dir
+    folder = latest_round_dir(root, run_id)
+    assert folder is not None
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text().replace('"round": 2', '"round": 999'))
+    before = _storage_files()
+    logged = _history(client, run_id, "global/accuracy")
+    capsys.readouterr()  # the run's own progress lines
+
+    err = cli_error(["resume", run_id, "--checkpoint-dir", str(root)], capsys)
+
+    assert "meta.json does not match the sha256 in LATEST" in err
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert _history(client, run_id, "global/accuracy") == logged
+    assert _storage_files() == before  # no pickled exception left by Prefect
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(
+    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    config = tiny_config(tmp_path, training={"rounds": 2, "local_epochs": 1})
+    run_id = federated_training(config=config)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    before = client.get_run(run_id)
+    keys = sorted(before.data.metrics)
+    histories = {k: _history(client, run_id, k) for k in keys}
+
+    code = main(["resume", run_id, "--checkpoint-dir", str(config.runtime.checkpoint_dir)])
+
+    assert code == 0
+    assert f"run {run_id} already finished; nothing to resume" in capsys.readouterr().err
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert {k: _history(client, run_id, k) for k in keys} == histories
+    assert all(len(h) == 1 for k, h in histories.items() if k.startswith("summary/"))

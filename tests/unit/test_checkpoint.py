@@ -34,7 +34,7 @@ def _ckpt(round_idx: int, base: dict[str, torch.Tensor], fresh: bool = False) ->
         base=base,
         global_state=_state(4, float(round_idx)),
         fresh=fresh,
-        meta={"history": [0.1 * round_idx], "metrics": {"global/accuracy": 0.5}},
+        meta={"history": [0.1] * round_idx, "metrics": {"global/accuracy": 0.5}},
     )
 
 
@@ -60,7 +60,7 @@ def test_round_trip_restores_every_tensor_and_the_meta(tmp_path: Path, fresh: bo
     want_t = state_tensors("x", saved.global_state)
     assert got_t.keys() == want_t.keys()
     assert all(torch.equal(got_t[k], want_t[k]) for k in want_t)
-    assert loaded.meta == {"history": [0.1 * 3], "metrics": {"global/accuracy": 0.5}}
+    assert loaded.meta == {"history": [0.1] * 3, "metrics": {"global/accuracy": 0.5}}
 
 
 def test_checkpoint_size_does_not_grow_with_clients(tmp_path: Path) -> None:
@@ -120,10 +120,10 @@ def test_a_missing_or_corrupt_base_file_is_refused(tmp_path: Path) -> None:
     (base_file,) = (tmp_path / RUN).glob("base-*.safetensors")
 
     base_file.write_bytes(b"not safetensors")
-    with pytest.raises(CheckpointError, match="is corrupt"):
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
         load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
     base_file.unlink()
-    with pytest.raises(CheckpointError, match="is corrupt"):
+    with pytest.raises(CheckpointError, match=r"base-.*is missing"):
         load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
 
 
@@ -148,21 +148,141 @@ def test_a_format_1_checkpoint_with_the_base_inside_still_loads(tmp_path: Path) 
     assert torch.equal(loaded.base["fc1.weight"], ckpt.base["fc1.weight"])
 
 
+def _forge_meta(folder: Path, changes: dict) -> None:
+    """Edit a round's meta and re-bind LATEST to it, as a deliberate forgery would."""
+    import hashlib
+
+    meta = json.loads((folder / "meta.json").read_text()) | changes
+    text = json.dumps(meta).encode()
+    (folder / "meta.json").write_bytes(text)
+    sha = hashlib.sha256(text).hexdigest()
+    (folder.parent / "LATEST").write_text(f"{folder.name} sha256:{sha}\n")
+
+
 @pytest.mark.parametrize(
     ("meta", "message"),
     [
-        ({"format": 9}, "has format 9, expected one of [1, 2, 3]"),
+        ({"format": 9}, "has format 9, expected one of [1, 2, 3, 4]"),
         ({"run_id": "other"}, "belongs to run 'other'"),
         ({"config_digest": "zzz"}, "written for another config"),
+        ({"round": 999}, "says round 999, its folder another"),
+        ({"history": [0.5]}, "holds 1 rounds of history"),
+        ({"sha256": {}}, "records no file hashes"),
     ],
 )
-def test_foreign_checkpoints_are_refused(tmp_path: Path, meta: dict, message: str) -> None:
-    folder = save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
-    written = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps(written | meta))
+def test_foreign_or_inconsistent_checkpoints_are_refused(
+    tmp_path: Path, meta: dict, message: str
+) -> None:
+    save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    folder = save_checkpoint(tmp_path, _ckpt(2, _base(0.5)))
+    _forge_meta(folder, meta)
 
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_an_edited_meta_is_refused(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path, _ckpt(2, _base(0.5)))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(meta | {"round": 999}))
+
+    with pytest.raises(CheckpointError, match="does not match the sha256 in LATEST"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_a_state_file_from_another_round_or_run_is_refused(tmp_path: Path) -> None:
+    old = save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    (tmp_path / "elsewhere").mkdir()
+    other = save_checkpoint(tmp_path / "elsewhere", _ckpt(2, _base(0.5)))
+    folder = save_checkpoint(tmp_path, _ckpt(2, _base(0.5)))
+    (folder / "state.safetensors").write_bytes((old / "state.safetensors").read_bytes())
+
+    with pytest.raises(CheckpointError, match=r"state\.safetensors does not match its recorded"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+    # same content, another run's file: a symlink is refused whatever it points to
+    (folder / "state.safetensors").unlink()
+    (folder / "state.safetensors").symlink_to(other / "state.safetensors")
+    with pytest.raises(CheckpointError, match=r"state\.safetensors is a symbolic link"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_an_edited_rank_decision_is_refused(tmp_path: Path) -> None:
+    from autorank.checkpoint import save_decision
+
+    save_decision(tmp_path, RUN, {"ranks": [2, 4]})
+    save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    assert load_checkpoint(tmp_path, RUN, config_digest=DIGEST) is not None
+    (tmp_path / RUN / "rank_decision.json").write_text(json.dumps({"ranks": [32, 32]}))
+
+    with pytest.raises(CheckpointError, match=r"rank_decision\.json does not match"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_a_pointer_outside_the_round_folders_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    (tmp_path / RUN / "LATEST").write_text("../../etc")
+
+    with pytest.raises(CheckpointError, match="expected a round folder"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+
+def test_leftovers_of_interrupted_writes_are_removed(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
+    run_dir = tmp_path / RUN
+    (run_dir / ".incomplete-abc").mkdir()
+    (run_dir / ".incomplete-abc" / "state.safetensors").write_bytes(b"half")
+    (run_dir / ".LATEST.x1y2").write_text("round_0001")
+    (run_dir / ".base-1234.safetensors.q").write_bytes(b"half")
+
+    save_checkpoint(tmp_path, _ckpt(2, _base(0.5)))
+
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    assert load_checkpoint(tmp_path, RUN, config_digest=DIGEST).round_idx == 2  # type: ignore[union-attr]
+
+
+def test_a_run_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    from autorank.checkpoint import run_lock
+
+    (tmp_path / RUN).mkdir()
+    holder = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from autorank.checkpoint import run_lock
+        with run_lock(Path({str(tmp_path)!r}), {RUN!r}):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                CheckpointError,
+                match=rf"run {RUN} is being run by another process \(pid {proc.pid}\)",
+            ),
+            run_lock(tmp_path, RUN),
+        ):
+            pass
+    finally:
+        proc.kill()  # a killed holder leaves no stale lock
+        proc.wait()
+    with run_lock(tmp_path, RUN):
+        pass
+    with (
+        pytest.raises(CheckpointError, match="has no checkpoint folder"),
+        run_lock(tmp_path, "no-such-run"),
+    ):
+        pass
+    assert not (tmp_path / "no-such-run").exists()
 
 
 def test_no_checkpoint_yet_is_none_and_a_dangling_pointer_an_error(tmp_path: Path) -> None:
