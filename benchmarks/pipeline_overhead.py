@@ -65,34 +65,28 @@ def _config(tmp: str, overrides: list[str]):  # type: ignore[no-untyped-def]
 
 
 def _observed_run(config) -> tuple[str, list[tuple[float, float]]]:  # type: ignore[no-untyped-def]
-    """Run the flow in a thread; (CPU, wall) of the process tree as each round is checkpointed."""
-    import threading
+    """Run the flow; (CPU, wall) of the process tree as each round's checkpoint is written.
 
+    The marks come from a wrapper around the checkpoint write (a polling thread would take the
+    GIL from the run it measures).
+    """
+    import tasks.checkpointing as checkpointing
     from flows.experiment import federated_training
 
-    out: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            out["run_id"] = federated_training(config=config)
-        except BaseException as err:  # re-raised below, in the main thread
-            out["error"] = err
-
-    thread = threading.Thread(target=target)
-    thread.start()
     marks: list[tuple[float, float]] = []
-    seen = ""
-    while thread.is_alive():
-        pointers = list(config.runtime.checkpoint_dir.glob("*/LATEST"))
-        now = pointers[0].read_text().strip() if pointers else ""
-        if now and now != seen:
-            seen = now
-            marks.append((tree_cpu(), time.perf_counter()))
-        time.sleep(0.005)
-    thread.join()
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return str(out["run_id"]), marks
+    save = checkpointing.save_checkpoint
+
+    def marked(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = save(*args, **kwargs)
+        marks.append((tree_cpu(), time.perf_counter()))
+        return out
+
+    checkpointing.save_checkpoint = marked  # type: ignore[assignment]
+    try:
+        run_id = federated_training(config=config)
+    finally:
+        checkpointing.save_checkpoint = save  # type: ignore[assignment]
+    return str(run_id), marks
 
 
 def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:

@@ -27,7 +27,6 @@ from autorank.federation import Federation
 from autorank.ranks import RankAssignment
 from autorank.rounds import (
     ClientData,
-    ServerStep,
     client_data,
     initial_state,
     round_jobs,
@@ -44,10 +43,10 @@ from flows.run_records import (
     run_finished,
 )
 from flows.runners import client_task_resources, opaque, signals_deferred, task_runner_for
-from tasks.checkpointing import RoundRecord, load_round, record_round
+from tasks.checkpointing import load_round
 from tasks.clients import train_cohort
 from tasks.ranking import rank_clients
-from tasks.server import server_round
+from tasks.server import ClosedRound, RoundClose, close_round
 from tasks.setup import build_base, load_federation
 
 progress = logging.getLogger("autorank.progress")
@@ -133,6 +132,11 @@ def _warm_up_and_rank(
             epochs=config.training.warmup_epochs,
             seed=config.seed,
         )
+        progress.info(
+            "warm-up: %d clients, %d epochs at the maximum ranks (for learning difficulty)",
+            len(jobs),
+            config.training.warmup_epochs,
+        )
         outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
         curves = [list(o.result.epoch_losses) for o in outcomes]
         profiles = federation.profiles(curves)
@@ -193,17 +197,35 @@ def _run_round(
         config, engines, jobs, data, state.base, state.base_version, f"round-{round_idx}"
     )
     trained = time.perf_counter()
-    step: ServerStep = server_round(
-        config.aggregation.method,
-        opaque(outcomes),
-        previous=opaque(state.global_state),
-        base=state.base,
-        template=engines.evaluator,
-        x=test[0],
-        y=test[1],
-        round_idx=round_idx,
-        threads=config.runtime.threads_per_client,
-    )
+    with signals_deferred():  # a signal lands after the round's record, not inside its writes
+        closed: ClosedRound = close_round(
+            opaque(
+                RoundClose(
+                    method=config.aggregation.method,
+                    outcomes=outcomes,
+                    previous=state.global_state,
+                    base=state.base,
+                    template=engines.evaluator,
+                    x=test[0],
+                    y=test[1],
+                    round_idx=round_idx,
+                    started=start,
+                    train_seconds=trained - start,
+                    n_clients=len(data),
+                    keyed_clients=len(data) <= config.tracking.keyed_clients_max,
+                    table_due=round_idx % config.tracking.client_table_every == 0
+                    or round_idx == config.training.rounds,
+                    history=state.history,
+                    sampled=sampled,
+                    root=config.runtime.checkpoint_dir,
+                    uri=config.tracking.uri,
+                    run_id=run_id,
+                    digest=config_digest(config),
+                    threads=config.runtime.threads_per_client,
+                )
+            )
+        )
+    step, metrics = closed.step, closed.metrics
     merged = bool(step.aggregation.base_delta)
     new = replace(
         state,
@@ -212,43 +234,13 @@ def _run_round(
         history=[*state.history, step.evaluation.accuracy],
         base_version=state.base_version + int(merged),
     )
-    report = step.report(
-        round_idx,
-        outcomes,
-        n_clients=len(data),
-        seconds=time.perf_counter() - start,
-        train_seconds=trained - start,
-    )
-    metrics = report.metrics(keyed_clients=len(data) <= config.tracking.keyed_clients_max)
-    with signals_deferred():  # a signal lands after the record, not inside its writes
-        record_round(
-            opaque(
-                RoundRecord(
-                    root=config.runtime.checkpoint_dir,
-                    uri=config.tracking.uri,
-                    run_id=run_id,
-                    digest=config_digest(config),
-                    round_idx=round_idx,
-                    base=new.base,
-                    global_state=new.global_state,
-                    fresh=merged,
-                    metrics=metrics,
-                    history=new.history,
-                    sampled=sampled,
-                    table=report.client_table()
-                    if round_idx % config.tracking.client_table_every == 0
-                    or round_idx == config.training.rounds
-                    else None,
-                )
-            )
-        )
     progress.info(
         "round %d/%d: global accuracy %.4f, clients' mean accuracy %.4f (%.1f s)",
         round_idx,
         config.training.rounds,
         step.evaluation.accuracy,
         metrics["clients/mean_accuracy"],
-        report.seconds,
+        closed.seconds,
     )
     return new
 
@@ -282,6 +274,8 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
         federation = load_federation(
             config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
         )
+        if config.model.init == "pretrain" and ckpt is None:
+            progress.info("pre-training the base model on the server's public share")
         base = build_base(
             config.model,
             federation,

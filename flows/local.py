@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -155,8 +156,12 @@ def preflight(config: ExperimentConfig) -> None:
 
 
 @contextlib.contextmanager
-def local_orchestration(check: Callable[[], object]) -> Iterator[None]:
-    """Start Prefect's API server, run ``check`` while it boots, wait until it answers.
+def local_orchestration(
+    check: Callable[[], object], flow_module: str, tracking_uri: str
+) -> Iterator[None]:
+    """Start Prefect's API server; while it boots run ``check``, import ``flow_module``
+    (Prefect, MLflow: seconds) and open the tracking store (a new sqlite store's schema takes
+    seconds more); then wait until the server answers.
 
     Must be entered before Prefect is imported (its settings are read at import), so that its
     client uses this server (``flows.orchestrator``). Bad input found by ``check`` stops the
@@ -165,15 +170,25 @@ def local_orchestration(check: Callable[[], object]) -> Iterator[None]:
     import tasks  # noqa: F401  (no-telemetry settings, before the server starts)
     from flows.orchestrator import prefect_api
 
+    progress = logging.getLogger("autorank.progress")  # debug: the live status on a terminal
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve())))
     with prefect_api(home) as server:
+        if server is not None:
+            progress.debug("starting Prefect's API server on 127.0.0.1 (in the background)")
         try:
+            progress.debug("loading the data and checking the config")
             check()
         except BaseException:
             if server is not None:
                 server.discard()
             raise
-        if server is not None:
+        progress.debug("importing the flow (Prefect, MLflow) and opening the tracking store")
+        importlib.import_module(flow_module)
+        from tasks.tracking import client_for
+
+        client_for(tracking_uri)
+        if server is not None and not server.ready():
+            progress.debug("waiting for Prefect's API server")
             server.wait_ready()
         yield
 
@@ -211,7 +226,10 @@ def no_failure_records() -> Iterator[None]:
 def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
     """Run (or resume) the flow here and print where to find the results."""
     configure_logging(verbose)
-    with local_orchestration(lambda: preflight(config)), no_failure_records():
+    with (
+        local_orchestration(lambda: preflight(config), "flows.experiment", config.tracking.uri),
+        no_failure_records(),
+    ):
         from flows.experiment import federated_training
 
         run_id = federated_training(config=config, resume_run_id=resume_run_id)

@@ -111,6 +111,19 @@ class LocalServer:
         finally:
             self._release_boot_lock()
 
+    def ready(self) -> bool:
+        """Whether the server answers its health check now (no waiting)."""
+        if self.process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
+                ready = bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+        if ready:
+            self._release_boot_lock()
+        return ready
+
     def _wait_ready(self) -> None:
         timeout = float(os.environ.get(_TIMEOUT_ENV, "90"))
         deadline = time.monotonic() + timeout

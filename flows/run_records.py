@@ -130,8 +130,10 @@ def record_decision(
 
 
 def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
-    """Log the checkpointed round's metrics if the crash came before they reached MLflow."""
-    tracking.log_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx)
+    """Log the checkpointed round's metrics and table if the crash came before they reached
+    MLflow (they are written in the background while the next round trains)."""
+    table = ckpt.meta.get("table")  # checkpoints before format 4 hold no table
+    tracking.log_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx, table=table)
 
 
 def finish_run(

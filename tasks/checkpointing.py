@@ -1,7 +1,8 @@
-"""The round's record (checkpoint, then MLflow) as one task, and loading the newest on resume."""
+"""The round's record (checkpoint, then MLflow), and loading the newest checkpoint on resume."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,13 @@ class RoundRecord:
     table: Mapping[str, list[Any]] | None
 
 
-@task(
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=1,
-    task_run_name="round-{record.round_idx}-checkpoint-log",
-)
-def record_round(record: RoundRecord) -> None:
-    """Checkpoint the round atomically, then log its metrics (once) and its client table."""
+def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0) -> None:
+    """Checkpoint the round atomically (its metrics and client table too), then hand those to
+    the tracking writer, which stores them while the next round trains.
+
+    I/O errors are retried (``attempts`` in all); a retry writes the same files again and the
+    tracking writer takes each round once.
+    """
     ckpt = Checkpoint(
         record.round_idx,
         record.run_id,
@@ -64,12 +63,25 @@ def record_round(record: RoundRecord) -> None:
             "metrics": dict(record.metrics),
             "history": list(record.history),
             "sampled": list(record.sampled),
+            "table": None if record.table is None else dict(record.table),
         },
     )
-    save_checkpoint(record.root, ckpt)
-    tracking.log_round(record.uri, record.run_id, record.metrics, record.round_idx, background=True)
-    if record.table is not None:
-        tracking.log_client_table(record.uri, record.run_id, record.table, record.round_idx)
+    for attempt in range(1, attempts + 1):
+        try:
+            save_checkpoint(record.root, ckpt)
+            tracking.log_round(
+                record.uri,
+                record.run_id,
+                record.metrics,
+                record.round_idx,
+                table=record.table,
+                background=True,
+            )
+            return
+        except OSError:
+            if attempt == attempts:
+                raise
+            time.sleep(delay_s)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

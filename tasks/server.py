@@ -1,8 +1,12 @@
-"""Server-side task: aggregate the round's updates and evaluate the global model."""
+"""The server's part of a round, as one task: aggregate, evaluate, checkpoint, log."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
@@ -14,34 +18,105 @@ from autorank.backend import ClientOutcome, limit_threads
 from autorank.batched import LoraTemplate
 from autorank.config import AggregatorName
 from autorank.rounds import ServerStep, server_step
+from tasks.checkpointing import RoundRecord, write_record
+
+
+@dataclass(frozen=True)
+class RoundClose:
+    """What the server needs to close a round.
+
+    Attributes:
+        method: the aggregator; outcomes: the sampled clients' results, in client order.
+        previous: the global adapter the round started from.
+        base, template: the base model (FLoRA merges into it) and the evaluator over it.
+        x, y: the global test split.
+        round_idx, rounds: this round and the run's last.
+        started, train_seconds: when the round began (``time.perf_counter``) and how long its
+            cohorts took.
+        n_clients, keyed_clients: the run's clients; whether metrics are keyed per client.
+        table_due: whether this round writes its per-client table.
+        history: global accuracy of the rounds before; sampled: this round's clients.
+        root, uri, run_id, digest: where the record goes and the config it is bound to.
+        threads: torch threads of the task.
+    """
+
+    method: AggregatorName
+    outcomes: Sequence[ClientOutcome]
+    previous: AdapterState
+    base: nn.Module
+    template: LoraTemplate
+    x: torch.Tensor
+    y: torch.Tensor
+    round_idx: int
+    started: float
+    train_seconds: float
+    n_clients: int
+    keyed_clients: bool
+    table_due: bool
+    history: Sequence[float]
+    sampled: Sequence[int]
+    root: Path
+    uri: str
+    run_id: str
+    digest: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """A closed round: the server's step, the round's metrics and its wall seconds."""
+
+    step: ServerStep
+    metrics: Mapping[str, float]
+    seconds: float
 
 
 @task(
     cache_policy=NO_CACHE,
     persist_result=False,
-    task_run_name="round-{round_idx}-aggregate-evaluate",
+    task_run_name="round-{closing.round_idx}-aggregate-evaluate-record",
 )
-def server_round(
-    method: AggregatorName,
-    outcomes: Sequence[ClientOutcome],
-    *,
-    previous: AdapterState,
-    base: nn.Module,
-    template: LoraTemplate,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    round_idx: int,
-    threads: int,
-) -> ServerStep:
-    """Merge the clients' heterogeneous-rank adapters and test the global model."""
-    limit_threads(threads)
-    return server_step(
-        method,
-        outcomes,
-        previous=previous,
-        base=base,
-        template=template,
-        x=x,
-        y=y,
-        round_idx=round_idx,
+def close_round(closing: RoundClose) -> ClosedRound:
+    """Merge the clients' heterogeneous-rank adapters, test the global model, then checkpoint
+    the round and hand its metrics and client table to MLflow's writer.
+
+    Not retried as a whole (a FLoRA merge must happen once); the record retries its own I/O.
+    """
+    c = closing
+    limit_threads(c.threads)
+    step = server_step(
+        c.method,
+        c.outcomes,
+        previous=c.previous,
+        base=c.base,
+        template=c.template,
+        x=c.x,
+        y=c.y,
+        round_idx=c.round_idx,
     )
+    report = step.report(
+        c.round_idx,
+        c.outcomes,
+        n_clients=c.n_clients,
+        seconds=time.perf_counter() - c.started,
+        train_seconds=c.train_seconds,
+    )
+    metrics = report.metrics(keyed_clients=c.keyed_clients)
+    table: dict[str, list[Any]] | None = dict(report.client_table()) if c.table_due else None
+    write_record(
+        RoundRecord(
+            root=c.root,
+            uri=c.uri,
+            run_id=c.run_id,
+            digest=c.digest,
+            round_idx=c.round_idx,
+            base=c.base,
+            global_state=step.global_state,
+            fresh=bool(step.aggregation.base_delta),
+            metrics=metrics,
+            history=[*c.history, step.evaluation.accuracy],
+            sampled=c.sampled,
+            table=table,
+        )
+    )
+    return ClosedRound(step, metrics, report.seconds)

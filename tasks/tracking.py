@@ -14,7 +14,7 @@ import posixpath
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cache
@@ -237,63 +237,79 @@ _RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_resul
 
 
 def log_round(
-    uri: str, run_id: str, metrics: Mapping[str, float], step: int, *, background: bool = False
+    uri: str,
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int,
+    *,
+    table: Mapping[str, list[Any]] | None = None,
+    background: bool = False,
 ) -> None:
-    """Log one round's metrics (one batch), exactly once per step.
+    """Log one round's metrics (one batch) and its per-client table, exactly once per step.
 
     Args:
-        background: write on MLflow's logging thread while the next round trains. The previous
-            round's write is awaited first (``settle``), so at most one round's metrics are in
-            flight; the caller has checkpointed the round before, and a resume logs the
-            checkpointed round's metrics again if the process died before they were written.
-            Without it the store is asked first whether the step is already there (a resume).
+        table: the round's per-client values (``log_client_table``), if this round keeps one.
+        background: write on the project's writer thread while the next round trains. The
+            previous round's writes are awaited first (``settle``), so at most one round's are
+            in flight; the caller has checkpointed the round (metrics and table) before, and a
+            resume writes them again if the process died first. Without it the store is asked
+            first what it already holds of the round (a resume).
     """
     settle(run_id)
-    if not background:
+
+    def write_missing() -> None:
         if step not in logged_steps(uri, run_id, "global/accuracy"):
             log_metrics(uri, run_id, metrics, step)
+        if table is not None and not has_artifact(uri, run_id, client_table_file(step)):
+            log_client_table(uri, run_id, table, step)
+
+    if not background:
+        write_missing()
         return
+
+    def write() -> None:
+        log_metrics(uri, run_id, metrics, step)
+        if table is not None:
+            log_client_table(uri, run_id, table, step)
+
     with _pending_lock:
         if _sent.get(run_id) == step:
             return  # a retry of the record that already sent this round
-        write = _writer.submit(log_metrics, uri, run_id, dict(metrics), step)
-        _pending[run_id] = _Pending(uri, dict(metrics), step, write)
+        _pending[run_id] = _Pending(step, _writer.submit(write), write_missing)
         _sent[run_id] = step
 
 
 @dataclass
 class _Pending:
-    """One round's metrics being written in the background (``write``; None once it failed,
-    to be written again synchronously)."""
+    """One round's records being written in the background: ``write`` (None once it failed),
+    and how to write what of them is missing, synchronously."""
 
-    uri: str
-    metrics: dict[str, float]
     step: int
     write: Future[None] | None
+    write_missing: Callable[[], None]
 
 
 # One writer thread of our own rather than MLflow's asynchronous logging, whose queue makes a
 # process wait up to a second at exit and logs an ERROR line for a write that is retried here.
-_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autorank-metrics")
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autorank-records")
 _pending: dict[str, _Pending] = {}
 _sent: dict[str, int] = {}
 _pending_lock = threading.Lock()
 
 
 def settle(run_id: str) -> None:
-    """Wait until a run's round metrics written in the background are in the store.
+    """Wait until a run's round records written in the background are in the store.
 
-    A background write that failed is written again here, synchronously (only if its step is
-    not in the store yet); if that fails too the error is raised and the metrics stay pending,
-    for the next call.
+    A background write that failed is completed here, synchronously (only what the store does
+    not hold yet); if that fails too the error is raised and the round stays pending, for the
+    next call.
     """
     with _pending_lock:
         pending = _pending.pop(run_id, None)
     if pending is None or _written(pending.write):
         return
     try:
-        if pending.step not in logged_steps(pending.uri, run_id, "global/accuracy"):
-            log_metrics(pending.uri, run_id, pending.metrics, pending.step)
+        pending.write_missing()
     except Exception:
         with _pending_lock:
             _pending.setdefault(run_id, replace(pending, write=None))
@@ -308,6 +324,12 @@ def _written(write: Future[None] | None) -> bool:
     except Exception:
         return False
     return True
+
+
+def has_artifact(uri: str, run_id: str, path: str) -> bool:
+    """Whether a run holds the artifact file ``path``."""
+    folder = posixpath.dirname(path) or None
+    return any(f.path == path for f in client_for(uri).list_artifacts(run_id, folder))
 
 
 def client_table_file(round_idx: int) -> str:

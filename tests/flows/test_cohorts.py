@@ -77,10 +77,9 @@ def test_a_round_is_a_handful_of_task_runs_all_recorded(sampled_run) -> None:
             time.sleep(0.5)
 
     per_round = [r.name for r in runs if r.name.startswith("round-2-")]
-    # 2 cohorts, the server's step and the record: at most twice the cohorts
+    # 2 cohorts and the server's step with the record: at most twice the cohorts
     assert sorted(per_round) == [
-        "round-2-aggregate-evaluate",
-        "round-2-checkpoint-log",
+        "round-2-aggregate-evaluate-record",
         "round-2-cohort-0",
         "round-2-cohort-1",
     ]

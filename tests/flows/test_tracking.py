@@ -75,3 +75,28 @@ def test_a_rewrite_that_fails_stays_pending(
     monkeypatch.undo()
     tracking.settle(run_id)  # the store is back: the pending round is written now
     assert _history(uri, run_id, "global/accuracy") == [(5, 0.7)]
+
+
+def test_a_round_table_is_written_with_its_metrics_and_once(
+    run: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, run_id = run
+    table = {"client": [0, 3], "accuracy": [0.5, None]}
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table, background=True)
+    tracking.settle(run_id)
+    assert tracking.has_artifact(uri, run_id, "clients/round_0001.json")
+
+    def twice(*args: object, **kwargs: object) -> None:
+        raise AssertionError("written twice")
+
+    monkeypatch.setattr(tracking, "log_client_table", twice)
+    monkeypatch.setattr(tracking, "log_metrics", twice)
+    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table)  # a resume
+    text = tracking.client_for(uri).download_artifacts(run_id, "clients/round_0001.json")
+    import json
+    from pathlib import Path
+
+    assert json.loads(Path(text).read_text()) == {
+        "columns": ["client", "accuracy"],
+        "data": [[0, 0.5], [3, None]],
+    }
