@@ -200,22 +200,22 @@ class DivergenceError(RuntimeError):
 def check_finite(
     round_idx: int, results: Sequence[LocalResult], global_loss: float | None = None
 ) -> None:
-    """Stop at the first round whose training or test loss is not finite.
+    """Stop at the first round (0: the warm-up) whose training or test loss is not finite.
 
     Raises:
         DivergenceError: naming the round, the client (or the global model) and what to change.
     """
     hint = "lower training.lr, set training.grad_clip, or lower lora.alpha_ratio"
+    where = f"round {round_idx}" if round_idx > 0 else "the warm-up"
     for res in results:
         bad = [x for x in res.epoch_losses if not np.isfinite(x)]
         if bad:
             raise DivergenceError(
-                f"training diverged in round {round_idx}: client {res.client}'s loss is "
-                f"{bad[0]}; {hint}"
+                f"training diverged in {where}: client {res.client}'s loss is {bad[0]}; {hint}"
             )
     if global_loss is not None and not np.isfinite(global_loss):
         raise DivergenceError(
-            f"training diverged in round {round_idx}: the global test loss is {global_loss}; {hint}"
+            f"training diverged in {where}: the global test loss is {global_loss}; {hint}"
         )
 
 

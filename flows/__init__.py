@@ -1,3 +1,7 @@
 """Prefect flows, deployments and the `autorank` CLI (composition of tasks and the library)."""
 
 import tasks  # noqa: F401  (sets the no-telemetry environment before Prefect or MLflow load)
+
+# The note a run's exception carries with the command that continues the run (the CLI adds it
+# to its one-line error).
+RESUME_NOTE = "continue with: "

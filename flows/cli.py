@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autorank.config import RuntimeConfig, TrackingConfig
+from flows import RESUME_NOTE
 
 if TYPE_CHECKING:
     from autorank.comparison import GridConfig
@@ -302,13 +303,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         _say(f"autorank: error: {message}")
         return EXIT_BAD_INPUT
-    except RuntimeError as err:
+    except Exception as err:  # inside a run: one line (the traceback with --verbose)
         from autorank.rounds import DivergenceError
         from flows.orchestrator import OrchestratorError
 
-        if not isinstance(err, DivergenceError | OrchestratorError):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if isinstance(err, DivergenceError | OrchestratorError):
+            _say(f"autorank: {first}")
+            return 1
+        if getattr(args, "verbose", False):
             raise
-        _say(f"autorank: {str(err).splitlines()[0]}")
+        resume = [n for n in getattr(err, "__notes__", []) if n.startswith(RESUME_NOTE)]
+        then = f"; {resume[0].removeprefix(RESUME_NOTE)} continues it" if resume else ""
+        _say(f"autorank: {type(err).__name__}: {first}{then} (--verbose: traceback)")
         return 1
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"

@@ -27,11 +27,13 @@ from autorank.federation import Federation
 from autorank.ranks import RankAssignment
 from autorank.rounds import (
     ClientData,
+    check_finite,
     client_data,
     initial_state,
     round_jobs,
     test_data,
 )
+from flows import RESUME_NOTE
 from flows.engines import Engines, build_engines, lora_settings
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import (
@@ -138,6 +140,7 @@ def _warm_up_and_rank(
             config.training.warmup_epochs,
         )
         outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
+        check_finite(0, [o.result for o in outcomes])
         curves = [list(o.result.epoch_losses) for o in outcomes]
         profiles = federation.profiles(curves)
         progress.info("warm-up done: %d loss curves", len(curves))
@@ -298,6 +301,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
     except BaseException as err:
         hint = f"`autorank resume {run_id}`"
         close_interrupted_or_failed(config.tracking.uri, run_id, err, hint)
+        err.add_note(RESUME_NOTE + hint)
         raise
     return run_id
 

@@ -49,6 +49,12 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
         # The in-process API server may log cancelled background flushes at exit: not news.
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        # A failed flow or task run is logged with its traceback; the command says it in one
+        # line (--verbose shows both).
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # Prefect already imported
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
 
 def _check_writable(path: Path, setting: str) -> None:

@@ -64,3 +64,11 @@ def store_args(tmp_path: Path, prefix: str = "") -> list[str]:
         "--set",
         f"{prefix}runtime.checkpoint_dir={tmp_path}/ckpt",
     ]
+
+
+def storage_files() -> set[Path]:
+    """The files in Prefect's local result storage (where a failed flow run's pickle lands)."""
+    from prefect.settings import get_current_settings
+
+    folder = Path(get_current_settings().results.local_storage_path)
+    return set(folder.iterdir()) if folder.is_dir() else set()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flows.cli import COMMANDS, Terminated, main
-from tests.flows.conftest import cli_error, store_args
+from tests.flows.conftest import cli_error, storage_files, store_args
 
 
 def test_ranks_prints_the_default_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,3 +183,36 @@ def test_an_unreachable_dask_scheduler_is_found_before_the_run(
 
     assert expected in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_inside_a_run_is_one_line_with_the_resume_command(
+    prefect_harness: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    import tasks.server
+
+    def away(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(tasks.server, "server_step", away)
+    argv = ["run", *store_args(tmp_path), "--set", "partition.n_clients=4"]
+    stored_before = storage_files()
+
+    code = main([*argv, "--set", "training.rounds=2", "--set", "model.pretrain_epochs=1"])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err and "ERROR" not in err, err
+    last = err.strip().splitlines()[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("autorank").experiment_id])
+    assert last == (
+        "autorank: ConnectionError: the tracking server went away; "
+        f"`autorank resume {run.info.run_id}` continues it (--verbose: traceback)"
+    )
+    assert run.info.status == "FAILED"
+    assert storage_files() == stored_before  # no pickled exception left by Prefect

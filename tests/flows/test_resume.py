@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from autorank.checkpoint import CheckpointError, load_checkpoint
 from autorank.config import ExperimentConfig, config_digest, to_yaml
 from flows.experiment import federated_training
-from tests.flows.conftest import tiny_config
+from tests.flows.conftest import storage_files, tiny_config
 
 ROUNDS = 5
 KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/accuracy_p10")
@@ -157,13 +157,6 @@ def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     assert steps == list(range(1, ROUNDS + 1))
 
 
-def _storage_files() -> set[Path]:
-    from prefect.settings import get_current_settings
-
-    folder = Path(get_current_settings().results.local_storage_path)
-    return set(folder.iterdir()) if folder.is_dir() else set()
-
-
 def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
     prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,7 +172,7 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
     assert folder is not None
     meta = folder / "meta.json"
     meta.write_text(meta.read_text().replace('"round": 2', '"round": 999'))
-    before = _storage_files()
+    before = storage_files()
     logged = _history(client, run_id, "global/accuracy")
     capsys.readouterr()  # the run's own progress lines
 
@@ -188,7 +181,7 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
     assert "meta.json does not match the sha256 in LATEST" in err
     assert client.get_run(run_id).info.status == "KILLED"
     assert _history(client, run_id, "global/accuracy") == logged
-    assert _storage_files() == before  # no pickled exception left by Prefect
+    assert storage_files() == before  # no pickled exception left by Prefect
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(
