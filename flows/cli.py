@@ -45,16 +45,47 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    """The installed package's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autorank")
+    except PackageNotFoundError:
+        return "unknown (not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autorank", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ranks = sub.add_parser("ranks", help="partition, profile and print each client's rank")
+    ranks = sub.add_parser(
+        "ranks",
+        help="partition, profile and print each client's rank",
+        description=(
+            "Partition the data, profile every client and print the rank AutoRank (or the "
+            "configured assigner) gives it, without training."
+        ),
+    )
     _add_config_args(ranks)
     ranks.add_argument("--json", action="store_true", help="print the decision as JSON")
-    run = sub.add_parser("run", help="run the federated training flow locally")
+    run = sub.add_parser(
+        "run",
+        help="run the federated training flow locally",
+        description=(
+            "Run the federated training flow locally: warm-up, rank assignment, then rounds "
+            "of cohort training, aggregation, evaluation, checkpoint and MLflow records."
+        ),
+    )
     _add_config_args(run)
     run.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
-    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    resume = sub.add_parser(
+        "resume",
+        help="continue a run from its newest checkpoint",
+        description=(
+            "Continue a stopped or crashed run from its newest checkpoint, in the same MLflow run."
+        ),
+    )
     resume.add_argument("run_id", help="the MLflow run id printed by `autorank run`")
     resume.add_argument(
         "--checkpoint-dir",
@@ -63,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the run's checkpoints are (runtime.checkpoint_dir; default %(default)s)",
     )
     resume.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
-    compare = sub.add_parser("compare", help="run a grid of methods and print a summary table")
+    compare = sub.add_parser(
+        "compare",
+        help="run a grid of methods and print a summary table",
+        description=(
+            "Run a grid of methods (assigners x aggregators x seeds) as nested MLflow runs "
+            "and print their summary table."
+        ),
+    )
     compare.add_argument("--config", type=Path, required=True, help="grid YAML (configs/grids/)")
     compare.add_argument(
         "--set",
@@ -84,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the runs the grid expands to and exit, without running or writing anything",
     )
     compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui = sub.add_parser(
+        "ui",
+        help="start the MLflow UI on 127.0.0.1",
+        description="Start the MLflow UI on 127.0.0.1 for a tracking store.",
+    )
     ui.add_argument("--uri", default=TrackingConfig().uri, help="tracking URI (%(default)s)")
     ui.add_argument("--port", type=_port, default=5000, help="port (%(default)s)")
     return parser

@@ -261,3 +261,23 @@ def test_a_failure_inside_a_run_is_one_line_with_the_resume_command(
     )
     assert run.info.status == "FAILED"
     assert storage_files() == stored_before  # no pickled exception left by Prefect
+
+
+def test_version_and_every_subcommand_has_a_description(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"autorank {version('autorank')}"
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        description = lines[lines.index("") + 1]  # the paragraph after the usage
+        assert len(description) > 20 and not description.startswith(("positional", "options")), (
+            command,
+            lines[:4],
+        )
