@@ -106,7 +106,7 @@ class GridConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(None, min_length=1, description="parent run name")
-    base: ExperimentConfig = ExperimentConfig()
+    base: ExperimentConfig = Field(default_factory=ExperimentConfig)  # reads the environment
     assigners: tuple[AssignerSpec, ...] = Field(min_length=1)
     aggregators: tuple[Aggregator, ...] = Field(min_length=1)
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0,), min_length=1)

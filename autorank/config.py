@@ -6,6 +6,7 @@ the paper's double imbalance, AutoRank ranks and RBLA aggregation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,10 +185,17 @@ class AggregationConfig(_Section):
     method: AggregatorName = "rbla"
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
 class TrackingConfig(_Section):
     """Where MLflow records go."""
 
-    uri: str = "sqlite:///mlruns/mlflow.db"
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        description="MLflow tracking URI: this setting, else MLFLOW_TRACKING_URI, else "
+        f"{DEFAULT_TRACKING_URI}",
+    )
     experiment: str = Field("autorank", min_length=1)
     run_name: str | None = None
     parent_run_id: str | None = Field(None, description="nest the run under this run (grids)")
@@ -250,7 +258,7 @@ class ExperimentConfig(_Section):
     ranking: RankingConfig = RankingConfig()
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationConfig = AggregationConfig()
-    tracking: TrackingConfig = TrackingConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # reads the environment
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the MLflow UI on 127.0.0.1",
         description="Start the MLflow UI on 127.0.0.1 for a tracking store.",
     )
-    ui.add_argument("--uri", default=TrackingConfig().uri, help="tracking URI (%(default)s)")
+    ui.add_argument(
+        "--uri",
+        default=TrackingConfig().uri,
+        help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db; "
+        "now %(default)s)",
+    )
     ui.add_argument("--port", type=_port, default=5000, help="port (%(default)s)")
     return parser
 

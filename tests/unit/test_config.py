@@ -113,3 +113,19 @@ def test_override_creates_nested_sections() -> None:
     apply_override(raw, "training.rounds=3")
 
     assert raw == {"training": {"rounds": 3}}
+
+
+def test_tracking_uri_precedence_setting_then_environment_then_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from autorank.config import DEFAULT_TRACKING_URI
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config(None).tracking.uri == DEFAULT_TRACKING_URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/x.db")
+    assert load_config(None).tracking.uri == f"sqlite:///{tmp_path}/x.db"
+    chosen = load_config(None, ["tracking.uri=sqlite:///elsewhere.db"])
+    assert chosen.tracking.uri == "sqlite:///elsewhere.db"
+    written = tmp_path / "c.yaml"
+    written.write_text("tracking:\n  uri: http://127.0.0.1:5000\n")
+    assert load_config(written).tracking.uri == "http://127.0.0.1:5000"
