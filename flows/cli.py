@@ -254,7 +254,12 @@ def grid_plan(grid: GridConfig) -> str:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from autorank.comparison import load_grid
-    from flows.local import configure_logging, local_orchestration, no_failure_records
+    from flows.local import (
+        configure_logging,
+        how_to_look,
+        local_orchestration,
+        no_failure_records,
+    )
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
@@ -276,7 +281,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
     print(table)
     print(f"MLflow parent run id: {parent}")
-    print(f"Open the UI with `autorank ui --uri {grid.base.tracking.uri}` -> http://127.0.0.1:5000")
+    print(how_to_look(uri, parent))
     return 0
 
 
@@ -304,7 +309,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     root = artifact_root(args.uri)
     if root is not None:
         command += ["--default-artifact-root", root]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    runs = f"http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning"
+    print(f"MLflow UI on {runs} (Ctrl-C to stop)", file=sys.stderr)
     return subprocess.call(command, env=env)
 
 

@@ -240,5 +240,21 @@ def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose:
 
         run_id = federated_training(config=config, resume_run_id=resume_run_id)
     print(f"MLflow run id: {run_id}")
-    print(f"Open the UI with `autorank ui --uri {config.tracking.uri}` -> http://127.0.0.1:5000")
+    print(how_to_look(config.tracking.uri, str(run_id)))
     return str(run_id)
+
+
+def how_to_look(uri: str, run_id: str) -> str:
+    """The closing line: the command that starts the UI, and the link to the run's own page.
+
+    MLflow 3's UI opens an experiment on its GenAI overview; a run's page link opens the run.
+    """
+    from tasks.tracking import client_for
+
+    experiment = client_for(uri).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return f"Open the run at {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return (
+        f"Open the UI with `autorank ui --uri {uri}`, then the run at "
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+    )

@@ -212,6 +212,8 @@ def test_cli_resume_prints_the_table_and_refuses_other_runs(
 
     assert code == 0
     assert out.startswith("| assigner | aggregator |") and f"parent run id: {parent}" in out
+    experiment_id = client.get_run(parent).info.experiment_id
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent}" in out
     assert (bad_id, not_comparison, other_grid) == (2, 2, 2)
     assert "'nope' not found" in err and "is not a comparison" in err
     assert f"comparison {parent} ran another grid" in err
