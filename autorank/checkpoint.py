@@ -231,20 +231,22 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     return final
 
 
-def _pointer(root: Path, run_id: str) -> tuple[Path, str | None] | None:
-    """``LATEST``: the newest round folder and the sha256 of its meta (None before format 4)."""
+def _pointer(root: Path, run_id: str) -> tuple[Path, int, str | None] | None:
+    """``LATEST``: the newest round folder, its round, and the sha256 of its meta (None before
+    format 4)."""
     pointer = root / run_id / "LATEST"
     if not pointer.is_file():
         return None
     name, _, sha = pointer.read_text().strip().partition(" ")
     folder = root / run_id / name
-    if not _ROUND.fullmatch(name) or folder.is_symlink():
+    numbered = _ROUND.fullmatch(name)
+    if numbered is None or folder.is_symlink():
         raise CheckpointError(
             f"checkpoint pointer {str(pointer)!r} names {name!r}, expected a round folder"
         )
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint pointer {str(pointer)!r} names a missing folder")
-    return folder, sha.removeprefix("sha256:") or None
+    return folder, int(numbered.group(1)), sha.removeprefix("sha256:") or None
 
 
 def latest_round_dir(root: Path, run_id: str) -> Path | None:
@@ -312,7 +314,7 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
     found = _pointer(root, run_id)
     if found is None:
         return None
-    folder, meta_sha = found
+    folder, round_idx, meta_sha = found
     meta = _read_meta(folder, meta_sha)
     if meta.get("run_id") != run_id:
         raise CheckpointError(
@@ -323,7 +325,7 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
             f"checkpoint {str(folder)!r} was written for another config "
             f"(digest {meta.get('config_digest')}, this run's is {config_digest})"
         )
-    if meta.get("round") != int(_ROUND.fullmatch(folder.name).group(1)):  # type: ignore[union-attr]
+    if meta.get("round") != round_idx:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} says round {meta.get('round')!r}, its folder another"
         )

@@ -105,6 +105,7 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
     import json
 
     from autorank.base import make_base
+    from autorank.checkpoint import DECISION_FILE
     from autorank.cohorts import sample_clients
     from autorank.ranks import RankAssignment
     from autorank.rounds import client_data, initial_state, round_jobs
@@ -121,7 +122,7 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
         batch_size=config.training.batch_size,
         seed=config.seed,
     )
-    decision = config.runtime.checkpoint_dir / run_id / "rank_decision.json"
+    decision = config.runtime.checkpoint_dir / run_id / DECISION_FILE
     ranks = RankAssignment.from_json(json.loads(decision.read_text())).ranks()
     lora = lora_settings(config)
     global_state = initial_state(base, ranks, lora, seed=config.seed)

@@ -348,19 +348,23 @@ def _say(line: str) -> None:
     sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + "\n")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Run one command; bad input, divergence and interrupts become one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _say(f"autorank: error: {message}")
+        _say(f"autorank: error: {_first_line(err) or type(err).__name__}")
         return EXIT_BAD_INPUT
     except Exception as err:  # inside a run: one line (the traceback with --verbose)
         from autorank.rounds import DivergenceError
         from flows.orchestrator import OrchestratorError
 
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = _first_line(err)
         if isinstance(err, DivergenceError | OrchestratorError):
             _say(f"autorank: {first}")
             return 1

@@ -200,7 +200,7 @@ def _run_round(
         config, engines, jobs, data, state.base, state.base_version, f"round-{round_idx}"
     )
     trained = time.perf_counter()
-    with signals_deferred():  # a signal lands after the round's record, not inside its writes
+    with signals_deferred():  # a signal lands after the round's close, not inside it
         closed: ClosedRound = close_round(
             opaque(
                 RoundClose(

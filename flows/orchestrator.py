@@ -113,16 +113,18 @@ class LocalServer:
 
     def ready(self) -> bool:
         """Whether the server answers its health check now (no waiting)."""
-        if self.process.poll() is not None:
+        if self.process.poll() is not None or not self._answers():
             return False
+        self._release_boot_lock()
+        return True
+
+    def _answers(self) -> bool:
+        """One health check (2 s at most)."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                ready = bool(reply.status == 200)
+                return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-        if ready:
-            self._release_boot_lock()
-        return ready
 
     def _wait_ready(self) -> None:
         timeout = float(os.environ.get(_TIMEOUT_ENV, "90"))
@@ -133,12 +135,8 @@ class LocalServer:
                     f"Prefect's API server exited with code {self.process.returncode}: "
                     f"{self._last_error()}"
                 )
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply,
-            ):
-                if reply.status == 200:
-                    return
+            if self._answers():
+                return
             time.sleep(0.1)
         raise OrchestratorError(
             f"Prefect's API server did not start within {timeout:.0f} s ({_TIMEOUT_ENV}); "

@@ -63,9 +63,10 @@ def client_task_resources(runtime: RuntimeConfig) -> AbstractContextManager[Any]
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done, then act on them as before.
 
-    A round's record (checkpoint, then its MLflow writes) must not be cut in the middle: an
-    interrupted sqlite write keeps the store locked, so the run could not even be marked
-    KILLED. Only the main thread can install handlers; elsewhere this does nothing.
+    A round's close (aggregation, checkpoint, handing its records to the tracking writer) runs
+    whole or not at all, so an interrupt lands between rounds. (Before the records were written
+    in the background, an interrupted sqlite write kept the store locked and the run could not
+    be marked KILLED.) Only the main thread can install handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
