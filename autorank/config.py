@@ -202,7 +202,7 @@ class TrackingConfig(_Section):
     keyed_clients_max: int = Field(
         20,
         ge=0,
-        description="per-client metric keys (clients/cNN/...) only up to this many clients; "
+        description="per-client metric keys (per_client/cNN/...) only up to this many clients; "
         "above it per-client values go to one table artifact per round",
     )
     client_table_every: int = Field(

@@ -256,7 +256,7 @@ class RoundReport:
     def metrics(self, *, keyed_clients: bool) -> dict[str, float]:
         """Round metrics (MLflow keys): global, the clients' spread, communication, time.
 
-        With ``keyed_clients`` each sampled client also gets ``clients/cNN/<name>`` keys; without
+        With ``keyed_clients`` each sampled client also gets ``per_client/cNN/<name>`` keys; without
         it the number of metric keys does not grow with the number of clients (per-client values
         go to ``client_table`` instead).
         """
@@ -266,20 +266,20 @@ class RoundReport:
         out = {
             "global/accuracy": self.global_eval.accuracy,
             "global/loss": self.global_eval.loss,
-            "clients/mean_accuracy": float(np.mean(personal)) if personal else float("nan"),
-            **_spread("clients/accuracy", personal),
-            **_spread("clients/train_loss", losses),
-            "clients/sampled": float(len(self.outcomes)),
-            "clients/trainable_params": float(sum(params)),
-            "comm/bytes_up": float(sum(self.bytes_up)),
-            "comm/bytes_down": float(sum(self.bytes_down)),
+            "per_client/accuracy_mean": float("nan"),  # no client held a local split
+            **_spread("per_client/accuracy", personal),
+            **_spread("per_client/train_loss", losses),
+            "per_client/sampled": float(len(self.outcomes)),
+            "per_client/trainable_params": float(sum(params)),
+            "traffic/bytes_up": float(sum(self.bytes_up)),
+            "traffic/bytes_down": float(sum(self.bytes_down)),
             "time/round_s": self.seconds,
             "time/client_train_s": float(sum(o.result.seconds for o in self.outcomes)),
             **{f"time/{k}_s": float(v) for k, v in self.timings.items()},
         }
         if keyed_clients:
             for o in self.outcomes:
-                key = f"clients/c{o.result.client:02d}"
+                key = f"per_client/c{o.result.client:02d}"
                 out[f"{key}/train_loss"] = o.result.epoch_losses[-1]
                 out[f"{key}/trainable_params"] = float(o.result.state.num_parameters())
                 if o.personal is not None:

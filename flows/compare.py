@@ -242,14 +242,14 @@ def _resolve_mean_ranks(
 def _cell_result(uri: str, cell: Cell, run_id: str) -> CellResult:
     """Read one finished cell's history back from its run."""
     metrics = tracking.run_metrics(uri, run_id)
-    comm = tracking.metric_series(uri, run_id, "comm/bytes_up")
-    comm += tracking.metric_series(uri, run_id, "comm/bytes_down")
+    comm = tracking.metric_series(uri, run_id, "traffic/bytes_up")
+    comm += tracking.metric_series(uri, run_id, "traffic/bytes_down")
     return CellResult(
         assigner=cell.spec.method,
         aggregator=cell.aggregator,
         seed=cell.seed,
         accuracy=tuple(tracking.metric_series(uri, run_id, "global/accuracy")),
-        personal_accuracy=metrics.get("clients/mean_accuracy"),
+        personal_accuracy=metrics.get("per_client/accuracy_mean"),
         trainable_params=metrics["summary/trainable_params"],
         client_params=metrics.get("summary/params_per_client"),
         bytes_communicated=sum(comm),

@@ -242,7 +242,7 @@ def _run_round(
         round_idx,
         config.training.rounds,
         step.evaluation.accuracy,
-        metrics["clients/mean_accuracy"],
+        metrics["per_client/accuracy_mean"],
         closed.seconds,
     )
     return new

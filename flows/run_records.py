@@ -112,7 +112,7 @@ def record_decision(
         "ranks/max": max(ranks),
     }
     if len(ranks) <= config.tracking.keyed_clients_max:
-        metrics |= {f"clients/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
+        metrics |= {f"per_client/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
     tracking.log_metrics(uri, run_id, metrics, step=0)
     tracking.track_figure(
         uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"

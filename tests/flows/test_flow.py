@@ -42,18 +42,31 @@ def test_every_round_is_logged_once_per_metric(finished_run) -> None:
     for key in (
         "global/accuracy",
         "global/loss",
-        "clients/mean_accuracy",
-        "comm/bytes_up",
-        "comm/bytes_down",
+        "per_client/accuracy_mean",
+        "traffic/bytes_up",
+        "traffic/bytes_down",
         "time/round_s",
-        "clients/c00/accuracy",
-        "clients/c03/train_loss",
+        "per_client/c00/accuracy",
+        "per_client/c03/train_loss",
     ):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == [1, 2], key
     accuracy = [m.value for m in client.get_metric_history(run_id, "global/accuracy")]
     assert all(0.0 <= a <= 1.0 for a in accuracy)
-    assert client.get_metric_history(run_id, "comm/bytes_up")[0].value > 0
+    assert client.get_metric_history(run_id, "traffic/bytes_up")[0].value > 0
+
+
+def test_the_first_chart_section_is_the_global_model(finished_run) -> None:
+    """MLflow 3's run page groups charts by the key up to its last ``/``, sorts the named
+    sections and puts keys without one last; the headline must open the page."""
+    _, run_id, client, _ = finished_run
+
+    keys = client.get_run(run_id).data.metrics
+    sections = sorted({k.rsplit("/", 1)[0] for k in keys if "/" in k})
+
+    assert all("/" in k for k in keys)
+    assert sections[0] == "global"
+    assert sorted(k for k in keys if k.startswith("global/")) == ["global/accuracy", "global/loss"]
 
 
 def test_rank_decision_plots_and_adapter_artifacts(finished_run) -> None:
@@ -88,7 +101,7 @@ def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None
     per_client = [
         v
         for k, v in metrics.items()
-        if k.startswith("clients/c") and k.endswith("/trainable_params")
+        if k.startswith("per_client/c") and k.endswith("/trainable_params")
     ]
 
     assert len(per_client) == 4

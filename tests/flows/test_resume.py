@@ -16,8 +16,8 @@ from flows.experiment import federated_training
 from tests.flows.conftest import storage_files, tiny_config
 
 ROUNDS = 5
-KEYS = ("global/accuracy", "global/loss", "clients/mean_accuracy", "clients/accuracy_p10")
-SAMPLED = "clients/c02/accuracy"  # client 2 is not sampled every round
+KEYS = ("global/accuracy", "global/loss", "per_client/accuracy_mean", "per_client/accuracy_p10")
+SAMPLED = "per_client/c02/accuracy"  # client 2 is not sampled every round
 
 
 def _cli(*args: str, home: Path, own_server: bool = False) -> subprocess.Popen[bytes]:

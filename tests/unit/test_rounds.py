@@ -154,21 +154,21 @@ def test_round_metrics_name_global_comm_and_each_client() -> None:
     m = _report().metrics(keyed_clients=True)
 
     assert m["global/accuracy"] == 0.8 and m["global/loss"] == 0.6
-    assert m["clients/mean_accuracy"] == 0.9  # the client without a local split is left out
-    assert m["clients/accuracy_min"] == m["clients/accuracy_max"] == 0.9
-    assert m["clients/train_loss_mean"] == pytest.approx(0.375)
-    assert m["clients/sampled"] == 2 and m["time/train_s"] == 1.0
-    assert m["comm/bytes_up"] == 30 and m["comm/bytes_down"] == 70
-    assert m["clients/c01/train_loss"] == 0.25
-    assert m["clients/c01/trainable_params"] == _state(4).num_parameters()
-    assert "clients/c01/accuracy" not in m and m["clients/c00/accuracy"] == 0.9
+    assert m["per_client/accuracy_mean"] == 0.9  # the client without a local split is left out
+    assert m["per_client/accuracy_min"] == m["per_client/accuracy_max"] == 0.9
+    assert m["per_client/train_loss_mean"] == pytest.approx(0.375)
+    assert m["per_client/sampled"] == 2 and m["time/train_s"] == 1.0
+    assert m["traffic/bytes_up"] == 30 and m["traffic/bytes_down"] == 70
+    assert m["per_client/c01/train_loss"] == 0.25
+    assert m["per_client/c01/trainable_params"] == _state(4).num_parameters()
+    assert "per_client/c01/accuracy" not in m and m["per_client/c00/accuracy"] == 0.9
 
 
 def test_round_metrics_without_keyed_clients_do_not_grow_with_clients() -> None:
     m = _report().metrics(keyed_clients=False)
 
-    assert not [k for k in m if k.startswith("clients/c")]
-    assert m["clients/trainable_params"] == _state(2).num_parameters() + _state(4).num_parameters()
+    assert not [k for k in m if k.startswith("per_client/c")]
+    assert m["per_client/trainable_params"] == _state(2).num_parameters() + _state(4).num_parameters()
 
 
 def test_client_table_has_one_row_per_sampled_client() -> None:
