@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -151,8 +152,8 @@ def _maybe(value: float | None, fmt: str) -> str:
 
 
 _COLUMNS = (
-    "assigner|aggregator|seeds|best accuracy|final accuracy|rounds to {target}|"
-    "personalised accuracy|trainable params (all clients)|params per client|"
+    "assigner|aggregator|best accuracy|final accuracy|rounds to {target}|"
+    "personalised accuracy|seeds|trainable params (all clients)|params per client|"
     "communicated (MB)|wall time (s)"
 )
 
@@ -161,11 +162,11 @@ def _row(s: MethodSummary) -> list[str]:
     return [
         s.assigner,
         s.aggregator,
-        str(s.seeds),
         _spread(s.best),
         _spread(s.final),
         _reach(s),
         _maybe(s.personal_accuracy, ".4f"),
+        str(s.seeds),
         f"{s.trainable_params:,.0f}",
         _maybe(s.client_params, ",.0f"),
         f"{s.bytes_communicated / 1e6:.2f}",
@@ -189,6 +190,25 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+# The table's columns, accuracies first after the method (what a reader compares).
+_TABLE_KEYS = (
+    "assigner",
+    "aggregator",
+    "best_accuracy_mean",
+    "best_accuracy_std",
+    "final_accuracy_mean",
+    "final_accuracy_std",
+    "rounds_to_target",
+    "reached",
+    "personal_accuracy",
+    "seeds",
+    "trainable_params",
+    "client_params",
+    "bytes_communicated",
+    "wall_seconds",
+)
+
+
 def summary_columns(summaries: Sequence[MethodSummary]) -> dict[str, list[Any]]:
     """The summary as columns of plain values (an MLflow table: column name -> values)."""
     rows = []
@@ -197,4 +217,64 @@ def summary_columns(summaries: Sequence[MethodSummary]) -> dict[str, list[Any]]:
         row["best_accuracy_mean"], row["best_accuracy_std"] = row.pop("best")
         row["final_accuracy_mean"], row["final_accuracy_std"] = row.pop("final")
         rows.append(row)
-    return {key: [r[key] for r in rows] for key in (rows[0] if rows else {})}
+    return {key: [r[key] for r in rows] for key in _TABLE_KEYS} if rows else {}
+
+
+def _metric_name(method: str) -> str:
+    """A method's name as an MLflow metric key segment (letters, digits, ``_-.`` only)."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in method)
+
+
+def summary_metrics(summaries: Sequence[MethodSummary]) -> dict[str, float]:
+    """The summary as MLflow metrics of the comparison's parent run, ``<statistic>/<method>``.
+
+    One chart section per statistic, one chart per method; ``rounds_to_target`` only for
+    methods that reached the target in some seed.
+    """
+    out: dict[str, float] = {}
+    for s in summaries:
+        name = _metric_name(f"{s.assigner}-{s.aggregator}")
+        out[f"best_accuracy/{name}"] = s.best[0]
+        out[f"final_accuracy/{name}"] = s.final[0]
+        out[f"final_accuracy_std/{name}"] = s.final[1]
+        if s.rounds_to_target is not None:
+            out[f"rounds_to_target/{name}"] = s.rounds_to_target
+        if s.personal_accuracy is not None:
+            out[f"personal_accuracy/{name}"] = s.personal_accuracy
+        out[f"trainable_params/{name}"] = s.trainable_params
+        out[f"communicated_mb/{name}"] = s.bytes_communicated / 1e6
+    return out
+
+
+def terminal_table(summaries: Sequence[MethodSummary], target: float) -> str:
+    """The comparison for a terminal: one aligned row per method, within ~100 columns.
+
+    Method, best and final accuracy (mean ± std over seeds), rounds to the target, parameters
+    per client and megabytes communicated; the full table is ``summary.md``.
+    """
+    head = ["method", "best", "final", f"reach {target:g}", "params", "MB", "seeds"]
+    rows = [
+        [
+            f"{s.assigner}-{s.aggregator}",
+            _spread(s.best),
+            _spread(s.final),
+            _reach(s),
+            _maybe(s.client_params, ",.0f"),
+            f"{s.bytes_communicated / 1e6:.2f}",
+            str(s.seeds),
+        ]
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    legend = (
+        "best, final: global test accuracy, mean ± std over seeds; reach: rounds to the target; "
+        "params: trainable LoRA parameters per client; MB: communicated"
+    )
+    table = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    return "\n".join([*table, "", textwrap.fill(legend, 96)]) + "\n"

@@ -45,6 +45,8 @@ from autorank.summary import (
     mean_curves,
     summarise,
     summary_columns,
+    summary_metrics,
+    terminal_table,
 )
 from flows.experiment import federated_training
 from flows.local import preflight
@@ -55,6 +57,7 @@ from tasks import tracking
 progress = logging.getLogger("autorank.progress")
 
 SUMMARY_FILE = "summary.md"
+TERMINAL_FILE = "summary.txt"
 TABLE_FILE = "summary.json"
 GRID_FILE = "grid.yaml"
 DECISION_FILE = "rank_decision.json"
@@ -278,13 +281,23 @@ def _write_summary(
     done: dict[str, str],
     skipped: Sequence[SkippedCell],
 ) -> None:
-    """Log summary.md, the summary.json table and the two comparison plots to the parent."""
+    """The summary on the parent: its description (markdown), metrics per method, the
+    artifacts summary.md, summary.txt (the terminal's table) and summary.json (an MLflow
+    table), and the two comparison plots."""
     uri = grid.base.tracking.uri
     results = [_cell_result(uri, c, done[c.run_name]) for c in cells]
     summaries = summarise(results, grid.target_accuracy)
     table = markdown_table(summaries, grid.target_accuracy, skipped)
     tracking.log_text(uri, parent, table, SUMMARY_FILE)
+    tracking.log_text(uri, parent, terminal_table(summaries, grid.target_accuracy), TERMINAL_FILE)
     tracking.log_table(uri, parent, summary_columns(summaries), TABLE_FILE)
+    seeds = ", ".join(str(s) for s in grid.seeds)
+    note = f"Comparison on {grid.base.data.name} ({grid.base.partition.scheme}), seeds {seeds}: "
+    note += "accuracy as mean ± std over seeds.\n\n" + table
+    tracking.set_tags(uri, parent, {"mlflow.note.content": note})  # the run's description
+    logged = tracking.run_metrics(uri, parent)  # a resumed comparison logs only what changed
+    metrics = {k: v for k, v in summary_metrics(summaries).items() if logged.get(k) != v}
+    tracking.log_metrics(uri, parent, metrics, step=0)
     curves = accuracy_curves(
         mean_curves(results), title="Global test accuracy per round (mean over seeds)"
     )
@@ -341,10 +354,10 @@ def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
 
 
 def compare_locally(grid: GridConfig, *, resume_parent_run_id: str | None) -> tuple[str, str]:
-    """Run (or resume) a comparison here; return the parent run id and the summary table.
+    """Run (or resume) a comparison here; return the parent run id and the terminal's table.
 
     Check the grid first (``preflight_grid``).
     """
     named = compare_methods.with_options(flow_run_name=grid.name or "compare")
     parent = named(grid=grid, resume_parent_run_id=resume_parent_run_id)
-    return parent, tracking.read_text(grid.base.tracking.uri, parent, SUMMARY_FILE)
+    return parent, tracking.read_text(grid.base.tracking.uri, parent, TERMINAL_FILE)

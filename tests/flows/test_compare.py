@@ -68,11 +68,27 @@ def test_summary_table_and_plots_on_the_parent(comparison) -> None:
     assert len(rows) == 1 + 4
     for method in METHODS:
         assigner, aggregator = method.split("-")
-        assert any(row.startswith(f"| {assigner} | {aggregator} | 1 |") for row in rows), method
+        start = f"| {assigner} | {aggregator} |"
+        mine = [row.split(" | ") for row in rows if row.startswith(start)]
+        assert len(mine) == 1 and mine[0][6] == "1", method  # one seed
     assert len(table["data"]) == 4 and "best_accuracy_mean" in table["columns"]
     for png in ("accuracy_per_round", "rank_per_client"):
         assert (local / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert (local / "grid.yaml").is_file()
+    assert table["columns"][:3] == ["assigner", "aggregator", "best_accuracy_mean"]
+
+
+def test_the_parent_shows_its_summary_as_description_and_metrics(comparison) -> None:
+    _, parent, client, _ = comparison
+
+    run = client.get_run(parent)
+    metrics = run.data.metrics
+
+    assert "| autorank | rbla |" in run.data.tags["mlflow.note.content"]
+    for method in METHODS:
+        assert 0.0 < metrics[f"final_accuracy/{method}"] <= 1.0, method
+        assert metrics[f"communicated_mb/{method}"] > 0
+    assert all(len(client.get_metric_history(parent, k)) == 1 for k in metrics)
 
 
 def test_resume_of_a_finished_comparison_reruns_nothing(comparison) -> None:
@@ -86,6 +102,8 @@ def test_resume_of_a_finished_comparison_reruns_nothing(comparison) -> None:
     assert after == before
     local = Path(client.download_artifacts(parent, "summary.json", str(tmp / "again")))
     assert len(json.loads(local.read_text())["data"]) == 4  # replaced, not appended
+    summary = client.get_run(parent).data.metrics
+    assert all(len(client.get_metric_history(parent, k)) == 1 for k in summary)  # not twice
 
 
 def test_resume_continues_a_failed_cell_in_its_own_run(comparison) -> None:
@@ -211,7 +229,8 @@ def test_cli_resume_prints_the_table_and_refuses_other_runs(
     err = capsys.readouterr().err
 
     assert code == 0
-    assert out.startswith("| assigner | aggregator |") and f"parent run id: {parent}" in out
+    assert out.split()[:3] == ["method", "best", "final"] and f"parent run id: {parent}" in out
+    assert max(len(line) for line in out.splitlines()[:6]) <= 100
     experiment_id = client.get_run(parent).info.experiment_id
     assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent}" in out
     assert (bad_id, not_comparison, other_grid) == (2, 2, 2)

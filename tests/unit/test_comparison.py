@@ -25,6 +25,8 @@ from autorank.summary import (
     rounds_to_target,
     summarise,
     summary_columns,
+    summary_metrics,
+    terminal_table,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,14 +270,14 @@ def test_markdown_table_formatting() -> None:
     table = markdown_table(summarise(results, 0.75), 0.75, skipped)
 
     lines = table.splitlines()
-    assert lines[0].startswith("| assigner | aggregator | seeds | best accuracy |")
+    assert lines[0].startswith("| assigner | aggregator | best accuracy | final accuracy |")
     assert "| rounds to 0.75 |" in lines[0]
     assert lines[1] == "|" + "---|" * 11
     assert lines[2] == (
-        "| autorank | rbla | 2 | 0.8000 ± 0.1414 | 0.7500 ± 0.2121 | 2.0 (1/2) | 0.9000 "
+        "| autorank | rbla | 0.8000 ± 0.1414 | 0.7500 ± 0.2121 | 2.0 (1/2) | 0.9000 | 2 "
         "| 1,000 | 500 | 2.00 | 10.0 |"
     )
-    assert lines[3].split(" | ")[5:9] == ["-", "-", "1,000", "-"]
+    assert lines[3].split(" | ")[4:9] == ["-", "-", "1", "1,000", "-"]
     assert lines[-1] == "- skipped `autorank-fedavg-s0`: fedavg needs equal ranks"
     assert all(line.count("|") == 12 for line in lines[:4])
 
@@ -289,6 +291,61 @@ def test_summary_columns_are_one_value_per_method() -> None:
     assert columns["assigner"] == ["a", "b"]
     assert columns["rounds_to_target"] == [None, 1.0]
     assert columns["best_accuracy_mean"] == [0.5, 0.6]
+    assert list(columns)[:6] == [
+        "assigner",
+        "aggregator",
+        "best_accuracy_mean",
+        "best_accuracy_std",
+        "final_accuracy_mean",
+        "final_accuracy_std",
+    ]
+
+
+def test_summary_metrics_are_one_key_per_statistic_and_method() -> None:
+    results = [
+        _result("autorank", 0, [0.5, 0.7, 0.6]),
+        _result("autorank", 1, [0.6, 0.8, 0.9]),
+        _result("my label", 0, [0.4, 0.5], personal_accuracy=None),
+    ]
+
+    metrics = summary_metrics(summarise(results, 0.75))
+
+    assert metrics["best_accuracy/autorank-rbla"] == pytest.approx(0.8)
+    assert metrics["final_accuracy/autorank-rbla"] == pytest.approx(0.75)
+    assert metrics["final_accuracy_std/autorank-rbla"] == pytest.approx(0.2121320)
+    assert metrics["rounds_to_target/autorank-rbla"] == 2.0
+    assert metrics["communicated_mb/autorank-rbla"] == pytest.approx(2.0)
+    assert metrics["final_accuracy/my_label-rbla"] == pytest.approx(0.5)
+    assert "rounds_to_target/my_label-rbla" not in metrics  # never reached 0.75
+    assert "personal_accuracy/my_label-rbla" not in metrics
+
+
+def test_terminal_table_is_aligned_and_narrow() -> None:
+    results = [
+        _result("autorank", 0, [0.5, 0.7, 0.6]),
+        _result("uniform-mean_autorank", 0, [0.4, 0.5], client_params=None),
+    ]
+
+    lines = terminal_table(summarise(results, 0.75), 0.75).splitlines()
+
+    assert lines[0].split() == ["method", "best", "final", "reach", "0.75", "params", "MB", "seeds"]
+    assert set(lines[1]) == {"-", " "}
+    assert lines[2].split() == [
+        "autorank-rbla",
+        "0.7000",
+        "±",
+        "0.0000",
+        "0.6000",
+        "±",
+        "0.0000",
+        "-",
+        "500",
+        "2.00",
+        "1",
+    ]
+    assert lines[3].split()[0] == "uniform-mean_autorank-rbla" and lines[3].split()[-4] == "-"
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule as wide
+    assert max(map(len, lines)) <= 100
 
 
 def test_a_cell_without_rounds_is_refused() -> None:
