@@ -71,14 +71,41 @@ def closeness_vs_rank(
     return fig
 
 
-def accuracy_curves(curves: Mapping[str, Sequence[float]], *, title: str) -> Figure:
-    """One line per series of accuracy over rounds (rounds start at 1)."""
+# Line styles and markers cycle separately from colours, so that curves that coincide (two
+# methods with the same history) stay distinguishable instead of hiding one another.
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+
+
+def accuracy_curves(
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    spread: Mapping[str, Sequence[float]] | None = None,
+) -> Figure:
+    """One line per series of accuracy over rounds (rounds start at 1).
+
+    ``spread``: per series, a standard deviation per round (over seeds), drawn as a band of
+    ``mean ± std`` in the line's colour.
+    """
     fig = _figure(8.5, 4.0)
     ax = fig.add_subplot()
     longest = max((len(v) for v in curves.values()), default=0)
-    marker = "o" if longest <= 40 else None  # markers would merge into a band on long runs
-    for name, values in curves.items():
-        ax.plot(np.arange(1, len(values) + 1), values, marker=marker, markersize=3, label=name)
+    markers = longest <= 40  # markers would merge into a band on long runs
+    for i, (name, values) in enumerate(curves.items()):
+        x = np.arange(1, len(values) + 1)
+        (line,) = ax.plot(
+            x,
+            values,
+            linestyle=_STYLES[i % len(_STYLES)],
+            marker=_MARKERS[i % len(_MARKERS)] if markers else None,
+            markersize=3,
+            label=name,
+        )
+        std = (spread or {}).get(name)
+        if std is not None and any(std):
+            mean, band = np.asarray(values), np.asarray(std[: len(values)])
+            ax.fill_between(x, mean - band, mean + band, color=line.get_color(), alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")

@@ -136,6 +136,16 @@ def mean_curves(results: Sequence[CellResult]) -> dict[str, list[float]]:
     }
 
 
+def std_curves(results: Sequence[CellResult]) -> dict[str, list[float]]:
+    """Per method, the sample standard deviation over seeds of the global accuracy per round
+    (to the shortest run; 0 with one seed)."""
+    out = {}
+    for method, runs in _by_method(results).items():
+        rounds = min(len(r.accuracy) for r in runs)
+        out[method] = [mean_std([r.accuracy[t] for r in runs])[1] for t in range(rounds)]
+    return out
+
+
 def _spread(stat: tuple[float, float]) -> str:
     return f"{stat[0]:.4f} ± {stat[1]:.4f}"
 

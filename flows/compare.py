@@ -43,15 +43,18 @@ from autorank.summary import (
     CellResult,
     markdown_table,
     mean_curves,
+    std_curves,
     summarise,
     summary_columns,
     summary_metrics,
     terminal_table,
 )
+from flows import run_views
 from flows.experiment import federated_training
 from flows.local import preflight
 from flows.ranking import federation_for, rank_table
 from flows.run_records import close_interrupted_or_failed
+from flows.run_views import progress_in_run_log
 from tasks import tracking
 
 progress = logging.getLogger("autorank.progress")
@@ -106,8 +109,7 @@ def _open_parent(grid: GridConfig, resume_parent_run_id: str | None) -> str:
         GRID_DIGEST_TAG: grid_digest(grid),
         "prefect.flow_run_id": _flow_run_id(),
     }
-    name = grid.name or f"compare-{base.data.name}"
-    run_id = tracking.start_run(uri, base.tracking.experiment, run_name=name, tags=tags)
+    run_id = tracking.start_run(uri, base.tracking.experiment, run_name=_name(grid), tags=tags)
     params = {
         "assigners": ",".join(a.method for a in grid.assigners),
         "aggregators": ",".join(grid.aggregators),
@@ -280,10 +282,10 @@ def _write_summary(
     cells: Sequence[Cell],
     done: dict[str, str],
     skipped: Sequence[SkippedCell],
-) -> None:
+) -> str:
     """The summary on the parent: its description (markdown), metrics per method, the
     artifacts summary.md, summary.txt (the terminal's table) and summary.json (an MLflow
-    table), and the two comparison plots."""
+    table), and the two comparison plots. Returns the description."""
     uri = grid.base.tracking.uri
     results = [_cell_result(uri, c, done[c.run_name]) for c in cells]
     summaries = summarise(results, grid.target_accuracy)
@@ -299,14 +301,36 @@ def _write_summary(
     metrics = {k: v for k, v in summary_metrics(summaries).items() if logged.get(k) != v}
     tracking.log_metrics(uri, parent, metrics, step=0)
     curves = accuracy_curves(
-        mean_curves(results), title="Global test accuracy per round (mean over seeds)"
+        mean_curves(results),
+        title="Global test accuracy per round (mean ± std over seeds)",
+        spread=std_curves(results),
     )
     tracking.track_figure(uri, parent, curves, "plots/accuracy_per_round.png")
     ranks = ranks_per_client(_rank_plot_data(grid, cells, done))
     tracking.track_figure(uri, parent, ranks, "plots/rank_per_client.png")
+    return note
 
 
-@flow(name="autorank-compare", log_prints=True)
+def _name(grid: GridConfig) -> str:
+    """The comparison's name, for its parent MLflow run and its Prefect flow run."""
+    return grid.name or f"compare-{grid.base.data.name}"
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    grid, resumed = params.get("grid"), params.get("resume_parent_run_id")
+    if isinstance(grid, dict):  # a deployment's parameters; the flow reports a bad grid itself
+        try:
+            grid = parse_grid(grid)
+        except ConfigError:
+            grid = None
+    name = _name(grid) if isinstance(grid, GridConfig) else "compare"
+    return name + (f" (resume {str(resumed)[:8]})" if resumed else "")
+
+
+@flow(name="autorank-compare", flow_run_name=_flow_run_name, log_prints=True)
 def compare_methods(
     grid: GridConfig | dict,
     resume_parent_run_id: str | None = None,
@@ -317,7 +341,18 @@ def compare_methods(
     if not cells:
         raise ConfigError("the grid has no runnable cell (every combination was skipped)")
     uri = grid.base.tracking.uri
-    parent = _open_parent(grid, resume_parent_run_id)
+    with progress_in_run_log():
+        parent = _open_parent(grid, resume_parent_run_id)
+        run_views.link_mlflow_run(uri, parent, _name(grid))
+        _compare(grid, cells, skipped, parent)
+    return parent
+
+
+def _compare(
+    grid: GridConfig, cells: Sequence[Cell], skipped: Sequence[SkippedCell], parent: str
+) -> None:
+    """Run the cells not finished yet, then the summary; the parent ends FINISHED (or stopped)."""
+    uri = grid.base.tracking.uri
     try:
         children = tracking.child_runs(uri, parent)
         diverged: list[SkippedCell] = []
@@ -327,13 +362,13 @@ def compare_methods(
         done |= _run_cells(grid, parent, resolved, children, diverged)
         final = {c.run_name: c for c in [*first, *resolved]}
         ran = [final[c.run_name] for c in cells if c.run_name in done]
-        _write_summary(grid, parent, ran, done, [*skipped, *diverged])
+        table = _write_summary(grid, parent, ran, done, [*skipped, *diverged])
     except BaseException as err:
         hint = f"`autorank compare --config GRID.yaml --resume {parent}`"
         close_interrupted_or_failed(uri, parent, err, hint)
         raise
     tracking.end_run(uri, parent, "FINISHED")
-    return parent
+    run_views.summary_of_comparison(table, parent)
 
 
 def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
@@ -358,6 +393,5 @@ def compare_locally(grid: GridConfig, *, resume_parent_run_id: str | None) -> tu
 
     Check the grid first (``preflight_grid``).
     """
-    named = compare_methods.with_options(flow_run_name=grid.name or "compare")
-    parent = named(grid=grid, resume_parent_run_id=resume_parent_run_id)
+    parent = compare_methods(grid=grid, resume_parent_run_id=resume_parent_run_id)
     return parent, tracking.read_text(grid.base.tracking.uri, parent, TERMINAL_FILE)

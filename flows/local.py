@@ -6,7 +6,9 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,16 +16,20 @@ from autorank.config import ExperimentConfig
 
 
 class ProgressHandler(logging.StreamHandler):
-    """Progress lines on stderr; DEBUG records are a live status line on a terminal only.
+    """Progress lines on stderr; on a terminal also a live status line under them.
 
-    On a terminal, ``round 3: 7/10 clients done`` is redrawn in place (``\r``) until the
-    round's INFO line replaces it; in logs and CI the status records are dropped.
+    On a terminal the status line is redrawn in place (``\r``): DEBUG records (``starting
+    Prefect's API server``) and, once rounds run, a bar with the rounds done and the time left,
+    estimated from the rounds this process has run. Records that carry ``round`` and ``rounds``
+    (``extra=``) move the bar. In logs and CI the status is dropped and only the lines remain.
     """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.live = sys.stderr.isatty()
         self.setFormatter(logging.Formatter("[autorank] %(message)s"))
+        self.status = ""
+        self.started: tuple[float, int] | None = None  # (time, round) when rounds began here
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr  # whatever stderr is now (tests swap it between commands)
@@ -31,12 +37,46 @@ class ProgressHandler(logging.StreamHandler):
             prefix = "\r\033[K" if self.live else ""
             self.stream.write(prefix + self.format(record) + "\n")
         elif self.live:
-            self.stream.write("\r\033[K" + self.format(record))
+            self.status = self.format(record)
+        if self.live:
+            self._move_bar(record)
+            self.stream.write("\r\033[K" + self.status)
         self.flush()
+
+    def _move_bar(self, record: logging.LogRecord) -> None:
+        done, total = getattr(record, "round", None), getattr(record, "rounds", None)
+        if done is None or total is None:
+            return
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, done)
+        if done >= total:  # the last round: the bar goes, the round lines stay
+            self.status, self.started = "", None
+            return
+        self.status = _round_bar(done, total, now - self.started[0], done - self.started[1])
+
+
+def _round_bar(done: int, total: int, elapsed: float, ran: int) -> str:
+    """``[autorank]  35%|███     | round 7/20, 00:05 elapsed, 00:09 left`` (tqdm's meter)."""
+    from tqdm import tqdm
+
+    width = shutil.get_terminal_size((100, 24)).columns - 1
+    return tqdm.format_meter(
+        done,
+        total,
+        elapsed,
+        ncols=width,
+        rate=ran / elapsed if ran and elapsed > 0 else None,
+        bar_format="[autorank] {percentage:3.0f}%|{bar}| round {n_fmt}/{total_fmt}, "
+        "{elapsed} elapsed, {remaining} left",
+    )
 
 
 def configure_logging(verbose: bool) -> None:
     """Round-by-round progress on stderr; Prefect's own lines only with ``verbose``."""
+    from flows.run_views import forward_progress
+
+    forward_progress(False)
     handler = ProgressHandler()
     progress = logging.getLogger("autorank.progress")
     for old in [h for h in progress.handlers if isinstance(h, ProgressHandler)]:
@@ -245,16 +285,10 @@ def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose:
 
 
 def how_to_look(uri: str, run_id: str) -> str:
-    """The closing line: the command that starts the UI, and the link to the run's own page.
+    """The closing line: the link to the run's own page (and, for a local store, the command
+    that starts the UI)."""
+    from tasks.tracking import run_page
 
-    MLflow 3's UI opens an experiment on its GenAI overview; a run's page link opens the run.
-    """
-    from tasks.tracking import client_for
-
-    experiment = client_for(uri).get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
-        return f"Open the run at {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-    return (
-        f"Open the UI with `autorank ui --uri {uri}`, then the run at "
-        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
-    )
+        return f"Open the run at {run_page(uri, run_id)}"
+    return f"Open the UI with `autorank ui --uri {uri}`, then the run at {run_page(uri, run_id)}"

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `autorank ui` serves by default
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
 
@@ -187,6 +188,17 @@ def child_runs(uri: str, parent_run_id: str) -> list[ChildRun]:
         token = page.token
         if not token:
             return sorted(found, key=lambda c: c.start_time)
+
+
+def run_page(uri: str, run_id: str) -> str:
+    """The address of a run's own page in the MLflow UI: the server's for an HTTP store, else
+    the one ``autorank ui`` (``mlflow ui``) serves on 127.0.0.1:5000.
+
+    MLflow 3's UI opens an experiment on its GenAI overview; a run's page link opens the run.
+    """
+    experiment = client_for(uri).get_run(run_id).info.experiment_id
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{server}/#/experiments/{experiment}/runs/{run_id}"
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:

@@ -33,7 +33,11 @@ def test_metric_keys_do_not_grow_with_clients(sampled_run) -> None:
     keys = set(client.get_run(run_id).data.metrics)
 
     assert not [k for k in keys if k.startswith("per_client/c")]
-    for key in ("per_client/accuracy_p10", "per_client/accuracy_median", "per_client/train_loss_max"):
+    for key in (
+        "per_client/accuracy_p10",
+        "per_client/accuracy_median",
+        "per_client/train_loss_max",
+    ):
         assert len(client.get_metric_history(run_id, key)) == ROUNDS, key
     sampled = client.get_metric_history(run_id, "per_client/sampled")
     assert [m.value for m in sorted(sampled, key=lambda m: m.step)] == [5.0] * ROUNDS

@@ -23,6 +23,7 @@ from autorank.summary import (
     mean_curves,
     mean_std,
     rounds_to_target,
+    std_curves,
     summarise,
     summary_columns,
     summary_metrics,
@@ -257,6 +258,7 @@ def test_mean_curves_average_seeds_up_to_the_shortest_run() -> None:
 
     assert list(curves) == ["autorank-rbla"]
     assert [round(v, 6) for v in curves["autorank-rbla"]] == [0.3, 0.5]
+    assert [round(v, 6) for v in std_curves(results)["autorank-rbla"]] == [0.141421, 0.141421]
 
 
 def test_markdown_table_formatting() -> None:

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 from matplotlib.figure import Figure
 
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution, ranks_per_client
@@ -45,6 +46,21 @@ def test_accuracy_curves_use_whole_rounds_and_an_outside_legend() -> None:
     ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 20]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [20, 12]
+
+
+def test_std_bands_and_coinciding_curves_stay_visible() -> None:
+    same = [0.5, 0.6, 0.7]
+    curves = {"a": same, "b": same}
+
+    fig = accuracy_curves(curves, title="t", spread={"a": [0.1, 0.1, 0.1], "b": [0.0] * 3})
+
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert lines[0].get_marker() != lines[1].get_marker()
+    (band,) = ax.collections  # only "a" has a non-zero spread
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert low == pytest.approx(0.4) and high == pytest.approx(0.8)
 
 
 def test_label_and_closeness_figures_render() -> None:

@@ -168,7 +168,9 @@ def test_round_metrics_without_keyed_clients_do_not_grow_with_clients() -> None:
     m = _report().metrics(keyed_clients=False)
 
     assert not [k for k in m if k.startswith("per_client/c")]
-    assert m["per_client/trainable_params"] == _state(2).num_parameters() + _state(4).num_parameters()
+    assert (
+        m["per_client/trainable_params"] == _state(2).num_parameters() + _state(4).num_parameters()
+    )
 
 
 def test_client_table_has_one_row_per_sampled_client() -> None:
