@@ -78,7 +78,8 @@ def _check_equal_ranks(updates: Sequence[ClientUpdate]) -> None:
         if len(set(ranks)) > 1:
             raise ValueError(
                 f"fedavg needs equal client ranks per layer; layer {name!r} has ranks {ranks} "
-                "(use zeropad, hetlora, rbla, flexlora or flora for heterogeneous ranks)"
+                "(use zeropad, hetlora, rbla, rbla_svd, rbla_product, flexlora or flora for "
+                "heterogeneous ranks)"
             )
 
 
@@ -137,37 +138,110 @@ def _hetlora_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactor
     return _componentwise_mean(factors, w[:, None].expand(-1, _max_rank(factors)))
 
 
-def _rbla_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
-    """Average component k over the clients whose rank covers it, weighted by ``n_i``."""
+def _rbla_weights(factors: Sequence[LoraFactors], p: torch.Tensor) -> torch.Tensor:
+    """RBLA's weights ``w_ik = p_i / P_k`` if ``r_i > k`` else 0; ``[K, r_max]``.
+
+    ``P_k = sum_{j: r_j > k} p_j`` is the weight of the clients whose rank covers slot k.
+    """
     ranks = torch.tensor([f.rank for f in factors])
     covers = torch.arange(_max_rank(factors))[None, :] < ranks[:, None]  # [K, r_max]
     w = covers.to(p) * p[:, None]
     # Every column is covered by a client of the largest rank, so no column sum is zero.
-    return _componentwise_mean(factors, w / w.sum(dim=0, keepdim=True))
+    return w / w.sum(dim=0, keepdim=True)
 
 
-def _stack(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
-    """Stacked factors ``A_s = concat_i A_i`` (rows), ``B_s = concat_i p_i B~_i`` (columns).
+def _rbla_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Average component k over the clients whose rank covers it, weighted by ``n_i``."""
+    return _componentwise_mean(factors, _rbla_weights(factors, p))
 
-    ``B_s A_s = sum_i p_i B~_i A_i`` exactly; rank ``sum_i r_i``, scale 1.
+
+def _stack(factors: Sequence[LoraFactors], w: torch.Tensor) -> LoraFactors:
+    """Stacked factors ``A_s = concat_i A_i`` (rows), ``B_s = concat_i B~_i diag(w_i)`` (columns).
+
+    ``B_s A_s = sum_i sum_{k < r_i} w_ik B~_i[:, k] A_i[k]`` exactly (``w: [K, r_max]``); rank
+    ``sum_i r_i``, scale 1.
     """
     A_s = torch.cat([f.A for f in factors], dim=0)  # [sum r_i, d_in]
-    B_s = torch.cat([float(p[i]) * f.B for i, f in enumerate(factors)], dim=1)  # [d_out, sum r_i]
-    return LoraFactors(A_s, B_s, 1.0)
+    B_s = torch.cat([f.B * w[i, : f.rank].to(f.B) for i, f in enumerate(factors)], dim=1)
+    return LoraFactors(A_s, B_s, 1.0)  # B_s: [d_out, sum r_i]
+
+
+def _per_client(p: torch.Tensor, factors: Sequence[LoraFactors]) -> torch.Tensor:
+    """``w_ik = p_i`` for every component: ``[K, r_max]``."""
+    return p[:, None].expand(-1, _max_rank(factors))
+
+
+def _upcast(f: LoraFactors) -> LoraFactors:
+    """The factors in float32 if they are half precision (torch's QR and SVD want float32/64)."""
+    work = f.A.dtype if f.A.dtype in (torch.float32, torch.float64) else torch.float32
+    return LoraFactors(f.A.to(work), f.B.to(work), f.scale)
+
+
+def _svd_of_product(
+    B: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``B A = U diag(S) V^T`` of a product of thin factors, with fixed signs.
+
+    ``B: [d_out, R]``, ``A: [R, d_in]``. For ``R < min(d_out, d_in)`` the dense product is never
+    formed: reduced QR ``B = Q_b R_b``, ``A^T = Q_a R_a`` give ``B A = Q_b (R_b R_a^T) Q_a^T``, so
+    the SVD ``U_c S V_c^T`` of the ``R x R`` core yields ``U = Q_b U_c``, ``V = Q_a V_c`` exactly,
+    in ``O((d_out + d_in) R^2)`` work (standard: Golub & Van Loan, *Matrix Computations*; FLoRIST,
+    Ramesh & Dass, arXiv 2506.09199, likewise decomposes stacked adapters without the product).
+    Otherwise the dense product is no larger than the factors and is decomposed directly.
+    An SVD fixes each pair ``(u_k, v_k)`` only up to a common sign; the largest-magnitude entry
+    of each ``u_k`` (the first on ties) is made positive, so a rerun gives the same bits.
+
+    Returns:
+        ``U: [d_out, m]``, ``S: [m]`` (non-increasing), ``Vh: [m, d_in]``,
+        ``m = min(R, d_out, d_in)``.
+    """
+    R = A.shape[0]
+    if min(B.shape[0], A.shape[1]) > R:
+        Q_b, R_b = torch.linalg.qr(B)  # [d_out, R], [R, R]
+        Q_a, R_a = torch.linalg.qr(A.T)  # [d_in, R], [R, R]
+        U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.T)
+        U, Vh = Q_b @ U_c, Vh_c @ Q_a.T
+    else:
+        U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+    peak = U.gather(0, U.abs().argmax(dim=0, keepdim=True))  # [1, m]
+    sign = torch.where(peak < 0, -1.0, 1.0).to(U)
+    return U * sign, S, Vh * sign.T
+
+
+def _refactor(f: LoraFactors, rank: int, dtype: torch.dtype) -> LoraFactors:
+    """``B A`` (scale 1) in its SVD basis: ``B' = U_r sqrt(S_r)``, ``A' = sqrt(S_r) V_r^T``.
+
+    Slot k carries the k-th strongest direction, so every prefix of k slots is the best rank-k
+    approximation of the product (Eckart-Young). Returns rank ``rank``, scale 1, ``dtype``.
+    """
+    U, S, Vh = _svd_of_product(f.B, f.A)
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    top = LoraFactors((root[:, None] * Vh[:k]).to(dtype), (U[:, :k] * root).to(dtype), 1.0)
+    # A layer thinner than the rank has fewer triplets: the missing components are zero.
+    return resize(top, rank, 1.0)
+
+
+def _product_rule(factors: Sequence[LoraFactors], w: torch.Tensor) -> LoraFactors:
+    """Top ``r_max`` SVD slots of ``sum_i sum_{k < r_i} w_ik B~_i[:, k] A_i[k]`` (w: [K, r_max])."""
+    stacked = _stack([_upcast(f) for f in factors], w)
+    return _refactor(stacked, _max_rank(factors), factors[0].A.dtype)
 
 
 def _flexlora_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
-    """Top ``r_max`` SVD triplets of ``W = sum_i p_i B~_i A_i``: ``U sqrt(S)``, ``sqrt(S) V^T``."""
-    dtype = factors[0].A.dtype
-    # torch's SVD wants float32/float64; half-precision factors are decomposed in float32.
-    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    W = _stack(factors, p).delta().to(work)  # [d_out, d_in]
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    k = min(_max_rank(factors), S.numel())
-    root = S[:k].sqrt()
-    top = LoraFactors((root[:, None] * Vh[:k]).to(dtype), (U[:, :k] * root).to(dtype), 1.0)
-    # A layer thinner than r_max has fewer triplets: the missing components are zero.
-    return resize(top, _max_rank(factors), 1.0)
+    """Top ``r_max`` SVD slots of ``W = sum_i p_i B~_i A_i``."""
+    return _product_rule(factors, _per_client(p, factors))
+
+
+def _rbla_product_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """Top ``r_max`` SVD slots of ``W = sum_k sum_{i: r_i > k} (p_i / P_k) B~_i[:, k] A_i[k]``."""
+    return _product_rule(factors, _rbla_weights(factors, p))
+
+
+def _rbla_svd_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
+    """RBLA's merge, re-expressed in the SVD basis of its product (rank ``r_max``)."""
+    merged = _rbla_rule(factors, p)
+    return _refactor(_upcast(merged), merged.rank, merged.A.dtype)
 
 
 # --- drivers ----------------------------------------------------------------------------------
@@ -266,6 +340,46 @@ def aggregate_rbla(updates: Sequence[ClientUpdate]) -> AggregationResult:
     return _aggregate_factors(updates, _rbla_rule)
 
 
+def aggregate_rbla_svd(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """RBLA, then each layer's merged product re-expressed in its SVD basis.
+
+    With ``B~_g A_g`` RBLA's merge (rank ``r_max``, scale 1, see ``aggregate_rbla``):
+    ``B~_g A_g = U S V^T``, ``B~ = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T`` (``r = r_max``), so the
+    global product is RBLA's, unchanged; only its basis is. Slot k then carries the k-th strongest
+    direction and client i's first ``r_i`` slots are the best rank-``r_i`` approximation of the
+    global product, where RBLA hands out whichever directions its slot order happened to hold
+    (client bases are only defined up to an invertible map, ``B R R^-1 A = B A``). Same bytes as
+    RBLA. RBLA: Chen et al., arXiv 2408.08699; SVD hand-out: FlexLoRA (Bai et al., NeurIPS 2024).
+    """
+    return _aggregate_factors(updates, _rbla_svd_rule)
+
+
+def aggregate_rbla_product(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """Rank-aware merge in product space: RBLA's per-slot weights on rank-one components.
+
+    ``W = sum_k sum_{i: r_i > k} (p_i / P_k) s_i B_i[:, k] A_i[k]``, ``P_k = sum_{j: r_j > k} p_j``
+    (0-based k), computed exactly as a stack of thin factors, then re-factored by SVD to its top
+    ``r_max`` slots as in ``aggregate_rbla_svd``; client i gets the first ``r_i``. Every slot k
+    has total weight 1, so directions only high-rank clients express are not diluted, as RBLA
+    intends, but without the cross terms ``B~_i[:, k] A_j[k]`` (i != j) that averaging each
+    factor separately adds. Slot k means the same direction for every client because each round
+    starts from the global SVD basis. With equal ranks ``P_k = 1`` and this is FlexLoRA; with one
+    client it returns that client's product, re-factored.
+
+    Related work: FlexLoRA (Bai et al., NeurIPS 2024) takes the SVD of ``sum_i p_i B~_i A_i``,
+    so slot k of a high-rank client is weighted ``p_i`` and diluted by ``P_k < 1``. FedEx-LoRA
+    (Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of
+    Foundation Models", arXiv 2410.09432) averages factors at one rank and adds the residual
+    ``mean(B A) - mean(B) mean(A)`` to the frozen weights; here the base is untouched and the
+    only error is the truncation to ``r_max``. raFLoRA (Wu et al., arXiv 2602.13486; only its
+    abstract was read) aggregates each rank partition of the local updates weighted by the clients
+    that contribute to it, against the "rank collapse" of SVD-based heterogeneous aggregation onto
+    the smallest shared rank: this rule follows that idea with one-slot partitions and weights
+    ``p_i / P_k``; whether raFLoRA's partitions and weights are these was not checked.
+    """
+    return _aggregate_factors(updates, _rbla_product_rule)
+
+
 def aggregate_flexlora(updates: Sequence[ClientUpdate]) -> AggregationResult:
     """FlexLoRA: SVD of the weighted dense update, client i gets the top ``r_i`` triplets.
 
@@ -293,7 +407,8 @@ def aggregate_flora(updates: Sequence[ClientUpdate]) -> AggregationResult:
     extra = fedavg_extra(updates)
     stacked: dict[str, LoraFactors] = {}
     for name in updates[0].state.lora:
-        stacked[name] = _stack([_fold(u.state.lora[name]) for u in updates], p)
+        folded = [_fold(u.state.lora[name]) for u in updates]
+        stacked[name] = _stack(folded, _per_client(p, folded))
     return AggregationResult(
         global_state=AdapterState(stacked, extra),
         client_states=[AdapterState({}, _clone(extra)) for _ in updates],
@@ -306,6 +421,8 @@ AGGREGATORS: dict[str, Aggregator] = {
     "zeropad": aggregate_zeropad,
     "hetlora": aggregate_hetlora,
     "rbla": aggregate_rbla,
+    "rbla_svd": aggregate_rbla_svd,
+    "rbla_product": aggregate_rbla_product,
     "flexlora": aggregate_flexlora,
     "flora": aggregate_flora,
 }

@@ -78,9 +78,19 @@ class AssignerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    assigner: Assigner
-    uniform_rank: UniformRank = None
-    label: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.@+-]+$")
+    assigner: Assigner = Field(description="the rank assigner, as ranking.assigner")
+    uniform_rank: UniformRank = Field(
+        None,
+        description="uniform only: every client's rank, or mean_autorank for AutoRank's mean rank "
+        "of the same seed (the same budget); null: base.lora.r_max",
+    )
+    label: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.@+-]+$",
+        description="the method's name in run names, tables and plots (letters, digits, _.@+-); "
+        "null: from assigner and uniform_rank",
+    )
 
     @model_validator(mode="after")
     def _uniform_only(self) -> AssignerSpec:
@@ -105,12 +115,32 @@ class GridConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = Field(None, min_length=1, description="parent run name")
-    base: ExperimentConfig = Field(default_factory=ExperimentConfig)  # reads the environment
-    assigners: tuple[AssignerSpec, ...] = Field(min_length=1)
-    aggregators: tuple[Aggregator, ...] = Field(min_length=1)
-    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field((0,), min_length=1)
-    target_accuracy: float = Field(gt=0.0, le=1.0)
+    name: str | None = Field(
+        None, min_length=1, description="parent run name; null: compare-<dataset>"
+    )
+    base: ExperimentConfig = Field(
+        default_factory=ExperimentConfig,  # reads the environment
+        description="the experiment every cell runs; a cell sets only its seed, assigner, "
+        "uniform rank, aggregator and run name",
+    )
+    assigners: tuple[AssignerSpec, ...] = Field(
+        min_length=1,
+        description="rank assigners, each a method: names, or {assigner, uniform_rank, label}",
+    )
+    aggregators: tuple[Aggregator, ...] = Field(
+        min_length=1,
+        description="aggregation methods, crossed with every assigner (fedavg runs only with the "
+        "uniform assigner; other combinations with it are skipped)",
+    )
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        (0,), min_length=1, description="experiment seeds; every method runs once per seed"
+    )
+    target_accuracy: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="global accuracy in (0, 1] whose first round reached is reported as rounds "
+        "to target",
+    )
     max_parallel: int = Field(1, ge=1, description="cells trained at the same time")
 
     @field_validator("assigners", mode="before")

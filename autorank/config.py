@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Scheme = Literal["iid", "dirichlet", "shards", "quantity_skew", "double_imbalance"]
 Criterion = Literal["entropy", "gini_simpson", "n_samples", "learning_difficulty"]
 AssignerName = Literal["autorank", "uniform", "manual", "random", "heavy_tail", "size"]
-AggregatorName = Literal["fedavg", "zeropad", "hetlora", "rbla", "flexlora", "flora"]
+AggregatorName = Literal[
+    "fedavg", "zeropad", "hetlora", "rbla", "rbla_svd", "rbla_product", "flexlora", "flora"
+]
 
 
 class _Section(BaseModel):
@@ -28,39 +30,117 @@ class DataConfig(_Section):
 
     name: str = Field(
         "digits",
-        description="digits | mnist5k | mnist | fashion_mnist | parquet | hf:<hub dataset name>",
+        description="digits (embedded), mnist5k, mnist or fashion_mnist (IDX files in "
+        "path), parquet (path), or hf:<Hub dataset name> (needs internet)",
     )
-    path: Path | None = Field(None, description="IDX folder or parquet file/folder, when needed")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    max_train_samples: int | None = Field(None, gt=0, description="subsample for quick runs")
+    path: Path | None = Field(
+        None,
+        description="mnist / fashion_mnist: folder of the four IDX files (fashion_mnist defaults "
+        "to /usr/share/datasets/fashion-mnist); parquet: a .parquet file or a folder with "
+        "train.parquet (and test.parquet); ignored by digits and mnist5k",
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="share of the samples held out (stratified) as the global test split; only "
+        "for data that ships no test split (digits, mnist5k, parquet or hf without one)",
+    )
+    max_train_samples: int | None = Field(
+        None,
+        gt=0,
+        description="keep a stratified subsample of this many training samples (before the "
+        "server's pre-training share and the partition), for quick runs; null: all",
+    )
 
 
 class PartitionConfig(_Section):
     """How the training split is divided among clients (see autorank.partition)."""
 
-    scheme: Scheme = "double_imbalance"
-    n_clients: int = Field(10, ge=1)
-    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration")
-    min_size: int = Field(1, ge=1, description="smallest client the Dirichlet scheme accepts")
-    shards_per_client: int = Field(2, ge=1)
-    quantity_sigma: float = Field(1.0, gt=0.0, description="log-normal sigma of quantity skew")
+    scheme: Scheme = Field(
+        "double_imbalance",
+        description="iid (equal shuffled parts), dirichlet (label skew, alpha), shards "
+        "(label-sorted shards), quantity_skew (log-normal sizes), double_imbalance (client i "
+        "holds classes 0..i, so both labels and size grow with i)",
+    )
+    n_clients: int = Field(
+        10, ge=1, description="clients the training data (less the server's share) is split among"
+    )
+    alpha: float = Field(
+        0.5,
+        gt=0.0,
+        description="dirichlet: concentration of each class's draw over the clients; smaller "
+        "means fewer classes per client",
+    )
+    min_size: int = Field(
+        1,
+        ge=1,
+        description="dirichlet: redraw (up to 100 times) until every client holds at least this "
+        "many samples",
+    )
+    shards_per_client: int = Field(
+        2,
+        ge=1,
+        description="shards: label-sorted shards dealt to each client, so that each holds about "
+        "this many classes",
+    )
+    quantity_sigma: float = Field(
+        1.0,
+        gt=0.0,
+        description="quantity_skew: sigma of the log-normal client sizes; larger means more "
+        "uneven sizes",
+    )
     local_test_fraction: float = Field(
-        0.2, ge=0.0, lt=1.0, description="share of each client's data held out for personal eval"
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="share of each client's samples held out for its personalised accuracy "
+        "(0: none; every client keeps at least one training sample)",
     )
 
 
 class ModelConfig(_Section):
     """The frozen base model that clients adapt."""
 
-    name: Literal["mlp", "cnn", "hf"] = "mlp"
-    hidden: tuple[int, ...] = (200, 200)
-    hf_name_or_path: str | None = Field(None, description="transformers model folder or Hub name")
-    init: Literal["random", "safetensors", "pretrain"] = "pretrain"
-    weights_path: Path | None = None
-    pretrain_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="public share of train data for server pre-training"
+    name: Literal["mlp", "cnn", "hf"] = Field(
+        "mlp",
+        description="mlp (hidden layers fc1..fcN, then head), cnn (conv1, conv2, fc1, head), or "
+        "hf (a transformers image classifier from hf_name_or_path)",
     )
-    pretrain_epochs: int = Field(5, ge=0, le=10_000)
+    hidden: tuple[int, ...] = Field(
+        (200, 200),
+        description="hidden widths: mlp's fc1..fcN (their count sets the default LoRA targets); "
+        "cnn uses the first as fc1's width; hf ignores it",
+    )
+    hf_name_or_path: str | None = Field(
+        None,
+        description="model.name hf: transformers model folder or Hub name; its classifier is "
+        "resized to the dataset's classes",
+    )
+    init: Literal["random", "safetensors", "pretrain"] = Field(
+        "pretrain",
+        description="base weights: random (seeded), safetensors (from weights_path), or pretrain "
+        "(the server trains every weight on its public share first)",
+    )
+    weights_path: Path | None = Field(
+        None,
+        description="init safetensors: .safetensors file with every weight of the base model "
+        "(keys and shapes must match)",
+    )
+    pretrain_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="init pretrain: share of the training split the server keeps (stratified) "
+        "for pre-training; clients never see it; 0: none",
+    )
+    pretrain_epochs: int = Field(
+        5,
+        ge=0,
+        le=10_000,
+        description="init pretrain: epochs of server pre-training (SGD, momentum 0.9, "
+        "training.lr and training.batch_size); 0 skips it",
+    )
 
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
@@ -74,8 +154,10 @@ class ModelConfig(_Section):
 class LayerRange(_Section):
     """Rank bounds of one adapted layer."""
 
-    r_min: int = Field(ge=1)
-    r_max: int = Field(ge=1)
+    r_min: int = Field(ge=1, description="smallest rank this layer gets")
+    r_max: int = Field(
+        ge=1, description="largest rank this layer gets; at most the layer's smaller dimension"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> LayerRange:
@@ -87,20 +169,47 @@ class LayerRange(_Section):
 class LoraConfig(_Section):
     """LoRA adapters: targets, rank bounds, and how alpha depends on rank."""
 
-    target_modules: tuple[str, ...] | None = Field(None, description="None: the model's default")
-    r_min: int = Field(2, ge=1)
-    r_max: int = Field(32, ge=1)
+    target_modules: tuple[str, ...] | None = Field(
+        None,
+        description="modules that get adapters (a module's name or the end of its path); null: "
+        "the model's default (mlp fc1..fcN; cnn conv1, conv2, fc1; hf query/value projections)",
+    )
+    r_min: int = Field(
+        2, ge=1, description="smallest rank a client gets (global range; layer_ranges overrides it)"
+    )
+    r_max: int = Field(
+        32,
+        ge=1,
+        description="largest rank a client gets (global range; layer_ranges overrides it); must "
+        "fit every adapted layer's smaller dimension",
+    )
     layer_ranges: dict[str, LayerRange] = Field(
-        default_factory=dict, description="per-layer [r_min, r_max] overriding the global range"
+        default_factory=dict,
+        description="per adapted layer {r_min, r_max} replacing the global range for that layer, "
+        "keyed by target module name, e.g. {fc1: {r_min: 4, r_max: 160}}",
     )
     alpha_policy: Literal["fixed", "proportional", "rslora"] = Field(
         "proportional",
-        description="fixed: scale alpha/r; proportional: alpha = alpha_ratio*r (constant scale); "
-        "rslora: scale alpha/sqrt(r)",
+        description="how the LoRA scale depends on rank r: fixed alpha/r; proportional "
+        "alpha_ratio at every rank (lora_alpha = alpha_ratio*r); rslora alpha/sqrt(r)",
     )
-    alpha: float = Field(16.0, gt=0.0)
-    alpha_ratio: float = Field(2.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    alpha: float = Field(
+        16.0,
+        gt=0.0,
+        description="LoRA alpha of the fixed and rslora policies; unused by proportional",
+    )
+    alpha_ratio: float = Field(
+        2.0,
+        gt=0.0,
+        description="proportional policy: the LoRA scale at every rank; unused by fixed and rslora",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="LoRA dropout probability; above 0 clients train on the sequential engine "
+        "and runs are no longer exactly reproducible",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> LoraConfig:
@@ -117,24 +226,49 @@ class LoraConfig(_Section):
 class RankingConfig(_Section):
     """Which rank assigner, and its knobs (see autorank.ranks)."""
 
-    assigner: AssignerName = "autorank"
-    criteria: tuple[Criterion, ...] = (
-        "entropy",
-        "gini_simpson",
-        "n_samples",
-        "learning_difficulty",
+    assigner: AssignerName = Field(
+        "autorank",
+        description="who gets which rank: autorank (CRITIC + TOPSIS over criteria), uniform, "
+        "manual (by labels held), random or heavy_tail (FlexLoRA levels), size (by samples)",
     )
-    uniform_rank: int | None = Field(None, ge=1, description="uniform assigner; None means r_max")
+    criteria: tuple[Criterion, ...] = Field(
+        (
+            "entropy",
+            "gini_simpson",
+            "n_samples",
+            "learning_difficulty",
+        ),
+        description="autorank: the client profile scored by CRITIC and TOPSIS; "
+        "learning_difficulty adds a warm-up round (training.warmup_epochs)",
+    )
+    uniform_rank: int | None = Field(
+        None,
+        ge=1,
+        description="uniform: everyone's rank, within [lora.r_min, lora.r_max] and clamped per "
+        "layer; null: lora.r_max",
+    )
     equal_policy: Literal["max", "mid"] = Field(
-        "max", description="rank for everyone when all closeness scores are equal"
+        "max",
+        description="autorank: when all closeness scores are equal everyone gets r_max (max) or "
+        "the middle of the range (mid)",
     )
     layer_mapping: Literal["scale", "clamp"] = Field(
         "scale",
-        description="scale: map closeness into each layer's own range; "
-        "clamp: map into the global range, then clamp per layer",
+        description="autorank: scale maps closeness into each layer's own range; clamp maps into "
+        "the global range, then clamps per layer",
     )
-    rerank_every: int = Field(0, ge=0, description="reserved: re-ranking every T rounds; only 0")
-    heavy_tail_exponent: float = Field(2.0, gt=0.0)
+    rerank_every: int = Field(
+        0,
+        ge=0,
+        description="reserved for re-ranking every N rounds; only 0 (ranks fixed after the "
+        "warm-up) is accepted",
+    )
+    heavy_tail_exponent: float = Field(
+        2.0,
+        gt=0.0,
+        description="heavy_tail: a in P(level k) ~ (k + 1)^-a over the geometric rank levels; "
+        "larger gives more clients the lowest ranks",
+    )
 
     @model_validator(mode="after")
     def _criteria_unique(self) -> RankingConfig:
@@ -153,20 +287,44 @@ class RankingConfig(_Section):
 class TrainingConfig(_Section):
     """Local training and the round schedule."""
 
-    rounds: int = Field(20, ge=1, le=100_000)
-    local_epochs: int = Field(5, ge=1, le=10_000)
-    warmup_epochs: int = Field(
-        5, ge=2, le=10_000, description="E >= 2 epochs for learning difficulty"
+    rounds: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        description="federated rounds (train, aggregate, evaluate, checkpoint)",
     )
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(64, ge=1)
-    grad_clip: float | None = Field(None, gt=0.0)
+    local_epochs: int = Field(
+        5, ge=1, le=10_000, description="passes over its own data each sampled client makes a round"
+    )
+    warmup_epochs: int = Field(
+        5,
+        ge=2,
+        le=10_000,
+        description="epochs of the warm-up at each layer's r_max whose loss curve gives learning "
+        "difficulty (autorank with that criterion only)",
+    )
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="clients' optimiser (also of the warm-up): sgd or adam"
+    )
+    lr: float = Field(
+        0.05, gt=0.0, description="learning rate of the clients and of the server's pre-training"
+    )
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd momentum; ignored by adam")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="L2 weight decay added to the gradient (sgd and adam)"
+    )
+    batch_size: int = Field(
+        64, ge=1, description="samples per step of a client (and of the server's pre-training)"
+    )
+    grad_clip: float | None = Field(
+        None,
+        gt=0.0,
+        description="clip each client's gradients to this global L2 norm every step; null: off",
+    )
     clients_per_round: int | float | None = Field(
         None,
-        description="clients sampled each round: a count, a fraction in (0, 1], or None for all",
+        description="clients sampled each round (seeded per round): a count, a fraction in "
+        "(0, 1], or null for all",
     )
 
     @model_validator(mode="after")
@@ -182,7 +340,13 @@ class TrainingConfig(_Section):
 class AggregationConfig(_Section):
     """How the server merges heterogeneous-rank adapters (see autorank.aggregation)."""
 
-    method: AggregatorName = "rbla"
+    method: AggregatorName = Field(
+        "rbla",
+        description="rbla (each rank index averaged over the clients that have it), rbla_svd "
+        "(rbla re-expressed in its SVD basis), rbla_product (rbla's per-slot weights on the "
+        "clients' products, SVD), zeropad, hetlora, flexlora (SVD), flora (stacked, merged "
+        "into the base), fedavg (uniform only)",
+    )
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -196,9 +360,13 @@ class TrackingConfig(_Section):
         description="MLflow tracking URI: this setting, else MLFLOW_TRACKING_URI, else "
         f"{DEFAULT_TRACKING_URI}",
     )
-    experiment: str = Field("autorank", min_length=1)
-    run_name: str | None = None
-    parent_run_id: str | None = Field(None, description="nest the run under this run (grids)")
+    experiment: str = Field("autorank", min_length=1, description="MLflow experiment of the run")
+    run_name: str | None = Field(
+        None, description="MLflow run name; null: <assigner>-<aggregator>-<dataset>-s<seed>"
+    )
+    parent_run_id: str | None = Field(
+        None, description="nest the run under this MLflow run (set by comparison grids)"
+    )
     keyed_clients_max: int = Field(
         20,
         ge=0,
@@ -206,39 +374,71 @@ class TrackingConfig(_Section):
         "above it per-client values go to one table artifact per round",
     )
     client_table_every: int = Field(
-        1, ge=1, description="write the per-client table artifact every N rounds"
+        1, ge=1, description="write the per-client table artifact every N rounds and the last"
+    )
+    register_as: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[^/:'\"]+$",
+        description="register the run's MLflow model as a new version of this registered model "
+        "(no / : or quotes); null: log it without registering",
     )
 
 
 class RuntimeConfig(_Section):
     """Where and how the clients train."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: CUDA when present (cohort i on GPU i mod n), else the CPU; cpu; cuda "
+        "(refused without CUDA)",
+    )
     backend: Literal["auto", "sequential", "batched"] = Field(
         "auto",
         description="batched: a cohort's clients in one forward/backward per step; sequential: "
-        "one client after another on peft models; auto: batched where the model allows it",
+        "one client after another on peft models; auto: batched where the model allows it "
+        "(not for LoRA on convolutions on a CPU)",
     )
-    task_runner: Literal["threads", "dask"] = "threads"
-    max_workers: int | None = Field(None, ge=1, description="parallel cohort tasks; None = cores")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="threads: cohort tasks on a thread pool in this process; dask: on the Dask "
+        "cluster at dask_address",
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="parallel cohort tasks, and cohorts per round without cohort_size; null: one "
+        "per CPU core",
+    )
     cohort_size: int | None = Field(
         None,
         ge=1,
-        description="clients per cohort task; None: one cohort per worker (the batched engine "
+        description="clients per cohort task; null: one cohort per worker (the batched engine "
         "on a CPU splits a round only where each cohort has enough work to keep a core busy)",
     )
     batch_clients: int = Field(
-        64, ge=1, description="batched backend: clients trained together in one step at most"
+        64,
+        ge=1,
+        description="batched engine: clients trained together in one step at most (a larger "
+        "cohort goes in chunks; bounds activation memory)",
     )
     threads_per_client: int = Field(
-        1, ge=1, description="torch CPU threads of every task (cohorts, server, set-up)"
+        1,
+        ge=1,
+        description="torch CPU threads of every task (cohorts, server, set-up); at most the cores",
     )
-    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster")
+    dask_address: str | None = Field(
+        None, description="task_runner dask: tcp://host:port of an existing Dask scheduler"
+    )
     dask_resources: dict[str, float] = Field(
         default_factory=dict,
-        description="Dask worker resources each client task needs, e.g. {GPU: 1}",
+        description="task_runner dask: worker resources each cohort task needs, e.g. {GPU: 1}",
     )
-    checkpoint_dir: Path = Path("mlruns/checkpoints")
+    checkpoint_dir: Path = Field(
+        Path("mlruns/checkpoints"),
+        description="folder of the per-round checkpoints, one subfolder per run id (autorank "
+        "resume --checkpoint-dir)",
+    )
 
     @model_validator(mode="after")
     def _dask_needs_address(self) -> RuntimeConfig:
@@ -250,16 +450,35 @@ class RuntimeConfig(_Section):
 class ExperimentConfig(_Section):
     """One federated experiment, end to end."""
 
-    seed: int = Field(0, ge=0)
-    data: DataConfig = DataConfig()
-    partition: PartitionConfig = PartitionConfig()
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
-    ranking: RankingConfig = RankingConfig()
-    training: TrainingConfig = TrainingConfig()
-    aggregation: AggregationConfig = AggregationConfig()
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # reads the environment
-    runtime: RuntimeConfig = RuntimeConfig()
+    seed: int = Field(
+        0,
+        ge=0,
+        description="the experiment's seed: data split, partition, base and LoRA init, client "
+        "sampling and batch order all derive from it",
+    )
+    data: DataConfig = Field(DataConfig(), description="the dataset and its test split")
+    partition: PartitionConfig = Field(
+        PartitionConfig(), description="how the training data is divided among the clients"
+    )
+    model: ModelConfig = Field(ModelConfig(), description="the frozen base model clients adapt")
+    lora: LoraConfig = Field(
+        LoraConfig(), description="LoRA adapters: target layers, rank bounds, scale"
+    )
+    ranking: RankingConfig = Field(RankingConfig(), description="which client gets which rank")
+    training: TrainingConfig = Field(
+        TrainingConfig(), description="local training and the round schedule"
+    )
+    aggregation: AggregationConfig = Field(
+        AggregationConfig(), description="how the server merges the clients' adapters"
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,  # reads the environment
+        description="where and under which names MLflow records the run",
+    )
+    runtime: RuntimeConfig = Field(
+        RuntimeConfig(),
+        description="where and how clients train: device, engine, parallelism, checkpoints",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

@@ -1,4 +1,4 @@
-"""The `autorank` command line: `ranks`, `run`, `resume`, `compare`, `ui`.
+"""The `autorank` command line: `ranks`, `run`, `resume`, `compare`, `ui`, `config`.
 
 Bad input (config, data, flags) ends with one line on stderr and exit code 2, never a traceback.
 Heavy imports (torch, Prefect, MLflow) happen inside the commands that need them.
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "now %(default)s)",
     )
     ui.add_argument("--port", type=_port, default=5000, help="port (%(default)s)")
+    _add_config_command(sub)
     return parser
 
 
@@ -314,12 +315,58 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
+def _add_config_command(sub: argparse._SubParsersAction[_Parser]) -> None:
+    config = sub.add_parser(
+        "config",
+        help="print the resolved config or every setting's meaning",
+        description=(
+            "Print the config `autorank run` would use with the same --config and --set, as "
+            "YAML: defaults, file, overrides and MLFLOW_TRACKING_URI applied and validated (the "
+            "data, places and ranks are checked when a run starts). With --schema, list every "
+            "setting with its type, default and meaning."
+        ),
+    )
+    _add_config_args(config)
+    config.add_argument(
+        "--schema",
+        action="store_true",
+        help="list every setting (name, type, default, meaning) instead of the resolved config",
+    )
+    config.add_argument(
+        "--json", action="store_true", help="print JSON: the config, or with --schema its schema"
+    )
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """The resolved config (or the settings reference); nothing is started or written."""
+    from autorank.config import ExperimentConfig, load_config, to_yaml
+
+    if args.schema:
+        if args.config is not None or args.overrides:
+            raise ValueError("--schema describes every setting; it takes no --config or --set")
+        from autorank.config_reference import format_reference
+
+        if args.json:
+            print(json.dumps(ExperimentConfig.model_json_schema(), indent=2))
+        else:
+            print("Settings: a YAML file's sections (--config FILE), or --set NAME=VALUE.\n")
+            print(format_reference(ExperimentConfig))
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.json:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    else:
+        print(to_yaml(config), end="")
+    return 0
+
+
 COMMANDS = {
     "ranks": _cmd_ranks,
     "run": _cmd_run,
     "resume": _cmd_resume,
     "compare": _cmd_compare,
     "ui": _cmd_ui,
+    "config": _cmd_config,
 }
 
 

@@ -127,6 +127,46 @@ def _check_reachable(host: str, port: int, what: str, timeout: float = 5.0) -> N
         raise ValueError(f"{what}: nothing answers at {host}:{port} ({reason})") from None
 
 
+def _check_mlflow_server(uri: str, timeout: float = 5.0) -> None:
+    """The server at ``uri`` answers MLflow's REST API (an experiments search), with the
+    credentials MLflow's client would send (``MLFLOW_TRACKING_TOKEN``, or ``_USERNAME`` and
+    ``_PASSWORD``)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    what = f"tracking.uri {uri}"
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            body = json.loads(answer.read(1 << 20) or b"{}")
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ValueError(
+                f"{what}: the server refused access (HTTP {err.code}); set "
+                "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise ValueError(
+            f"{what}: answers, but not as an MLflow tracking server (HTTP {err.code} for "
+            "/api/2.0/mlflow/experiments/search); expected the address of `mlflow server`"
+        ) from None
+    except (OSError, ValueError) as err:  # timeouts, resets, a body that is not JSON
+        reason = getattr(err, "reason", None) or type(err).__name__
+        raise ValueError(
+            f"{what}: no MLflow answer from /api/2.0/mlflow/experiments/search ({reason}); "
+            "expected the address of `mlflow server`"
+        ) from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{what}: answers, but not as an MLflow tracking server")
+
+
 def check_places(config: ExperimentConfig) -> None:
     """Where the run writes and what it talks to, checked in seconds, before it starts.
 
@@ -144,6 +184,7 @@ def check_places(config: ExperimentConfig) -> None:
         if not parts.hostname:
             raise ValueError(f"tracking.uri: {uri!r} names no host")
         _check_reachable(parts.hostname, parts.port or default, f"tracking.uri {uri}")
+        _check_mlflow_server(uri)
     _check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
     address = config.runtime.dask_address
     if config.runtime.task_runner == "dask" and address:

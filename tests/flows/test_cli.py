@@ -1,14 +1,24 @@
 """The CLI: the rank table, and bad input as one line, exit code 2, nothing written."""
 
+import http.server
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from autorank.config import LoraConfig, load_config, parse_config
 from flows.cli import COMMANDS, Terminated, main
-from tests.flows.conftest import cli_error, storage_files, store_args
+from tests.flows.conftest import cli_error, storage_files, store_args, tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ranks_prints_the_default_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,6 +127,10 @@ BAD = [
     (["run", "--bogus"], "unrecognized arguments"),
     (["resume", "no-such-run"], "no checkpoint folder"),
     (["ranks", "--set", "ranking.criteria=[]"], "at least one criterion"),
+    (["config", "--set", "partition.n_clients=0"], "partition.n_clients"),
+    (["config", "--set", "aggregation.method=fedavg"], "needs equal ranks"),
+    (["config", "--config", "missing.yaml"], "not found"),
+    (["config", "--schema", "--set", "seed=1"], "takes no --config or --set"),
 ]
 
 
@@ -211,6 +225,51 @@ def test_unusable_places_are_found_before_the_run(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """A stand-in HTTP server: ``status`` and ``body`` for every GET."""
+
+    status, body = 404, b"<html>not here</html>"
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (404, b"<html>not here</html>", "answers, but not as an MLflow tracking server (HTTP 404"),
+        (401, b"", "the server refused access (HTTP 401); set MLFLOW_TRACKING_TOKEN"),
+        (200, b"<html>a web page</html>", "no MLflow answer from /api/2.0/mlflow/experiments"),
+        (200, b'{"experiments": []}', None),
+    ],
+    ids=["other-server", "needs-login", "not-json", "mlflow"],
+)
+def test_an_http_tracking_uri_must_answer_mlflow_s_api(
+    status: int, body: bytes, expected: str | None, tmp_path: Path
+) -> None:
+    from flows.local import check_places
+
+    handler = type("Handler", (_Answer,), {"status": status, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    config = tiny_config(tmp_path, tracking={"uri": uri})
+    try:
+        if expected is None:
+            check_places(config)
+        else:
+            with pytest.raises(ValueError, match=re.escape(expected)):
+                check_places(config)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 DASK = [
     ("tcp://127.0.0.1:9", "runtime.dask_address: nothing answers at 127.0.0.1:9"),
     ("scheduler", "expected tcp://host:port of a scheduler"),
@@ -281,3 +340,81 @@ def test_version_and_every_subcommand_has_a_description(
             command,
             lines[:4],
         )
+
+
+def test_config_prints_the_yaml_a_run_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = ROOT / "configs" / "default.yaml"
+    overrides = ["partition.n_clients=20", "lora.layer_ranges={fc1: {r_min: 4, r_max: 16}}"]
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["config", "--config", str(file), *[f"--set={o}" for o in overrides]])
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0
+    assert parse_config(printed) == load_config(file, overrides)
+    assert printed["partition"]["n_clients"] == 20
+    assert printed["lora"]["layer_ranges"] == {"fc1": {"r_min": 4, "r_max": 16}}
+    assert not list(tmp_path.iterdir())  # no tracking store, no checkpoint folder
+
+
+def test_config_shows_the_tracking_uri_from_the_environment_unless_the_config_names_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+
+    main(["config"])
+    from_environment = yaml.safe_load(capsys.readouterr().out)["tracking"]["uri"]
+    main(["config", "--set", "tracking.uri=sqlite:///chosen.db"])
+    chosen = yaml.safe_load(capsys.readouterr().out)["tracking"]["uri"]
+
+    assert from_environment == "http://127.0.0.1:5999"
+    assert chosen == "sqlite:///chosen.db"
+
+
+def test_config_schema_gives_each_setting_its_type_default_and_meaning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    meaning = LoraConfig.model_fields["r_max"].description
+
+    main(["config", "--schema"])
+    text = capsys.readouterr().out
+    main(["config", "--schema", "--json"])
+    schema = json.loads(capsys.readouterr().out)
+
+    entry = text.split("\n  lora.r_max ", 1)[1].split("\n  lora.", 1)[0]
+    assert " ".join(entry.split()) == f"(int >= 1, default 32): {meaning}"
+    assert "\nlora: LoRA adapters" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert schema["$defs"]["LoraConfig"]["properties"]["r_max"]["description"] == meaning
+
+
+def test_help_lists_the_config_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+
+    lines = capsys.readouterr().out.split("\n")
+    assert exit_.value.code == 0
+    assert any(line.split()[:2] == ["config", "print"] for line in lines)
+
+
+def test_config_loads_neither_torch_nor_prefect_nor_mlflow(tmp_path: Path) -> None:
+    script = (
+        "import sys; from flows.cli import main; code = main(['config']); "
+        "print(code, sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
+    assert "uri: sqlite:///mlruns/mlflow.db" in done.stdout
+    assert not list(tmp_path.iterdir())

@@ -15,7 +15,8 @@ from autorank.config import AggregatorName
 EXACT = {"rtol": 0.0, "atol": 0.0}
 TIGHT = {"rtol": 0.0, "atol": 1e-12}
 FACTOR_AGGREGATORS = ["fedavg", "zeropad", "hetlora", "rbla"]
-HETEROGENEOUS = ["zeropad", "hetlora", "rbla", "flexlora"]
+HETEROGENEOUS = ["zeropad", "hetlora", "rbla", "rbla_svd", "rbla_product", "flexlora"]
+SVD_BASIS = ["rbla_svd", "rbla_product", "flexlora"]
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -400,6 +401,307 @@ def test_flexlora_splits_each_triplet_symmetrically() -> None:
         f = state.lora["l"]
         assert_close(torch.linalg.vector_norm(f.A, dim=1), root[: f.rank], **TIGHT)
         assert_close(torch.linalg.vector_norm(f.scale * f.B, dim=0), root[: f.rank], **TIGHT)
+
+
+# --- rbla_svd and rbla_product ---------------------------------------------------------------
+
+
+def _embed(rows: list[list[float]], d_out: int, d_in: int) -> torch.Tensor:
+    """A small matrix in the top-left corner of a ``[d_out, d_in]`` zero matrix."""
+    out = torch.zeros(d_out, d_in, dtype=torch.float64)
+    block = _t(rows)
+    out[: block.shape[0], : block.shape[1]] = block
+    return out
+
+
+def _factors(A: list[list[float]], B: list[list[float]], scale: float, d: int) -> LoraFactors:
+    """Hand-written 2 x 2 factors padded into a d x d layer (d = 4 takes the QR route)."""
+    return LoraFactors(_embed(A, len(A), d), _embed(B, d, len(B[0])), scale)
+
+
+def _svd_hand_round(d: int) -> list[ClientUpdate]:
+    """p = 1/2, 1/2. Client a: rank 1, scale 2, B~ = [3, 0]^T; b: rank 2, scale 1/2.
+
+    RBLA: slot 0 = mean([3, 0], [-1, 0]) = [1, 0] for A and B~, slot 1 = b's [0, -2]: the merged
+    product is diag(1, 4), with the weaker direction in slot 0.
+    """
+    a = _factors([[3, 0]], [[1.5], [0]], 2.0, d)
+    b = _factors([[-1, 0], [0, -2]], [[-2, 0], [0, -4]], 0.5, d)
+    return [_update(1, {"l": a}), _update(1, {"l": b})]
+
+
+@pytest.mark.parametrize("d", [2, 4])
+def test_rbla_svd_moves_the_strongest_direction_into_slot_0(d: int) -> None:
+    # Prepare: diag(1, 4) = 4 e2 e2^T + 1 e1 e1^T, so B~ = [[0, 1], [2, 0]] = A^T
+    updates = _svd_hand_round(d)
+
+    # Execute
+    result = aggregate("rbla_svd", updates)
+
+    # Assert: client a (scale 2) now holds the direction of strength 4, not RBLA's of strength 1
+    a, b = (state.lora["l"] for state in result.client_states)
+    assert_close(a.A, _embed([[0, 2]], 1, d), **TIGHT)
+    assert_close(a.B, _embed([[0], [1]], d, 1), **TIGHT)  # B~ / 2
+    assert_close(b.A, _embed([[0, 2], [1, 0]], 2, d), **TIGHT)
+    assert_close(b.B, _embed([[0, 2], [4, 0]], d, 2), **TIGHT)  # B~ / (1/2)
+    assert_close(result.global_state.lora["l"].delta(), _embed([[1, 0], [0, 4]], d, d), **TIGHT)
+    rbla_a = aggregate("rbla", updates).client_states[0].lora["l"]
+    assert_close(rbla_a.delta(), _embed([[1, 0], [0, 0]], d, d), **TIGHT)
+
+
+def _product_hand_round(d: int) -> list[ClientUpdate]:
+    """p = 1/4, 3/4. Client a: rank 1, scale 2, a_0 = 4 e1 e1^T; b: rank 2, scale 1,
+    b_0 = [0, 4]^T [0, 3] = 12 e2 e2^T, b_1 = [3, 0]^T [1, 0] = 3 e1 e1^T."""
+    a = _factors([[2, 0]], [[1], [0]], 2.0, d)
+    b = _factors([[0, 3], [1, 0]], [[0, 3], [4, 0]], 1.0, d)
+    return [_update(1, {"l": a}), _update(3, {"l": b})]
+
+
+@pytest.mark.parametrize("d", [2, 4])
+def test_rbla_product_sums_rank_one_products_with_per_slot_weights(d: int) -> None:
+    # Prepare: W = 1/4 a_0 + 3/4 b_0 + 1 b_1 = diag(1 + 3, 9); roots 3, 2
+    updates = _product_hand_round(d)
+
+    # Execute
+    result = aggregate("rbla_product", updates)
+
+    # Assert
+    g = result.global_state.lora["l"]
+    assert g.scale == 1.0
+    assert_close(g.delta(), _embed([[4, 0], [0, 9]], d, d), **TIGHT)
+    assert_close(g.A, _embed([[0, 3], [2, 0]], 2, d), **TIGHT)
+    assert_close(g.B, _embed([[0, 2], [3, 0]], d, 2), **TIGHT)
+    a = result.client_states[0].lora["l"]
+    assert_close(a.A, _embed([[0, 3]], 1, d), **TIGHT)
+    assert_close(a.B, _embed([[0], [1.5]], d, 1), **TIGHT)  # B~ / 2
+
+
+def test_rbla_product_has_neither_rblas_cross_terms_nor_flexloras_dilution() -> None:
+    # Prepare: RBLA's slot 0 is [1/2, 3]^T [1/2, 9/4]: cross terms off the diagonal.
+    # FlexLoRA weights b_1 by p_b = 3/4: diag(1 + 9/4, 9).
+    updates = _product_hand_round(2)
+
+    # Execute
+    rbla, flexlora = (aggregate(name, updates) for name in ("rbla", "flexlora"))  # type: ignore[arg-type]
+
+    # Assert
+    assert_close(rbla.global_state.lora["l"].delta(), _t([[3.25, 1.125], [1.5, 6.75]]), **TIGHT)
+    assert_close(flexlora.global_state.lora["l"].delta(), _t([[3.25, 0], [0, 9]]), **TIGHT)
+
+
+def _rank_weighted_product(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
+    """``sum_k sum_{i: r_i > k} (p_i / P_k) s_i B_i[:, k] A_i[k]``, slot by slot, densely."""
+    factors = [u.state.lora[layer] for u in updates]
+    n = [float(u.n_samples) for u in updates]
+    W = torch.zeros_like(factors[0].delta())
+    for k in range(max(f.rank for f in factors)):
+        covering = [i for i, f in enumerate(factors) if f.rank > k]
+        total = sum(n[i] for i in covering)
+        for i in covering:
+            f = factors[i]
+            W += (n[i] / total) * f.scale * torch.outer(f.B[:, k], f.A[k])
+    return W
+
+
+def _truncate(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of W by a dense SVD (Eckart-Young)."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+
+
+SHAPES = [(6, 7), (9, 8)]  # rbla_product's stack of rank 6 takes the dense route, then QR
+
+
+def _wide_round(d_out: int, d_in: int, ranks: tuple[int, ...] = (1, 2, 3)) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(37)
+    return [
+        _update(n, {"l": _random(gen, r, d_out, d_in, 8.0 / r)})
+        for n, r in zip([4, 1, 3], ranks, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rbla_svd_changes_the_basis_of_rblas_product_only(shape: tuple[int, int]) -> None:
+    # Prepare
+    updates = _wide_round(*shape)
+
+    # Execute
+    svd, rbla = aggregate("rbla_svd", updates), aggregate("rbla", updates)
+
+    # Assert
+    got, want = svd.global_state.lora["l"], rbla.global_state.lora["l"]
+    assert (got.rank, got.scale) == (want.rank, want.scale)
+    assert_close(got.delta(), want.delta(), rtol=1e-12, atol=1e-12)
+    for x, y in zip(svd.client_states, rbla.client_states, strict=True):
+        assert x.num_bytes() == y.num_bytes()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rbla_product_is_the_top_slots_of_the_rank_weighted_product(
+    shape: tuple[int, int],
+) -> None:
+    # Prepare
+    updates = _wide_round(*shape)
+    W = _rank_weighted_product(updates, "l")
+
+    # Execute
+    result = aggregate("rbla_product", updates)
+
+    # Assert
+    assert_close(result.global_state.lora["l"].delta(), _truncate(W, 3), **TIGHT)
+
+
+@pytest.mark.parametrize("name", SVD_BASIS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_client_gets_the_best_approximation_of_the_global_product(
+    name: str, shape: tuple[int, int]
+) -> None:
+    # Prepare
+    updates = _wide_round(*shape)
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    W = result.global_state.lora["l"].delta()
+    for update, state in zip(updates, result.client_states, strict=True):
+        rank = update.state.lora["l"].rank
+        assert_close(state.lora["l"].delta(), _truncate(W, rank), **TIGHT)
+
+
+@pytest.mark.parametrize("name", SVD_BASIS)
+def test_slots_are_balanced_with_non_increasing_strength_and_fixed_signs(name: str) -> None:
+    # Prepare
+    updates = _wide_round(9, 8)
+
+    # Execute
+    g = aggregate(name, updates).global_state.lora["l"]  # type: ignore[arg-type]
+
+    # Assert: ||A[k]|| = ||s B[:, k]|| = sqrt(S_k), S non-increasing, each B column's
+    # largest-magnitude entry positive
+    row, col = torch.linalg.vector_norm(g.A, dim=1), torch.linalg.vector_norm(g.scale * g.B, dim=0)
+    assert_close(row, col, **TIGHT)
+    assert bool((row[:-1] >= row[1:]).all())
+    peak = g.B.gather(0, g.B.abs().argmax(dim=0, keepdim=True))
+    assert bool((peak > 0).all())
+
+
+@pytest.mark.parametrize("name", SVD_BASIS)
+def test_svd_basis_aggregators_repeat_bit_for_bit(name: str) -> None:
+    # Prepare
+    updates = _round(UNEVEN_RANKS)
+
+    # Execute
+    first, second = (aggregate(name, updates) for _ in range(2))  # type: ignore[arg-type]
+
+    # Assert
+    for x, y in zip(
+        [first.global_state, *first.client_states],
+        [second.global_state, *second.client_states],
+        strict=True,
+    ):
+        for layer in x.lora:
+            assert_close(x.lora[layer].A, y.lora[layer].A, **EXACT)
+            assert_close(x.lora[layer].B, y.lora[layer].B, **EXACT)
+
+
+def test_rbla_product_equals_flexlora_when_ranks_are_equal() -> None:
+    # Prepare: P_k = 1 for every slot, so the weights are p_i
+    updates = _wide_round(9, 8, ranks=(3, 3, 3))
+
+    # Execute
+    product, flexlora = aggregate("rbla_product", updates), aggregate("flexlora", updates)
+
+    # Assert
+    for x, y in zip(
+        [product.global_state, *product.client_states],
+        [flexlora.global_state, *flexlora.client_states],
+        strict=True,
+    ):
+        assert_close(x.lora["l"].A, y.lora["l"].A, **TIGHT)
+        assert_close(x.lora["l"].B, y.lora["l"].B, **TIGHT)
+    W = _truncate(_dense_mean(updates, "l"), 3)
+    assert_close(product.global_state.lora["l"].delta(), W, **TIGHT)
+
+
+@pytest.mark.parametrize("name", ["rbla_svd", "rbla_product"])
+def test_one_client_gets_its_own_product_back_in_the_svd_basis(name: str) -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(41)
+    mine = _random(gen, 3, 9, 8, 0.25)
+
+    # Execute
+    got = aggregate(name, [_update(5, {"l": mine})]).client_states[0].lora["l"]  # type: ignore[arg-type]
+
+    # Assert
+    assert (got.rank, got.scale) == (3, 0.25)
+    assert_close(got.delta(), mine.delta(), **TIGHT)
+    assert_close(got.A @ got.A.T, torch.diag((got.A**2).sum(dim=1)), **TIGHT)  # orthogonal rows
+
+
+@pytest.mark.parametrize("name", SVD_BASIS)
+def test_a_layer_thinner_than_the_rank_gets_zero_slots_beyond_it(name: str) -> None:
+    # Prepare: a 2 x 3 layer holds at most 2 directions; ranks 3 and 2
+    gen = torch.Generator().manual_seed(43)
+    updates = [
+        _update(1, {"l": _random(gen, 3, 2, 3, 1.0)}),
+        _update(2, {"l": _random(gen, 2, 2, 3, 1.5)}),
+    ]
+
+    # Execute
+    g = aggregate(name, updates).global_state.lora["l"]  # type: ignore[arg-type]
+
+    # Assert
+    assert g.rank == 3
+    assert_close(g.A[2], torch.zeros(3, dtype=torch.float64), **EXACT)
+    assert_close(g.B[:, 2], torch.zeros(2, dtype=torch.float64), **EXACT)
+
+
+@pytest.mark.parametrize("name", SVD_BASIS)
+def test_all_zero_updates_give_zero_factors(name: str) -> None:
+    # Prepare: LoRA's B starts at zero
+    zero = [
+        LoraFactors(
+            torch.ones(r, 8, dtype=torch.float64), torch.zeros(9, r, dtype=torch.float64), 1.0
+        )
+        for r in (1, 2)
+    ]
+    updates = [_update(1, {"l": zero[0]}), _update(2, {"l": zero[1]})]
+
+    # Execute
+    result = aggregate(name, updates)  # type: ignore[arg-type]
+
+    # Assert
+    for state in [result.global_state, *result.client_states]:
+        f = state.lora["l"]
+        assert_close(f.A, torch.zeros_like(f.A), **EXACT)
+        assert_close(f.B, torch.zeros_like(f.B), **EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", SVD_BASIS)
+def test_half_precision_factors_keep_their_dtype(name: str, dtype: torch.dtype) -> None:
+    # Prepare
+    exact = _wide_round(9, 8)
+    updates = [
+        _update(
+            u.n_samples,
+            {"l": LoraFactors(f.A.to(dtype), f.B.to(dtype), f.scale)},
+        )
+        for u in exact
+        for f in [u.state.lora["l"]]
+    ]
+
+    # Execute
+    half, full = aggregate(name, updates), aggregate(name, exact)  # type: ignore[arg-type]
+
+    # Assert
+    for x, y in zip(half.client_states, full.client_states, strict=True):
+        f = x.lora["l"]
+        assert (f.A.dtype, f.B.dtype) == (dtype, dtype)
+        W = y.lora["l"].delta()
+        err = torch.linalg.matrix_norm(f.delta().to(torch.float64) - W)
+        assert float(err) <= 0.05 * float(torch.linalg.matrix_norm(W))
 
 
 # --- flora ------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
+from pydantic import BaseModel
 
+from autorank.comparison import GridConfig
 from autorank.config import (
     ConfigError,
     ExperimentConfig,
@@ -129,3 +133,33 @@ def test_tracking_uri_precedence_setting_then_environment_then_default(
     written = tmp_path / "c.yaml"
     written.write_text("tracking:\n  uri: http://127.0.0.1:5000\n")
     assert load_config(written).tracking.uri == "http://127.0.0.1:5000"
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation names, also inside ``X | None``, tuples and dicts."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)
+
+
+def test_every_setting_of_every_config_model_says_what_it_does() -> None:
+    models: list[type[BaseModel]] = []
+    todo: list[type[BaseModel]] = [ExperimentConfig, GridConfig]
+    while todo:
+        model = todo.pop()
+        if model not in models:
+            models.append(model)
+            todo += [m for f in model.model_fields.values() for m in _models_in(f.annotation)]
+
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for model in models
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip() or "\n" in field.description
+    ]
+
+    assert {"LayerRange", "TrackingConfig", "RuntimeConfig", "AssignerSpec"} <= {
+        m.__name__ for m in models
+    }
+    assert undescribed == []
