@@ -459,21 +459,12 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
-def evaluate_state(
-    template: LoraTemplate,
-    state: AdapterState,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int = 1024,
-) -> EvalResult:
-    """Accuracy and mean cross-entropy of ``base + state`` on ``x``, ``y``.
+def bind_state(template: LoraTemplate, state: AdapterState) -> nn.Module:
+    """``base + state`` as a plain ``x -> logits`` module over the template's frozen base.
 
-    A state with no LoRA factors (FLoRA after merging them into the base) evaluates the base
-    with the state's head.
+    A state with no LoRA factors (FLoRA after merging them into the base) gives the base with
+    the state's head; a state with no head keeps the base's.
     """
-    from autorank.evaluation import evaluate
-
     params: Params = {}
     dev = template.device
     for path in template.paths:
@@ -486,8 +477,22 @@ def evaluate_state(
         params[f"{path}.scale"] = torch.tensor(f.scale, device=dev)
     extra = state.extra or template.head_init
     params |= {n: extra[n].to(dev) for n in template.head_names}
-    model = _Bound(template, params)
-    return evaluate(model, x, y, batch_size=batch_size, device=dev)
+    return _Bound(template, params)
+
+
+def evaluate_state(
+    template: LoraTemplate,
+    state: AdapterState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``base + state`` (``bind_state``) on ``x``, ``y``."""
+    from autorank.evaluation import evaluate
+
+    model = bind_state(template, state)
+    return evaluate(model, x, y, batch_size=batch_size, device=template.device)
 
 
 class _Bound(nn.Module):

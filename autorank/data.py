@@ -91,6 +91,10 @@ class DatasetSplits:
         x = np.asarray(columns["x"], dtype=np.float32).reshape(len(ds), *self.input_shape)
         return x, np.asarray(columns["label"], dtype=np.int64)
 
+    def digest(self, split: Split) -> str:
+        """A split's content digest: the fingerprint ``_to_dataset`` gives it (xxh3 of x, y)."""
+        return str((self.train if split == "train" else self.test)._fingerprint)
+
 
 @dataclass(frozen=True)
 class _Source:

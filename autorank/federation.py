@@ -7,7 +7,9 @@ from the config's data, partition and seed alone.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,20 @@ class Federation:
     def profiles(self, epoch_losses: list[list[float]] | None = None) -> list[ClientProfile]:
         """Each client's complexity profile; learning difficulty only when losses are given."""
         return profile_clients(self.histogram, epoch_losses)
+
+    def layout(self) -> dict[str, Any]:
+        """The layout as JSON: sizes of the public share and of every client's splits, and a
+        digest of every index (equal digests: the same samples went to the same clients)."""
+        h = hashlib.sha256(np.ascontiguousarray(self.public, dtype=np.int64).tobytes())
+        for c in self.clients:
+            for part in (c.train, c.local_test):
+                h.update(np.int64(len(part)).tobytes())
+                h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        clients = [
+            {"client": c.client, "train": len(c.train), "local_test": len(c.local_test)}
+            for c in self.clients
+        ]
+        return {"public": len(self.public), "clients": clients, "digest": h.hexdigest()[:16]}
 
 
 def partition_params(settings: PartitionConfig) -> dict[str, float | int]:

@@ -28,17 +28,13 @@ from autorank.targets import (
     fresh_down_projections,
     head_parameter_names,
     matches,
+    peft_alpha,
     scale_for,
 )
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name; one adapter per wrapped model
-
-
-def _lora_alpha(rank: int, policy: AlphaPolicy, alpha: float, alpha_ratio: float) -> float:
-    """peft's ``lora_alpha`` that yields ``scale_for(rank, ...)``."""
-    return alpha_ratio * rank if policy == "proportional" else alpha
 
 
 @dataclass(frozen=True)
@@ -112,16 +108,17 @@ def wrap_lora(
     _check_head(base, head, per_path)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    scale_for(1, policy=policy, alpha=alpha, alpha_ratio=alpha_ratio)  # validates the policy
+
+    def alpha_at(rank: int) -> float:
+        return peft_alpha(rank, policy=policy, alpha=alpha, alpha_ratio=alpha_ratio)
+
     config = PeftLoraConfig(
         r=max(per_path.values()),
         # peft annotates lora_alpha as int but only divides by it; float alphas are exact.
-        lora_alpha=_lora_alpha(1, policy, alpha, alpha_ratio),  # type: ignore[arg-type]
+        lora_alpha=alpha_at(1),  # type: ignore[arg-type]
         target_modules=list(ranks),
         rank_pattern={k: int(r) for k, r in ranks.items()},
-        alpha_pattern={
-            k: _lora_alpha(int(r), policy, alpha, alpha_ratio) for k, r in ranks.items()
-        },
+        alpha_pattern={k: alpha_at(int(r)) for k, r in ranks.items()},
         lora_dropout=dropout,
         use_rslora=policy == "rslora",
         modules_to_save=list(head) or None,

@@ -44,6 +44,16 @@ def scale_for(rank: int, *, policy: AlphaPolicy, alpha: float, alpha_ratio: floa
     raise ValueError(f"alpha policy must be one of {ALPHA_POLICIES}, got {policy!r}")
 
 
+def peft_alpha(rank: int, *, policy: AlphaPolicy, alpha: float, alpha_ratio: float) -> float:
+    """peft's ``lora_alpha`` at ``rank`` that makes peft's scaling equal ``scale_for(rank, ...)``.
+
+    ``fixed`` and ``rslora`` keep ``alpha`` (peft divides by ``r`` or, with ``use_rslora``, by
+    ``sqrt(r)``); ``proportional`` gives ``alpha_ratio * r``.
+    """
+    scale_for(rank, policy=policy, alpha=alpha, alpha_ratio=alpha_ratio)  # validates the policy
+    return alpha_ratio * rank if policy == "proportional" else alpha
+
+
 def matches(path: str, key: str) -> bool:
     """peft's target rule: the path is the key, or ends with ``.<key>``."""
     return path == key or path.endswith("." + key)

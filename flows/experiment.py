@@ -33,8 +33,9 @@ from autorank.rounds import (
     round_jobs,
     test_data,
 )
-from flows import RESUME_NOTE
+from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines, lora_settings
+from flows.model_records import record_data
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import (
     close_interrupted_or_failed,
@@ -43,7 +44,9 @@ from flows.run_records import (
     record_decision,
     relog_checkpoint_round,
     run_finished,
+    run_name,
 )
+from flows.run_views import progress_in_run_log
 from flows.runners import client_task_resources, opaque, signals_deferred, task_runner_for
 from tasks.checkpointing import load_round
 from tasks.clients import train_cohort
@@ -238,17 +241,36 @@ def _run_round(
         base_version=state.base_version + int(merged),
     )
     progress.info(
-        "round %d/%d: global accuracy %.4f, clients' mean accuracy %.4f (%.1f s)",
+        "round %d/%d: global accuracy %.4f, loss %.4f, clients' mean accuracy %.4f (%.1f s)",
         round_idx,
         config.training.rounds,
         step.evaluation.accuracy,
+        step.evaluation.loss,
         metrics["per_client/accuracy_mean"],
         closed.seconds,
+        extra={"round": round_idx, "rounds": config.training.rounds},
     )
     return new
 
 
-@flow(name="autorank", task_runner=ThreadPoolTaskRunner(), log_prints=True)  # type: ignore[arg-type]
+def _flow_run_name() -> str:
+    """The flow run's name in Prefect: the MLflow run's name, and which run a resume continues."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    config = params.get("config") or ExperimentConfig()
+    if not isinstance(config, ExperimentConfig):  # raw parameters: the flow validates them
+        return "autorank"
+    resumed = params.get("resume_run_id")
+    return run_name(config) + (f" (resume {str(resumed)[:8]})" if resumed else "")
+
+
+@flow(
+    name="autorank",
+    flow_run_name=_flow_run_name,
+    task_runner=ThreadPoolTaskRunner(),  # type: ignore[arg-type]
+    log_prints=True,
+)
 def federated_training(
     config: ExperimentConfig = ExperimentConfig(),  # noqa: B008
     resume_run_id: str | None = None,
@@ -257,6 +279,7 @@ def federated_training(
     limit_threads(config.runtime.threads_per_client)
     root = config.runtime.checkpoint_dir
     with contextlib.ExitStack() as held:
+        held.enter_context(progress_in_run_log())
         ckpt = None
         if resume_run_id is not None:
             held.enter_context(run_lock(root, resume_run_id))
@@ -268,7 +291,10 @@ def federated_training(
         run_id = open_run(config, resume_run_id)
         if resume_run_id is None:
             held.enter_context(run_lock(root, run_id))
-        return _train(config, run_id, ckpt)
+        run_views.link_mlflow_run(config.tracking.uri, run_id, run_name(config))
+        _train(config, run_id, ckpt)
+        run_views.table_of_rounds(config.tracking.uri, run_id)
+        return run_id
 
 
 def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> str:
@@ -277,6 +303,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
         federation = load_federation(
             config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
         )
+        record_data(config, run_id, federation)  # once: a resumed run logs nothing twice
         if config.model.init == "pretrain" and ckpt is None:
             progress.info("pre-training the base model on the server's public share")
         base = build_base(
@@ -295,9 +322,22 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
             engines = build_engines(config, base, data, runner)  # from the restored base
             state = restored or _fresh_state(config, run_id, base, federation, data, engines)
             engines.set_ranks(state.assignment.ranks())
-            for round_idx in range(state.start_round, config.training.rounds + 1):
+            first, rounds = state.start_round, config.training.rounds
+            progress.debug(  # starts the terminal's progress bar
+                "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
+            )
+            for round_idx in range(first, rounds + 1):
                 state = _run_round(config, run_id, state, data, test, round_idx, engines)
-        finish_run(config, run_id, state.global_state, state.history, engines.paths)
+        finish_run(
+            config,
+            run_id,
+            state.global_state,
+            state.history,
+            engines.paths,
+            base=state.base,
+            merged=state.fresh,
+            data=federation.data,
+        )
     except BaseException as err:
         hint = f"`autorank resume {run_id}`"
         close_interrupted_or_failed(config.tracking.uri, run_id, err, hint)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from prefect.exceptions import TerminationSignal
+from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.checkpoint import Checkpoint, CheckpointError
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
+from autorank.data import DatasetSplits
 from autorank.federation import Federation
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranks import RankAssignment
 from autorank.rounds import client_parameters
+from flows.model_records import FinalModel, record_model
 from tasks import tracking
 
 CONFIG_FILE = "config.yaml"
@@ -54,6 +55,14 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
     }
 
 
+def run_name(config: ExperimentConfig) -> str:
+    """What runs, as the MLflow run and the Prefect flow run are named:
+    ``tracking.run_name``, else ``<assigner>-<aggregator>-<dataset>-s<seed>``."""
+    return config.tracking.run_name or (
+        f"{config.ranking.assigner}-{config.aggregation.method}-{config.data.name}-s{config.seed}"
+    )
+
+
 def _prefect_flow_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -79,9 +88,7 @@ def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
         tracking.client_for(uri).update_run(resume_run_id, status="RUNNING")
         tracking.set_tags(uri, resume_run_id, {"prefect.flow_run_id": _prefect_flow_run_id()})
         return resume_run_id
-    name = config.tracking.run_name or (
-        f"{config.ranking.assigner}-{config.aggregation.method}-{config.data.name}-s{config.seed}"
-    )
+    name = run_name(config)
     tags = run_tags(config) | {"prefect.flow_run_id": _prefect_flow_run_id()}
     run_id = tracking.start_run(
         uri,
@@ -113,7 +120,10 @@ def record_decision(
     }
     if len(ranks) <= config.tracking.keyed_clients_max:
         metrics |= {f"per_client/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
-    tracking.log_metrics(uri, run_id, metrics, step=0)
+    # A run that stopped before its first checkpoint decides again when resumed (the same
+    # ranks: the warm-up is seeded); its metrics are at step 0 already.
+    if 0 not in tracking.logged_steps(uri, run_id, "ranks/mean"):
+        tracking.log_metrics(uri, run_id, metrics, step=0)
     tracking.track_figure(
         uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
     )
@@ -142,21 +152,23 @@ def finish_run(
     global_state: AdapterState,
     history: list[float],
     paths: Sequence[Mapping[str, int]],
+    *,
+    base: nn.Module,
+    merged: bool,
+    data: DatasetSplits,
 ) -> None:
-    """Final adapter (safetensors), accuracy plot, summary metrics; mark the run finished.
+    """Final adapters and base, the MLflow model, accuracy plot, summary metrics; mark the run
+    finished (``flows.model_records``).
 
-    ``summary/trainable_params`` is what every client trains (and sends) in a round it takes
-    part in, summed over all clients: the budget rank assignment controls.
+    ``base`` is the final base and ``merged`` says that the global adapter's last update is
+    already inside it (FLoRA). ``summary/trainable_params`` is what every client trains (and
+    sends) in a round it takes part in, summed over all clients: the budget rank assignment
+    controls.
     """
-    from autorank.checkpoint import save_adapter
-
     uri = config.tracking.uri
     tracking.settle(run_id)  # the last round's metrics, written in the background
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "global_adapter.safetensors"
-        meta = {"ranks": str(global_state.ranks()), "config_digest": config_digest(config)}
-        save_adapter(path, global_state, meta)
-        tracking.track_file(uri, run_id, path, "adapter")
+    final = FinalModel(base, global_state, merged, paths)
+    record_model(config, run_id, final, data, step=len(history))
     tracking.track_figure(
         uri,
         run_id,

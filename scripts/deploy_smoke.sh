@@ -185,31 +185,56 @@ EOF
   done
   wait "$WORKER_PID" || { show_log "$TMP/worker.log" 30; return 1; }
   WORKER_PID=""
+  if grep -q "Traceback" "$TMP/worker.log"; then
+    echo "the worker's log holds a traceback" >&2
+    show_log "$TMP/worker.log" 40
+    return 1
+  fi
   timeout "$STEP_TIMEOUT" "$PY" - "$flow_run_id" "$TMP" <<'EOF' || { show_log "$TMP/worker.log" 30; return 1; }
 import asyncio
 import sys
 
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 
 flow_run_id, tmp = sys.argv[1], sys.argv[2]
 
 
-async def state_of(run_id: str) -> str:
+async def what_prefect_shows(run_id: str) -> tuple[str, str, list[str], set[str]]:
+    """The flow run's state and name, its log lines, its artifacts' keys."""
     async with get_client() as client:
         run = await client.read_flow_run(run_id)
-        return run.state.type.value if run.state else "NONE"
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        artifacts = await client.read_artifacts(artifact_filter=mine)
+    state = run.state.type.value if run.state else "NONE"
+    return state, run.name, [log.message for log in logs], {a.key for a in artifacts}
 
 
-state = asyncio.run(state_of(flow_run_id))
+state, name, lines, artifacts = asyncio.run(what_prefect_shows(flow_run_id))
 if state != "COMPLETED":
     sys.exit(f"quickstart flow run {flow_run_id} ended {state}")
 tracking = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
 experiment = tracking.get_experiment_by_name("deploy-smoke")
-statuses = [r.info.status for r in tracking.search_runs([experiment.experiment_id])]
+runs = tracking.search_runs([experiment.experiment_id])
+statuses = [r.info.status for r in runs]
 if statuses != ["FINISHED"]:
     sys.exit(f"expected one FINISHED MLflow run, got {statuses}")
-print(f"  quickstart: flow run {flow_run_id} COMPLETED, its MLflow run FINISHED")
+if name != runs[0].info.run_name:
+    sys.exit(f"flow run named {name!r}, its MLflow run {runs[0].info.run_name!r}")
+rounds = [line for line in lines if line.startswith("round ") and "global accuracy" in line]
+if not rounds:
+    sys.exit(f"no round lines in the flow run's log ({len(lines)} lines)")
+if not {"mlflow-run", "round-metrics"} <= artifacts:
+    sys.exit(f"flow run artifacts {sorted(artifacts)}; want mlflow-run and round-metrics")
+print(f"  quickstart: flow run {name!r} COMPLETED, its MLflow run FINISHED; "
+      f"{len(rounds)} round lines in its log, artifacts {sorted(artifacts)}")
 EOF
 }
 

@@ -191,14 +191,15 @@ def child_runs(uri: str, parent_run_id: str) -> list[ChildRun]:
 
 
 def run_page(uri: str, run_id: str) -> str:
-    """The address of a run's own page in the MLflow UI: the server's for an HTTP store, else
+    """The address of a run's charts in the MLflow UI: the server's for an HTTP store, else
     the one ``autorank ui`` (``mlflow ui``) serves on 127.0.0.1:5000.
 
-    MLflow 3's UI opens an experiment on its GenAI overview; a run's page link opens the run.
+    MLflow 3's UI opens an experiment on its GenAI overview and a run on a list of its params
+    and tags; the run's "Model metrics" tab opens on the ``global`` charts (accuracy, loss).
     """
     experiment = client_for(uri).get_run(run_id).info.experiment_id
     server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    return f"{server}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{server}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:

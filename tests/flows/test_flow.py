@@ -1,7 +1,9 @@
 """The real flow end to end on CPU, asserting what landed in MLflow."""
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -9,6 +11,7 @@ from safetensors.torch import load_file
 
 from autorank.config import flatten
 from flows.experiment import federated_training
+from flows.run_views import forward_progress
 from tests.flows.conftest import tiny_config
 
 
@@ -16,9 +19,53 @@ from tests.flows.conftest import tiny_config
 def finished_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("flow")
     config = tiny_config(tmp)
+    # As in a deployment: a CLI test earlier in this process turned the forwarding off and
+    # quietened Prefect's run loggers.
+    forward_progress(True)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
     run_id = federated_training(config=config)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     return config, run_id, client, tmp
+
+
+def _flow_run(client: MlflowClient, run_id: str) -> tuple[Any, list[Any], list[str]]:
+    """The Prefect flow run behind an MLflow run: itself, its artifacts, its log lines."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # lines are sent in batches
+    flow_run_id = client.get_run(run_id).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(flow_run_id)
+        mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        artifacts = prefect.read_artifacts(artifact_filter=mine)
+        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    return flow_run, artifacts, [log.message for log in logs]
+
+
+def test_the_prefect_flow_run_is_named_logs_rounds_and_links_mlflow(finished_run) -> None:
+    _, run_id, client, _ = finished_run
+
+    flow_run, artifacts, lines = _flow_run(client, run_id)
+
+    assert flow_run.name == client.get_run(run_id).info.run_name == "autorank-rbla-digits-s0"
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["mlflow-run"].type == "markdown"  # a link artifact is stored as markdown
+    assert "#/experiments/" in by_key["mlflow-run"].data and run_id in by_key["mlflow-run"].data
+    table = by_key["round-metrics"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[-1]["global accuracy"] == round(
+        client.get_metric_history(run_id, "global/accuracy")[-1].value, 4
+    )
+    assert any(line.startswith("round 2/2: global accuracy ") for line in lines)
 
 
 def test_run_records_params_and_tags(finished_run) -> None:

@@ -204,3 +204,28 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert {k: _history(client, run_id, k) for k in keys} == histories
     assert all(len(h) == 1 for k, h in histories.items() if k.startswith("summary/"))
+
+
+def test_a_crash_before_the_first_checkpoint_logs_the_rank_decision_once(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.experiment
+
+    config = tiny_config(tmp_path, training={"rounds": 1, "local_epochs": 1})
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as patched:  # after the rank decision, before round 1's record
+        patched.setattr(flows.experiment, "_run_round", crash)
+        with pytest.raises(RuntimeError, match="went away"):
+            federated_training(config=config)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+
+    federated_training(config=config, resume_run_id=run.info.run_id)
+
+    for key in ("ranks/mean", "per_client/c00/rank", "per_client/c03/rank"):
+        assert _history(client, run.info.run_id, key) == [(0, run.data.metrics[key])], key
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -1,0 +1,145 @@
+"""What a run leaves for the users of its model, in the layouts they expect.
+
+At the start, the data set: both splits as MLflow dataset inputs, the partition as the training
+split's input tags and ``data/partition.json``. At the end, under ``adapter/``: the global adapter
+(the project's own file and peft's layout), each client's adapter in peft's layout (up to
+``tracking.keyed_clients_max`` clients) and the final base; and the MLflow model ``model``
+(``runs:/<run id>/model``), registered when ``tracking.register_as`` names it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autorank.adapters import AdapterState
+from autorank.checkpoint import save_adapter
+from autorank.config import ExperimentConfig, config_digest
+from autorank.data import DatasetSplits
+from autorank.export import merged_away, peft_layout
+from autorank.federation import Federation, partition_params
+from autorank.models import head_modules, save_base_weights
+from autorank.rounds import download
+from autorank.serving import ModelSpec
+from flows.engines import lora_settings
+from tasks import model_tracking, tracking
+from tasks.model_tracking import DataInput
+
+PARTITION_FILE = "data/partition.json"
+_EXAMPLE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """The model a run ends with.
+
+    Attributes:
+        base: the final base (FLoRA's merges included).
+        global_state: the global adapter.
+        merged: its last update is already inside ``base`` (FLoRA), so it adds only the head.
+        paths: each client's module path -> rank.
+    """
+
+    base: nn.Module
+    global_state: AdapterState
+    merged: bool
+    paths: Sequence[Mapping[str, int]]
+
+
+def _partition_tags(config: ExperimentConfig, layout: Mapping[str, Any]) -> dict[str, str]:
+    """The training split's input tags: scheme, its parameters, sizes, the layout's digest."""
+    clients = layout["clients"]
+    tags = {
+        "partition.scheme": config.partition.scheme,
+        "partition.n_clients": str(len(clients)),
+        "partition.public_samples": str(layout["public"]),
+        "partition.digest": str(layout["digest"]),
+        "partition.file": PARTITION_FILE,
+    }
+    tags |= {f"partition.{k}": str(v) for k, v in partition_params(config.partition).items()}
+    if len(clients) <= config.tracking.keyed_clients_max:
+        tags["partition.client_sizes"] = ",".join(str(c["train"]) for c in clients)
+    return tags
+
+
+def record_data(config: ExperimentConfig, run_id: str, federation: Federation) -> None:
+    """The data set's splits as the run's dataset inputs (once), and its partition."""
+    uri, data = config.tracking.uri, federation.data
+    layout = federation.layout()
+    tracking.log_json(uri, run_id, layout, PARTITION_FILE)
+    source = {"autorank.data.name": config.data.name}
+    if config.data.path is not None:
+        source["autorank.data.path"] = str(config.data.path)
+    inputs = []
+    for split in ("train", "test"):
+        x, y = data.arrays(split)
+        tags = _partition_tags(config, layout) if split == "train" else {}
+        name = f"{config.data.name}/{split}"
+        inputs.append(DataInput(name, split, x, y, data.digest(split), tags, source))
+    model_tracking.track_data_inputs(uri, run_id, inputs)
+
+
+def _spec(config: ExperimentConfig, data: DatasetSplits) -> ModelSpec:
+    return ModelSpec(
+        name=config.model.name,
+        input_shape=data.input_shape,
+        n_classes=data.n_classes,
+        hidden=config.model.hidden,
+        head=head_modules(config.model.name),
+        hf_name_or_path=config.model.hf_name_or_path,
+    )
+
+
+def write_adapters(
+    root: Path, config: ExperimentConfig, final: FinalModel, data: DatasetSplits
+) -> dict[str, Path]:
+    """Write the run's ``adapter/`` folder under ``root``; returns the MLflow model's files.
+
+    ``adapter/``: ``global_adapter.safetensors`` (the project's layout), ``peft/`` (the global
+    adapter in peft's layout), ``clients/cNN/`` (each client's download, the global adapter cut
+    to its ranks, in peft's layout), ``base/model.safetensors`` and ``base/model.json``. Under
+    FLoRA the update is inside the base: the peft adapter and the served one
+    (``root/served_adapter.safetensors``) have ``B = 0`` and there are no client adapters.
+    """
+    lora, state, folder = lora_settings(config), final.global_state, root / "adapter"
+    hf_name = config.model.hf_name_or_path
+    meta = {"ranks": str(state.ranks()), "config_digest": config_digest(config)}
+    served = folder / "global_adapter.safetensors"
+    save_adapter(served, state, meta)
+    if final.merged:
+        state = merged_away(state)
+        served = root / "served_adapter.safetensors"
+        save_adapter(served, state, meta)
+    peft_layout(final.base, state, lora, base_name_or_path=hf_name).save(folder / "peft")
+    if not final.merged and len(final.paths) <= config.tracking.keyed_clients_max:
+        for client, own in enumerate(final.paths):
+            mine = download(state, own, lora)
+            adapter = peft_layout(final.base, mine, lora, base_name_or_path=hf_name)
+            adapter.save(folder / "clients" / f"c{client:02d}")
+    save_base_weights(final.base, folder / "base" / "model.safetensors")
+    (folder / "base" / "model.json").write_text(_spec(config, data).to_json())
+    return {
+        "spec": folder / "base" / "model.json",
+        "base": folder / "base" / "model.safetensors",
+        "adapter": served,
+    }
+
+
+def record_model(
+    config: ExperimentConfig, run_id: str, final: FinalModel, data: DatasetSplits, step: int
+) -> None:
+    """Log ``adapter/`` and the MLflow model (registered under ``tracking.register_as``)."""
+    uri = config.tracking.uri
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_adapters(Path(tmp), config, final, data)
+        tracking.track_file(uri, run_id, Path(tmp) / "adapter")  # a folder: adapter/...
+        x, _ = data.arrays("test")
+        example = x[:_EXAMPLE_ROWS].reshape(min(len(x), _EXAMPLE_ROWS), -1)
+        model_tracking.track_model(
+            uri, run_id, artifacts, example, step=step, register_as=config.tracking.register_as
+        )

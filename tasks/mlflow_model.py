@@ -1,0 +1,48 @@
+"""A run's global model as MLflow loads it: a "models from code" file, run by MLflow on load.
+
+Why code rather than a ``PythonModel`` instance: MLflow 3.17 cloudpickles an instance into
+``python_model.pkl`` and by default refuses to unpickle it on load
+(``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``); ``mlflow.pytorch`` pickles the whole module. Given
+this file's path instead, MLflow copies the file into the model and runs it on load: nothing is
+pickled, the architecture is rebuilt from ``model.json`` and the weights are read from the
+model's safetensors artifacts (``autorank.serving``). Loading needs ``autorank`` importable.
+
+``predict(x)``: class predictions ``[n]`` (int64) for samples ``x [n, d]`` (float32, flattened
+and normalised as ``autorank.data`` stores them). ``predict(x, params={"output":
+"probabilities"})``: class probabilities ``[n, n_classes]``.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from autorank.serving import Classifier, load_classifier
+
+
+class AutoRankClassifier(PythonModel):
+    """The federated run's global model: base + global adapter + head."""
+
+    classifier: Classifier | None = None
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Rebuild the model from the artifacts ``spec``, ``base`` and ``adapter``."""
+        files = {name: Path(path) for name, path in context.artifacts.items()}
+        self.classifier = load_classifier(files["spec"], files["base"], files["adapter"])
+
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,  # MLflow validates no input by this hint; the signature does
+        params: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        """Classes ``[n]``, or probabilities ``[n, n_classes]`` with ``output=probabilities``."""
+        if self.classifier is None:
+            raise RuntimeError("the model is not loaded: MLflow calls load_context first")
+        output = str((params or {}).get("output", "class"))
+        return self.classifier.predict(np.asarray(model_input), output=output)
+
+
+mlflow.models.set_model(AutoRankClassifier())
