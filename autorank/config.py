@@ -376,6 +376,11 @@ class TrackingConfig(_Section):
     client_table_every: int = Field(
         1, ge=1, description="write the per-client table artifact every N rounds and the last"
     )
+    log_model: bool = Field(
+        True,
+        description="log the final global model as the MLflow model `model` at the end of the "
+        "run (about a second); false: the adapter and base files only",
+    )
     register_as: str | None = Field(
         None,
         min_length=1,
@@ -383,6 +388,14 @@ class TrackingConfig(_Section):
         description="register the run's MLflow model as a new version of this registered model "
         "(no / : or quotes); null: log it without registering",
     )
+
+    @model_validator(mode="after")
+    def _registering_needs_a_model(self) -> TrackingConfig:
+        if self.register_as is not None and not self.log_model:
+            raise ValueError(
+                f"register_as {self.register_as!r} needs the model logged: set log_model to true"
+            )
+        return self
 
 
 class RuntimeConfig(_Section):

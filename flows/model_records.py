@@ -133,11 +133,14 @@ def write_adapters(
 def record_model(
     config: ExperimentConfig, run_id: str, final: FinalModel, data: DatasetSplits, step: int
 ) -> None:
-    """Log ``adapter/`` and the MLflow model (registered under ``tracking.register_as``)."""
+    """Log ``adapter/`` and, with ``tracking.log_model``, the MLflow model (registered under
+    ``tracking.register_as``)."""
     uri = config.tracking.uri
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_adapters(Path(tmp), config, final, data)
         tracking.track_file(uri, run_id, Path(tmp) / "adapter")  # a folder: adapter/...
+        if not config.tracking.log_model:
+            return
         x, _ = data.arrays("test")
         example = x[:_EXAMPLE_ROWS].reshape(min(len(x), _EXAMPLE_ROWS), -1)
         model_tracking.track_model(

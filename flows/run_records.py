@@ -183,4 +183,23 @@ def finish_run(
         "summary/params_per_client": float(np.mean(params)),
     }
     tracking.log_metrics(uri, run_id, summary, step=len(history))
+    note = description(config, history, float(np.mean(params)), run_id)
+    tracking.set_tags(uri, run_id, {"mlflow.note.content": note})
     tracking.end_run(uri, run_id, "FINISHED")
+
+
+def description(
+    config: ExperimentConfig, history: Sequence[float], params_per_client: float, run_id: str
+) -> str:
+    """The run's description (markdown, on its Overview in the MLflow UI): the outcome first."""
+    best = int(np.argmax(history))
+    return (
+        f"Global test accuracy **{history[-1]:.4f}** after {len(history)} rounds "
+        f"(best {history[best]:.4f} in round {best + 1}).\n\n"
+        f"{config.ranking.assigner} ranks, {config.aggregation.method} aggregation, "
+        f"{config.data.name} split {config.partition.scheme} over "
+        f"{config.partition.n_clients} clients, seed {config.seed}; "
+        f"{params_per_client:,.0f} trainable LoRA parameters per client on average.\n\n"
+        + (f"Model: `runs:/{run_id}/model`; " if config.tracking.log_model else "")
+        + "charts: the *Model metrics* tab (`global/*` first)."
+    )

@@ -39,7 +39,9 @@ class _ToRunLogger(logging.Handler):
 
         try:
             logger = get_run_logger()
-        except MissingContextError:
+        except MissingContextError:  # a thread outside the run: the plain logging path
+            if progress.parent is not None:
+                progress.parent.handle(record)
             return
         logger.log(record.levelno, record.getMessage())
 
@@ -51,8 +53,9 @@ def progress_in_run_log() -> Iterator[None]:
         yield  # turned off, or an enclosing flow (a comparison) forwards already
         return
     handler = _ToRunLogger()
-    level = progress.level
+    level, propagate = progress.level, progress.propagate
     progress.addHandler(handler)
+    progress.propagate = False  # printed once, by Prefect's console handler of the run logger
     if progress.getEffectiveLevel() > logging.INFO:  # a worker's root logger says WARNING
         progress.setLevel(logging.INFO)
     try:
@@ -60,6 +63,7 @@ def progress_in_run_log() -> Iterator[None]:
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)
+        progress.propagate = propagate
 
 
 def _quietly(what: str) -> contextlib.AbstractContextManager[None]:

@@ -27,7 +27,12 @@ def tiny_config(tmp_path: Path, **sections: Any) -> ExperimentConfig:
         "model": {"pretrain_epochs": 1},
         "lora": {"r_min": 2, "r_max": 8},
         "training": {"rounds": 2, "local_epochs": 1, "warmup_epochs": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        # The MLflow model (a second per run) is tested where it is the point.
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "test",
+            "log_model": False,
+        },
         "runtime": {"device": "cpu", "checkpoint_dir": str(tmp_path / "ckpt"), "max_workers": 2},
     }
     for name, values in sections.items():
@@ -63,6 +68,8 @@ def store_args(tmp_path: Path, prefix: str = "") -> list[str]:
         f"{prefix}tracking.uri=sqlite:///{tmp_path}/store/mlflow.db",
         "--set",
         f"{prefix}runtime.checkpoint_dir={tmp_path}/ckpt",
+        "--set",
+        f"{prefix}tracking.log_model=false",  # tested in test_model_export (a second per run)
     ]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ def finished_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory
 
 
 def _flow_run(client: MlflowClient, run_id: str) -> tuple[Any, list[Any], list[str]]:
-    """The Prefect flow run behind an MLflow run: itself, its artifacts, its log lines."""
+    """The Prefect flow run behind an MLflow run: itself, its artifacts, its log lines (sent in
+    batches by a background worker: read until the last round's line is there, or 60 s)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -40,14 +42,19 @@ def _flow_run(client: MlflowClient, run_id: str) -> tuple[Any, list[Any], list[s
     )
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=10)  # lines are sent in batches
     flow_run_id = client.get_run(run_id).data.tags["prefect.flow_run_id"]
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(flow_run_id)
         mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
         artifacts = prefect.read_artifacts(artifact_filter=mine)
-        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-    return flow_run, artifacts, [log.message for log in logs]
+        logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
+        while True:
+            APILogWorker.drain_all(timeout=10)
+            lines = [log.message for log in prefect.read_logs(logs)]
+            if any(line.startswith("round 2/2") for line in lines) or time.monotonic() > deadline:
+                return flow_run, artifacts, lines
+            time.sleep(0.5)
 
 
 def test_the_prefect_flow_run_is_named_logs_rounds_and_links_mlflow(finished_run) -> None:
@@ -101,6 +108,17 @@ def test_every_round_is_logged_once_per_metric(finished_run) -> None:
     accuracy = [m.value for m in client.get_metric_history(run_id, "global/accuracy")]
     assert all(0.0 <= a <= 1.0 for a in accuracy)
     assert client.get_metric_history(run_id, "traffic/bytes_up")[0].value > 0
+
+
+def test_the_description_leads_with_the_final_accuracy(finished_run) -> None:
+    _, run_id, client, _ = finished_run
+
+    run = client.get_run(run_id)
+
+    final = run.data.metrics["global/accuracy"]
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Global test accuracy **{final:.4f}** after 2 rounds")
+    assert "*Model metrics*" in note and "runs:/" not in note  # no model: log_model is off
 
 
 def test_the_first_chart_section_is_the_global_model(finished_run) -> None:

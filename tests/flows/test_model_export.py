@@ -44,7 +44,7 @@ def exported_run(
     config = tiny_config(
         tmp,
         lora={"r_min": 2, "r_max": 8, "layer_ranges": {"fc2": {"r_min": 2, "r_max": 4}}},
-        tracking={"register_as": REGISTERED},
+        tracking={"register_as": REGISTERED, "log_model": True},
     )
     run_id = federated_training(config=config)
     return config, run_id, MlflowClient(tracking_uri=config.tracking.uri), tmp
@@ -184,7 +184,17 @@ def test_register_as_registers_one_version_of_the_runs_model(exported_run, track
 
 def test_register_as_refuses_a_name_the_registry_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="register_as"):
-        tiny_config(tmp_path, tracking={"register_as": "team/digits"})
+        tiny_config(tmp_path, tracking={"register_as": "team/digits", "log_model": True})
+    with pytest.raises(ConfigError, match="needs the model logged"):
+        tiny_config(tmp_path, tracking={"register_as": "digits", "log_model": False})
+
+
+def test_the_description_names_the_model(exported_run) -> None:
+    _, run_id, client, _ = exported_run
+
+    note = client.get_run(run_id).data.tags["mlflow.note.content"]
+
+    assert f"Model: `runs:/{run_id}/model`" in note
 
 
 def test_under_flora_the_export_is_the_merged_base_and_an_adapter_that_adds_nothing(
