@@ -203,7 +203,14 @@ def _load_idx(name: str, folder: Path | None, norm: Normalisation) -> _Source:
     if folder is None:
         raise DataError(f"{name} needs data.path: a folder holding {expected}")
     if not folder.is_dir():
-        raise DataError(f"{name}: folder {str(folder)!r} not found; expected it to hold {expected}")
+        hint = (
+            " (Debian's package installs it there: apt-get install dataset-fashion-mnist)"
+            if folder == FASHION_MNIST_DIR
+            else ""
+        )
+        raise DataError(
+            f"{name}: folder {str(folder)!r} not found; expected it to hold {expected}{hint}"
+        )
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, (image_stem, label_stem) in IDX_STEMS.items():
         image_file = _find_idx(folder, image_stem, expected)

@@ -163,8 +163,9 @@ def test_missing_fashion_mnist_folder_names_path_and_files(
 ) -> None:
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
 
-    with pytest.raises(DataError, match=r"absent.*train-images-idx3-ubyte\[\.gz\]"):
+    with pytest.raises(DataError, match=r"absent.*train-images-idx3-ubyte\[\.gz\]") as err:
         load_data("fashion_mnist")
+    assert "apt-get install dataset-fashion-mnist" in str(err.value)
 
 
 def test_mnist_without_path_asks_for_one() -> None:
