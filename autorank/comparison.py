@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -142,6 +143,13 @@ class GridConfig(BaseModel):
         "to target",
     )
     max_parallel: int = Field(1, ge=1, description="cells trained at the same time")
+    reference: str | None = Field(
+        None,
+        description="the method (<assigner label>-<aggregator>, as in the summary's method "
+        "column, e.g. uniform-mean_autorank-rbla) every other method is compared with seed by "
+        "seed; null: uniform at AutoRank's mean rank with the first aggregator if the grid has "
+        "it, else no paired statistics",
+    )
 
     @field_validator("assigners", mode="before")
     @classmethod
@@ -157,6 +165,16 @@ class GridConfig(BaseModel):
         twice = sorted({m for m in methods if methods.count(m) > 1})
         if twice:
             raise ValueError(f"methods {twice} appear twice; give one of them a label")
+        return value
+
+    @field_validator("reference")
+    @classmethod
+    def _a_method_of_the_grid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not {"assigners", "aggregators"} <= info.data.keys():
+            return value  # a bad assigner or aggregator is reported on its own
+        methods = _methods(info.data["assigners"], info.data["aggregators"])
+        if value not in methods:
+            raise ValueError(f"not a method of this grid; expected one of {', '.join(methods)}")
         return value
 
     @field_validator("aggregators", "seeds")
@@ -177,12 +195,31 @@ class GridConfig(BaseModel):
                 )
         return self
 
+    @property
+    def methods(self) -> list[str]:
+        """Every assigner x aggregator of the grid, ``<assigner label>-<aggregator>``."""
+        return _methods(self.assigners, self.aggregators)
+
+    @property
+    def reference_method(self) -> str | None:
+        """The method paired statistics compare with: ``reference``, else uniform at AutoRank's
+        mean rank with the first aggregator, else None (no paired statistics)."""
+        if self.reference is not None:
+            return self.reference
+        mean = next((a for a in self.assigners if a.uniform_rank == MEAN_AUTORANK), None)
+        return None if mean is None else f"{mean.method}-{self.aggregators[0]}"
+
+
+def _methods(assigners: Sequence[AssignerSpec], aggregators: Sequence[str]) -> list[str]:
+    return [f"{a.method}-{g}" for a in assigners for g in aggregators]
+
 
 def grid_digest(grid: GridConfig) -> str:
     """A digest of what decides a comparison's cells and their results.
 
-    Left out: the parent's name, ``max_parallel`` and where runs are tracked or checkpointed, which
-    a resume on another machine may change without changing any result.
+    Left out: the parent's name, ``max_parallel``, the ``reference`` of the paired statistics
+    (the summary, not a result) and where runs are tracked or checkpointed, which a resume on
+    another machine may change without changing any result.
     """
     relevant = grid.model_dump(mode="json", include={"assigners", "aggregators", "seeds"})
     relevant["target_accuracy"] = grid.target_accuracy
@@ -227,6 +264,11 @@ class Cell:
     def run_name(self) -> str:
         """The child run's name, unique in the grid (``autorank-rbla-s0``)."""
         return cell_name(self.spec, self.aggregator, self.seed)
+
+    @property
+    def method(self) -> str:
+        """``<assigner label>-<aggregator>``, the method's name in the summary."""
+        return f"{self.spec.method}-{self.aggregator}"
 
     @property
     def needs_mean_rank(self) -> bool:

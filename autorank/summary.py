@@ -1,6 +1,8 @@
 """A comparison's results: one row per method (assigner x aggregator), mean and spread over seeds.
 
-``summarise`` reduces the cells' histories; ``markdown_table`` and ``summary_columns`` present them.
+``summarise`` reduces the cells' histories, ``paired_against`` pairs every method with a reference
+seed by seed; ``markdown_table``, ``summary_columns``, ``summary_metrics`` and ``terminal_table``
+present them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autorank.comparison import SkippedCell
+from autorank.paired import PairedComparison, PairedDiff, PairedSummary, paired_on_seeds
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class MethodSummary:
     bytes_communicated: float
     wall_seconds: float
 
+    @property
+    def method(self) -> str:
+        """``<assigner>-<aggregator>``."""
+        return f"{self.assigner}-{self.aggregator}"
+
 
 def rounds_to_target(accuracy: Sequence[float], target: float) -> int | None:
     """The first round (1-based) whose accuracy is at least ``target``, or None if none is."""
@@ -120,6 +128,31 @@ def summarise(results: Sequence[CellResult], target: float) -> list[MethodSummar
             )
         )
     return out
+
+
+def _per_seed(runs: Sequence[CellResult]) -> tuple[dict[int, float], dict[int, float]]:
+    """Best and final accuracy per seed."""
+    return {r.seed: max(r.accuracy) for r in runs}, {r.seed: r.accuracy[-1] for r in runs}
+
+
+def paired_against(results: Sequence[CellResult], reference: str) -> PairedComparison:
+    """Every other method against ``reference``, seed by seed, in order of first appearance.
+
+    Cells of one seed share partitions and initial weights, so for a method ``M`` and the
+    reference ``R`` the differences ``d_s = best_M,s - best_R,s`` (and the same for final
+    accuracy) over the seeds both ran are paired samples (``autorank.paired``). Methods that
+    share no seed with the reference, and every method when it has no result, are left out.
+    """
+    groups = _by_method(results)
+    best_ref, final_ref = _per_seed(groups.get(reference, []))
+    rows = []
+    for method, runs in groups.items():
+        best, final = _per_seed(runs)
+        best_diff = paired_on_seeds(best, best_ref)
+        final_diff = paired_on_seeds(final, final_ref)
+        if method != reference and best_diff is not None and final_diff is not None:
+            rows.append(PairedSummary(method, best_diff, final_diff))
+    return PairedComparison(reference, tuple(rows))
 
 
 def mean_curve(series: Sequence[Sequence[float]]) -> list[float]:
@@ -184,16 +217,50 @@ def _row(s: MethodSummary) -> list[str]:
     ]
 
 
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_cells(d: PairedDiff) -> list[str]:
+    return [f"{d.mean:+.4f} ± {d.std:.4f}", _p_value(d.p), f"{d.wins}/{d.n}"]
+
+
+def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _paired_lines(paired: PairedComparison) -> list[str]:
+    ref = f"`{paired.reference}`"
+    if not paired.rows:
+        return ["", f"No paired statistics: the reference {ref} has no seed to pair with."]
+    title = (
+        f"Paired against {ref} (best accuracy, final accuracy: mean ± std of the per-seed "
+        "difference, p, wins/n); p: two-sided paired t-test, - with one seed or equal differences."
+    )
+    head = ["method", "Δ best", "p", "wins", "Δ final", "p", "wins"]
+    rows = [[r.method, *_paired_cells(r.best), *_paired_cells(r.final)] for r in paired.rows]
+    return ["", title, "", *_markdown(head, rows)]
+
+
 def markdown_table(
-    summaries: Sequence[MethodSummary], target: float, skipped: Sequence[SkippedCell] = ()
+    summaries: Sequence[MethodSummary],
+    target: float,
+    skipped: Sequence[SkippedCell] = (),
+    paired: PairedComparison | None = None,
 ) -> str:
-    """The comparison as a markdown table, one row per method, skipped cells listed below.
+    """The comparison as a markdown table, one row per method, then (with a reference) the paired
+    table, then the skipped cells.
 
     "rounds to <target>" averages over the seeds that reached it; ``(k/n)`` says how many did.
     """
-    head = _COLUMNS.format(target=f"{target:g}").split("|")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_row(s)) + " |" for s in summaries]
+    lines = _markdown(
+        _COLUMNS.format(target=f"{target:g}").split("|"), [_row(s) for s in summaries]
+    )
+    if paired is not None:
+        lines += _paired_lines(paired)
     if skipped:
         lines.append("")
         lines += [f"- skipped `{c.run_name}`: {c.reason}" for c in skipped]
@@ -217,17 +284,47 @@ _TABLE_KEYS = (
     "bytes_communicated",
     "wall_seconds",
 )
+# With a reference: the per-seed differences to it (None on its own row).
+_PAIRED_KEYS = (
+    "best_diff_mean",
+    "best_diff_std",
+    "best_diff_p",
+    "best_diff_wins",
+    "final_diff_mean",
+    "final_diff_std",
+    "final_diff_p",
+    "final_diff_wins",
+    "paired_seeds",
+)
 
 
-def summary_columns(summaries: Sequence[MethodSummary]) -> dict[str, list[Any]]:
-    """The summary as columns of plain values (an MLflow table: column name -> values)."""
+def _paired_columns(row: PairedSummary | None) -> dict[str, Any]:
+    if row is None:
+        return dict.fromkeys(_PAIRED_KEYS)
+    out: dict[str, Any] = {"paired_seeds": row.seeds}
+    for stat, d in (("best", row.best), ("final", row.final)):
+        out |= {f"{stat}_diff_{k}": v for k, v in asdict(d).items() if k != "n"}
+    return out
+
+
+def summary_columns(
+    summaries: Sequence[MethodSummary], paired: PairedComparison | None = None
+) -> dict[str, list[Any]]:
+    """The summary as columns of plain values (an MLflow table: column name -> values).
+
+    With a reference, ``best_diff_mean``, ``best_diff_std``, ``best_diff_p``, ``best_diff_wins``,
+    the same for ``final`` and ``paired_seeds`` follow: None for the reference itself.
+    """
     rows = []
     for s in summaries:
         row = asdict(s)
         row["best_accuracy_mean"], row["best_accuracy_std"] = row.pop("best")
         row["final_accuracy_mean"], row["final_accuracy_std"] = row.pop("final")
+        if paired is not None:
+            row |= _paired_columns(paired.of(s.method))
         rows.append(row)
-    return {key: [r[key] for r in rows] for key in _TABLE_KEYS} if rows else {}
+    keys = _TABLE_KEYS + (_PAIRED_KEYS if paired is not None else ())
+    return {key: [r[key] for r in rows] for key in keys} if rows else {}
 
 
 def _metric_name(method: str) -> str:
@@ -235,15 +332,21 @@ def _metric_name(method: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in method)
 
 
-def summary_metrics(summaries: Sequence[MethodSummary]) -> dict[str, float]:
+def summary_metrics(
+    summaries: Sequence[MethodSummary], paired: PairedComparison | None = None
+) -> dict[str, float]:
     """The summary as MLflow metrics of the comparison's parent run, ``<statistic>/<method>``.
 
     One chart section per statistic, one chart per method; ``rounds_to_target`` only for
-    methods that reached the target in some seed.
+    methods that reached the target in some seed; ``best_accuracy_diff`` and
+    ``final_accuracy_diff`` (mean per-seed difference to the reference) for paired methods.
     """
     out: dict[str, float] = {}
+    for row in paired.rows if paired is not None else ():
+        out[f"best_accuracy_diff/{_metric_name(row.method)}"] = row.best.mean
+        out[f"final_accuracy_diff/{_metric_name(row.method)}"] = row.final.mean
     for s in summaries:
-        name = _metric_name(f"{s.assigner}-{s.aggregator}")
+        name = _metric_name(s.method)
         out[f"best_accuracy/{name}"] = s.best[0]
         out[f"final_accuracy/{name}"] = s.final[0]
         out[f"final_accuracy_std/{name}"] = s.final[1]
@@ -256,25 +359,40 @@ def summary_metrics(summaries: Sequence[MethodSummary]) -> dict[str, float]:
     return out
 
 
-def terminal_table(summaries: Sequence[MethodSummary], target: float) -> str:
+def _delta_best(s: MethodSummary, paired: PairedComparison) -> str:
+    if s.method == paired.reference:
+        return "ref"
+    row = paired.of(s.method)
+    return "-" if row is None else f"{row.best.mean:+.4f}"
+
+
+def _terminal_row(s: MethodSummary, paired: PairedComparison | None) -> list[str]:
+    accuracy = _spread if paired is None else (lambda stat: f"{stat[0]:.4f}")
+    return [
+        s.method,
+        accuracy(s.best),
+        accuracy(s.final),
+        _reach(s),
+        _maybe(s.client_params, ",.0f"),
+        f"{s.bytes_communicated / 1e6:.2f}",
+        str(s.seeds),
+        *([] if paired is None else [_delta_best(s, paired)]),
+    ]
+
+
+def terminal_table(
+    summaries: Sequence[MethodSummary], target: float, paired: PairedComparison | None = None
+) -> str:
     """The comparison for a terminal: one aligned row per method, within ~100 columns.
 
     Method, best and final accuracy (mean ± std over seeds), rounds to the target, parameters
-    per client and megabytes communicated; the full table is ``summary.md``.
+    per client and megabytes communicated; the full table is ``summary.md``. With a reference
+    the accuracies drop their std to make room for ``Δbest vs ref``, the mean per-seed difference
+    in best accuracy to the reference.
     """
     head = ["method", "best", "final", f"reach {target:g}", "params", "MB", "seeds"]
-    rows = [
-        [
-            f"{s.assigner}-{s.aggregator}",
-            _spread(s.best),
-            _spread(s.final),
-            _reach(s),
-            _maybe(s.client_params, ",.0f"),
-            f"{s.bytes_communicated / 1e6:.2f}",
-            str(s.seeds),
-        ]
-        for s in summaries
-    ]
+    head += [] if paired is None else ["Δbest vs ref"]
+    rows = [_terminal_row(s, paired) for s in summaries]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -282,9 +400,15 @@ def terminal_table(summaries: Sequence[MethodSummary], target: float) -> str:
         rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join([first, *rest]).rstrip()
 
+    spread = "mean ± std over seeds" if paired is None else "mean over seeds"
     legend = (
-        "best, final: global test accuracy, mean ± std over seeds; reach: rounds to the target; "
+        f"best, final: global test accuracy, {spread}; reach: rounds to the target; "
         "params: trainable LoRA parameters per client; MB: communicated"
     )
+    if paired is not None:
+        legend += (
+            f"; Δbest vs ref: mean per-seed difference in best accuracy to {paired.reference} "
+            "(std, p and wins in summary.md)"
+        )
     table = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
     return "\n".join([*table, "", textwrap.fill(legend, 96)]) + "\n"

@@ -3,7 +3,8 @@
 ``compare_methods`` runs every cell of a grid (assigner x aggregator x seed) as a
 ``federated_training`` subflow whose MLflow run is nested under the comparison's parent run, then
 logs to the parent ``summary.md``, the MLflow table ``summary.json`` and two plots. Cells share the
-base experiment and seeds, so every method sees the same partitions and initial weights.
+base experiment and seeds, so every method sees the same partitions and initial weights, and the
+summary pairs every method with the grid's reference method seed by seed.
 
 Resuming (``resume_parent_run_id``) finds the children by their parent tag and run name: a
 FINISHED child is skipped, any other (RUNNING after a crash, FAILED, KILLED) is resumed in its own
@@ -43,6 +44,7 @@ from autorank.summary import (
     CellResult,
     markdown_table,
     mean_curves,
+    paired_against,
     std_curves,
     summarise,
     summary_columns,
@@ -65,6 +67,22 @@ TABLE_FILE = "summary.json"
 GRID_FILE = "grid.yaml"
 DECISION_FILE = "rank_decision.json"
 GRID_DIGEST_TAG = "grid_digest"
+
+
+def runnable_cells(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
+    """The grid's cells and skipped combinations; refuse a grid where nothing runs or where the
+    reference method never runs (every combination of it skipped)."""
+    cells, skipped = expand_grid(grid)
+    if not cells:
+        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    reference = grid.reference_method
+    if reference is not None and all(c.method != reference for c in cells):
+        methods = ", ".join(dict.fromkeys(c.method for c in cells))
+        raise ConfigError(
+            f"reference: {reference!r} never runs (every cell of it is skipped); "
+            f"expected one of {methods}"
+        )
+    return cells, skipped
 
 
 def check_parent(grid: GridConfig, run_id: str) -> None:
@@ -289,16 +307,19 @@ def _write_summary(
     uri = grid.base.tracking.uri
     results = [_cell_result(uri, c, done[c.run_name]) for c in cells]
     summaries = summarise(results, grid.target_accuracy)
-    table = markdown_table(summaries, grid.target_accuracy, skipped)
+    reference = grid.reference_method
+    paired = None if reference is None else paired_against(results, reference)
+    table = markdown_table(summaries, grid.target_accuracy, skipped, paired)
     tracking.log_text(uri, parent, table, SUMMARY_FILE)
-    tracking.log_text(uri, parent, terminal_table(summaries, grid.target_accuracy), TERMINAL_FILE)
-    tracking.log_table(uri, parent, summary_columns(summaries), TABLE_FILE)
+    terminal = terminal_table(summaries, grid.target_accuracy, paired)
+    tracking.log_text(uri, parent, terminal, TERMINAL_FILE)
+    tracking.log_table(uri, parent, summary_columns(summaries, paired), TABLE_FILE)
     seeds = ", ".join(str(s) for s in grid.seeds)
     note = f"Comparison on {grid.base.data.name} ({grid.base.partition.scheme}), seeds {seeds}: "
     note += "accuracy as mean ± std over seeds.\n\n" + table
     tracking.set_tags(uri, parent, {"mlflow.note.content": note})  # the run's description
     logged = tracking.run_metrics(uri, parent)  # a resumed comparison logs only what changed
-    metrics = {k: v for k, v in summary_metrics(summaries).items() if logged.get(k) != v}
+    metrics = {k: v for k, v in summary_metrics(summaries, paired).items() if logged.get(k) != v}
     tracking.log_metrics(uri, parent, metrics, step=0)
     curves = accuracy_curves(
         mean_curves(results),
@@ -337,9 +358,7 @@ def compare_methods(
 ) -> str:
     """Compare methods: every assigner x aggregator x seed as nested runs, then a summary table."""
     grid = grid if isinstance(grid, GridConfig) else parse_grid(grid)
-    cells, skipped = expand_grid(grid)
-    if not cells:
-        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    cells, skipped = runnable_cells(grid)
     uri = grid.base.tracking.uri
     with progress_in_run_log():
         parent = _open_parent(grid, resume_parent_run_id)
@@ -373,9 +392,7 @@ def _compare(
 
 def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
     """Fail on bad input before anything is written: the grid, each seed's data, each assigner."""
-    cells, _ = expand_grid(grid)
-    if not cells:
-        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    cells, _ = runnable_cells(grid)
     if resume_parent_run_id is not None:
         check_parent(grid, resume_parent_run_id)
     preflight(cells[0].config)

@@ -38,6 +38,7 @@ def comparison(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory):
             f"base.tracking.uri=sqlite:///{tmp}/mlflow.db",
             f"base.runtime.checkpoint_dir={tmp}/ckpt",
             "base.runtime.device=cpu",
+            "reference=uniform-rbla",  # the grid has no uniform at the mean rank: no default
         ],
     )
     parent = compare_methods(grid=grid)
@@ -64,8 +65,9 @@ def test_summary_table_and_plots_on_the_parent(comparison) -> None:
     summary = (local / "summary.md").read_text()
     table = json.loads((local / "summary.json").read_text())
 
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + 4
+    lines = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    rows, paired = lines[:5], [row.split(" | ") for row in lines[5:]]
+    assert len(rows) == 1 + 4 and rows[0].startswith("| assigner |")
     for method in METHODS:
         assigner, aggregator = method.split("-")
         start = f"| {assigner} | {aggregator} |"
@@ -76,6 +78,12 @@ def test_summary_table_and_plots_on_the_parent(comparison) -> None:
         assert (local / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert (local / "grid.yaml").is_file()
     assert table["columns"][:3] == ["assigner", "aggregator", "best_accuracy_mean"]
+    assert "Paired against `uniform-rbla` (best accuracy, final accuracy:" in summary
+    assert [row[0] for row in paired] == ["| method", *(f"| {m}" for m in METHODS[1:])]
+    assert all(row[2] == row[5] == "-" and row[3] in ("0/1", "1/1") for row in paired[1:])
+    p_values = table["columns"].index("best_diff_p"), table["columns"].index("final_diff_p")
+    assert {row[i] for row in table["data"] for i in p_values} == {None}
+    assert [row[-1] for row in table["data"]] == [None, 1, 1, 1]  # paired_seeds
 
 
 def test_the_parent_shows_its_summary_as_description_and_metrics(comparison) -> None:
@@ -88,6 +96,9 @@ def test_the_parent_shows_its_summary_as_description_and_metrics(comparison) -> 
     for method in METHODS:
         assert 0.0 < metrics[f"final_accuracy/{method}"] <= 1.0, method
         assert metrics[f"communicated_mb/{method}"] > 0
+    assert {k for k in metrics if "_diff/" in k} == {
+        f"{stat}_accuracy_diff/{m}" for stat in ("best", "final") for m in METHODS[1:]
+    }
     assert all(len(client.get_metric_history(parent, k)) == 1 for k in metrics)
 
 
@@ -194,6 +205,18 @@ BAD = [
         "no runnable cell",
     ),
     (["compare", "--config", GRID, "--resume", "nope"], "no tracking store"),
+    (
+        [
+            "compare",
+            "--config",
+            GRID,
+            "--set",
+            "aggregators=[fedavg, rbla]",
+            "--set",
+            "reference=autorank-fedavg",
+        ],
+        "reference: 'autorank-fedavg' never runs",
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from autorank.summary import (
     markdown_table,
     mean_curves,
     mean_std,
+    paired_against,
     rounds_to_target,
     std_curves,
     summarise,
@@ -106,6 +108,7 @@ def test_expansion_sets_method_and_seed_and_shares_the_rest() -> None:
         ({"name": "renamed", "max_parallel": 2}, True),
         ({"base": {"tracking": {"uri": "sqlite:///elsewhere.db"}}}, True),
         ({"base": {"runtime": {"checkpoint_dir": "/elsewhere"}}}, True),
+        ({"reference": "autorank-zeropad"}, True),  # the summary only: a resume may change it
         ({"seeds": [0, 1, 2]}, False),
         ({"seeds": [1, 0]}, False),
         ({"assigners": ["uniform", "manual"]}, False),
@@ -187,6 +190,36 @@ def test_overrides_apply_to_the_grid_mapping(tmp_path: Path) -> None:
     assert grid.max_parallel == 2
 
 
+def _with_mean(**fields: Any) -> dict[str, Any]:
+    mean = {"assigner": "uniform", "uniform_rank": "mean_autorank", "label": "same-budget"}
+    return _grid(assigners=["autorank", mean], **fields)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (_grid(), None),
+        (_with_mean(), "same-budget-rbla"),
+        (_with_mean(aggregators=["zeropad", "rbla"]), "same-budget-zeropad"),
+        (_with_mean(reference="autorank-zeropad"), "autorank-zeropad"),
+        (_grid(reference="uniform-zeropad"), "uniform-zeropad"),
+    ],
+)
+def test_reference_defaults_to_uniform_at_the_mean_rank(
+    raw: dict[str, Any], expected: str | None
+) -> None:
+    grid = parse_grid(raw)
+
+    assert grid.reference_method == expected
+    assert expected is None or expected in grid.methods
+
+
+def test_every_cell_knows_its_method() -> None:
+    cells, _ = expand_grid(parse_grid(_with_mean(seeds=[0])))
+
+    assert [c.method for c in cells] == parse_grid(_with_mean()).methods
+
+
 BAD = [
     ({"assigners": ["wizard"]}, "wizard"),
     ({"assigners": [{"assigner": "wizard"}]}, "wizard"),
@@ -201,6 +234,11 @@ BAD = [
     ({"seeds": [-1]}, "seeds"),
     ({"target_accuracy": 1.5}, "target_accuracy"),
     ({"max_parallel": 0}, "max_parallel"),
+    (
+        {"reference": "uniform"},
+        "reference: not a method of this grid; expected one of uniform-rbla, uniform-zeropad, "
+        "autorank-rbla, autorank-zeropad (got 'uniform')",
+    ),
     ({"base": {"partition": {"n_clients": 0}}}, "base.partition.n_clients"),
     ({"base": {"trainig": {}}}, "base.trainig: unknown setting"),
     ({"colour": "red"}, "colour: unknown setting"),
@@ -353,3 +391,131 @@ def test_terminal_table_is_aligned_and_narrow() -> None:
 def test_a_cell_without_rounds_is_refused() -> None:
     with pytest.raises(ValueError, match="no rounds"):
         summarise([_result("a", 0, [])], 0.5)
+
+
+def _three_seeds() -> list[CellResult]:
+    """uniform is the reference; autorank's differences per seed are 0.01, 0.03, 0.02 in best
+    accuracy and -0.05, 0.01, 0.02 in final accuracy; "solo" shares no seed with uniform."""
+    return [
+        _result("uniform", 0, [0.7, 0.80, 0.75]),
+        _result("uniform", 1, [0.6, 0.70, 0.70]),
+        _result("uniform", 2, [0.8, 0.90]),
+        _result("autorank", 0, [0.81, 0.70]),
+        _result("autorank", 1, [0.73, 0.71]),
+        _result("autorank", 2, [0.92]),
+        _result("solo", 5, [0.5]),
+    ]
+
+
+def test_methods_are_paired_with_the_reference_seed_by_seed() -> None:
+    results = _three_seeds()[:-1]
+    results[5] = _result("autorank", 3, [0.92])  # seed 2 missing: two seeds pair up
+
+    paired = paired_against(_three_seeds(), "uniform-rbla")
+    partial = paired_against(results, "uniform-rbla").rows[0]
+
+    assert paired.reference == "uniform-rbla" and [r.method for r in paired.rows] == [
+        "autorank-rbla"
+    ]
+    (row,) = paired.rows
+    assert (row.best.mean, row.best.std) == (pytest.approx(0.02), pytest.approx(0.01))
+    assert row.best.p == pytest.approx(1 - math.sqrt(6 / 7))  # t = 2 sqrt(3), df = 2
+    assert (row.best.wins, row.seeds) == (3, 3)
+    assert row.final.mean == pytest.approx((-0.05 + 0.01 + 0.02) / 3) and row.final.wins == 2
+    assert (partial.seeds, partial.best.mean) == (2, pytest.approx(0.02))
+    assert paired.of("uniform-rbla") is None and paired.of("solo-rbla") is None
+    assert paired_against(_three_seeds(), "absent-rbla").rows == ()
+
+
+def test_paired_table_follows_the_summary_in_markdown() -> None:
+    results = _three_seeds()
+    one_seed = [r for r in results if r.seed == 0]
+    skipped = [SkippedCell("autorank-fedavg-s0", "fedavg needs equal ranks")]
+
+    lines = markdown_table(
+        summarise(results, 0.75), 0.75, skipped, paired_against(results, "uniform-rbla")
+    ).splitlines()
+    single = markdown_table(
+        summarise(one_seed, 0.75), 0.75, (), paired_against(one_seed, "uniform-rbla")
+    )
+    none = markdown_table(summarise(one_seed, 0.75), 0.75, (), paired_against([], "uniform-rbla"))
+
+    assert lines[6].startswith("Paired against `uniform-rbla` (best accuracy, final accuracy:")
+    assert lines[8:10] == [
+        "| method | Δ best | p | wins | Δ final | p | wins |",
+        "|" + "---|" * 7,
+    ]
+    assert lines[10] == (
+        "| autorank-rbla | +0.0200 ± 0.0100 | 0.074 | 3/3 | -0.0067 ± 0.0379 | 0.789 | 2/3 |"
+    )
+    assert lines[11:] == ["", "- skipped `autorank-fedavg-s0`: fedavg needs equal ranks"]
+    assert "| autorank-rbla | +0.0100 ± 0.0000 | - | 1/1 | -0.0500 ± 0.0000 | - | 0/1 |" in single
+    assert "No paired statistics: the reference `uniform-rbla` has no seed to pair with." in none
+
+
+def test_paired_columns_and_metrics() -> None:
+    results = _three_seeds()
+    summaries = summarise(results, 0.75)
+    paired = paired_against(results, "uniform-rbla")
+
+    columns = summary_columns(summaries, paired)
+    metrics = summary_metrics(summaries, paired)
+
+    assert list(columns)[-9:] == [
+        "best_diff_mean",
+        "best_diff_std",
+        "best_diff_p",
+        "best_diff_wins",
+        "final_diff_mean",
+        "final_diff_std",
+        "final_diff_p",
+        "final_diff_wins",
+        "paired_seeds",
+    ]
+    assert columns["best_diff_mean"] == [None, pytest.approx(0.02), None]  # reference, -, solo
+    assert columns["best_diff_p"][1] == pytest.approx(0.0741799)
+    assert columns["paired_seeds"] == [None, 3, None]
+    assert columns["final_diff_wins"] == [None, 2, None]
+    assert metrics["best_accuracy_diff/autorank-rbla"] == pytest.approx(0.02)
+    assert metrics["final_accuracy_diff/autorank-rbla"] == pytest.approx(-0.02 / 3)
+    assert [k for k in metrics if "diff/" in k] == [
+        "best_accuracy_diff/autorank-rbla",
+        "final_accuracy_diff/autorank-rbla",
+    ]
+    assert not any("diff/" in k for k in summary_metrics(summaries))
+
+
+def test_terminal_table_shows_the_difference_to_the_reference() -> None:
+    longest = "uniform-mean_autorank"  # with flexlora: the longest name of the shipped grids
+    wide = {"client_params": 197_123.0, "bytes_communicated": 1.3e9}
+    results = [
+        *_three_seeds(),
+        *(
+            replace(_result(longest, s, [0.5, 0.81], **wide), aggregator="flexlora")
+            for s in (0, 1, 2)
+        ),
+    ]
+
+    lines = terminal_table(
+        summarise(results, 0.8), 0.8, paired_against(results, "uniform-rbla")
+    ).splitlines()
+
+    assert lines[0].split()[-4:] == ["seeds", "Δbest", "vs", "ref"]
+    assert lines[2].split() == [
+        "uniform-rbla",
+        "0.8000",
+        "0.7833",
+        "1.5",
+        "(2/3)",
+        "500",
+        "2.00",
+        "3",
+        "ref",
+    ]
+    assert lines[3].split()[1:3] == ["0.8200", "0.7767"] and lines[3].split()[-1] == "+0.0200"
+    assert lines[4].split()[-1] == "-"  # solo shares no seed
+    assert lines[5].split()[-1] == "+0.0100"
+    legend = " ".join(lines[7:])
+    assert "mean over seeds;" in legend
+    assert "Δbest vs ref: mean per-seed difference in best accuracy to uniform-rbla" in legend
+    assert max(map(len, lines)) <= 100
