@@ -5,3 +5,7 @@ import tasks  # noqa: F401  (sets the no-telemetry environment before Prefect or
 # The note a run's exception carries with the command that continues the run (the CLI adds it
 # to its one-line error).
 RESUME_NOTE = "continue with: "
+
+# The resume commands of the runs this process stopped early, newest last (a command that has
+# to end without its exception, when its Prefect server is gone, names the last one).
+stopped: list[str] = []

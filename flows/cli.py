@@ -378,16 +378,26 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _raise_lost(signum: int, frame: object) -> None:
+    """The Prefect API server this command started exited by itself (its watcher says so)."""
+    from flows.orchestrator import OrchestratorError, lost_server
+
+    raise OrchestratorError(lost_server() or "Prefect's API server exited mid-run")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autorank` console script."""
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    if not in_main_thread:
+        return _dispatch(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    before = signal.signal(signal.SIGUSR1, _raise_lost)  # flows.orchestrator.LOST_SIGNAL
     try:
         return _dispatch(args)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGUSR1, before)
 
 
 def _say(line: str) -> None:
@@ -404,27 +414,44 @@ def _dispatch(args: argparse.Namespace) -> int:
     """Run one command; bad input, divergence and interrupts become one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _say(f"autorank: error: {_first_line(err) or type(err).__name__}")
-        return EXIT_BAD_INPUT
-    except Exception as err:  # inside a run: one line (the traceback with --verbose)
-        from autorank.rounds import DivergenceError
-        from flows.orchestrator import OrchestratorError
+    except Exception as err:
+        from flows.orchestrator import lost_server
 
-        first = _first_line(err)
-        if isinstance(err, DivergenceError | OrchestratorError):
-            _say(f"autorank: {first}")
-            return 1
-        if getattr(args, "verbose", False):
-            raise
-        resume = [n for n in getattr(err, "__notes__", []) if n.startswith(RESUME_NOTE)]
-        then = f"; {resume[0].removeprefix(RESUME_NOTE)} continues it" if resume else ""
-        _say(f"autorank: {type(err).__name__}: {first}{then} (--verbose: traceback)")
+        lost = lost_server()  # whatever Prefect raised on the way, the cause is this
+        if lost is None:
+            return _one_line(args, err)
+        from flows.local import lost_server_line
+
+        _say(lost_server_line(lost))
         return 1
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"
         _say(f"autorank: {how}; completed rounds are checkpointed")
         return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+
+
+def _one_line(args: argparse.Namespace, err: Exception) -> int:
+    """``err`` as one line and an exit code (2: input the user can fix); the traceback with
+    ``--verbose`` for a failure inside a run."""
+    from autorank.rounds import DivergenceError
+    from flows.orchestrator import OrchestratorError
+
+    first = _first_line(err)
+    if isinstance(err, ValueError | FileNotFoundError | KeyError):
+        _say(f"autorank: error: {first or type(err).__name__}")
+        return EXIT_BAD_INPUT
+    resume = [n for n in getattr(err, "__notes__", []) if n.startswith(RESUME_NOTE)]
+    then = f"; {resume[0].removeprefix(RESUME_NOTE)} continues it" if resume else ""
+    if isinstance(err, DivergenceError):  # resuming would diverge again
+        _say(f"autorank: {first}")
+        return 1
+    if isinstance(err, OrchestratorError):
+        _say(f"autorank: {first}{then}")
+        return 1
+    if getattr(args, "verbose", False):
+        raise err
+    _say(f"autorank: {type(err).__name__}: {first}{then} (--verbose: traceback)")
+    return 1
 
 
 def entry() -> None:
@@ -438,6 +465,13 @@ def entry() -> None:
     import atexit
 
     code = main()
+    if "flows.orchestrator" in sys.modules:
+        from flows.orchestrator import lost_server
+
+        if lost_server() is not None:  # Prefect's exit handlers would retry it for minutes
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     threading._shutdown()  # type: ignore[attr-defined]  # what exit does first: join threads
     atexit._run_exitfuncs()
     sys.stdout.flush()

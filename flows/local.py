@@ -93,6 +93,8 @@ def configure_logging(verbose: bool) -> None:
         # line (--verbose shows both).
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
+        # Prefect's background services (events, logs) log what they could not send.
+        os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # Prefect already imported
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
@@ -242,6 +244,23 @@ def preflight(config: ExperimentConfig) -> None:
     pick_device(config.runtime.device)
 
 
+def lost_server_line(how: str) -> str:
+    """The one line for a command whose Prefect server died: what happened, and the resume
+    command of the run it stopped."""
+    import flows
+
+    then = f"; {flows.stopped[-1].strip('`')} continues it" if flows.stopped else ""
+    return f"autorank: {how}{then}"
+
+
+def _end_without_server(how: str) -> None:
+    """Still running long after its Prefect server died (Prefect retrying it): end now."""
+    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + lost_server_line(how) + "\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def local_orchestration(
     check: Callable[[], object], flow_module: str, tracking_uri: str
@@ -277,6 +296,8 @@ def local_orchestration(
         if server is not None and not server.ready():
             progress.debug("waiting for Prefect's API server")
             server.wait_ready()
+        if server is not None:
+            server.watch(last_words=_end_without_server)
         yield
 
 

@@ -12,9 +12,11 @@ behind. With ``PREFECT_API_URL`` already set, that server is used and nothing is
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -22,10 +24,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -62,6 +65,8 @@ class LocalServer:
         self.home = home
         self.created_home = not home.exists()
         home.mkdir(parents=True, exist_ok=True)
+        self._stopping = False
+        self.lost: str | None = None  # how the server ended, if it ended by itself
         self._boot_lock: int | None = os.open(home, os.O_RDONLY)
         fcntl.flock(self._boot_lock, fcntl.LOCK_EX)
         if (home / "prefect.db").exists():
@@ -149,8 +154,41 @@ class LocalServer:
         lines = [ln for ln in lines if ln]
         return lines[-1] if lines else "no error output"
 
+    def watch(self, last_words: Callable[[str], None] | None = None) -> None:
+        """From now on, a server that exits by itself stops this process's command.
+
+        A thread waits on the server; if it exits before ``stop``, ``lost`` records how, and
+        the main thread is interrupted with ``LOST_SIGNAL`` (SIGUSR1), whose handler (the
+        CLI's; Prefect's flow engine takes SIGTERM) raises ``OrchestratorError``. Without it the
+        flow would train on while Prefect's clients queue events for a server that is gone, and
+        at exit retry them for minutes. Without a handler the interrupt does nothing. If the
+        command is still running ``AUTORANK_SERVER_LOST_GRACE_S`` (15) seconds later,
+        ``last_words(how)`` is called from the watching thread (the CLI's ends the process).
+        """
+
+        def wait() -> None:
+            code = self.process.wait()
+            if self._stopping:
+                return
+            pid = self.process.pid
+            self.lost = f"Prefect's API server (pid {pid}) exited mid-run with code {code}"
+            _LOST.append(self.lost)
+            # Prefect's clients now log every event they cannot send, each with its payload;
+            # the command says what happened in one line.
+            for name in ("prefect", "prefect.events", "prefect.events.clients"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            _thread.interrupt_main(LOST_SIGNAL)
+            # The run's own handler marks its MLflow run within seconds; Prefect's engine may
+            # then retry the gone server for minutes before the exception reaches the command.
+            time.sleep(float(os.environ.get(_GRACE_ENV, "15")))
+            if last_words is not None:
+                last_words(self.lost)
+
+        threading.Thread(target=wait, name="prefect-server-watch", daemon=True).start()
+
     def stop(self) -> None:
         """Shut the server down (SIGTERM, then SIGKILL after 10 s)."""
+        self._stopping = True
         self._release_boot_lock()
         if self.process.poll() is None:
             self.process.terminate()
@@ -169,6 +207,14 @@ class LocalServer:
 
 
 _STARTED: set[str] = set()  # API URLs of the servers this process started (and stopped)
+LOST_SIGNAL = signal.SIGUSR1
+_GRACE_ENV = "AUTORANK_SERVER_LOST_GRACE_S"
+_LOST: list[str] = []  # servers of this process that exited by themselves, and how
+
+
+def lost_server() -> str | None:
+    """How this process's Prefect API server ended, if it exited by itself mid-command."""
+    return _LOST[-1] if _LOST else None
 
 
 def _configured_url() -> str | None:

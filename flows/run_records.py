@@ -10,6 +10,7 @@ import numpy as np
 from prefect.exceptions import TerminationSignal
 from torch import nn
 
+import flows
 from autorank.adapters import AdapterState
 from autorank.checkpoint import Checkpoint, CheckpointError
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
@@ -35,6 +36,7 @@ def close_interrupted_or_failed(
     checkpoints, and ``resume_hint`` (the command that continues it) is logged.
     """
     interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal)
+    flows.stopped.append(resume_hint)
     with contextlib.suppress(Exception):  # else they are logged again from the checkpoint
         tracking.settle(run_id)
     tracking.end_run(uri, run_id, "KILLED" if interrupted else "FAILED")

@@ -127,3 +127,47 @@ def test_a_server_that_cannot_start_is_one_line(
         assert "\n" not in str(err.value)
     finally:
         server.stop()
+
+
+def test_a_server_that_dies_mid_run_ends_the_command_in_one_line(tmp_path: Path) -> None:
+    """Prefect's clients would queue events for the gone server and retry them for minutes."""
+    from mlflow.tracking import MlflowClient
+
+    from autorank.config import to_yaml
+    from tests.flows.conftest import tiny_config
+
+    # Prepare: a run long enough to be killed mid-way, with its own server
+    config = tiny_config(tmp_path, training={"rounds": 200, "local_epochs": 1})
+    (tmp_path / "config.yaml").write_text(to_yaml(config))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "AUTORANK_SERVER_LOST_GRACE_S": "5"}
+    command = [sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "config.yaml")]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not (lines and lines[-1].startswith("[autorank] round 2/")):
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "".join(lines[-20:])
+        children = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+
+        # Execute
+        for pid in children:  # the server is the command's only child process
+            os.kill(int(pid), signal.SIGKILL)
+        code = proc.wait(timeout=90)
+
+        # Assert
+        rest = proc.stderr.read().splitlines()
+        said = [line for line in rest if line.startswith("autorank:")]
+        assert code == 1
+        assert len(said) == 1 and "Prefect's API server" in said[0], rest[-5:]
+        assert "exited mid-run" in said[0] and "autorank resume " in said[0]
+        assert not [line for line in rest if "Traceback" in line or "ERROR" in line]
+        client = MlflowClient(tracking_uri=config.tracking.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        assert run.info.status == "FAILED" and run.info.run_id in said[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
