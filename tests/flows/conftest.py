@@ -8,6 +8,31 @@ import pytest
 
 from autorank.config import ExperimentConfig, parse_config
 
+_LOGGERS = ("autorank.progress", "prefect.flow_runs", "prefect.task_runs")
+
+
+@pytest.fixture(autouse=True)
+def process_state_restored() -> Iterator[None]:
+    """What a CLI command changes in its process (environment, loggers, progress forwarding)
+    is put back after each test, so that tests of flows run as in a deployment after it."""
+    import logging
+    import os
+
+    from flows import run_views
+
+    env = dict(os.environ)
+    loggers = {n: logging.getLogger(n) for n in _LOGGERS}
+    saved = {n: (lg.level, lg.propagate, list(lg.handlers)) for n, lg in loggers.items()}
+    forwarding = run_views._forwarding
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    for name, (level, propagate, handlers) in saved.items():
+        loggers[name].setLevel(level)
+        loggers[name].propagate = propagate
+        loggers[name].handlers[:] = handlers
+    run_views.forward_progress(forwarding)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
