@@ -55,8 +55,15 @@ def _version() -> str:
         return "unknown (not installed; pip install -e .)"
 
 
+# Where runs are tracked, as MLflow users expect it (every command that writes says so).
+TRACKING_EPILOG = (
+    "Tracking store: the config's tracking.uri (or --set tracking.uri=...), else the "
+    "MLFLOW_TRACKING_URI environment variable, else sqlite:///mlruns/mlflow.db."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="autorank", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="autorank", description=__doc__.splitlines()[0], epilog=TRACKING_EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ranks = sub.add_parser(
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run the federated training flow locally: warm-up, rank assignment, then rounds "
             "of cohort training, aggregation, evaluation, checkpoint and MLflow records."
         ),
+        epilog=TRACKING_EPILOG,
     )
     _add_config_args(run)
     run.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")

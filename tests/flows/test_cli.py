@@ -399,6 +399,17 @@ def test_help_lists_the_config_command(capsys: pytest.CaptureFixture[str]) -> No
     assert any(line.split()[:2] == ["config", "print"] for line in lines)
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help_states_where_runs_are_tracked(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tracking.uri" in text and "else the MLFLOW_TRACKING_URI environment variable" in text
+
+
 def test_config_loads_neither_torch_nor_prefect_nor_mlflow(tmp_path: Path) -> None:
     script = (
         "import sys; from flows.cli import main; code = main(['config']); "
