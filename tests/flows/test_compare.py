@@ -92,7 +92,8 @@ def test_the_parent_shows_its_summary_as_description_and_metrics(comparison) -> 
     run = client.get_run(parent)
     metrics = run.data.metrics
 
-    assert "| autorank | rbla |" in run.data.tags["mlflow.note.content"]
+    note = run.data.tags["mlflow.note.content"]
+    assert "\nautorank-rbla " in note and "```" in note and "summary.md" in note
     for method in METHODS:
         assert 0.0 < metrics[f"final_accuracy/{method}"] <= 1.0, method
         assert metrics[f"communicated_mb/{method}"] > 0
