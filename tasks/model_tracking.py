@@ -23,21 +23,14 @@ import numpy as np
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.tracking import client_for
+from tasks.tracking import RETRY_IO, client_for
 
 MODEL_NAME = "model"  # the model's URI is runs:/<run id>/model
 CODE_FILE = Path(__file__).with_name("mlflow_model.py")
 # What loading the model imports, pinned to this environment's versions: given explicitly,
 # because MLflow would otherwise load the model in a subprocess to find out (seconds).
 _REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pydantic", "PyYAML")
-_RETRY: dict[str, Any] = {
-    "retries": 2,
-    "retry_delay_seconds": 2,
-    "persist_result": False,
-    "cache_policy": NO_CACHE,
-}
 
 
 @dataclass(frozen=True)
@@ -188,13 +181,13 @@ def register_model(uri: str, run_id: str, model_id: str, name: str) -> str:
     return str(created.version)
 
 
-@task(**_RETRY)
+@task(**RETRY_IO)
 def track_data_inputs(uri: str, run_id: str, inputs: Sequence[DataInput]) -> int:
     """Log the data set's splits (and the partition) as the run's dataset inputs."""
     return log_data_inputs(uri, run_id, inputs)
 
 
-@task(**_RETRY)
+@task(**RETRY_IO)
 def track_model(
     uri: str,
     run_id: str,

@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `autorank ui` serves by default
 _BATCH_PARAMS = 100
@@ -244,9 +245,14 @@ def log_table(uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_
         client.log_table(run_id, dict(columns), artifact_file)
 
 
-# The flow's tracking steps as tasks, retried: they do I/O against the store.
-
-_RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "persist_result": False}
+# The flow's tracking steps as tasks, retried: they do I/O against the store. Nothing of them
+# is cached or kept, so their inputs (figures, arrays) are not hashed for a cache key either.
+RETRY_IO: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": 2,
+    "persist_result": False,
+    "cache_policy": NO_CACHE,
+}
 
 
 def log_round(
@@ -365,19 +371,19 @@ def log_client_table(
     client_for(uri).log_text(run_id, payload, client_table_file(round_idx))
 
 
-@task(**_RETRY)
+@task(**RETRY_IO)
 def track_json(uri: str, run_id: str, payload: Any, artifact_file: str) -> None:
     """Store a JSON artifact."""
     log_json(uri, run_id, payload, artifact_file)
 
 
-@task(**_RETRY)
+@task(**RETRY_IO)
 def track_figure(uri: str, run_id: str, figure: Figure, artifact_file: str) -> None:
     """Store a figure as PNG."""
     log_figure(uri, run_id, figure, artifact_file)
 
 
-@task(**_RETRY)
+@task(**RETRY_IO)
 def track_file(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
     """Store a local file."""
     log_file(uri, run_id, path, artifact_path)
