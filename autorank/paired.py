@@ -90,6 +90,16 @@ def t_two_sided_p(t: float, df: int) -> float:
     return min(1.0, max(0.0, 1.0 - inside))
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1`` in the denominator; 0 for one value)."""
+    if not values:
+        raise ValueError("values is empty; expected at least one seed's result")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def paired_difference(diffs: Sequence[float]) -> PairedDiff:
     """Mean, sample std, two-sided paired t-test and wins of per-seed differences ``d``, ``[n]``.
 
@@ -99,8 +109,7 @@ def paired_difference(diffs: Sequence[float]) -> PairedDiff:
     n = len(diffs)
     if n == 0:
         raise ValueError("diffs is empty; expected the differences of >= 1 paired seed")
-    mean = sum(diffs) / n
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    mean, std = mean_std(diffs)
     p = None
     if n > 1 and std > _STD_ATOL:
         p = t_two_sided_p(mean / (std / math.sqrt(n)), n - 1)

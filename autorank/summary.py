@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autorank.comparison import SkippedCell
-from autorank.paired import PairedComparison, PairedDiff, PairedSummary, paired_on_seeds
+from autorank.paired import (
+    PairedComparison,
+    PairedDiff,
+    PairedSummary,
+    mean_std,
+    paired_on_seeds,
+)
 
 
 @dataclass(frozen=True)
@@ -80,16 +86,6 @@ class MethodSummary:
 def rounds_to_target(accuracy: Sequence[float], target: float) -> int | None:
     """The first round (1-based) whose accuracy is at least ``target``, or None if none is."""
     return next((t for t, acc in enumerate(accuracy, start=1) if acc >= target), None)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``n - 1`` in the denominator; 0 for one value)."""
-    if not values:
-        raise ValueError("values is empty; expected at least one seed's result")
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _mean_known(values: Sequence[float | None]) -> float | None:
