@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from autorank.config import RuntimeConfig, TrackingConfig
 from flows import RESUME_NOTE
+from flows.local import say as _say
 
 if TYPE_CHECKING:
     from autorank.comparison import GridConfig
@@ -406,11 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGUSR1, before)
-
-
-def _say(line: str) -> None:
-    """One line on stderr, over the live status line if there is one (a terminal)."""
-    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + "\n")
 
 
 def _first_line(err: BaseException) -> str:

@@ -253,9 +253,14 @@ def lost_server_line(how: str) -> str:
     return f"autorank: {how}{then}"
 
 
+def say(line: str) -> None:
+    """One line on stderr, over the live status line if there is one (a terminal)."""
+    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + "\n")
+
+
 def _end_without_server(how: str) -> None:
     """Still running long after its Prefect server died (Prefect retrying it): end now."""
-    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + lost_server_line(how) + "\n")
+    say(lost_server_line(how))
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(1)
