@@ -66,7 +66,6 @@ class LocalServer:
         self.created_home = not home.exists()
         home.mkdir(parents=True, exist_ok=True)
         self._stopping = False
-        self.lost: str | None = None  # how the server ended, if it ended by itself
         self._boot_lock: int | None = os.open(home, os.O_RDONLY)
         fcntl.flock(self._boot_lock, fcntl.LOCK_EX)
         if (home / "prefect.db").exists():
@@ -157,7 +156,7 @@ class LocalServer:
     def watch(self, last_words: Callable[[str], None] | None = None) -> None:
         """From now on, a server that exits by itself stops this process's command.
 
-        A thread waits on the server; if it exits before ``stop``, ``lost`` records how, and
+        A thread waits on the server; if it exits before ``stop``, ``lost_server`` says how, and
         the main thread is interrupted with ``LOST_SIGNAL`` (SIGUSR1), whose handler (the
         CLI's; Prefect's flow engine takes SIGTERM) raises ``OrchestratorError``. Without it the
         flow would train on while Prefect's clients queue events for a server that is gone, and
@@ -171,8 +170,8 @@ class LocalServer:
             if self._stopping:
                 return
             pid = self.process.pid
-            self.lost = f"Prefect's API server (pid {pid}) exited mid-run with code {code}"
-            _LOST.append(self.lost)
+            how = f"Prefect's API server (pid {pid}) exited mid-run with code {code}"
+            _LOST.append(how)
             # Prefect's clients now log every event they cannot send, each with its payload;
             # the command says what happened in one line.
             for name in ("prefect", "prefect.events", "prefect.events.clients"):
@@ -182,7 +181,7 @@ class LocalServer:
             # then retry the gone server for minutes before the exception reaches the command.
             time.sleep(float(os.environ.get(_GRACE_ENV, "15")))
             if last_words is not None:
-                last_words(self.lost)
+                last_words(how)
 
         threading.Thread(target=wait, name="prefect-server-watch", daemon=True).start()
 

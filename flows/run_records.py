@@ -185,7 +185,7 @@ def finish_run(
         "summary/params_per_client": float(np.mean(params)),
     }
     tracking.log_metrics(uri, run_id, summary, step=len(history))
-    note = description(config, history, float(np.mean(params)), run_id)
+    note = description(config, history, summary["summary/params_per_client"], run_id)
     tracking.set_tags(uri, run_id, {"mlflow.note.content": note})
     tracking.end_run(uri, run_id, "FINISHED")
 

@@ -66,17 +66,13 @@ def progress_in_run_log() -> Iterator[None]:
         progress.propagate = propagate
 
 
-def _quietly(what: str) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _quietly(what: str) -> Iterator[None]:
     """Artifacts are a view: a Prefect API error is a warning, not a failed run."""
-
-    @contextlib.contextmanager
-    def guard() -> Iterator[None]:
-        try:
-            yield
-        except Exception as err:  # the MLflow run holds the results either way
-            progress.warning("could not add the %s artifact to the Prefect flow run: %s", what, err)
-
-    return guard()
+    try:
+        yield
+    except Exception as err:  # the MLflow run holds the results either way
+        progress.warning("could not add the %s artifact to the Prefect flow run: %s", what, err)
 
 
 def link_mlflow_run(uri: str, run_id: str, name: str) -> None:

@@ -30,7 +30,7 @@ class RoundClose:
         previous: the global adapter the round started from.
         base, template: the base model (FLoRA merges into it) and the evaluator over it.
         x, y: the global test split.
-        round_idx, rounds: this round and the run's last.
+        round_idx: this round.
         started, train_seconds: when the round began (``time.perf_counter``) and how long its
             cohorts took.
         n_clients, keyed_clients: the run's clients; whether metrics are keyed per client.
