@@ -379,7 +379,8 @@ class TrackingConfig(_Section):
     log_model: bool = Field(
         True,
         description="log the final global model as the MLflow model `model` at the end of the "
-        "run (about a second); false: the adapter and base files only",
+        "run (MLflow checks its requirements: the slowest record of a small run); false: the "
+        "adapter and base files only",
     )
     register_as: str | None = Field(
         None,

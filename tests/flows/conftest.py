@@ -52,7 +52,7 @@ def tiny_config(tmp_path: Path, **sections: Any) -> ExperimentConfig:
         "model": {"pretrain_epochs": 1},
         "lora": {"r_min": 2, "r_max": 8},
         "training": {"rounds": 2, "local_epochs": 1, "warmup_epochs": 2},
-        # The MLflow model (a second per run) is tested where it is the point.
+        # The MLflow model (the slowest record of a small run) is tested where it is the point.
         "tracking": {
             "uri": f"sqlite:///{tmp_path}/mlflow.db",
             "experiment": "test",
@@ -94,7 +94,7 @@ def store_args(tmp_path: Path, prefix: str = "") -> list[str]:
         "--set",
         f"{prefix}runtime.checkpoint_dir={tmp_path}/ckpt",
         "--set",
-        f"{prefix}tracking.log_model=false",  # tested in test_model_export (a second per run)
+        f"{prefix}tracking.log_model=false",  # tested in test_model_export (slow)
     ]
 
 
