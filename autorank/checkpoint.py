@@ -6,12 +6,14 @@ Layout under ``<root>/<run_id>/``::
     round_0007/state.safetensors   the global adapter
     round_0007/meta.json           round, run id, config digest, base file, metrics, the
                                    round's sampled clients, the sha256 of every file it uses
-    rank_decision.json             the ranks decided once for the run
+    rank_decision.json             the ranks decided after the warm-up
+    rank_decision_round_0010.json  the ranks decided again after round 10 (rerank_every)
     LATEST                         the newest complete round folder and the sha256 of its meta
     .lock                          held (flock) by the process running the run
 
 A checkpoint proves what it is (format 4): its meta names its run, round (equal to its folder's)
-and config digest and the sha256 of the state, base and rank-decision files, and ``LATEST`` the
+and config digest and the sha256 of the state, base and rank-decision files (the decision the
+next round trains under, named in its ``decision_file``), and ``LATEST`` the
 sha256 of that meta. A file copied from another round or run, a symlink, or an edited meta is
 refused with one line instead of resuming into wrong numbers.
 
@@ -54,8 +56,9 @@ FORMAT_VERSION = 4
 _READABLE = {1, 2, 3, 4}
 _KEEP = 2
 _ROUND = re.compile(r"round_(\d{4,})")
+_DECISION = re.compile(r"rank_decision(_round_\d{4,})?\.json")
 DECISION_FILE = "rank_decision.json"
-_TEMPORARY = (".incomplete-", ".base-", ".LATEST.", f".{DECISION_FILE}.")
+_TEMPORARY = (".incomplete-", ".base-", ".LATEST.", ".rank_decision")
 
 
 class CheckpointError(ValueError):
@@ -208,9 +211,10 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     state = save(state_tensors("global", ckpt.global_state))
     (tmp / "state.safetensors").write_bytes(state)
     files = {"state.safetensors": _sha256(state), f"../{base_file}": base_sha}
-    decision = run_dir / DECISION_FILE
+    decision_name = str(ckpt.meta.get("decision_file", DECISION_FILE))
+    decision = run_dir / decision_name
     if decision.is_file():
-        files[f"../{DECISION_FILE}"] = _file_sha256(decision)
+        files[f"../{decision_name}"] = _file_sha256(decision)
     meta = {
         "format": FORMAT_VERSION,
         "round": ckpt.round_idx,
@@ -381,20 +385,37 @@ def load_adapter(path: Path) -> AdapterState:
         raise CheckpointError(f"adapter file {str(path)!r} is unreadable: {err}") from None
 
 
-def save_decision(root: Path, run_id: str, decision: Mapping[str, Any]) -> None:
-    """Write the run's rank decision once, beside its rounds (it does not change per round)."""
+def decision_file(after_round: int) -> str:
+    """The file name of the rank decision taken after ``after_round`` (0: after the warm-up)."""
+    return DECISION_FILE if after_round == 0 else f"rank_decision_round_{after_round:04d}.json"
+
+
+def save_decision(
+    root: Path, run_id: str, decision: Mapping[str, Any], *, after_round: int = 0
+) -> str:
+    """Write a rank decision beside the run's rounds (not into each round: it changes rarely).
+
+    Returns:
+        Its file name (``decision_file(after_round)``), for the checkpoints that train under it.
+    """
     run_dir = root / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / DECISION_FILE, json.dumps(decision))
+    name = decision_file(after_round)
+    _atomic_write_text(run_dir / name, json.dumps(decision))
+    return name
 
 
 def load_decision(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
-    """The run's rank decision: its own file, or (formats 1-2) the checkpoint's meta.
+    """The rank decision the round after ``ckpt`` trains under: the file its meta names (the
+    first decision's before re-ranking existed), or (formats 1-2) the checkpoint's meta.
 
     Raises:
         CheckpointError: neither holds a readable decision.
     """
-    path = root / ckpt.run_id / DECISION_FILE
+    name = str(ckpt.meta.get("decision_file", DECISION_FILE))
+    if not _DECISION.fullmatch(name):
+        raise CheckpointError(f"run {ckpt.run_id}: decision_file {name!r} is not a decision file")
+    path = root / ckpt.run_id / name
     if path.is_file():
         try:
             return dict(json.loads(path.read_text()))

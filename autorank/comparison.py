@@ -85,6 +85,12 @@ class AssignerSpec(BaseModel):
         description="uniform only: every client's rank, or mean_autorank for AutoRank's mean rank "
         "of the same seed (the same budget); null: base.lora.r_max",
     )
+    rerank_every: int | None = Field(
+        None,
+        ge=0,
+        description="autorank only: ranking.rerank_every of this method (e.g. autorank every 5 "
+        "rounds beside plain autorank); null: base.ranking.rerank_every",
+    )
     label: str | None = Field(
         None,
         min_length=1,
@@ -97,6 +103,8 @@ class AssignerSpec(BaseModel):
     def _uniform_only(self) -> AssignerSpec:
         if self.uniform_rank is not None and self.assigner != "uniform":
             raise ValueError(f"uniform_rank is for the uniform assigner, not {self.assigner!r}")
+        if self.rerank_every is not None and self.assigner != "autorank":
+            raise ValueError(f"rerank_every is for the autorank assigner, not {self.assigner!r}")
         return self
 
     @property
@@ -108,6 +116,8 @@ class AssignerSpec(BaseModel):
             return "uniform-mean_autorank"
         if self.uniform_rank is not None:
             return f"uniform-r{self.uniform_rank}"
+        if self.rerank_every:
+            return f"{self.assigner}-rerank{self.rerank_every}"
         return self.assigner
 
 
@@ -126,7 +136,8 @@ class GridConfig(BaseModel):
     )
     assigners: tuple[AssignerSpec, ...] = Field(
         min_length=1,
-        description="rank assigners, each a method: names, or {assigner, uniform_rank, label}",
+        description="rank assigners, each a method: names, or {assigner, uniform_rank, "
+        "rerank_every, label}",
     )
     aggregators: tuple[Aggregator, ...] = Field(
         min_length=1,
@@ -295,6 +306,10 @@ def _cell_config(
     raw = base.model_dump(mode="json")
     raw["seed"] = seed
     raw["ranking"] |= {"assigner": spec.assigner, "uniform_rank": rank}
+    if spec.rerank_every is not None:
+        raw["ranking"]["rerank_every"] = spec.rerank_every
+    elif spec.assigner != "autorank":  # re-ranking is AutoRank's: the baselines keep their ranks
+        raw["ranking"]["rerank_every"] = 0
     raw["aggregation"] |= {"method": aggregator}
     raw["tracking"] |= {"run_name": cell_name(spec, aggregator, seed)}
     return parse_config(raw)

@@ -223,6 +223,15 @@ class LoraConfig(_Section):
         return (own.r_min, own.r_max) if own else (self.r_min, self.r_max)
 
 
+class CapTier(_Section):
+    """A class of client devices: the largest rank they hold, and how common they are."""
+
+    rank: int = Field(ge=1, description="the largest rank a device of this tier can hold")
+    share: float = Field(
+        gt=0.0, le=1.0, description="the probability that a client is drawn into this tier"
+    )
+
+
 class RankingConfig(_Section):
     """Which rank assigner, and its knobs (see autorank.ranks)."""
 
@@ -260,14 +269,35 @@ class RankingConfig(_Section):
     rerank_every: int = Field(
         0,
         ge=0,
-        description="reserved for re-ranking every N rounds; only 0 (ranks fixed after the "
-        "warm-up) is accepted",
+        description="re-rank every N rounds: after rounds N, 2N, ... the learning difficulty "
+        "of each trained client is measured again from that round's loss curve, ranks are "
+        "decided again and the clients' adapters re-sized; needs the autorank assigner with "
+        "learning_difficulty and training.local_epochs >= 2; 0: ranks fixed after the warm-up",
     )
     heavy_tail_exponent: float = Field(
         2.0,
         gt=0.0,
         description="heavy_tail: a in P(level k) ~ (k + 1)^-a over the geometric rank levels; "
         "larger gives more clients the lowest ranks",
+    )
+    budget_params: int | None = Field(
+        None,
+        ge=1,
+        description="total trainable LoRA parameters over all clients (sum of r * (d_in + d_out) "
+        "over every client's adapted modules; the head not counted): the assigner's ranks are "
+        "scaled by the largest common factor that fits (above 1 for an ample budget), within "
+        "each layer's range and the caps; null: no budget",
+    )
+    rank_caps: dict[int, int] = Field(
+        default_factory=dict,
+        description="client index -> the largest rank its device can hold, in every adapted "
+        "layer (at least every layer's r_min); wins over a drawn cap_tiers entry, e.g. {0: 4}",
+    )
+    cap_tiers: tuple[CapTier, ...] = Field(
+        (),
+        description="device tiers [{rank, share}, ...]: every client not in rank_caps is drawn "
+        "a tier (seeded by seed), the share its probability (shares sum to 1), and holds at "
+        "most that rank; empty: no tiers",
     )
 
     @model_validator(mode="after")
@@ -276,12 +306,25 @@ class RankingConfig(_Section):
             raise ValueError("ranking.criteria must name at least one criterion")
         if len(set(self.criteria)) != len(self.criteria):
             raise ValueError(f"ranking.criteria has duplicates: {list(self.criteria)}")
-        if self.rerank_every:
-            raise ValueError(
-                "re-ranking during training is not supported yet (ranks are fixed after the "
-                "warm-up); expected 0"
-            )
         return self
+
+    @model_validator(mode="after")
+    def _caps_valid(self) -> RankingConfig:
+        for client, cap in self.rank_caps.items():
+            if client < 0 or cap < 1:
+                raise ValueError(
+                    f"ranking.rank_caps {{{client}: {cap}}}: expected a client index >= 0 and a "
+                    "cap >= 1"
+                )
+        total = sum(t.share for t in self.cap_tiers)
+        if self.cap_tiers and abs(total - 1.0) > 1e-9:
+            shares = [t.share for t in self.cap_tiers]
+            raise ValueError(f"ranking.cap_tiers: shares {shares} sum to {total}; expected 1")
+        return self
+
+    def named_caps(self) -> list[int]:
+        """Every cap this section names (``rank_caps`` and tiers), sorted and distinct."""
+        return sorted({*self.rank_caps.values(), *(t.rank for t in self.cap_tiers)})
 
 
 class TrainingConfig(_Section):
@@ -507,6 +550,47 @@ class ExperimentConfig(_Section):
                 "aggregation.method 'fedavg' needs equal ranks: set ranking.assigner to 'uniform' "
                 f"(got '{self.ranking.assigner}')"
             )
+        if self.ranking.rerank_every:
+            self._check_reranking()
+        return self
+
+    def _check_reranking(self) -> None:
+        """Re-ranking measures learning difficulty again: autorank only, from >= 2 epochs."""
+        r = self.ranking
+        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+            raise ValueError(
+                "ranking.rerank_every re-measures learning difficulty: it needs ranking.assigner "
+                f"'autorank' with 'learning_difficulty' in ranking.criteria (got '{r.assigner}', "
+                f"criteria {list(r.criteria)})"
+            )
+        if self.training.local_epochs < 2:
+            raise ValueError(
+                "ranking.rerank_every measures a loss curve over the local epochs: it needs "
+                f"training.local_epochs >= 2 (got {self.training.local_epochs})"
+            )
+
+    @model_validator(mode="after")
+    def _caps_fit(self) -> ExperimentConfig:
+        """Rank caps name existing clients, reach every layer's r_min, and leave fedavg alone."""
+        r, n = self.ranking, self.partition.n_clients
+        outside = sorted(k for k in r.rank_caps if k >= n)
+        if outside:
+            raise ValueError(
+                f"ranking.rank_caps names clients {outside}; expected indices below "
+                f"partition.n_clients ({n})"
+            )
+        floor = max([self.lora.r_min, *(x.r_min for x in self.lora.layer_ranges.values())])
+        low = [cap for cap in r.named_caps() if cap < floor]
+        if low:
+            raise ValueError(
+                f"ranking.rank_caps / ranking.cap_tiers: caps {low} are below the r_min {floor} "
+                "of lora (and its layer_ranges); expected caps >= every adapted layer's r_min"
+            )
+        if self.aggregation.method == "fedavg" and r.named_caps():
+            raise ValueError(
+                "aggregation.method 'fedavg' needs equal ranks: ranking.rank_caps and "
+                "ranking.cap_tiers give capped clients lower ranks"
+            )
         return self
 
 
@@ -635,4 +719,8 @@ def config_digest(config: ExperimentConfig) -> str:
     payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
     if payload["training"]["clients_per_round"] is None:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
+    unset: dict[str, Any] = {"budget_params": None, "rank_caps": {}, "cap_tiers": []}
+    for name, default in unset.items():
+        if payload["ranking"][name] == default:
+            del payload["ranking"][name]  # not set: digests as before these settings existed
     return json_digest(payload)

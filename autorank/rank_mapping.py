@@ -20,6 +20,11 @@ def round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + _ROUND_SLACK)
 
 
+def round_half_up_array(x: np.ndarray) -> np.ndarray:
+    """``round_half_up`` of every element, as integers of ``x``'s shape."""
+    return np.floor(np.asarray(x, dtype=float) + 0.5 + _ROUND_SLACK).astype(np.int64)
+
+
 def position_to_rank(t: float, lo: int, hi: int) -> int:
     """Linear map of a position ``t`` in [0, 1] onto ``[lo, hi]``: ``round(lo + t (hi - lo))``."""
     return round_half_up(lo + t * (hi - lo))

@@ -3,7 +3,8 @@
 Every assigner is a small function registered under a name (``ranking.assigner`` in the config);
 ``assign_ranks`` validates the inputs once and dispatches. Each returns a ``RankAssignment``: one
 ``RankDecision`` per client with the rank on the global ``[r_min, r_max]`` scale and one rank per
-adapted layer, each inside that layer's own range.
+adapted layer, each inside that layer's own range. Caps and a parameter budget
+(``autorank.rank_budget``) then apply to whatever the assigner gave.
 
 Rounding is half up everywhere (``floor(x + 0.5)``), never Python's round-half-to-even, so a
 midpoint such as 2.5 always becomes 3.
@@ -21,6 +22,7 @@ import numpy as np
 from autorank.config import AssignerName, Criterion, RankingConfig
 from autorank.mcda import critic_weights, topsis
 from autorank.profiling import ClientProfile
+from autorank.rank_budget import apply_limits, check_limits
 from autorank.rank_mapping import (
     clamp,
     closeness_positions,
@@ -45,6 +47,8 @@ class RankDecision:
         closeness: TOPSIS closeness in [0, 1] (``autorank`` only, else None).
         rank: the rank on the global ``[r_min, r_max]`` scale.
         layer_ranks: adapted layer name -> rank inside that layer's own range.
+        cap: the largest rank the client's device holds (``ranking.rank_caps`` or a drawn
+            ``cap_tiers`` tier), None when uncapped.
     """
 
     client: int
@@ -54,6 +58,7 @@ class RankDecision:
     closeness: float | None
     rank: int
     layer_ranks: dict[str, int]
+    cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,18 @@ class RankAssignment:
         assigner: the registered name that produced it.
         decisions: one per client, in the order of the profiles given.
         weights: CRITIC weight per criterion (``autorank`` only, else empty).
+        budget_params: ``ranking.budget_params``, None without a budget.
+        total_params: trainable LoRA parameters over all clients at these ranks (head not
+            counted); None when the layer sizes were not given.
+        scale: the factor the budget scaled the assigner's ranks by; None without a budget.
     """
 
     assigner: str
     decisions: tuple[RankDecision, ...]
     weights: dict[str, float] = field(default_factory=dict)
+    budget_params: int | None = None
+    total_params: int | None = None
+    scale: float | None = None
 
     def ranks(self) -> list[dict[str, int]]:
         """Per client (in decision order), adapted layer name -> rank."""
@@ -85,16 +97,25 @@ class RankAssignment:
                 "closeness": None if d.closeness is None else float(d.closeness),
                 "rank": d.rank,
                 "layer_ranks": dict(d.layer_ranks),
+                "cap": d.cap,
             }
             for d in self.decisions
         ]
         weights = {name: float(w) for name, w in self.weights.items()}
-        return {"assigner": self.assigner, "weights": weights, "clients": rows}
+        return {
+            "assigner": self.assigner,
+            "weights": weights,
+            "budget_params": self.budget_params,
+            "total_params": self.total_params,
+            "scale": self.scale,
+            "clients": rows,
+        }
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> RankAssignment:
-        """Rebuild an assignment from ``to_json``'s record (e.g. from a checkpoint)."""
-        fixed = {"client", "samples", "labels_held", "closeness", "rank", "layer_ranks"}
+        """Rebuild an assignment from ``to_json``'s record (e.g. from a checkpoint); records
+        written before caps and budgets existed read as uncapped and without a budget."""
+        fixed = {"client", "samples", "labels_held", "closeness", "rank", "layer_ranks", "cap"}
         decisions = tuple(
             RankDecision(
                 client=int(row["client"]),
@@ -104,11 +125,24 @@ class RankAssignment:
                 closeness=None if row["closeness"] is None else float(row["closeness"]),
                 rank=int(row["rank"]),
                 layer_ranks={k: int(v) for k, v in row["layer_ranks"].items()},
+                cap=_int_or_none(row.get("cap")),
             )
             for row in record["clients"]
         )
         weights = {k: float(v) for k, v in record["weights"].items()}
-        return cls(str(record["assigner"]), decisions, weights)
+        scale = record.get("scale")
+        return cls(
+            str(record["assigner"]),
+            decisions,
+            weights,
+            budget_params=_int_or_none(record.get("budget_params")),
+            total_params=_int_or_none(record.get("total_params")),
+            scale=None if scale is None else float(scale),
+        )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -152,8 +186,9 @@ def assign_ranks(
     layers: Mapping[str, tuple[int, int]],
     n_classes: int,
     seed: int,
+    layer_sizes: Mapping[str, int] | None = None,
 ) -> RankAssignment:
-    """Give every client a LoRA rank with the named assigner.
+    """Give every client a LoRA rank with the named assigner, then apply caps and budget.
 
     Args:
         assigner: a registered name (see ``assigner_names()``).
@@ -163,23 +198,37 @@ def assign_ranks(
         r_max: largest rank on the global scale, >= r_min.
         layers: adapted layer name -> its own ``(r_min, r_max)``.
         n_classes: classes in the task (the ``manual`` assigner's denominator).
-        seed: seeds the ``random`` and ``heavy_tail`` draws.
+        seed: seeds the ``random`` and ``heavy_tail`` draws and the ``cap_tiers`` draw.
+        layer_sizes: adapted layer name -> ``d_in + d_out`` summed over its modules (a rank-r
+            adapter there trains ``r`` times as many parameters); needed with
+            ``settings.budget_params``, else it only fills in ``total_params``.
 
     Returns:
-        One decision per client, with per-layer ranks.
+        One decision per client, with per-layer ranks, capped and fitted to the budget
+        (``autorank.rank_budget``).
 
     Raises:
-        ValueError: an unknown assigner, no profiles, bad bounds or a bad layer range.
+        ValueError: an unknown assigner, no profiles, bad bounds or a bad layer range, a cap
+            below an r_min, a budget without layer sizes or below every rank at its r_min.
     """
     if assigner not in _ASSIGNERS:
         raise ValueError(f"assigner {assigner!r} is unknown; expected one of {assigner_names()}")
     _check_bounds(r_min, r_max, n_classes, seed)
     _check_layers(layers)
     _check_profiles(profiles, n_classes)
+    check_limits(settings, [p.client for p in profiles], r_min, layers, layer_sizes)
     request = _Request(
         assigner, tuple(profiles), settings, r_min, r_max, dict(layers), n_classes, seed
     )
-    result = _ASSIGNERS[assigner](request)
+    result = apply_limits(
+        _ASSIGNERS[assigner](request),
+        settings,
+        r_min=r_min,
+        r_max=r_max,
+        layers=request.layers,
+        sizes=layer_sizes,
+        seed=seed,
+    )
     logger.info("%s ranks: %s", assigner, [d.rank for d in result.decisions])
     return result
 

@@ -113,6 +113,18 @@ def target_dims(base: nn.Module, targets: Sequence[str]) -> dict[str, tuple[int,
     return {p: layer_dims(base.get_submodule(p), p) for p in paths}
 
 
+def target_sizes(base: nn.Module, targets: Sequence[str]) -> dict[str, int]:
+    """``d_in + d_out`` summed over the modules each target selects: a rank-``r`` adapter on
+    the target trains ``r`` times this many parameters (``A: [r, d_in]``, ``B: [d_out, r]``).
+
+    A module selected by several targets counts for the first, as in ``expand_ranks``.
+    """
+    sizes = dict.fromkeys(targets, 0)
+    for path, (d_out, d_in) in target_dims(base, targets).items():
+        sizes[next(k for k in targets if matches(path, k))] += d_out + d_in
+    return sizes
+
+
 def head_parameter_names(base: nn.Module, head: Sequence[str]) -> list[str]:
     """``"<module path>.<param>"`` of every parameter of the modules named by ``head``.
 

@@ -189,7 +189,8 @@ def _num(value: float | None, width: int) -> str:
 
 
 def format_rank_table(decision: dict[str, Any]) -> str:
-    """A per-client table of the rank decision, with the CRITIC weights underneath."""
+    """A per-client table of the rank decision (a capped client's cap after its layer ranks),
+    with the CRITIC weights and the parameter budget underneath."""
     head = f"{'client':>6} {'samples':>8} {'labels':>6} {'entropy':>8} {'gini':>6} {'close':>6} "
     head += f"{'rank':>5}  layer ranks"
     lines = [f"assigner: {decision['assigner']}", head]
@@ -197,6 +198,7 @@ def format_rank_table(decision: dict[str, Any]) -> str:
         close = row.get("closeness")
         close_txt = _num(close, 6)
         layers = " ".join(f"{k}={v}" for k, v in row["layer_ranks"].items())
+        layers += "" if row.get("cap") is None else f"  (cap {row['cap']})"
         lines.append(
             f"{row['client']:>6} {row['samples']:>8} {row['labels_held']:>6} "
             f"{_num(row.get('entropy'), 8)} {_num(row.get('gini_simpson'), 6)} {close_txt} "
@@ -205,6 +207,11 @@ def format_rank_table(decision: dict[str, Any]) -> str:
     weights = decision.get("weights") or {}
     if weights:
         lines.append("CRITIC weights: " + ", ".join(f"{k}={v:.4f}" for k, v in weights.items()))
+    if decision.get("budget_params") is not None:
+        lines.append(
+            f"budget: {decision['budget_params']:,} LoRA parameters over all clients, "
+            f"{decision['total_params']:,} used (ranks scaled by {decision['scale']:.4g})"
+        )
     return "\n".join(lines)
 
 
@@ -254,6 +261,12 @@ def grid_plan(grid: GridConfig) -> str:
             f"{cell.run_name:<40} {assigner:<15} {cell.aggregator:<10} {cell.seed:>4}  {rounds:>6}"
         )
     lines += [f"skipped {s.run_name}: {s.reason}" for s in skipped]
+    budget = grid.base.ranking.budget_params
+    if budget is not None:
+        lines.append(
+            f"budget: {budget:,} LoRA parameters over all clients in every run "
+            "(`autorank ranks` shows what one run's ranks use)"
+        )
     waiting = sum(c.needs_mean_rank for c in cells)
     lines.append(
         f"{len(cells)} runs ({waiting} wait for AutoRank's mean rank), {len(skipped)} skipped, "

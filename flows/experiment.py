@@ -1,8 +1,9 @@
 """The AutoRank flow: partition -> profile -> warm up -> assign ranks -> federated rounds.
 
-Each round: sample the clients -> train them in a handful of cohort tasks -> one server task
-(aggregate, evaluate) -> one record task (checkpoint, MLflow). A run resumes from its newest
-checkpoint in the same MLflow run (``resume_run_id``).
+Each round: sample the clients -> train them in a handful of cohort tasks -> (every
+``ranking.rerank_every`` rounds: decide the ranks again from the round's loss curves) -> one
+server task (aggregate, evaluate, checkpoint, MLflow). A run resumes from its newest checkpoint
+in the same MLflow run (``resume_run_id``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
-from autorank.checkpoint import Checkpoint, load_decision, run_lock, save_decision
+from autorank.checkpoint import DECISION_FILE, Checkpoint, load_decision, run_lock, save_decision
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
+from autorank.profiling import ClientProfile
 from autorank.ranks import RankAssignment
+from autorank.reranking import fit_global, remeasured_profiles, rerank_due
 from autorank.rounds import (
     ClientData,
     check_finite,
@@ -33,6 +36,7 @@ from autorank.rounds import (
     round_jobs,
     test_data,
 )
+from autorank.targets import target_sizes
 from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines, lora_settings
 from flows.model_records import record_data
@@ -64,6 +68,7 @@ class RunState:
 
     ``fresh``: the last update was merged into the base (FLoRA), so clients start fresh adapters.
     ``base_version`` counts those merges (engines on another device copy the base when it moves).
+    ``decision_file``: the checkpoint file of ``assignment`` (a new one after each re-ranking).
     """
 
     base: nn.Module
@@ -73,6 +78,7 @@ class RunState:
     history: list[float]
     start_round: int
     base_version: int = 0
+    decision_file: str = DECISION_FILE
 
 
 def _same(value: T) -> T:
@@ -147,15 +153,7 @@ def _warm_up_and_rank(
         curves = [list(o.result.epoch_losses) for o in outcomes]
         profiles = federation.profiles(curves)
         progress.info("warm-up done: %d loss curves", len(curves))
-    return rank_clients(
-        profiles,
-        config.ranking,
-        r_min=config.lora.r_min,
-        r_max=config.lora.r_max,
-        layers=layers,
-        n_classes=federation.data.n_classes,
-        seed=config.seed,
-    )
+    return _decide(config, profiles, federation, base)
 
 
 def _fresh_state(
@@ -178,12 +176,22 @@ def _run_round(
     config: ExperimentConfig,
     run_id: str,
     state: RunState,
+    federation: Federation,
     data: list[ClientData],
     test: tuple[Any, Any],
     round_idx: int,
     engines: Engines,
 ) -> RunState:
     start = time.perf_counter()
+    if config.ranking.rerank_every:  # a new decision may hold ranks above the global adapter's
+        grown = fit_global(
+            state.global_state,
+            state.base,
+            state.assignment.ranks(),
+            lora_settings(config),
+            seed=config.seed * 1_000_003 + round_idx,
+        )
+        state = replace(state, global_state=grown)
     sampled = sample_clients(
         len(data), config.training.clients_per_round, seed=config.seed, round_idx=round_idx
     )
@@ -203,6 +211,12 @@ def _run_round(
         config, engines, jobs, data, state.base, state.base_version, f"round-{round_idx}"
     )
     trained = time.perf_counter()
+    assignment, decision_file = state.assignment, state.decision_file
+    if rerank_due(round_idx, config.ranking.rerank_every, config.training.rounds):
+        assignment = _rerank(config, run_id, state, federation, outcomes, round_idx)
+        decision_file = save_decision(
+            config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
+        )
     with signals_deferred():  # a signal lands after the round's close, not inside it
         closed: ClosedRound = close_round(
             opaque(
@@ -228,6 +242,7 @@ def _run_round(
                     run_id=run_id,
                     digest=config_digest(config),
                     threads=config.runtime.threads_per_client,
+                    decision_file=decision_file,
                 )
             )
         )
@@ -239,7 +254,11 @@ def _run_round(
         fresh=merged,
         history=[*state.history, step.evaluation.accuracy],
         base_version=state.base_version + int(merged),
+        assignment=assignment,
+        decision_file=decision_file,
     )
+    if assignment is not state.assignment:
+        engines.set_ranks(assignment.ranks())
     progress.info(
         "round %d/%d: global accuracy %.4f, loss %.4f, clients' mean accuracy %.4f (%.1f s)",
         round_idx,
@@ -251,6 +270,55 @@ def _run_round(
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
     return new
+
+
+def _decide(
+    config: ExperimentConfig,
+    profiles: Sequence[ClientProfile],
+    federation: Federation,
+    base: nn.Module,
+) -> RankAssignment:
+    """The configured assigner over the clients' profiles (with the rank budget, if any)."""
+    layers = layer_ranges(config)
+    return rank_clients(
+        profiles,
+        config.ranking,
+        r_min=config.lora.r_min,
+        r_max=config.lora.r_max,
+        layers=layers,
+        n_classes=federation.data.n_classes,
+        seed=config.seed,
+        layer_sizes=target_sizes(base, list(layers)),
+    )
+
+
+def _rerank(
+    config: ExperimentConfig,
+    run_id: str,
+    state: RunState,
+    federation: Federation,
+    outcomes: Sequence[ClientOutcome],
+    round_idx: int,
+) -> RankAssignment:
+    """Decide the ranks again from this round's loss curves (``ranking.rerank_every``) and log the
+    decision as the first one was, at this round's step; it holds from the next round on."""
+    in_force = state.assignment
+    curves = {o.result.client: list(o.result.epoch_losses) for o in outcomes}
+    profiles = remeasured_profiles(federation.profiles(), in_force, curves)
+    assignment = _decide(config, profiles, federation, state.base)
+    record_decision(config, run_id, federation, assignment, step=round_idx)
+    before = {d.client: d.rank for d in in_force.decisions}
+    changed = sum(before[d.client] != d.rank for d in assignment.decisions)
+    progress.info(
+        "round %d: ranks decided again from its loss curves: %d of %d clients changed rank, "
+        "mean rank %.1f (was %.1f)",
+        round_idx,
+        changed,
+        len(assignment.decisions),
+        sum(d.rank for d in assignment.decisions) / len(assignment.decisions),
+        sum(before.values()) / len(before),
+    )
+    return assignment
 
 
 def _flow_run_name() -> str:
@@ -327,7 +395,9 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
                 "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
             )
             for round_idx in range(first, rounds + 1):
-                state = _run_round(config, run_id, state, data, test, round_idx, engines)
+                state = _run_round(
+                    config, run_id, state, federation, data, test, round_idx, engines
+                )
         finish_run(
             config,
             run_id,
@@ -350,6 +420,7 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Check
     """The state after the newest checkpointed round."""
     base.load_state_dict(dict(ckpt.base))
     assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
+    decision_file = str(ckpt.meta.get("decision_file", DECISION_FILE))
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)
     progress.info("resuming run %s after round %d", run_id, ckpt.round_idx)
     return RunState(
@@ -359,4 +430,5 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Check
         assignment,
         list(ckpt.meta["history"]),
         ckpt.round_idx + 1,
+        decision_file=decision_file,
     )

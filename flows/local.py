@@ -204,20 +204,12 @@ def preflight(config: ExperimentConfig) -> None:
     from autorank.backend import pick_device
 
     check_places(config)
-    from autorank.models import build_model, load_base_weights
-    from autorank.targets import expand_ranks, layer_dims
-    from flows.ranking import federation_for, layer_ranges, rank_table
+    from autorank.models import load_base_weights
+    from autorank.targets import expand_ranks, layer_dims, target_sizes
+    from flows.ranking import federation_for, layer_ranges, rank_table, untrained_base
 
     federation = federation_for(config)
-    rank_table(config, federation)
-    model = build_model(
-        config.model.name,
-        input_shape=federation.data.input_shape,
-        n_classes=federation.data.n_classes,
-        hidden=config.model.hidden,
-        hf_name_or_path=config.model.hf_name_or_path,
-        seed=config.seed,
-    )
+    model = untrained_base(config, federation)
     if config.model.init == "safetensors" and config.model.weights_path is not None:
         load_base_weights(model, config.model.weights_path)
     ranges = layer_ranges(config)
@@ -235,6 +227,7 @@ def preflight(config: ExperimentConfig) -> None:
                 f"lora.r_max {r_max} exceeds layer '{path}' ({d_out} x {d_in}): a rank of at "
                 f"most {min(d_out, d_in)} is expected"
             )
+    rank_table(config, federation, layer_sizes=target_sizes(model, list(ranges)))
     cores = os.cpu_count() or 1
     if config.runtime.threads_per_client > cores:
         raise ValueError(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from torch import nn
+
 from autorank.config import ExperimentConfig
 from autorank.federation import Federation, federation_from_config
-from autorank.models import default_targets
+from autorank.models import build_model, default_targets
 from autorank.ranks import RankAssignment, assign_ranks
+from autorank.targets import target_sizes
 
 
 def layer_ranges(config: ExperimentConfig) -> dict[str, tuple[int, int]]:
@@ -28,9 +33,34 @@ def federation_for(config: ExperimentConfig) -> Federation:
     )
 
 
-def rank_table(config: ExperimentConfig, federation: Federation | None = None) -> RankAssignment:
-    """Partition, profile (no training) and assign ranks as the config says."""
+def untrained_base(config: ExperimentConfig, federation: Federation) -> nn.Module:
+    """The base model as built, before any weights are loaded or trained: its shapes are the
+    run's."""
+    return build_model(
+        config.model.name,
+        input_shape=federation.data.input_shape,
+        n_classes=federation.data.n_classes,
+        hidden=config.model.hidden,
+        hf_name_or_path=config.model.hf_name_or_path,
+        seed=config.seed,
+    )
+
+
+def rank_table(
+    config: ExperimentConfig,
+    federation: Federation | None = None,
+    *,
+    layer_sizes: Mapping[str, int] | None = None,
+) -> RankAssignment:
+    """Partition, profile (no training) and assign ranks as the config says.
+
+    ``layer_sizes`` (``target_sizes`` of the base) count the LoRA parameters; with
+    ``ranking.budget_params`` and none given they come from the untrained base's shapes.
+    """
     federation = federation or federation_for(config)
+    if layer_sizes is None and config.ranking.budget_params is not None:
+        base = untrained_base(config, federation)
+        layer_sizes = target_sizes(base, list(layer_ranges(config)))
     return assign_ranks(
         config.ranking.assigner,
         federation.profiles(),
@@ -40,4 +70,5 @@ def rank_table(config: ExperimentConfig, federation: Federation | None = None) -
         layers=layer_ranges(config),
         n_classes=federation.data.n_classes,
         seed=config.seed,
+        layer_sizes=layer_sizes,
     )

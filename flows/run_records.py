@@ -107,28 +107,43 @@ def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
 
 
 def record_decision(
-    config: ExperimentConfig, run_id: str, federation: Federation, assignment: RankAssignment
+    config: ExperimentConfig,
+    run_id: str,
+    federation: Federation,
+    assignment: RankAssignment,
+    *,
+    step: int = 0,
 ) -> None:
     """The rank decision table, the ranks' spread (and each client's rank up to
-    ``tracking.keyed_clients_max`` clients) as metrics, and the decision plots."""
+    ``tracking.keyed_clients_max`` clients) as metrics at ``step``, and the decision plots.
+
+    ``step`` 0 is the decision after the warm-up; a re-ranking after round N logs at step N,
+    into files named ``..._round_NNNN``.
+    """
     uri = config.tracking.uri
     decision = assignment.to_json()
-    tracking.track_json(uri, run_id, decision, "rank_decision.json")
+    suffix = "" if step == 0 else f"_round_{step:04d}"
+    tracking.track_json(uri, run_id, decision, f"rank_decision{suffix}.json")
     ranks = [float(d.rank) for d in assignment.decisions]
     metrics = {
         "ranks/mean": float(np.mean(ranks)),
         "ranks/min": min(ranks),
         "ranks/max": max(ranks),
     }
+    if assignment.total_params is not None:  # LoRA over all clients, the head not counted
+        metrics["ranks/total_params"] = float(assignment.total_params)
+    if assignment.budget_params is not None:
+        metrics["ranks/budget_params"] = float(assignment.budget_params)
     if len(ranks) <= config.tracking.keyed_clients_max:
         metrics |= {f"per_client/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
-    # A run that stopped before its first checkpoint decides again when resumed (the same
-    # ranks: the warm-up is seeded); its metrics are at step 0 already.
-    if 0 not in tracking.logged_steps(uri, run_id, "ranks/mean"):
-        tracking.log_metrics(uri, run_id, metrics, step=0)
-    tracking.track_figure(
-        uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
-    )
+    # A run that stopped before the checkpoint after a decision decides again when resumed (the
+    # same ranks: training is seeded); its metrics are at that step already.
+    if step not in tracking.logged_steps(uri, run_id, "ranks/mean"):
+        tracking.log_metrics(uri, run_id, metrics, step=step)
+    if step == 0:  # the partition does not change
+        tracking.track_figure(
+            uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
+        )
     tracking.track_figure(
         uri,
         run_id,
@@ -137,7 +152,7 @@ def record_decision(
             [d.rank for d in assignment.decisions],
             [d.client for d in assignment.decisions],
         ),
-        "plots/closeness_vs_rank.png",
+        f"plots/closeness_vs_rank{suffix}.png",
     )
 
 

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from autorank.adapters import AdapterState
-from autorank.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from autorank.checkpoint import DECISION_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from tasks import tracking
 
 
@@ -29,6 +29,7 @@ class RoundRecord:
             keeps them too, to log them on resume if the crash came first).
         history: global accuracy of every round so far; sampled: this round's clients.
         table: per-client columns for the round's table artifact, or None this round.
+        decision_file: the rank decision the next round trains under (``checkpoint.save_decision``).
     """
 
     root: Path
@@ -43,6 +44,7 @@ class RoundRecord:
     history: Sequence[float]
     sampled: Sequence[int]
     table: Mapping[str, list[Any]] | None
+    decision_file: str = DECISION_FILE
 
 
 def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0) -> None:
@@ -64,6 +66,7 @@ def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0
             "history": list(record.history),
             "sampled": list(record.sampled),
             "table": None if record.table is None else dict(record.table),
+            "decision_file": record.decision_file,
         },
     )
     for attempt in range(1, attempts + 1):

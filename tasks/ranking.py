@@ -21,6 +21,7 @@ def rank_clients(
     layers: Mapping[str, tuple[int, int]],
     n_classes: int,
     seed: int,
+    layer_sizes: Mapping[str, int] | None = None,
 ) -> RankAssignment:
     """Assign every client its LoRA rank (AutoRank: CRITIC-weighted TOPSIS; or a baseline)."""
     return assign_ranks(
@@ -32,4 +33,5 @@ def rank_clients(
         layers=layers,
         n_classes=n_classes,
         seed=seed,
+        layer_sizes=layer_sizes,
     )

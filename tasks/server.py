@@ -16,6 +16,7 @@ from torch import nn
 from autorank.adapters import AdapterState
 from autorank.backend import ClientOutcome, limit_threads
 from autorank.batched import LoraTemplate
+from autorank.checkpoint import DECISION_FILE
 from autorank.config import AggregatorName
 from autorank.rounds import ServerStep, server_step
 from tasks.checkpointing import RoundRecord, write_record
@@ -38,6 +39,7 @@ class RoundClose:
         history: global accuracy of the rounds before; sampled: this round's clients.
         root, uri, run_id, digest: where the record goes and the config it is bound to.
         threads: torch threads of the task.
+        decision_file: the rank decision the next round trains under.
     """
 
     method: AggregatorName
@@ -60,6 +62,7 @@ class RoundClose:
     run_id: str
     digest: str
     threads: int
+    decision_file: str = DECISION_FILE
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ def close_round(closing: RoundClose) -> ClosedRound:
             history=[*c.history, step.evaluation.accuracy],
             sampled=c.sampled,
             table=table,
+            decision_file=c.decision_file,
         )
     )
     return ClosedRound(step, metrics, report.seconds)

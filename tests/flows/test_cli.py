@@ -45,6 +45,23 @@ def test_ranks_json_matches_the_table(capsys: pytest.CaptureFixture[str]) -> Non
     assert abs(sum(record["weights"].values()) - 1.0) < 1e-9
 
 
+def test_ranks_shows_caps_and_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = ["partition.n_clients=5", "ranking.budget_params=20000", "ranking.rank_caps={4: 4}"]
+    argv = [arg for s in settings for arg in ("--set", s)]
+
+    main(["ranks", *argv])
+    table = capsys.readouterr().out.splitlines()
+    main(["ranks", *argv, "--json"])
+    record = json.loads(capsys.readouterr().out)
+
+    assert table[6].endswith("fc1=4 fc2=4  (cap 4)")
+    assert table[-1].startswith("budget: 20,000 LoRA parameters over all clients, ")
+    assert record["total_params"] <= record["budget_params"] == 20000
+    # The mlp's rank-r adapters train r (64 + 200) + r (200 + 200) parameters.
+    ranks = [row["layer_ranks"] for row in record["clients"]]
+    assert record["total_params"] == sum(r["fc1"] * 264 + r["fc2"] * 400 for r in ranks)
+
+
 BAD = [
     (["run", "--config", "missing.yaml"], "not found"),
     (["run", "--set", "partition.n_clients=0"], "partition.n_clients"),
@@ -105,7 +122,10 @@ BAD = [
     (["run", "--set", "model.init=safetensors"], "model.weights_path is required"),
     (["run", "--set", "ranking.criteria=[entropy, entropy]"], "duplicates"),
     (["run", "--set", "ranking.uniform_rank=0"], "ranking.uniform_rank"),
-    (["run", "--set", "ranking.rerank_every=3"], "re-ranking during training is not supported"),
+    (
+        ["run", "--set", "ranking.rerank_every=3", "--set", "ranking.assigner=size"],
+        "needs ranking.assigner",
+    ),
     (["run", "--set", "aggregation.method=fedavg"], "needs equal ranks"),
     (["run", "--set", "aggregation.method=magic"], "aggregation.method"),
     (["run", "--set", "runtime.device=tpu"], "runtime.device"),
@@ -127,6 +147,9 @@ BAD = [
     (["run", "--bogus"], "unrecognized arguments"),
     (["resume", "no-such-run"], "no checkpoint folder"),
     (["ranks", "--set", "ranking.criteria=[]"], "at least one criterion"),
+    (["ranks", "--set", "ranking.budget_params=100"], "ranking.budget_params (100) is below"),
+    (["run", "--set", "ranking.budget_params=100"], "ranking.budget_params (100) is below"),
+    (["run", "--set", "ranking.rank_caps={0: 1}"], "caps [1] are below the r_min 2"),
     (["config", "--set", "partition.n_clients=0"], "partition.n_clients"),
     (["config", "--set", "aggregation.method=fedavg"], "needs equal ranks"),
     (["config", "--config", "missing.yaml"], "not found"),

@@ -20,7 +20,7 @@ from tests.flows.conftest import cli_error, store_args
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
-METHODS = ["uniform-rbla", "uniform-zeropad", "autorank-rbla", "autorank-zeropad"]
+METHODS = ["uniform-rbla", "uniform-rbla_product", "autorank-rbla", "autorank-rbla_product"]
 
 
 def _children(client: MlflowClient, parent) -> list:

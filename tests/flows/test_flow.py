@@ -172,6 +172,8 @@ def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None
     assert len(per_client) == 4
     assert metrics["summary/trainable_params"] == sum(per_client)
     assert metrics["summary/best_accuracy"] >= metrics["summary/final_accuracy"]
+    # The decision counts LoRA only: the summary less every client's head, 200 x 10 + 10.
+    assert metrics["ranks/total_params"] == metrics["summary/trainable_params"] - 4 * 2010
 
 
 def test_divergence_stops_the_run_with_a_clear_error_and_marks_it_failed(

@@ -219,6 +219,34 @@ def test_an_edited_rank_decision_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
 
 
+def test_a_checkpoint_names_and_binds_the_decision_its_next_round_trains_under(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from autorank.checkpoint import load_decision, save_decision
+
+    # Prepare: the first decision, then one taken again after round 2
+    assert save_decision(tmp_path, RUN, {"ranks": [2, 4]}) == "rank_decision.json"
+    name = save_decision(tmp_path, RUN, {"ranks": [4, 4]}, after_round=2)
+    ckpt = _ckpt(2, _base(0.5))
+    ckpt = replace(ckpt, meta={**ckpt.meta, "decision_file": name})
+
+    # Execute
+    save_checkpoint(tmp_path, ckpt)
+    loaded = load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+
+    # Verify: the round's decision is the newer one, and an edit of it is refused
+    assert name == "rank_decision_round_0002.json"
+    assert loaded is not None and load_decision(tmp_path, loaded) == {"ranks": [4, 4]}
+    (tmp_path / RUN / name).write_text(json.dumps({"ranks": [32, 32]}))
+    with pytest.raises(CheckpointError, match=r"rank_decision_round_0002\.json does not match"):
+        load_checkpoint(tmp_path, RUN, config_digest=DIGEST)
+    forged = replace(loaded, meta={**loaded.meta, "decision_file": "../../config.json"})
+    with pytest.raises(CheckpointError, match="is not a decision file"):
+        load_decision(tmp_path, forged)
+
+
 def test_a_pointer_outside_the_round_folders_is_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
     (tmp_path / RUN / "LATEST").write_text("../../etc")

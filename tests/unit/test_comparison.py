@@ -71,9 +71,9 @@ def test_shipped_grids_have_the_intended_size() -> None:
 
     assert [c.run_name for c in small] == [
         "uniform-rbla-s0",
-        "uniform-zeropad-s0",
+        "uniform-rbla_product-s0",
         "autorank-rbla-s0",
-        "autorank-zeropad-s0",
+        "autorank-rbla_product-s0",
     ]
     assert len(fashion) == 5 * 4 * 3
     assert sum(c.needs_mean_rank for c in fashion) == 4 * 3
@@ -171,6 +171,27 @@ def test_uniform_rank_variants_and_mean_autorank_placeholder() -> None:
     assert config_digest(resolved.config) != config_digest(mean_cell.config)
 
 
+def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
+    base = {"training": {"local_epochs": 2}, "ranking": {"rerank_every": 3}}
+    grid = parse_grid(
+        _grid(
+            base=base,
+            assigners=["autorank", {"assigner": "autorank", "rerank_every": 5}, "uniform"],
+            aggregators=["rbla"],
+            seeds=[0],
+        )
+    )
+
+    cells, skipped = expand_grid(grid)
+
+    assert [(c.run_name, c.config.ranking.rerank_every) for c in cells] == [
+        ("autorank-rbla-s0", 3),  # the base's setting
+        ("autorank-rerank5-rbla-s0", 5),
+        ("uniform-rbla-s0", 0),  # a baseline keeps its ranks instead of being skipped
+    ]
+    assert skipped == []
+
+
 def test_mean_rank_rounds_half_up_and_clamps() -> None:
     assert mean_rank([2, 5, 8, 8], 2, 8) == 6  # 5.75
     assert mean_rank([2, 3], 2, 8) == 3  # 2.5 goes up
@@ -234,6 +255,10 @@ BAD = [
     ({"seeds": [-1]}, "seeds"),
     ({"target_accuracy": 1.5}, "target_accuracy"),
     ({"max_parallel": 0}, "max_parallel"),
+    (
+        {"assigners": [{"assigner": "uniform", "rerank_every": 2}]},
+        "rerank_every is for the autorank assigner, not 'uniform'",
+    ),
     (
         {"reference": "uniform"},
         "reference: not a method of this grid; expected one of uniform-rbla, uniform-zeropad, "
