@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -208,40 +209,65 @@ def _svd_of_product(
     return U * sign, S, Vh * sign.T
 
 
-def _refactor(f: LoraFactors, rank: int, dtype: torch.dtype) -> LoraFactors:
-    """``B A`` (scale 1) in its SVD basis: ``B' = U_r sqrt(S_r)``, ``A' = sqrt(S_r) V_r^T``.
+# Row norm of LoRA's initial down-projection: Kaiming-uniform with a = sqrt(5) draws from
+# U(-1/sqrt(d_in), 1/sqrt(d_in)), variance 1/(3 d_in), so a row's expected squared norm is 1/3
+# whatever d_in is (autorank.targets.fresh_down_projections, peft's default).
+INIT_ROW_NORM = 3**-0.5
+
+
+def _refactor(
+    f: LoraFactors, rank: int, dtype: torch.dtype, *, split: Literal["sqrt", "init"]
+) -> LoraFactors:
+    """``B A`` (scale 1) in its SVD basis ``U S V^T``, truncated to ``rank`` slots.
 
     Slot k carries the k-th strongest direction, so every prefix of k slots is the best rank-k
-    approximation of the product (Eckart-Young). Returns rank ``rank``, scale 1, ``dtype``.
+    approximation of the product (Eckart-Young). ``split`` says how ``S`` is shared between the
+    factors (the product is the same either way):
+
+    - ``"sqrt"``: ``B' = U_r sqrt(S_r)``, ``A' = sqrt(S_r) V_r^T`` (FlexLoRA's balanced form).
+      A weak direction gets small ``A`` and ``B`` rows together, and since each factor's
+      gradient is proportional to the other (``dL/dB = g (A x)^T``, ``dL/dA = B^T g x^T``) it
+      learns slowly next round; a direction with ``S_k = 0`` never learns again.
+    - ``"init"``: ``A' = V_r^T / sqrt(3)``, ``B' = sqrt(3) U_r S_r``: every row of ``A`` at the
+      norm of LoRA's initialisation (``INIT_ROW_NORM``), so every slot, however weak, starts the
+      next round as trainable as a fresh LoRA slot, and the strength sits in ``B``.
+
+    Returns rank ``rank``, scale 1, ``dtype``.
     """
     U, S, Vh = _svd_of_product(f.B, f.A)
     k = min(rank, S.numel())
-    root = S[:k].sqrt()
-    top = LoraFactors((root[:, None] * Vh[:k]).to(dtype), (U[:, :k] * root).to(dtype), 1.0)
+    if split == "init":
+        A, B = Vh[:k] * INIT_ROW_NORM, U[:, :k] * (S[:k] / INIT_ROW_NORM)
+    else:
+        root = S[:k].sqrt()
+        A, B = root[:, None] * Vh[:k], U[:, :k] * root
+    top = LoraFactors(A.to(dtype), B.to(dtype), 1.0)
     # A layer thinner than the rank has fewer triplets: the missing components are zero.
     return resize(top, rank, 1.0)
 
 
-def _product_rule(factors: Sequence[LoraFactors], w: torch.Tensor) -> LoraFactors:
+def _product_rule(
+    factors: Sequence[LoraFactors], w: torch.Tensor, split: Literal["sqrt", "init"]
+) -> LoraFactors:
     """Top ``r_max`` SVD slots of ``sum_i sum_{k < r_i} w_ik B~_i[:, k] A_i[k]`` (w: [K, r_max])."""
     stacked = _stack([_upcast(f) for f in factors], w)
-    return _refactor(stacked, _max_rank(factors), factors[0].A.dtype)
+    return _refactor(stacked, _max_rank(factors), factors[0].A.dtype, split=split)
 
 
 def _flexlora_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
     """Top ``r_max`` SVD slots of ``W = sum_i p_i B~_i A_i``."""
-    return _product_rule(factors, _per_client(p, factors))
+    return _product_rule(factors, _per_client(p, factors), "sqrt")
 
 
 def _rbla_product_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
     """Top ``r_max`` SVD slots of ``W = sum_k sum_{i: r_i > k} (p_i / P_k) B~_i[:, k] A_i[k]``."""
-    return _product_rule(factors, _rbla_weights(factors, p))
+    return _product_rule(factors, _rbla_weights(factors, p), "init")
 
 
 def _rbla_svd_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
     """RBLA's merge, re-expressed in the SVD basis of its product (rank ``r_max``)."""
     merged = _rbla_rule(factors, p)
-    return _refactor(_upcast(merged), merged.rank, merged.A.dtype)
+    return _refactor(_upcast(merged), merged.rank, merged.A.dtype, split="init")
 
 
 # --- drivers ----------------------------------------------------------------------------------
@@ -344,12 +370,15 @@ def aggregate_rbla_svd(updates: Sequence[ClientUpdate]) -> AggregationResult:
     """RBLA, then each layer's merged product re-expressed in its SVD basis.
 
     With ``B~_g A_g`` RBLA's merge (rank ``r_max``, scale 1, see ``aggregate_rbla``):
-    ``B~_g A_g = U S V^T``, ``B~ = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T`` (``r = r_max``), so the
-    global product is RBLA's, unchanged; only its basis is. Slot k then carries the k-th strongest
+    ``B~_g A_g = U S V^T``, ``A = V_r^T / sqrt(3)``, ``B~ = sqrt(3) U_r S_r`` (``r = r_max``; every
+    row of ``A`` at the norm of LoRA's initialisation, see ``_refactor``), so the global product
+    is RBLA's, unchanged; only its basis is. Slot k then carries the k-th strongest
     direction and client i's first ``r_i`` slots are the best rank-``r_i`` approximation of the
     global product, where RBLA hands out whichever directions its slot order happened to hold
     (client bases are only defined up to an invertible map, ``B R R^-1 A = B A``). Same bytes as
     RBLA. RBLA: Chen et al., arXiv 2408.08699; SVD hand-out: FlexLoRA (Bai et al., NeurIPS 2024).
+    The factors' split follows a measurement on digits (docs/results.md): FlexLoRA's balanced
+    ``sqrt(S)`` split left weak slots nearly untrainable and slowed convergence.
     """
     return _aggregate_factors(updates, _rbla_svd_rule)
 
@@ -363,8 +392,9 @@ def aggregate_rbla_product(updates: Sequence[ClientUpdate]) -> AggregationResult
     has total weight 1, so directions only high-rank clients express are not diluted, as RBLA
     intends, but without the cross terms ``B~_i[:, k] A_j[k]`` (i != j) that averaging each
     factor separately adds. Slot k means the same direction for every client because each round
-    starts from the global SVD basis. With equal ranks ``P_k = 1`` and this is FlexLoRA; with one
-    client it returns that client's product, re-factored.
+    starts from the global SVD basis. With equal ranks ``P_k = 1`` and this is FlexLoRA's product
+    (split as in ``aggregate_rbla_svd``, not FlexLoRA's ``sqrt(S)``); with one client it returns
+    that client's product, re-factored.
 
     Related work: FlexLoRA (Bai et al., NeurIPS 2024) takes the SVD of ``sum_i p_i B~_i A_i``,
     so slot k of a high-rank client is weighted ``p_i`` and diluted by ``P_k < 1``. FedEx-LoRA

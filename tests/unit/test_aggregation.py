@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from autorank.adapters import AdapterState, ClientUpdate, LoraFactors
-from autorank.aggregation import AGGREGATORS, aggregate, fedavg_extra
+from autorank.aggregation import AGGREGATORS, INIT_ROW_NORM, aggregate, fedavg_extra
 from autorank.config import AggregatorName
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
@@ -438,12 +438,14 @@ def test_rbla_svd_moves_the_strongest_direction_into_slot_0(d: int) -> None:
     # Execute
     result = aggregate("rbla_svd", updates)
 
-    # Assert: client a (scale 2) now holds the direction of strength 4, not RBLA's of strength 1
+    # Assert: client a (scale 2) now holds the direction of strength 4, not RBLA's of strength 1;
+    # A = V^T / sqrt(3), B~ = sqrt(3) U S = [[0, sqrt(3)], [4 sqrt(3), 0]]
+    c, r3 = 3**-0.5, 3**0.5
     a, b = (state.lora["l"] for state in result.client_states)
-    assert_close(a.A, _embed([[0, 2]], 1, d), **TIGHT)
-    assert_close(a.B, _embed([[0], [1]], d, 1), **TIGHT)  # B~ / 2
-    assert_close(b.A, _embed([[0, 2], [1, 0]], 2, d), **TIGHT)
-    assert_close(b.B, _embed([[0, 2], [4, 0]], d, 2), **TIGHT)  # B~ / (1/2)
+    assert_close(a.A, _embed([[0, c]], 1, d), **TIGHT)
+    assert_close(a.B, _embed([[0], [2 * r3]], d, 1), **TIGHT)  # B~ / 2
+    assert_close(b.A, _embed([[0, c], [c, 0]], 2, d), **TIGHT)
+    assert_close(b.B, _embed([[0, 2 * r3], [8 * r3, 0]], d, 2), **TIGHT)  # B~ / (1/2)
     assert_close(result.global_state.lora["l"].delta(), _embed([[1, 0], [0, 4]], d, d), **TIGHT)
     rbla_a = aggregate("rbla", updates).client_states[0].lora["l"]
     assert_close(rbla_a.delta(), _embed([[1, 0], [0, 0]], d, d), **TIGHT)
@@ -459,21 +461,22 @@ def _product_hand_round(d: int) -> list[ClientUpdate]:
 
 @pytest.mark.parametrize("d", [2, 4])
 def test_rbla_product_sums_rank_one_products_with_per_slot_weights(d: int) -> None:
-    # Prepare: W = 1/4 a_0 + 3/4 b_0 + 1 b_1 = diag(1 + 3, 9); roots 3, 2
+    # Prepare: W = 1/4 a_0 + 3/4 b_0 + 1 b_1 = diag(1 + 3, 9); S = (9, 4)
     updates = _product_hand_round(d)
 
     # Execute
     result = aggregate("rbla_product", updates)
 
-    # Assert
+    # Assert: A = V^T / sqrt(3), B~ = sqrt(3) U S
+    c, r3 = 3**-0.5, 3**0.5
     g = result.global_state.lora["l"]
     assert g.scale == 1.0
     assert_close(g.delta(), _embed([[4, 0], [0, 9]], d, d), **TIGHT)
-    assert_close(g.A, _embed([[0, 3], [2, 0]], 2, d), **TIGHT)
-    assert_close(g.B, _embed([[0, 2], [3, 0]], d, 2), **TIGHT)
+    assert_close(g.A, _embed([[0, c], [c, 0]], 2, d), **TIGHT)
+    assert_close(g.B, _embed([[0, 4 * r3], [9 * r3, 0]], d, 2), **TIGHT)
     a = result.client_states[0].lora["l"]
-    assert_close(a.A, _embed([[0, 3]], 1, d), **TIGHT)
-    assert_close(a.B, _embed([[0], [1.5]], d, 1), **TIGHT)  # B~ / 2
+    assert_close(a.A, _embed([[0, c]], 1, d), **TIGHT)
+    assert_close(a.B, _embed([[0], [4.5 * r3]], d, 1), **TIGHT)  # B~ / 2
 
 
 def test_rbla_product_has_neither_rblas_cross_terms_nor_flexloras_dilution() -> None:
@@ -569,19 +572,37 @@ def test_each_client_gets_the_best_approximation_of_the_global_product(
         assert_close(state.lora["l"].delta(), _truncate(W, rank), **TIGHT)
 
 
-@pytest.mark.parametrize("name", SVD_BASIS)
-def test_slots_are_balanced_with_non_increasing_strength_and_fixed_signs(name: str) -> None:
+def test_flexlora_slots_are_balanced_with_non_increasing_strength_and_fixed_signs() -> None:
     # Prepare
     updates = _wide_round(9, 8)
 
     # Execute
-    g = aggregate(name, updates).global_state.lora["l"]  # type: ignore[arg-type]
+    g = aggregate("flexlora", updates).global_state.lora["l"]
 
     # Assert: ||A[k]|| = ||s B[:, k]|| = sqrt(S_k), S non-increasing, each B column's
     # largest-magnitude entry positive
     row, col = torch.linalg.vector_norm(g.A, dim=1), torch.linalg.vector_norm(g.scale * g.B, dim=0)
     assert_close(row, col, **TIGHT)
     assert bool((row[:-1] >= row[1:]).all())
+    peak = g.B.gather(0, g.B.abs().argmax(dim=0, keepdim=True))
+    assert bool((peak > 0).all())
+
+
+@pytest.mark.parametrize("name", ["rbla_svd", "rbla_product"])
+def test_every_slot_s_a_row_is_at_lora_s_initial_norm_and_b_holds_the_strength(name: str) -> None:
+    # Prepare
+    updates = _wide_round(9, 8)
+
+    # Execute
+    g = aggregate(name, updates).global_state.lora["l"]  # type: ignore[arg-type]
+
+    # Assert: ||A[k]|| = 1/sqrt(3) (Kaiming-uniform's expected row norm), rows orthogonal;
+    # ||s B[:, k]|| = sqrt(3) S_k non-increasing; each B column's largest entry positive
+    row, col = torch.linalg.vector_norm(g.A, dim=1), torch.linalg.vector_norm(g.scale * g.B, dim=0)
+    assert_close(row, torch.full_like(row, INIT_ROW_NORM), **TIGHT)
+    assert_close(g.A @ g.A.T, torch.eye(g.rank, dtype=g.A.dtype) / 3, **TIGHT)
+    S = torch.linalg.svdvals(g.delta())[: g.rank]
+    assert_close(col, S / INIT_ROW_NORM, rtol=1e-9, atol=1e-12)
     peak = g.B.gather(0, g.B.abs().argmax(dim=0, keepdim=True))
     assert bool((peak > 0).all())
 
@@ -605,21 +626,20 @@ def test_svd_basis_aggregators_repeat_bit_for_bit(name: str) -> None:
             assert_close(x.lora[layer].B, y.lora[layer].B, **EXACT)
 
 
-def test_rbla_product_equals_flexlora_when_ranks_are_equal() -> None:
+def test_rbla_product_hands_out_flexloras_products_when_ranks_are_equal() -> None:
     # Prepare: P_k = 1 for every slot, so the weights are p_i
     updates = _wide_round(9, 8, ranks=(3, 3, 3))
 
     # Execute
     product, flexlora = aggregate("rbla_product", updates), aggregate("flexlora", updates)
 
-    # Assert
+    # Assert: the same products; only the split of S between the factors differs
     for x, y in zip(
         [product.global_state, *product.client_states],
         [flexlora.global_state, *flexlora.client_states],
         strict=True,
     ):
-        assert_close(x.lora["l"].A, y.lora["l"].A, **TIGHT)
-        assert_close(x.lora["l"].B, y.lora["l"].B, **TIGHT)
+        assert_close(x.lora["l"].delta(), y.lora["l"].delta(), **TIGHT)
     W = _truncate(_dense_mean(updates, "l"), 3)
     assert_close(product.global_state.lora["l"].delta(), W, **TIGHT)
 
@@ -658,7 +678,7 @@ def test_a_layer_thinner_than_the_rank_gets_zero_slots_beyond_it(name: str) -> N
 
 
 @pytest.mark.parametrize("name", SVD_BASIS)
-def test_all_zero_updates_give_zero_factors(name: str) -> None:
+def test_all_zero_updates_give_a_zero_product(name: str) -> None:
     # Prepare: LoRA's B starts at zero
     zero = [
         LoraFactors(
@@ -671,11 +691,14 @@ def test_all_zero_updates_give_zero_factors(name: str) -> None:
     # Execute
     result = aggregate(name, updates)  # type: ignore[arg-type]
 
-    # Assert
+    # Assert: FlexLoRA's slots are dead (A = B = 0); the others keep A at LoRA's initial norm,
+    # so every slot trains next round as from LoRA's initialisation (B = 0)
     for state in [result.global_state, *result.client_states]:
         f = state.lora["l"]
-        assert_close(f.A, torch.zeros_like(f.A), **EXACT)
         assert_close(f.B, torch.zeros_like(f.B), **EXACT)
+        norms = torch.linalg.vector_norm(f.A, dim=1)
+        want = 0.0 if name == "flexlora" else INIT_ROW_NORM
+        assert_close(norms, torch.full_like(norms, want), **TIGHT)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
