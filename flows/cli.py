@@ -254,13 +254,19 @@ def grid_plan(grid: GridConfig) -> str:
     finally:
         quiet.setLevel(level)
     rounds = grid.base.training.rounds
-    lines = [f"{'run':<40} {'assigner':<15} {'aggregator':<10} seed  rounds"]
-    for cell in cells:
-        assigner = cell.spec.assigner + (" (mean)" if cell.needs_mean_rank else "")
-        lines.append(
-            f"{cell.run_name:<40} {assigner:<15} {cell.aggregator:<10} {cell.seed:>4}  {rounds:>6}"
-        )
+    rows = [(c.run_name, c.spec.method, c.aggregator, str(c.seed), str(rounds)) for c in cells]
+    head = ("run", "method", "aggregator", "seed", "rounds")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            v.rjust(w) if i >= 3 else v.ljust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [head, *rows]
+    ]
     lines += [f"skipped {s.run_name}: {s.reason}" for s in skipped]
+    if grid.reference_method is not None:
+        lines.append(f"paired against: {grid.reference_method}")
     budget = grid.base.ranking.budget_params
     if budget is not None:
         lines.append(

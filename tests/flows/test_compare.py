@@ -319,3 +319,20 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
     ]
     assert lines[-1].startswith("6 runs (0 wait for AutoRank's mean rank), 2 skipped")
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+    # Columns line up, however long a method or aggregator name is
+    assert lines[0].split() == ["run", "method", "aggregator", "seed", "rounds"]
+    starts = {line.index(" rbla" if "rbla" in line else " fedavg") for line in lines[1:7]}
+    assert len(starts) == 1
+
+
+def test_dry_run_shows_each_method_and_the_paired_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = str(ROOT / "configs/grids/digits_rerank.yaml")
+
+    code = main(["compare", "--config", grid, *store_args(tmp_path, "base."), "--dry-run"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[3].split()[:3] == ["autorank-rerank5-rbla-s0", "autorank-rerank5", "rbla"]
+    assert "paired against: autorank-rbla" in lines
