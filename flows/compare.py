@@ -53,6 +53,7 @@ from autorank.summary import (
 )
 from flows import run_views
 from flows.experiment import federated_training
+from flows.failure_records import drop_failure_record
 from flows.local import preflight
 from flows.ranking import federation_for, rank_table
 from flows.run_records import close_interrupted_or_failed
@@ -353,7 +354,12 @@ def _flow_run_name() -> str:
     return name + (f" (resume {str(resumed)[:8]})" if resumed else "")
 
 
-@flow(name="autorank-compare", flow_run_name=_flow_run_name, log_prints=True)
+@flow(
+    name="autorank-compare",
+    flow_run_name=_flow_run_name,
+    log_prints=True,
+    on_failure=[drop_failure_record],  # no pickled exception left in Prefect's storage
+)
 def compare_methods(
     grid: GridConfig | dict,
     resume_parent_run_id: str | None = None,

@@ -39,6 +39,7 @@ from autorank.rounds import (
 from autorank.targets import target_sizes
 from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines, lora_settings
+from flows.failure_records import drop_failure_record
 from flows.model_records import record_data
 from flows.ranking import layer_ranges, public_fraction
 from flows.run_records import (
@@ -338,6 +339,7 @@ def _flow_run_name() -> str:
     flow_run_name=_flow_run_name,
     task_runner=ThreadPoolTaskRunner(),  # type: ignore[arg-type]
     log_prints=True,
+    on_failure=[drop_failure_record],  # no pickled exception left in Prefect's storage
 )
 def federated_training(
     config: ExperimentConfig = ExperimentConfig(),  # noqa: B008

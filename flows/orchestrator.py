@@ -7,7 +7,10 @@ a command does, lets it boot on another core while this process imports torch an
 input, and keeps the server's code out of this process. It is Prefect's own ASGI app served by
 uvicorn on 127.0.0.1, with the settings Prefect gives its temporary server (no UI), and it is
 asked to die with this process (Linux ``PR_SET_PDEATHSIG``), so even a SIGKILL leaves no server
-behind. With ``PREFECT_API_URL`` already set, that server is used and nothing is started.
+behind. It runs in a session of its own: a signal to the command's process group (Ctrl-C on a
+terminal, a scheduler's SIGTERM to the job) reaches the command alone, which marks its run and
+then stops the server, instead of the server dying first and the command taking that for a lost
+server. With ``PREFECT_API_URL`` already set, that server is used and nothing is started.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class LocalServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
+            start_new_session=True,  # out of the command's process group (module docstring)
             preexec_fn=_die_with_parent,
         )
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Deploy prefect.yaml to a throwaway local Prefect server and check what landed: the three
+# Deploy prefect.yaml to a throwaway local Prefect server and check what landed: the
 # deployments, on the autorank-pool process pool, with their cron schedules live (the
 # scheduler has queued runs). Everything lives in a temp dir and on 127.0.0.1; the server is
 # stopped on exit. Prints one summary line; exits non-zero on any failure.
 #   bash scripts/deploy_smoke.sh                   # ~25 s: deploy and check (CI)
 #   bash scripts/deploy_smoke.sh --run-quickstart  # ~50 s: also run the quickstart
-#                                                  # deployment through a process worker
+#                                                  # deployment through a process worker,
+#                                                  # and a failing run beside it
+# No file may appear in Prefect's result storage (a failed run's exception, pickled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,13 @@ PREFECT=.venv/bin/prefect
 
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 TMP=$(mktemp -d -t autorank-deploy-smoke.XXXXXX)
+# Prefect's settings from this temp dir only: none of the caller's PREFECT_* variables (a
+# profile, another home or result storage would send what the check below looks for elsewhere).
+while read -r var; do unset "$var"; done < <(compgen -e | grep '^PREFECT_' || true)
 export PREFECT_HOME="$TMP/prefect-home"
+# Where Prefect pickles a failed flow run's exception (server, worker, flow run processes).
+STORAGE="$TMP/prefect-storage"
+export PREFECT_RESULTS_LOCAL_STORAGE_PATH="$STORAGE"
 LOG="$TMP/server.log"
 SERVER_PID=""
 WORKER_PID=""
@@ -61,6 +69,11 @@ fail() {
   echo "deploy-smoke: FAIL: $* ($((SECONDS - STARTED)) s)" >&2
   exit 1
 }
+# The files under Prefect's result storage, one per line (none when it was never created).
+stored_files() {
+  find "$STORAGE" -type f 2>/dev/null | sort || true
+}
+
 # The last lines of a log, each cut short: Prefect's API errors echo the whole request.
 show_log() {
   echo "--- $1 (last lines) ---" >&2
@@ -142,10 +155,12 @@ EOF
 
 # The quickstart deployment with its own parameters (only tracking and checkpoints moved to
 # $TMP), through a real process worker: pull step (working directory), job variables, the
-# API's parameter check, and the flow itself (~10 s of training on digits).
+# API's parameter check, and the flow itself (~10 s of training on digits). Beside it a run
+# of nightly-baseline that fails inside the flow (a missing data folder): FAILED in Prefect and
+# in MLflow.
 run_quickstart() {
-  local flow_run_id deadline
-  flow_run_id=$(timeout "$STEP_TIMEOUT" "$PY" - "$TMP" <<'EOF'
+  local flow_run_ids deadline
+  flow_run_ids=$(timeout "$STEP_TIMEOUT" "$PY" - "$TMP" <<'EOF'
 import asyncio
 import copy
 import sys
@@ -157,22 +172,32 @@ tmp = sys.argv[1]
 
 async def main() -> None:
     async with get_client() as client:
-        dep = await client.read_deployment_by_name("autorank/quickstart")
-        parameters = copy.deepcopy(dep.parameters)
-        config = parameters.setdefault("config", {})
-        config.setdefault("tracking", {}).update(
-            uri=f"sqlite:///{tmp}/mlflow.db", experiment="deploy-smoke"
-        )
-        config.setdefault("runtime", {})["checkpoint_dir"] = f"{tmp}/checkpoints"
-        run = await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
-        print(run.id)
+        # The failing run is another deployment's: each allows one run at a time.
+        for deployment, name, data in (
+            ("quickstart", "ok", {}),
+            ("nightly-baseline", "failing", {"name": "mnist", "path": f"{tmp}/no-data"}),
+        ):
+            dep = await client.read_deployment_by_name(f"autorank/{deployment}")
+            parameters = copy.deepcopy(dep.parameters)
+            config = parameters.setdefault("config", {})
+            config.setdefault("data", {}).update(data)
+            config.setdefault("tracking", {}).update(
+                uri=f"sqlite:///{tmp}/mlflow.db", experiment=f"deploy-smoke-{name}"
+            )
+            config.setdefault("runtime", {})["checkpoint_dir"] = f"{tmp}/checkpoints"
+            # Its traceback stays out of the worker's log (checked for tracebacks below).
+            quiet = {"stream_output": False} if name == "failing" else None
+            run = await client.create_flow_run_from_deployment(
+                dep.id, parameters=parameters, job_variables=quiet
+            )
+            print(run.id)
 
 
 asyncio.run(main())
 EOF
   ) || return 1
-  # --limit: with --run-once the worker then waits for its run to finish before exiting.
-  setsid "$PREFECT" worker start --pool "$POOL" --run-once --limit 1 --install-policy never \
+  # --limit: with --run-once the worker then waits for its runs to finish before exiting.
+  setsid "$PREFECT" worker start --pool "$POOL" --run-once --limit 2 --install-policy never \
     >"$TMP/worker.log" 2>&1 &
   WORKER_PID=$!
   deadline=$((SECONDS + RUN_TIMEOUT))
@@ -190,7 +215,8 @@ EOF
     show_log "$TMP/worker.log" 40
     return 1
   fi
-  timeout "$STEP_TIMEOUT" "$PY" - "$flow_run_id" "$TMP" <<'EOF' || { show_log "$TMP/worker.log" 30; return 1; }
+  # shellcheck disable=SC2086  # the two ids, as two arguments
+  timeout "$STEP_TIMEOUT" "$PY" - "$TMP" $flow_run_ids <<'EOF' || { show_log "$TMP/worker.log" 30; return 1; }
 import asyncio
 import sys
 
@@ -203,7 +229,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-flow_run_id, tmp = sys.argv[1], sys.argv[2]
+tmp, flow_run_id, failing_run_id = sys.argv[1:]
 
 
 async def what_prefect_shows(run_id: str) -> tuple[str, str, list[str], set[str]]:
@@ -221,7 +247,7 @@ state, name, lines, artifacts = asyncio.run(what_prefect_shows(flow_run_id))
 if state != "COMPLETED":
     sys.exit(f"quickstart flow run {flow_run_id} ended {state}")
 tracking = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-experiment = tracking.get_experiment_by_name("deploy-smoke")
+experiment = tracking.get_experiment_by_name("deploy-smoke-ok")
 runs = tracking.search_runs([experiment.experiment_id])
 statuses = [r.info.status for r in runs]
 if statuses != ["FINISHED"]:
@@ -235,6 +261,15 @@ if not {"mlflow-run", "round-metrics"} <= artifacts:
     sys.exit(f"flow run artifacts {sorted(artifacts)}; want mlflow-run and round-metrics")
 print(f"  quickstart: flow run {name!r} COMPLETED, its MLflow run FINISHED; "
       f"{len(rounds)} round lines in its log, artifacts {sorted(artifacts)}")
+
+state, name, lines, artifacts = asyncio.run(what_prefect_shows(failing_run_id))
+if state != "FAILED":
+    sys.exit(f"failing flow run {failing_run_id} ended {state}, want FAILED")
+experiment = tracking.get_experiment_by_name("deploy-smoke-failing")
+statuses = [r.info.status for r in tracking.search_runs([experiment.experiment_id])]
+if statuses != ["FAILED"]:
+    sys.exit(f"failing flow run: expected one FAILED MLflow run, got {statuses}")
+print(f"  failing run (missing data folder): flow run {name!r} FAILED, its MLflow run FAILED")
 EOF
 }
 
@@ -260,9 +295,15 @@ timeout "$STEP_TIMEOUT" "$PREFECT" deployment ls || fail "prefect deployment ls 
 verify_deployments | tee "$TMP/verify.log" || fail "deployments on the server do not match prefect.yaml"
 count=$(grep -c "runs queued" "$TMP/verify.log")
 ran=""
+stored_before=$(stored_files)
 if [ "$RUN_QUICKSTART" = true ]; then
   run_quickstart || fail "the quickstart deployment did not run through a worker"
-  ran=", quickstart ran through a worker"
+  ran=", quickstart ran through a worker (a failing run beside it)"
+fi
+stored_after=$(stored_files)
+if [ "$stored_after" != "$stored_before" ]; then
+  echo "$stored_after" | head -n 5 >&2
+  fail "new files in Prefect's result storage $STORAGE (a failed run's pickled exception?)"
 fi
 
 stop_server

@@ -115,6 +115,17 @@ def test_work_pool_is_the_declared_pool(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_a_failed_run_leaves_no_pickled_exception(
+    name: str, flows: dict[str, Flow[..., Any]]
+) -> None:
+    from flows.failure_records import drop_failure_record
+
+    # Prefect pickles a failed flow run's exception into the worker's storage; the hook
+    # removes it (tests/flows/test_failure_records.py, scripts/deploy_smoke.sh).
+    assert drop_failure_record in flows[DEPLOYMENTS[name]["entrypoint"]].on_failure_hooks
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_parameters_validate(name: str, flows: dict[str, Flow[..., Any]]) -> None:
     deployment = DEPLOYMENTS[name]
     flow = flows[deployment["entrypoint"]]

@@ -1,23 +1,31 @@
-"""A run killed with SIGKILL mid-round and resumed ends exactly like an uninterrupted run."""
+"""A run killed with SIGKILL mid-round and resumed ends exactly like an uninterrupted run; one
+stopped by SIGTERM (its process, or its process group in the warm-up) ends 143, KILLED, and
+resumes."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from autorank.checkpoint import CheckpointError, load_checkpoint
 from autorank.config import ExperimentConfig, config_digest, to_yaml
+from flows.cli import main
 from flows.experiment import federated_training
+from flows.run_records import CONFIG_FILE
 from tests.flows.conftest import storage_files, tiny_config
 
-ROUNDS = 5
+ROUNDS = 4
 KEYS = ("global/accuracy", "global/loss", "per_client/accuracy_mean", "per_client/accuracy_p10")
-SAMPLED = "per_client/c02/accuracy"  # client 2 is not sampled every round
+SAMPLED = "per_client/c02/accuracy"  # client 2 is not sampled every round (not in round 4)
 
 
 def _cli(*args: str, home: Path, own_server: bool = False) -> subprocess.Popen[bytes]:
@@ -48,15 +56,20 @@ def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes
     raise AssertionError(f"round {round_idx} never checkpointed")
 
 
-def _written_config(tmp_path: Path) -> tuple[ExperimentConfig, Path]:
+def _written_config(tmp_path: Path, **sections: Any) -> tuple[ExperimentConfig, Path]:
     """A run long enough to stop mid-way, and its YAML file for the CLI."""
     # 3 of the 4 clients train each round: resume must sample the same cohorts again.
-    config = tiny_config(
-        tmp_path, training={"rounds": ROUNDS, "local_epochs": 12, "clients_per_round": 3}
-    )
+    training = {"rounds": ROUNDS, "local_epochs": 12, "clients_per_round": 3}
+    config = tiny_config(tmp_path, **({"training": training} | sections))
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(config))
     return config, config_file
+
+
+def _resume(run_id: str, ckpt_dir: Path) -> None:
+    """``autorank resume`` in this process, on the test harness's API server: what a resume
+    does, without a second start-up of torch, Prefect and MLflow (seconds)."""
+    assert main(["resume", run_id, "--checkpoint-dir", str(ckpt_dir)]) == 0
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -71,10 +84,8 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     reference = federated_training(config=config)
 
     proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
-    victim = None
     try:
-        while victim is None or victim == reference:
-            victim = _wait_for_round(ckpt_dir, 2, proc)
+        victim = _wait_for_round(ckpt_dir, 2, proc)  # not the reference: it is at round 4
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -84,9 +95,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     logged = _history(client, victim, "global/accuracy")
     assert len(logged) < ROUNDS  # really interrupted
 
-    resumed = _cli("resume", victim, "--checkpoint-dir", str(ckpt_dir), home=tmp_path / "home")
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out.decode()[-3000:]
+    _resume(victim, ckpt_dir)
 
     assert client.get_run(victim).info.status == "FINISHED"
     for key in KEYS:
@@ -98,17 +107,38 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     assert sampled == _history(client, reference, SAMPLED)
 
 
+FINISHED = {"rounds": 2, "local_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def finished_run(
+    prefect_harness: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """One finished run (its folder: store, artifacts, checkpoints) for the tests below."""
+    folder = tmp_path_factory.mktemp("finished")
+    return folder, federated_training(config=tiny_config(folder, training=FINISHED))
+
+
+def _copy_of(finished_run: tuple[Path, str], tmp_path: Path) -> tuple[ExperimentConfig, str]:
+    """The finished run, copied into ``tmp_path`` for a test that changes it: its store and
+    checkpoints, and the config that ``autorank resume`` reads from them, at the new place."""
+    folder, run_id = finished_run
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = tiny_config(tmp_path, training=FINISHED)
+    (config.runtime.checkpoint_dir / run_id / CONFIG_FILE).write_text(to_yaml(config))
+    return config, run_id
+
+
 def test_checkpoint_of_another_config_or_corrupt_is_refused(
-    prefect_harness: None, tmp_path: Path
+    finished_run: tuple[Path, str], tmp_path: Path
 ) -> None:
-    config = tiny_config(tmp_path, training={"rounds": 1, "local_epochs": 1})
-    run_id = federated_training(config=config)
+    config, run_id = _copy_of(finished_run, tmp_path)
     root = config.runtime.checkpoint_dir
-    other = tiny_config(tmp_path, training={"rounds": 1, "local_epochs": 2})
+    other = tiny_config(tmp_path, training=FINISHED | {"local_epochs": 2})
 
     with pytest.raises(CheckpointError, match="another config"):
         load_checkpoint(root, run_id, config_digest=config_digest(other))
-    state = next(root.glob(f"{run_id}/round_*/state.safetensors"))
+    state = max(root.glob(f"{run_id}/round_*/state.safetensors"))  # the newest round's
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"state\.safetensors does not match its recorded"):
         load_checkpoint(root, run_id, config_digest=config_digest(config))
@@ -122,6 +152,34 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started: a CLI command's own Prefect API server."""
+    listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True)
+    return [int(p) for p in listed.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _left_behind(pgid: int, pids: list[int], wait_s: float = 15) -> list[int]:
+    """What still runs ``wait_s`` seconds on: the process group ``pgid`` (as ``[pgid]``) or
+    any of ``pids`` (a server runs in a session of its own); each is then killed."""
+    deadline = time.monotonic() + wait_s
+    while (_group_alive(pgid) or any(map(_alive, pids))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pgid] * _group_alive(pgid) + [p for p in pids if _alive(p)]
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     prefect_harness: None, tmp_path: Path
 ) -> None:
@@ -129,42 +187,82 @@ def test_sigterm_stops_cleanly_marks_killed_and_resumes(
     ckpt_dir = config.runtime.checkpoint_dir
 
     proc = _cli("run", "--config", str(config_file), home=tmp_path / "home", own_server=True)
+    server: list[int] = []
     try:
         victim = _wait_for_round(ckpt_dir, 2, proc)
+        server = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)  # the CLI process only, as a scheduler would
         out, _ = proc.communicate(timeout=60)
-        deadline = time.monotonic() + 15
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        orphaned = _group_alive(proc.pid)
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = _left_behind(proc.pid, server)
     client = MlflowClient(tracking_uri=config.tracking.uri)
 
     assert proc.returncode == 128 + signal.SIGTERM, out.decode()[-3000:]
     assert "autorank: terminated; completed rounds are checkpointed" in out.decode()
     assert f"run {victim} stopped; `autorank resume {victim}` continues it" in out.decode()
-    assert not orphaned  # its Prefect API server went with it
+    assert server and not left  # its Prefect API server went with it
     assert client.get_run(victim).info.status == "KILLED"
     assert len(_history(client, victim, "global/accuracy")) < ROUNDS
 
-    resumed = _cli("resume", victim, "--checkpoint-dir", str(ckpt_dir), home=tmp_path / "home")
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out.decode()[-3000:]
+    _resume(victim, ckpt_dir)
     assert client.get_run(victim).info.status == "FINISHED"
     steps = [s for s, _ in _history(client, victim, "global/accuracy")]
     assert steps == list(range(1, ROUNDS + 1))
 
 
+def test_a_group_sigterm_in_the_warm_up_ends_143_killed_and_resumes(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    # To the whole process group, as a scheduler may send it (and Ctrl-C sends SIGINT): the
+    # command's API server gets it too. A warm-up of seconds, so that the signal lands in it;
+    # no checkpoint exists yet.
+    config, config_file = _written_config(
+        tmp_path, model={"init": "random"}, training={"rounds": 1, "warmup_epochs": 80}
+    )
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home", own_server=True)
+    lines: list[str] = []
+    warming = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.decode(errors="replace"))
+            if "warm-up: " in lines[-1]:
+                warming.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    server: list[int] = []
+    try:
+        assert warming.wait(timeout=240), "".join(lines)[-3000:]
+        server = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=30)  # a generous bound: it stops within seconds
+    finally:
+        left = _left_behind(proc.pid, server)
+    out = "".join(lines)
+
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "warm-up done" not in out, out[-3000:]  # stopped in the warm-up
+    assert "autorank: terminated; completed rounds are checkpointed" in out
+    assert "Traceback" not in out, out[-3000:]
+    assert server and not left
+    stopped = re.search(r"run (\w+) stopped; `autorank resume \1` continues it", out)
+    assert stopped is not None, out[-3000:]
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    assert client.get_run(stopped[1]).info.status == "KILLED"
+
+    _resume(stopped[1], config.runtime.checkpoint_dir)
+    assert client.get_run(stopped[1]).info.status == "FINISHED"
+    assert [s for s, _ in _history(client, stopped[1], "global/accuracy")] == [1]
+
+
 def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
-    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from autorank.checkpoint import latest_round_dir
     from tests.flows.conftest import cli_error
 
-    config = tiny_config(tmp_path, training={"rounds": 2, "local_epochs": 1})
-    run_id = federated_training(config=config)
+    config, run_id = _copy_of(finished_run, tmp_path)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     client.set_terminated(run_id, "KILLED")  # as if it had been stopped
     root = config.runtime.checkpoint_dir
@@ -185,12 +283,9 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(
-    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
-
-    config = tiny_config(tmp_path, training={"rounds": 2, "local_epochs": 1})
-    run_id = federated_training(config=config)
+    config, run_id = _copy_of(finished_run, tmp_path)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     before = client.get_run(run_id)
     keys = sorted(before.data.metrics)
