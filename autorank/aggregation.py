@@ -228,16 +228,20 @@ def _refactor(
       A weak direction gets small ``A`` and ``B`` rows together, and since each factor's
       gradient is proportional to the other (``dL/dB = g (A x)^T``, ``dL/dA = B^T g x^T``) it
       learns slowly next round; a direction with ``S_k = 0`` never learns again.
-    - ``"init"``: ``A' = V_r^T / sqrt(3)``, ``B' = sqrt(3) U_r S_r``: every row of ``A`` at the
-      norm of LoRA's initialisation (``INIT_ROW_NORM``), so every slot, however weak, starts the
-      next round as trainable as a fresh LoRA slot, and the strength sits in ``B``.
+    - ``"init"``: balanced, but no row of ``A`` below the norm of LoRA's initialisation:
+      ``n_k = max(sqrt(S_k), 1/sqrt(3))`` (``INIT_ROW_NORM``), ``A'[k] = n_k v_k^T``,
+      ``B'[:, k] = (S_k / n_k) u_k``. A weak slot starts the next round as trainable as a fresh
+      LoRA slot; a strong one is split as FlexLoRA does. (Every row at ``1/sqrt(3)``, all the
+      strength in ``B``, trained faster on digits but diverged with uniform ranks on MNIST-5k
+      in 3 of 5 seeds: ``A``'s gradient grows with ``B``.)
 
     Returns rank ``rank``, scale 1, ``dtype``.
     """
     U, S, Vh = _svd_of_product(f.B, f.A)
     k = min(rank, S.numel())
     if split == "init":
-        A, B = Vh[:k] * INIT_ROW_NORM, U[:, :k] * (S[:k] / INIT_ROW_NORM)
+        norm = S[:k].sqrt().clamp(min=INIT_ROW_NORM)
+        A, B = norm[:, None] * Vh[:k], U[:, :k] * (S[:k] / norm)
     else:
         root = S[:k].sqrt()
         A, B = root[:, None] * Vh[:k], U[:, :k] * root
@@ -370,15 +374,16 @@ def aggregate_rbla_svd(updates: Sequence[ClientUpdate]) -> AggregationResult:
     """RBLA, then each layer's merged product re-expressed in its SVD basis.
 
     With ``B~_g A_g`` RBLA's merge (rank ``r_max``, scale 1, see ``aggregate_rbla``):
-    ``B~_g A_g = U S V^T``, ``A = V_r^T / sqrt(3)``, ``B~ = sqrt(3) U_r S_r`` (``r = r_max``; every
-    row of ``A`` at the norm of LoRA's initialisation, see ``_refactor``), so the global product
-    is RBLA's, unchanged; only its basis is. Slot k then carries the k-th strongest
+    ``B~_g A_g = U S V^T``, ``A[k] = n_k v_k^T``, ``B~[:, k] = (S_k / n_k) u_k`` with
+    ``n_k = max(sqrt(S_k), 1/sqrt(3))`` (``k < r_max``; no row of ``A`` below the norm of LoRA's
+    initialisation, see ``_refactor``), so the global product is RBLA's, unchanged; only its
+    basis is. Slot k then carries the k-th strongest
     direction and client i's first ``r_i`` slots are the best rank-``r_i`` approximation of the
     global product, where RBLA hands out whichever directions its slot order happened to hold
     (client bases are only defined up to an invertible map, ``B R R^-1 A = B A``). Same bytes as
     RBLA. RBLA: Chen et al., arXiv 2408.08699; SVD hand-out: FlexLoRA (Bai et al., NeurIPS 2024).
-    The factors' split follows a measurement on digits (docs/results.md): FlexLoRA's balanced
-    ``sqrt(S)`` split left weak slots nearly untrainable and slowed convergence.
+    The split follows measurements on digits and MNIST-5k (docs/results.md): FlexLoRA's
+    balanced ``sqrt(S)`` split alone leaves weak slots nearly untrainable and converged slower.
     """
     return _aggregate_factors(updates, _rbla_svd_rule)
 
