@@ -15,6 +15,19 @@ from autorank.models import build_model, load_base_weights, pretrain
 logger = logging.getLogger(__name__)
 
 
+def new_model(settings: ModelConfig, data: DatasetSplits, *, seed: int) -> nn.Module:
+    """The configured model for ``data``'s inputs and classes, seeded, nothing loaded or trained:
+    its shapes are a run's."""
+    return build_model(
+        settings.name,
+        input_shape=data.input_shape,
+        n_classes=data.n_classes,
+        hidden=settings.hidden,
+        hf_name_or_path=settings.hf_name_or_path,
+        seed=seed,
+    )
+
+
 def make_base(
     settings: ModelConfig,
     data: DatasetSplits,
@@ -30,14 +43,7 @@ def make_base(
     share of the training split (``public`` indices), so that LoRA adapts something meaningful.
     The returned model is frozen (no parameter requires grad).
     """
-    model = build_model(
-        settings.name,
-        input_shape=data.input_shape,
-        n_classes=data.n_classes,
-        hidden=settings.hidden,
-        hf_name_or_path=settings.hf_name_or_path,
-        seed=seed,
-    )
+    model = new_model(settings, data, seed=seed)
     if settings.init == "safetensors":
         assert settings.weights_path is not None  # the config validator guarantees it
         load_base_weights(model, settings.weights_path)

@@ -211,7 +211,7 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
     state = save(state_tensors("global", ckpt.global_state))
     (tmp / "state.safetensors").write_bytes(state)
     files = {"state.safetensors": _sha256(state), f"../{base_file}": base_sha}
-    decision_name = str(ckpt.meta.get("decision_file", DECISION_FILE))
+    decision_name = decision_file_of(ckpt)
     decision = run_dir / decision_name
     if decision.is_file():
         files[f"../{decision_name}"] = _file_sha256(decision)
@@ -390,6 +390,12 @@ def decision_file(after_round: int) -> str:
     return DECISION_FILE if after_round == 0 else f"rank_decision_round_{after_round:04d}.json"
 
 
+def decision_file_of(ckpt: Checkpoint) -> str:
+    """The decision file a checkpoint's next round trains under, as its meta names it (the first
+    decision's before re-ranking existed)."""
+    return str(ckpt.meta.get("decision_file", DECISION_FILE))
+
+
 def save_decision(
     root: Path, run_id: str, decision: Mapping[str, Any], *, after_round: int = 0
 ) -> str:
@@ -412,7 +418,7 @@ def load_decision(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
     Raises:
         CheckpointError: neither holds a readable decision.
     """
-    name = str(ckpt.meta.get("decision_file", DECISION_FILE))
+    name = decision_file_of(ckpt)
     if not _DECISION.fullmatch(name):
         raise CheckpointError(f"run {ckpt.run_id}: decision_file {name!r} is not a decision file")
     path = root / ckpt.run_id / name

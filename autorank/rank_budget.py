@@ -2,7 +2,7 @@
 
 Caps. A client whose device holds at most rank ``c_k`` (``ranking.rank_caps``, else the tier
 drawn for it from ``ranking.cap_tiers``) gets ``min(r, c_k)`` in every layer and on the global
-scale. A cap below a layer's ``r_min`` is refused (``check_caps``), so no rank leaves its range.
+scale. A cap below a layer's ``r_min`` is refused (``check_limits``), so no rank leaves its range.
 
 Budget. With ``B`` trainable LoRA parameters over all clients (``ranking.budget_params``), the
 rank ``r_kl`` the assigner gave client k in layer l is scaled by one common factor ``s``::
@@ -172,7 +172,7 @@ def limit_ranks(
         ranks: the assigner's global-scale rank per client, ``[n_clients]``.
         layer_ranks: the assigner's layer name -> rank per client, ``[n_clients]``.
         caps: the largest rank of each client's device, None for no cap, ``[n_clients]``;
-            each at least every ``r_min`` (``check_caps``).
+            each at least every ``r_min`` (``check_limits``).
         r_min: smallest rank on the global scale.
         r_max: largest rank on the global scale.
         layers: adapted layer name -> its ``(r_min, r_max)``.

@@ -27,6 +27,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
+from autorank.checkpoint import DECISION_FILE
 from autorank.comparison import (
     Cell,
     GridConfig,
@@ -66,7 +67,6 @@ SUMMARY_FILE = "summary.md"
 TERMINAL_FILE = "summary.txt"
 TABLE_FILE = "summary.json"
 GRID_FILE = "grid.yaml"
-DECISION_FILE = "rank_decision.json"
 GRID_DIGEST_TAG = "grid_digest"
 
 

@@ -21,7 +21,14 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
-from autorank.checkpoint import DECISION_FILE, Checkpoint, load_decision, run_lock, save_decision
+from autorank.checkpoint import (
+    DECISION_FILE,
+    Checkpoint,
+    decision_file_of,
+    load_decision,
+    run_lock,
+    save_decision,
+)
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
@@ -422,7 +429,7 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Check
     """The state after the newest checkpointed round."""
     base.load_state_dict(dict(ckpt.base))
     assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
-    decision_file = str(ckpt.meta.get("decision_file", DECISION_FILE))
+    decision_file = decision_file_of(ckpt)
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)
     progress.info("resuming run %s after round %d", run_id, ckpt.round_idx)
     return RunState(

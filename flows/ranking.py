@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from autorank.base import new_model
 from autorank.config import ExperimentConfig
 from autorank.federation import Federation, federation_from_config
-from autorank.models import build_model, default_targets
+from autorank.models import default_targets
 from autorank.ranks import RankAssignment, assign_ranks
 from autorank.targets import target_sizes
 
@@ -36,14 +37,7 @@ def federation_for(config: ExperimentConfig) -> Federation:
 def untrained_base(config: ExperimentConfig, federation: Federation) -> nn.Module:
     """The base model as built, before any weights are loaded or trained: its shapes are the
     run's."""
-    return build_model(
-        config.model.name,
-        input_shape=federation.data.input_shape,
-        n_classes=federation.data.n_classes,
-        hidden=config.model.hidden,
-        hf_name_or_path=config.model.hf_name_or_path,
-        seed=config.seed,
-    )
+    return new_model(config.model, federation.data, seed=config.seed)
 
 
 def rank_table(

@@ -12,7 +12,7 @@ from torch import nn
 
 import flows
 from autorank.adapters import AdapterState
-from autorank.checkpoint import Checkpoint, CheckpointError
+from autorank.checkpoint import Checkpoint, CheckpointError, decision_file
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
 from autorank.data import DatasetSplits
 from autorank.federation import Federation
@@ -123,7 +123,7 @@ def record_decision(
     uri = config.tracking.uri
     decision = assignment.to_json()
     suffix = "" if step == 0 else f"_round_{step:04d}"
-    tracking.track_json(uri, run_id, decision, f"rank_decision{suffix}.json")
+    tracking.track_json(uri, run_id, decision, decision_file(step))
     ranks = [float(d.rank) for d in assignment.decisions]
     metrics = {
         "ranks/mean": float(np.mean(ranks)),
