@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autorank.adapters import AdapterState, LoraFactors
 from autorank.backend import (
@@ -318,8 +319,15 @@ class BatchedBackend:
         self._seen: int | None = None
 
     def _batched(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Every client's logits ``[K, b, C]`` from its own params and inputs ``x [K, b, ...]``."""
-        return cast(torch.Tensor, vmap(self.template.forward)(params, x))
+        """Every client's logits ``[K, b, C]`` from its own params and inputs ``x [K, b, ...]``.
+
+        On CUDA, attention runs on PyTorch's math kernel: the fused kernels' backward refuses
+        the strides that vmap hands them ("LSE is not correctly aligned", seen on an H200).
+        """
+        if self.device.type != "cuda":
+            return cast(torch.Tensor, vmap(self.template.forward)(params, x))
+        with sdpa_kernel(SDPBackend.MATH):
+            return cast(torch.Tensor, vmap(self.template.forward)(params, x))
 
     def sync_base(self, base: nn.Module, version: int) -> None:
         """See the base's weights as of ``version`` (FLoRA merges into it between rounds)."""

@@ -25,9 +25,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import xxhash
@@ -42,6 +41,9 @@ from autorank.normalisation import (
     standardise,
     train_statistics,
 )
+
+if TYPE_CHECKING:  # imported where used: the engines' imports reach this module
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +278,8 @@ def _load_parquet(path: Path | None) -> _Source:
     else:
         raise DataError(f"parquet: {str(path)!r} not found; expected {expected}")
     data_files = {split: str(file) for split, file in files.items()}
+    import datasets
+
     try:
         loaded = datasets.load_dataset("parquet", data_files=data_files)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
@@ -284,6 +288,8 @@ def _load_parquet(path: Path | None) -> _Source:
 
 
 def _load_hub(name: str) -> _Source:
+    import datasets
+
     try:
         loaded = datasets.load_dataset(name)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
@@ -307,6 +313,8 @@ def _from_dataset_dict(
     test = _columns_to_arrays(loaded["test"], f"{what} test") if "test" in loaded else None
     if norm is not None and (x_train.ndim != 4 or x_train.shape[1] != len(norm.mean)):
         norm = None
+    import datasets
+
     label = loaded["train"].features.get("label")
     n_classes = label.num_classes if isinstance(label, datasets.ClassLabel) else None
     return _Source(x_train, y_train, test, norm, n_classes)
@@ -421,4 +429,6 @@ def _to_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
     digest = xxhash.xxh3_64(flat.data)
     digest.update(labels.data)
     digest.update(repr(flat.shape).encode())
+    import datasets
+
     return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=digest.hexdigest())

@@ -107,7 +107,7 @@ def main() -> None:
     )
     print(
         "model  clients  samples/round  sequential s  batched s  seq samples/s  "
-        "batched samples/s  ratio"
+        "batched samples/s  ratio" + ("  batched peak MiB" if sync else "")
     )
     for model in args.models:
         for k in args.clients:
@@ -118,10 +118,16 @@ def main() -> None:
                 base, targets, LORA, TRAIN, device, max_clients=args.batch_clients or k
             )
             t_seq = best_time(seq, jobs, args.repeat, sync)
+            if sync:
+                del seq  # its peft models leave the device before the batched engine's peak
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             t_bat = best_time(bat, jobs, args.repeat, sync)
+            peak = f"  {torch.cuda.max_memory_allocated(device) / 2**20:17.0f}" if sync else ""
             print(
                 f"{model:5s}  {k:7d}  {work:13d}  {t_seq:12.3f}  {t_bat:9.3f}  "
-                f"{work / t_seq:13.0f}  {work / t_bat:17.0f}  {t_seq / t_bat:5.2f}x"
+                f"{work / t_seq:13.0f}  {work / t_bat:17.0f}  {t_seq / t_bat:5.2f}x{peak}",
+                flush=True,
             )
 
 
