@@ -22,7 +22,7 @@ from autorank.adapters import AdapterState
 from autorank.config import LoraConfig
 from autorank.evaluation import EvalResult
 from autorank.targets import AlphaPolicy, scale_for
-from autorank.training import LocalResult, client_seed
+from autorank.training import LocalResult, StopSignal, client_seed
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class ClientBackend(Protocol):
     """Trains a cohort's clients from one frozen base; one outcome per job, in the jobs' order."""
 
     name: str
+    stop: StopSignal  # set by the run: the next local step raises ``TrainingStoppedError``
 
     def train_clients(
         self, jobs: Sequence[ClientJob], tests: Sequence[LocalSplit | None] | None = None

@@ -46,7 +46,7 @@ from autorank.targets import (
     layer_dims,
     matches,
 )
-from autorank.training import LocalResult, TrainSettings
+from autorank.training import LocalResult, StopSignal, TrainSettings
 
 Params = dict[str, torch.Tensor]
 
@@ -317,6 +317,7 @@ class BatchedBackend:
         self.lora, self.train_settings, self.device = lora, train, device
         self.max_clients = max_clients
         self._seen: int | None = None
+        self.stop = StopSignal()
 
     def _batched(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Every client's logits ``[K, b, C]`` from its own params and inputs ``x [K, b, ...]``.
@@ -395,6 +396,7 @@ class BatchedBackend:
         opt = ClientOptimizer(list(stack.params.values()), self.train_settings, stacked=True)
         params = list(stack.params.values())
         for t, k in enumerate(sched.active):
+            self.stop.check()
             rows, keep = idx[:k, t], mask[:k, t]
             logits = self._batched(stack.view(k), X[rows])
             ce = torch.where(keep, _cross_entropy(logits, Y[rows]), 0.0)

@@ -28,7 +28,7 @@ from autorank.lora import (
     set_adapter_state,
     wrap_lora,
 )
-from autorank.training import LocalResult, TrainSettings, train_local
+from autorank.training import LocalResult, StopSignal, TrainSettings, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,17 @@ def _load_job(model: PeftModel, job: ClientJob, init_seed: int) -> None:
 
 
 def _train_job(
-    model: PeftModel, job: ClientJob, train: TrainSettings, device: torch.device
+    model: PeftModel,
+    job: ClientJob,
+    train: TrainSettings,
+    device: torch.device,
+    stop: StopSignal | None = None,
 ) -> LocalResult:
     start = time.perf_counter()
     init_seed, order_seed = substreams(job.seed)
     _load_job(model, job, init_seed)
     losses, steps = train_local(
-        model, job.x, job.y, train, epochs=job.epochs, seed=order_seed, device=device
+        model, job.x, job.y, train, epochs=job.epochs, seed=order_seed, device=device, stop=stop
     )
     state = get_adapter_state(model)
     seconds = time.perf_counter() - start
@@ -113,6 +117,7 @@ class SequentialBackend:
         self.lora, self.train_settings, self.device = lora, train, device
         self._models: dict[tuple[tuple[str, int], ...], PeftModel] = {}
         self._seen: int | None = None
+        self.stop = StopSignal()
 
     def sync_base(self, base: nn.Module, version: int) -> None:
         """See the base's weights as of ``version``; a no-op when the models share the base."""
@@ -140,7 +145,7 @@ class SequentialBackend:
         out = []
         for job, test in zip(jobs, tests, strict=True):
             model = self.model_for(job.ranks)
-            result = _train_job(model, job, self.train_settings, self.device)
+            result = _train_job(model, job, self.train_settings, self.device, self.stop)
             personal: EvalResult | None = None
             if test is not None and test.x.shape[0] > 0:
                 personal = evaluate(model, test.x, test.y, device=self.device)

@@ -33,6 +33,33 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+class TrainingStoppedError(Exception):
+    """Training was asked to stop between two steps: the run is ending (Ctrl-C, SIGTERM, or
+    another cohort failed), and this cohort's unfinished work is dropped."""
+
+
+class StopSignal:
+    """A flag the run raises so that its engines stop at their next local step.
+
+    Without it an interrupted run waited for every cohort in flight to finish its round (or a
+    long warm-up) before it could exit. A plain attribute, read once per step: setting and
+    reading it is atomic under the GIL, and it pickles (an engine shipped to a Dask worker gets
+    a copy, which the run cannot raise).
+    """
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def set(self) -> None:
+        """Ask the engine to stop at its next step."""
+        self.raised = True
+
+    def check(self) -> None:
+        """Raise ``TrainingStoppedError`` if the run asked to stop."""
+        if self.raised:
+            raise TrainingStoppedError("training stopped: the run is ending")
+
+
 @dataclass(frozen=True)
 class LocalResult:
     """What one client's local training produced.
@@ -99,6 +126,7 @@ def train_local(
     epochs: int,
     seed: int,
     device: torch.device,
+    stop: StopSignal | None = None,
 ) -> tuple[list[float], int]:
     """Train the parameters of ``model`` that require grad with cross-entropy, in place.
 
@@ -113,6 +141,7 @@ def train_local(
         epochs: passes over the data.
         seed: data-order seed.
         device: where to train.
+        stop: checked before every step; ``TrainingStoppedError`` is raised once it is set.
 
     Returns:
         The sample-weighted mean loss of each epoch, and the number of optimiser steps.
@@ -134,6 +163,8 @@ def train_local(
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)  # summed on device: no host sync per step
         for start in range(0, n, batch_size):
+            if stop is not None:
+                stop.check()
             idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             for p in params:

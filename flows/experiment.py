@@ -129,7 +129,14 @@ def _run_cohorts(
             )
             for i, chunk in enumerate(chunks)
         ]
-    done = {o.result.client: o for f in futures for o in f.result()}
+    try:
+        done = {o.result.client: o for f in futures for o in f.result()}
+    except BaseException:
+        # Ctrl-C, SIGTERM or a failed cohort: the cohorts still training stop at their next
+        # step instead of finishing the round (or the warm-up) before the run can end.
+        for engine in engines.backends:
+            engine.stop.set()
+        raise
     return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were
 
 

@@ -9,5 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# --no-compile: Python compiles what a command imports on first use; compiling every installed
+# module ahead (transformers' hundreds of models, mlflow's server) doubled the install's time.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

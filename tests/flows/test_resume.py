@@ -214,11 +214,12 @@ def test_ctrl_c_in_the_warm_up_ends_130_and_marks_the_run_killed(
     prefect_harness: None, tmp_path: Path
 ) -> None:
     # Ctrl-C: SIGINT to the whole process group (the command's API server runs in a session of
-    # its own, so it does not get it and is stopped by the command). A warm-up of seconds, so
-    # that the signal lands in it; no checkpoint exists yet. (A resume from before the first
-    # checkpoint: test_a_crash_before_the_first_checkpoint_logs_the_rank_decision_once.)
+    # its own, so it does not get it and is stopped by the command). A warm-up far longer than
+    # the signal takes to arrive (80 epochs, seconds, once ended before it on a loaded machine),
+    # cut short by it; no checkpoint exists yet. (A resume from before the first checkpoint:
+    # test_a_crash_before_the_first_checkpoint_logs_the_rank_decision_once.)
     config, config_file = _written_config(
-        tmp_path, model={"init": "random"}, training={"rounds": 1, "warmup_epochs": 80}
+        tmp_path, model={"init": "random"}, training={"rounds": 1, "warmup_epochs": 5000}
     )
     proc = _cli("run", "--config", str(config_file), home=tmp_path / "home", own_server=True)
     lines: list[str] = []

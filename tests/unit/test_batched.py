@@ -27,7 +27,7 @@ from autorank.rounds import (
 )
 from autorank.sequential import SequentialBackend, build_client_model
 from autorank.targets import AlphaPolicy, expand_ranks
-from autorank.training import TrainSettings, client_seed
+from autorank.training import TrainingStoppedError, TrainSettings, client_seed
 
 CPU = torch.device("cpu")
 # Batched matmuls sum in another order than one client's: a few ulps per step, compounded.
@@ -173,6 +173,27 @@ def test_cnn_with_lora_on_convolutions_matches() -> None:
 
     # Assert
     _assert_same(batched, sequential)
+
+
+def test_a_raised_stop_ends_the_cohort_before_its_next_step() -> None:
+    # Prepare: the longest client runs 10 steps (33 samples, batch 8, 2 epochs)
+    base, lora, train = _mlp(), _lora(), _train("sgd")
+    engine = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU)
+    forwards = [0]
+
+    def count(*_: object) -> None:
+        forwards[0] += 1
+        if forwards[0] == 4:
+            engine.stop.set()
+
+    engine.template.model.register_forward_hook(count)
+
+    # Execute
+    with pytest.raises(TrainingStoppedError):
+        engine.train_clients(_jobs(base, lora, "download"), _tests())
+
+    # Assert: one forward of the whole cohort per step; the fifth step never began
+    assert forwards == [4]
 
 
 def test_evaluate_state_matches_the_peft_model() -> None:

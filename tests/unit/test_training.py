@@ -22,7 +22,14 @@ from autorank.config import LoraConfig, TrainingConfig
 from autorank.evaluation import evaluate
 from autorank.models import build_model, head_modules
 from autorank.sequential import SequentialBackend, run_client_job
-from autorank.training import Optimizer, TrainSettings, client_seed, train_local
+from autorank.training import (
+    Optimizer,
+    StopSignal,
+    TrainingStoppedError,
+    TrainSettings,
+    client_seed,
+    train_local,
+)
 
 LORA = LoraSettings(policy="proportional", alpha=16.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 SGD = TrainSettings(
@@ -269,3 +276,46 @@ def test_parallel_threads_match_sequential() -> None:
     for s, p in zip(sequential, parallel, strict=True):
         assert s.epoch_losses == p.epoch_losses
         assert all(torch.equal(f.B, p.state.lora[k].B) for k, f in s.state.lora.items())
+
+
+def _stop_after(model: nn.Module, stop: StopSignal, calls: int) -> list[int]:
+    """Raise ``stop`` during the model's ``calls``-th forward; the forwards are counted."""
+    count = [0]
+
+    def hook(*_: object) -> None:
+        count[0] += 1
+        if count[0] == calls:
+            stop.set()
+
+    model.register_forward_hook(hook)
+    return count
+
+
+def test_a_raised_stop_ends_training_before_the_next_step() -> None:
+    # Prepare: 64 samples, batch 16: 4 steps an epoch, 3 epochs
+    x, y = _blobs(64, seed=1)
+    model = _base()
+    stop = StopSignal()
+    forwards = _stop_after(model, stop, calls=3)
+
+    # Execute
+    with pytest.raises(TrainingStoppedError, match="the run is ending"):
+        train_local(model, x, y, SGD, epochs=3, seed=0, device=torch.device("cpu"), stop=stop)
+
+    # Assert: the step that raised it finished, no fourth began
+    assert forwards == [3]
+
+
+def test_the_sequential_engine_stops_inside_a_client_when_asked() -> None:
+    # Prepare: two clients of 20 local steps each
+    x, y = _blobs(64, seed=2)
+    jobs = [ClientJob(c, {"fc1": 4, "fc2": 4}, None, x, y, 5, seed=c) for c in (0, 1)]
+    engine = SequentialBackend(_base(), LORA, SGD, torch.device("cpu"))
+    forwards = _stop_after(engine.base, engine.stop, calls=5)
+
+    # Execute
+    with pytest.raises(TrainingStoppedError):
+        engine.train_clients(jobs)
+
+    # Assert: stopped in the first client's sixth step, the second never started
+    assert forwards == [5]
