@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from torch import nn
 
@@ -44,6 +45,18 @@ class Engines:
     backends: list[ClientBackend]
     evaluator: LoraTemplate
     paths: list[dict[str, int]] = field(default_factory=list)
+    in_flight: list[PrefectFuture[Any]] = field(default_factory=list)
+
+    def stop(self, wait_s: float = 60) -> None:
+        """Every engine stops at its next local step (``autorank.training.StopSignal``); the
+        cohort tasks in flight are then waited for (up to ``wait_s`` each), so that Prefect
+        records their end while the flow run still stands (a task ending after it printed a
+        traceback)."""
+        for engine in self.backends:
+            engine.stop.set()
+        for future in self.in_flight:
+            future.wait(timeout=wait_s)
+        self.in_flight.clear()
 
     def set_ranks(self, ranks: Sequence[Mapping[str, int]]) -> None:
         """Expand every client's target ranks to module paths (once per distinct pattern)."""

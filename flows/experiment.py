@@ -111,32 +111,23 @@ def _run_cohorts(
     chunks = split_cohorts(jobs, len(engines.backends), steps)
     # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
     wrap = opaque if config.runtime.task_runner == "threads" else _same
+    futures = engines.in_flight  # what Engines.stop waits for if the run is interrupted
     with client_task_resources(config.runtime):
-        futures = [
-            engines.runner.submit(
-                train_cohort,
-                {
-                    "engine": engines.backends[i],
-                    "jobs": wrap(chunk),
-                    "tests": wrap(
-                        None if data is None else [data[j.client].local_split() for j in chunk]
-                    ),
-                    "base": base,
-                    "base_version": base_version,
-                    "threads": config.runtime.threads_per_client,
-                    "label": f"{label}-cohort-{i}",
-                },
-            )
-            for i, chunk in enumerate(chunks)
-        ]
-    try:
-        done = {o.result.client: o for f in futures for o in f.result()}
-    except BaseException:
-        # Ctrl-C, SIGTERM or a failed cohort: the cohorts still training stop at their next
-        # step instead of finishing the round (or the warm-up) before the run can end.
-        for engine in engines.backends:
-            engine.stop.set()
-        raise
+        for i, chunk in enumerate(chunks):
+            parameters = {
+                "engine": engines.backends[i],
+                "jobs": wrap(chunk),
+                "tests": wrap(
+                    None if data is None else [data[j.client].local_split() for j in chunk]
+                ),
+                "base": base,
+                "base_version": base_version,
+                "threads": config.runtime.threads_per_client,
+                "label": f"{label}-cohort-{i}",
+            }
+            futures.append(engines.runner.submit(train_cohort, parameters))
+    done = {o.result.client: o for f in futures for o in f.result()}
+    futures.clear()
     return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were
 
 
@@ -404,16 +395,23 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
         restored = None if ckpt is None else _restore(config, run_id, base, ckpt)
         with task_runner_for(config.runtime) as runner:
             engines = build_engines(config, base, data, runner)  # from the restored base
-            state = restored or _fresh_state(config, run_id, base, federation, data, engines)
-            engines.set_ranks(state.assignment.ranks())
-            first, rounds = state.start_round, config.training.rounds
-            progress.debug(  # starts the terminal's progress bar
-                "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
-            )
-            for round_idx in range(first, rounds + 1):
-                state = _run_round(
-                    config, run_id, state, federation, data, test, round_idx, engines
+            try:
+                state = restored or _fresh_state(config, run_id, base, federation, data, engines)
+                engines.set_ranks(state.assignment.ranks())
+                first, rounds = state.start_round, config.training.rounds
+                progress.debug(  # starts the terminal's progress bar
+                    "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
                 )
+                for round_idx in range(first, rounds + 1):
+                    state = _run_round(
+                        config, run_id, state, federation, data, test, round_idx, engines
+                    )
+            except BaseException:
+                # Ctrl-C, SIGTERM or a failed cohort, wherever it lands (a submission too):
+                # cohorts in flight stop at their next step, before the runner waits for them,
+                # instead of finishing the round or the warm-up first.
+                engines.stop()
+                raise
         finish_run(
             config,
             run_id,
