@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.backend import ClientBackend, LoraSettings, pick_device
@@ -49,13 +49,15 @@ class Engines:
 
     def stop(self, wait_s: float = 60) -> None:
         """Every engine stops at its next local step (``autorank.training.StopSignal``); the
-        cohort tasks in flight are then waited for (up to ``wait_s`` each), so that Prefect
-        records their end while the flow run still stands (a task ending after it printed a
-        traceback)."""
+        cohort tasks in flight in this process are then waited for (up to ``wait_s`` each), so
+        that Prefect records their end while the flow run still stands (a task ending after it
+        printed a traceback). A Dask worker holds a copy of its engine, which no flag reaches:
+        its cohort is not waited for."""
         for engine in self.backends:
             engine.stop.set()
-        for future in self.in_flight:
-            future.wait(timeout=wait_s)
+        if isinstance(self.runner, ThreadPoolTaskRunner):
+            for future in self.in_flight:
+                future.wait(timeout=wait_s)
         self.in_flight.clear()
 
     def set_ranks(self, ranks: Sequence[Mapping[str, int]]) -> None:
