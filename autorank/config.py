@@ -7,6 +7,7 @@ the paper's double imbalance, AutoRank ranks and RBLA aggregation.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -326,6 +327,25 @@ class RankingConfig(_Section):
         """Every cap this section names (``rank_caps`` and tiers), sorted and distinct."""
         return sorted({*self.rank_caps.values(), *(t.rank for t in self.cap_tiers)})
 
+    def check_caps(self, clients: Sequence[int], floor: int) -> None:
+        """Refuse ``rank_caps`` of clients not in ``clients`` and caps below ``floor`` (the
+        largest ``r_min`` of the adapted layers): one line each, as ``ValueError``."""
+        unknown = sorted(set(self.rank_caps) - set(clients))
+        if unknown:
+            known = list(clients)
+            expected = (
+                f"indices below partition.n_clients ({len(known)})"
+                if known == list(range(len(known)))
+                else f"some of {known}"
+            )
+            raise ValueError(f"ranking.rank_caps names clients {unknown}; expected {expected}")
+        low = [cap for cap in self.named_caps() if cap < floor]
+        if low:
+            raise ValueError(
+                f"ranking.rank_caps / ranking.cap_tiers: caps {low} are below the r_min {floor} "
+                "of lora (and its layer_ranges); expected caps >= every adapted layer's r_min"
+            )
+
 
 class TrainingConfig(_Section):
     """Local training and the round schedule."""
@@ -572,20 +592,9 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _caps_fit(self) -> ExperimentConfig:
         """Rank caps name existing clients, reach every layer's r_min, and leave fedavg alone."""
-        r, n = self.ranking, self.partition.n_clients
-        outside = sorted(k for k in r.rank_caps if k >= n)
-        if outside:
-            raise ValueError(
-                f"ranking.rank_caps names clients {outside}; expected indices below "
-                f"partition.n_clients ({n})"
-            )
+        r = self.ranking
         floor = max([self.lora.r_min, *(x.r_min for x in self.lora.layer_ranges.values())])
-        low = [cap for cap in r.named_caps() if cap < floor]
-        if low:
-            raise ValueError(
-                f"ranking.rank_caps / ranking.cap_tiers: caps {low} are below the r_min {floor} "
-                "of lora (and its layer_ranges); expected caps >= every adapted layer's r_min"
-            )
+        r.check_caps(range(self.partition.n_clients), floor)
         if self.aggregation.method == "fedavg" and r.named_caps():
             raise ValueError(
                 "aggregation.method 'fedavg' needs equal ranks: ranking.rank_caps and "

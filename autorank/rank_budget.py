@@ -89,16 +89,7 @@ def check_limits(
 ) -> None:
     """Refuse caps below an r_min, ``rank_caps`` of unknown clients, and layer sizes that do not
     name exactly the adapted layers or a budget without them."""
-    floor = max([r_min, *(lo for lo, _ in layers.values())])
-    low = sorted({cap for cap in settings.named_caps() if cap < floor})
-    if low:
-        raise ValueError(
-            f"ranking.rank_caps / ranking.cap_tiers: caps {low} are below the r_min {floor} of "
-            "an adapted layer (or the global range); expected caps >= every layer's r_min"
-        )
-    unknown = sorted(set(settings.rank_caps) - set(clients))
-    if unknown:
-        raise ValueError(f"ranking.rank_caps names clients {unknown}; expected some of {clients}")
+    settings.check_caps(clients, floor=max([r_min, *(lo for lo, _ in layers.values())]))
     if sizes is None:
         if settings.budget_params is not None:
             raise ValueError("ranking.budget_params needs layer_sizes (d_in + d_out per layer)")
