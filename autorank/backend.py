@@ -144,22 +144,37 @@ def warmup_jobs(
     epochs: int,
     seed: int,
     round_idx: int = 0,
+    caps: Sequence[int | None] | None = None,
 ) -> list[ClientJob]:
-    """The warm-up round: every client at the maximum ranks, fresh LoRA from the common base.
+    """The warm-up round: every client at the maximum ranks (or at its device's cap, if lower),
+    fresh LoRA from the common base.
 
     Args:
         xs, ys: each client's training inputs and labels, client ``i`` at position ``i``.
         ranks: the maximum rank of each target.
         epochs: local epochs ``E >= 2`` (learning difficulty needs a loss curve).
         seed: the experiment seed; round ``round_idx`` (keep it distinct from training rounds).
+        caps: each client's rank cap (None: uncapped), as ``autorank.rank_budget.draw_caps``
+            gives them: a device that holds at most rank r warms up at rank r too.
     """
     if epochs < 2:
         raise ValueError(f"warm-up epochs must be >= 2 for learning difficulty, got {epochs}")
     if len(xs) != len(ys):
         raise ValueError(f"xs and ys must list the same clients, got {len(xs)} and {len(ys)}")
+    caps = [None] * len(xs) if caps is None else list(caps)
+    if len(caps) != len(xs):
+        raise ValueError(f"caps must list every client, got {len(caps)} for {len(xs)}")
     return [
-        ClientJob(i, dict(ranks), None, x, y, epochs, client_seed(seed, round_idx, i))
-        for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+        ClientJob(
+            i,
+            {k: r if cap is None else min(r, cap) for k, r in ranks.items()},
+            None,
+            x,
+            y,
+            epochs,
+            client_seed(seed, round_idx, i),
+        )
+        for i, (x, y, cap) in enumerate(zip(xs, ys, caps, strict=True))
     ]
 
 

@@ -33,6 +33,7 @@ from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import ExperimentConfig, config_digest
 from autorank.federation import Federation
 from autorank.profiling import ClientProfile
+from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
 from autorank.reranking import fit_global, remeasured_profiles, rerank_due
 from autorank.rounds import (
@@ -142,17 +143,22 @@ def _warm_up_and_rank(
     layers = layer_ranges(config)
     profiles = federation.profiles()
     if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
+        r = config.ranking
+        caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
         jobs = warmup_jobs(
             [d.x for d in data],
             [d.y for d in data],
             ranks={k: hi for k, (_, hi) in layers.items()},
             epochs=config.training.warmup_epochs,
             seed=config.seed,
+            caps=caps,
         )
+        capped = sum(cap is not None for cap in caps)
         progress.info(
-            "warm-up: %d clients, %d epochs at the maximum ranks (for learning difficulty)",
+            "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
             len(jobs),
             config.training.warmup_epochs,
+            f", {capped} at its device's cap" if capped else "",
         )
         outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
         check_finite(0, [o.result for o in outcomes])

@@ -194,3 +194,26 @@ def test_divergence_stops_the_run_with_a_clear_error_and_marks_it_failed(
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not client.get_metric_history(runs[0].info.run_id, "global/accuracy")
+
+
+def test_a_capped_client_warms_up_at_its_cap(
+    prefect_harness: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: client 0's device holds rank 2 (r_max 8)
+    config = tiny_config(tmp_path, training={"rounds": 1}, ranking={"rank_caps": {0: 2}})
+
+    # Execute
+    with caplog.at_level(logging.INFO):
+        run_id = federated_training(config=config)
+
+    # Assert: the warm-up said so, and the decision kept the cap
+    lines = [r.getMessage() for r in caplog.records]  # the flow run's logger forwards them
+    assert any(
+        line.startswith("warm-up: 4 clients") and "ranks, 1 at its device's cap (" in line
+        for line in lines
+    )
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    ranks = client.get_run(run_id).data.metrics
+    assert (
+        ranks["per_client/c00/rank"] <= 2 < max(ranks[f"per_client/c0{k}/rank"] for k in (1, 2, 3))
+    )

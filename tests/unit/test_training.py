@@ -201,6 +201,26 @@ def test_warmup_gives_per_epoch_losses() -> None:
         warmup_jobs([data[0][0]], [data[0][1]], ranks={"fc1": 4}, epochs=1, seed=0)
 
 
+def test_a_capped_client_warms_up_at_its_cap() -> None:
+    # Prepare: three clients; the second's device holds rank 3, the third's rank 12
+    data = [_blobs(24, seed=i) for i in range(3)]
+    xs, ys = [x for x, _ in data], [y for _, y in data]
+
+    # Execute
+    jobs = warmup_jobs(xs, ys, ranks={"fc1": 8, "fc2": 4}, epochs=2, seed=0, caps=[None, 3, 12])
+
+    # Assert: min(maximum rank, cap) per layer; the seeds do not depend on the caps
+    assert [j.ranks for j in jobs] == [
+        {"fc1": 8, "fc2": 4},
+        {"fc1": 3, "fc2": 3},
+        {"fc1": 8, "fc2": 4},
+    ]
+    uncapped = warmup_jobs(xs, ys, ranks={"fc1": 8, "fc2": 4}, epochs=2, seed=0)
+    assert [j.seed for j in jobs] == [j.seed for j in uncapped]
+    with pytest.raises(ValueError, match="caps must list every client"):
+        warmup_jobs(xs, ys, ranks={"fc1": 8}, epochs=2, seed=0, caps=[3])
+
+
 def test_personalised_accuracy_is_the_trained_models() -> None:
     # Prepare
     x, y = _blobs(64, seed=2)
