@@ -9,9 +9,11 @@ Prints measured figures only (nothing asserted):
 ``rounds``: the flow runs 1+R rounds in this process; the CPU seconds of this process and its
 children (Prefect's temporary API server) between the checkpoints of round 1 and round 1+R,
 over R, are the pipeline's CPU per round: start-up, pre-training and the warm-up are left out
-(wall likewise). The bare
-loops then train exactly the same clients (the run's ranks, the same sampled cohorts, data order
-and epochs) with nothing around them: no Prefect, MLflow, evaluation, aggregation or checkpoints.
+(wall likewise). After each measured round, in the same process, the bare loops train exactly
+that round's clients (the run's ranks, the same sampled cohorts, data order and epochs) with
+nothing around them: no Prefect, MLflow, evaluation, aggregation or checkpoints; their time is
+taken out of the pipeline's. Interleaved so, both see the same machine: run one after the
+other, the bare loop's own time swung by up to 30 % between runs.
 "bare sequential" is one persistent peft model per rank pattern and torch.optim, one client after
 another; "bare batched" is the batched engine called directly. Both run on one thread, the
 pipeline's cohorts in parallel on ``runtime.max_workers`` (default: every core), so CPU seconds
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -64,29 +67,103 @@ def _config(tmp: str, overrides: list[str]):  # type: ignore[no-untyped-def]
     )
 
 
-def _observed_run(config) -> tuple[str, list[tuple[float, float]]]:  # type: ignore[no-untyped-def]
-    """Run the flow; (CPU, wall) of the process tree as each round's checkpoint is written.
+class _Interleaved:
+    """Runs the bare loops on each measured round's jobs right after the pipeline's round.
 
-    The marks come from a wrapper around the checkpoint write (a polling thread would take the
-    GIL from the run it measures).
+    Wraps the checkpoint write (the end of a round). After round 1 it builds the bare loops'
+    base and jobs; after each later round it trains that round's jobs bare, on this thread,
+    three times per engine. The bare loops thus see the same machine state as the round they
+    are compared with (run one after the other, the bare loop's own time swung by up to 30 %).
+    Everything the wrapper does is timed on its own thread (``time.thread_time``) and taken out
+    of the pipeline's figures; whatever the pipeline's other threads and Prefect's server do
+    meanwhile stays in them.
     """
+
+    def __init__(self, config, rounds: int) -> None:  # type: ignore[no-untyped-def]
+        self.config, self.rounds = config, rounds
+        self.marks: list[tuple[float, float]] = []  # (process-tree CPU, wall) at each round end
+        self.excluded: list[tuple[float, float]] = []  # the wrapper's (CPU, wall) after each mark
+        self.bare: dict[str, list[tuple[float, float]]] = {"sequential": [], "batched": []}
+        self.engines: dict[str, Any] = {}
+        self.jobs: list[Any] = []
+
+    def after_round(self) -> None:
+        import torch
+
+        self.marks.append((tree_cpu(), time.perf_counter()))
+        cpu, wall = time.thread_time(), time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            done = len(self.marks)
+            if done == 1:
+                self._prepare()
+            elif done - 2 < len(self.jobs):
+                for kind, engine in self.engines.items():
+                    self.bare[kind].append(_bare_round(engine, self.jobs[done - 2]))
+        finally:
+            torch.set_num_threads(threads)
+        self.excluded.append((time.thread_time() - cpu, time.perf_counter() - wall))
+
+    def _prepare(self) -> None:
+        import torch
+
+        from autorank.batched import BatchedBackend
+        from autorank.checkpoint import DECISION_FILE
+        from autorank.sequential import SequentialBackend
+        from autorank.training import TrainSettings
+        from flows.engines import lora_settings
+        from flows.ranking import layer_ranges
+
+        config = self.config
+        (decision,) = config.runtime.checkpoint_dir.glob(f"*/{DECISION_FILE}")
+        base, self.jobs = _bare_jobs(config, decision, range(2, 2 + self.rounds))
+        lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+        cpu_dev = torch.device("cpu")
+        self.engines = {
+            "sequential": SequentialBackend(base, lora, train, cpu_dev),
+            "batched": BatchedBackend(
+                base,
+                list(layer_ranges(config)),
+                lora,
+                train,
+                cpu_dev,
+                max_clients=config.runtime.batch_clients,
+            ),
+        }
+
+    def pipeline(self) -> tuple[float, float]:
+        """The pipeline's mean (CPU, wall) per measured round, the wrapper's own time out."""
+        cpu = [
+            self.marks[i + 1][0] - self.marks[i][0] - self.excluded[i][0]
+            for i in range(len(self.marks) - 1)
+        ]
+        wall = [
+            self.marks[i + 1][1] - self.marks[i][1] - self.excluded[i][1]
+            for i in range(len(self.marks) - 1)
+        ]
+        return statistics.mean(cpu), statistics.mean(wall)
+
+
+def _observed_run(config, rounds: int) -> tuple[str, _Interleaved]:  # type: ignore[no-untyped-def]
+    """Run the flow with the bare loops interleaved after each of its rounds."""
     import tasks.checkpointing as checkpointing
     from flows.experiment import federated_training
 
-    marks: list[tuple[float, float]] = []
+    watch = _Interleaved(config, rounds)
     save = checkpointing.save_checkpoint
 
     def marked(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = save(*args, **kwargs)
-        marks.append((tree_cpu(), time.perf_counter()))
+        watch.after_round()
         return out
 
-    checkpointing.save_checkpoint = marked  # type: ignore[assignment]
+    checkpointing.save_checkpoint = marked
     try:
         run_id = federated_training(config=config)
     finally:
-        checkpointing.save_checkpoint = save  # type: ignore[assignment]
-    return str(run_id), marks
+        checkpointing.save_checkpoint = save
+    return str(run_id), watch
 
 
 def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:
@@ -100,12 +177,11 @@ def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:
     return out
 
 
-def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-def]
+def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untyped-def]
     """The measured rounds' jobs, rebuilt from the run's rank decision and seeds."""
     import json
 
     from autorank.base import make_base
-    from autorank.checkpoint import DECISION_FILE
     from autorank.cohorts import sample_clients
     from autorank.ranks import RankAssignment
     from autorank.rounds import client_data, initial_state, round_jobs
@@ -122,7 +198,6 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
         batch_size=config.training.batch_size,
         seed=config.seed,
     )
-    decision = config.runtime.checkpoint_dir / run_id / DECISION_FILE
     ranks = RankAssignment.from_json(json.loads(decision.read_text())).ranks()
     lora = lora_settings(config)
     global_state = initial_state(base, ranks, lora, seed=config.seed)
@@ -151,44 +226,15 @@ def _bare_jobs(config, run_id: str, rounds: range):  # type: ignore[no-untyped-d
     return base, per_round
 
 
-def _bare(config, base, per_round, kind: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """CPU and wall seconds per round of a bare loop over the same jobs, on one thread.
-
-    Each round's jobs run three times and the median counts (this machine's timings vary by
-    tens of percent from one run to the next); the mean over rounds is returned.
-    """
-    import torch
-
-    from autorank.batched import BatchedBackend
-    from autorank.sequential import SequentialBackend
-    from autorank.training import TrainSettings
-    from flows.engines import lora_settings
-    from flows.ranking import layer_ranges
-
-    torch.set_num_threads(1)
-    lora, train = lora_settings(config), TrainSettings.from_config(config.training)
-    cpu_dev = torch.device("cpu")
-    if kind == "sequential":
-        engine = SequentialBackend(base, lora, train, cpu_dev)
-    else:
-        engine = BatchedBackend(
-            base,
-            list(layer_ranges(config)),
-            lora,
-            train,
-            cpu_dev,
-            max_clients=config.runtime.batch_clients,
-        )
+def _bare_round(engine, jobs) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Median thread-CPU and wall seconds of three bare passes over one round's jobs."""
     cpus, walls = [], []
-    for jobs in per_round * 3:  # every round three times: the median of each is kept
-        cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(3):
+        cpu, wall = time.thread_time(), time.perf_counter()
         engine.train_clients(jobs)
-        cpus.append(time.process_time() - cpu)
+        cpus.append(time.thread_time() - cpu)
         walls.append(time.perf_counter() - wall)
-    n = len(per_round)
-    per_cpu = [statistics.median(cpus[r::n]) for r in range(n)]
-    per_wall = [statistics.median(walls[r::n]) for r in range(n)]
-    return statistics.mean(per_cpu), statistics.mean(per_wall)
+    return statistics.median(cpus), statistics.median(walls)
 
 
 def rounds_mode(args: argparse.Namespace) -> None:
@@ -209,14 +255,14 @@ def rounds_mode(args: argparse.Namespace) -> None:
         if per:
             common.append(f"training.clients_per_round={per}")
         long = _config(tmp, [*common, f"training.rounds={1 + args.rounds}"])
-        run_id, marks = _observed_run(long)
-        assert len(marks) == 1 + args.rounds, f"saw {len(marks)} rounds checkpointed"
-        cpu = (marks[-1][0] - marks[0][0]) / args.rounds
-        wall = (marks[-1][1] - marks[0][1]) / args.rounds
+        run_id, watch = _observed_run(long, args.rounds)
+        n = len(watch.marks)
+        assert n == 1 + args.rounds, f"saw {n} rounds checkpointed"
+        cpu, wall = watch.pipeline()
         phases = _phases(long.tracking.uri, run_id, first=1)
-        base, jobs = _bare_jobs(long, run_id, range(2, 2 + args.rounds))
-        seq_cpu, seq_wall = _bare(long, base, jobs, "sequential")
-        bat_cpu, _ = _bare(long, base, jobs, "batched")
+        seq_cpu = statistics.mean(c for c, _ in watch.bare["sequential"])
+        seq_wall = statistics.mean(w for _, w in watch.bare["sequential"])
+        bat_cpu = statistics.mean(c for c, _ in watch.bare["batched"])
         share = {p: phases[p] / phases["round"] for p in ("train", "aggregate", "evaluate")}
         other = 1 - sum(share.values())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -293,18 +339,27 @@ def process_mode(args: argparse.Namespace) -> None:
         *args.overrides,
     ]
     flags = [a for s in sets for a in ("--set", s)]
-    # The first run creates the MLflow and Prefect stores (a fresh machine), the second reuses them.
-    cold_wall, cold_cpu = _timed([sys.executable, "-m", "flows.cli", "run", *flags], env)
-    wall, cpu = _timed([sys.executable, "-m", "flows.cli", "run", *flags], env)
-    from autorank.config import load_config
+    # The first run creates the MLflow and Prefect stores (a fresh machine), the second reuses
+    # them; a bare process runs after each, and both are compared with the mean of the two bare
+    # runs (one bare run alone swung by up to 30 % between calls).
+    runs: list[tuple[str, float, float]] = []
+    bare: list[tuple[float, float]] = []
+    for what in ("new stores", "existing stores"):
+        runs.append((what, *_timed([sys.executable, "-m", "flows.cli", "run", *flags], env)))
+        if not bare:
+            from autorank.config import load_config
 
-    config = load_config(None, sets)
-    decision = sorted(config.runtime.checkpoint_dir.glob("*/rank_decision.json"))[-1]
-    bare_wall, bare_cpu = _timed([sys.executable, "-c", BARE, str(decision), *sets], env)
+            config = load_config(None, sets)
+            decision = sorted(config.runtime.checkpoint_dir.glob("*/rank_decision.json"))[-1]
+        bare.append(_timed([sys.executable, "-c", BARE, str(decision), *sets], env))
+    bare_wall = statistics.mean(w for w, _ in bare)
+    bare_cpu = statistics.mean(c for _, c in bare)
     print(f"machine: {psutil.cpu_count()} cores; config overrides: {args.overrides or 'none'}")
     print("process                              wall s   CPU s   ratio (wall, CPU)")
-    print(f"bare torch+peft loop               {bare_wall:7.1f}  {bare_cpu:6.1f}")
-    for what, w, c in (("new stores", cold_wall, cold_cpu), ("existing stores", wall, cpu)):
+    for i, (w, c) in enumerate(bare, 1):
+        print(f"bare torch+peft loop, run {i}        {w:7.1f}  {c:6.1f}")
+    print(f"bare torch+peft loop, mean         {bare_wall:7.1f}  {bare_cpu:6.1f}")
+    for what, w, c in runs:
         print(
             f"autorank run, {what:<20} {w:7.1f}  {c:6.1f}   "
             f"{w / bare_wall:.2f}x, {c / bare_cpu:.2f}x"
