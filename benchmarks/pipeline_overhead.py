@@ -177,6 +177,30 @@ def _phases(uri: str, run_id: str, first: int) -> dict[str, float]:
     return out
 
 
+def _records(uri: str, run_id: str) -> tuple[int, int, int, int]:
+    """What the run left in Prefect and MLflow: (most task runs in one round, task runs not
+    completed, rounds with task runs, the MLflow run's metric keys)."""
+    import re
+    from collections import Counter
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    flt = FlowRunFilter(id=FlowRunFilterId(any_=[run.data.tags["prefect.flow_run_id"]]))
+    with get_client(sync_client=True) as prefect:
+        deadline = time.monotonic() + 60
+        while True:  # the API server records task runs from events, slightly after the fact
+            runs = prefect.read_task_runs(flow_run_filter=flt)
+            pending = [r for r in runs if r.state is None or not r.state.is_completed()]
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    per_round = Counter(m.group(1) for r in runs if (m := re.match(r"round-(\d+)-", r.name)))
+    return max(per_round.values()), len(pending), len(per_round), len(run.data.metrics)
+
+
 def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untyped-def]
     """The measured rounds' jobs, rebuilt from the run's rank decision and seeds."""
     import json
@@ -246,7 +270,7 @@ def rounds_mode(args: argparse.Namespace) -> None:
     print(
         "clients  per round  pipeline CPU s  wall s | bare seq CPU s  wall s  CPU ratio  "
         "wall ratio | bare batched CPU s  CPU ratio | train  aggregate  evaluate  other "
-        "(wall shares) | peak RSS MB"
+        "(wall shares) | peak RSS MB | task runs per round (not completed) | metric keys"
     )
     for k in args.clients:
         per = args.per_round if args.per_round and args.per_round < k else None
@@ -266,12 +290,14 @@ def rounds_mode(args: argparse.Namespace) -> None:
         share = {p: phases[p] / phases["round"] for p in ("train", "aggregate", "evaluate")}
         other = 1 - sum(share.values())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        most, pending, rounds, keys = _records(long.tracking.uri, run_id)
         print(
             f"{k:7d}  {per or k:9d}  {cpu:14.2f}  {wall:6.2f} | "
             f"{seq_cpu:14.2f}  {seq_wall:6.2f}  {cpu / seq_cpu:9.2f}  {wall / seq_wall:10.2f} | "
             f"{bat_cpu:18.2f}  {cpu / bat_cpu:9.2f} | {share['train']:5.0%}  "
             f"{share['aggregate']:9.0%}  {share['evaluate']:8.0%}  {other:5.0%}"
-            f"                | {rss:11.0f}"
+            f"                | {rss:11.0f} | {most:>7d} ({pending}; {rounds} rounds)"
+            f"                | {keys:11d}"
         )
 
 
