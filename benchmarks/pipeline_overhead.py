@@ -134,15 +134,11 @@ class _Interleaved:
 
     def pipeline(self) -> tuple[float, float]:
         """The pipeline's mean (CPU, wall) per measured round, the wrapper's own time out."""
-        cpu = [
-            self.marks[i + 1][0] - self.marks[i][0] - self.excluded[i][0]
-            for i in range(len(self.marks) - 1)
+        spans = [
+            (end[0] - start[0] - out[0], end[1] - start[1] - out[1])
+            for start, end, out in zip(self.marks, self.marks[1:], self.excluded, strict=False)
         ]
-        wall = [
-            self.marks[i + 1][1] - self.marks[i][1] - self.excluded[i][1]
-            for i in range(len(self.marks) - 1)
-        ]
-        return statistics.mean(cpu), statistics.mean(wall)
+        return statistics.mean(c for c, _ in spans), statistics.mean(w for _, w in spans)
 
 
 def _observed_run(config, rounds: int) -> tuple[str, _Interleaved]:  # type: ignore[no-untyped-def]
@@ -368,15 +364,16 @@ def process_mode(args: argparse.Namespace) -> None:
     # The first run creates the MLflow and Prefect stores (a fresh machine), the second reuses
     # them; a bare process runs after each, and both are compared with the mean of the two bare
     # runs (one bare run alone swung by up to 30 % between calls).
+    from autorank.checkpoint import DECISION_FILE
+    from autorank.config import load_config
+
+    checkpoints = load_config(None, sets).runtime.checkpoint_dir
     runs: list[tuple[str, float, float]] = []
     bare: list[tuple[float, float]] = []
     for what in ("new stores", "existing stores"):
         runs.append((what, *_timed([sys.executable, "-m", "flows.cli", "run", *flags], env)))
-        if not bare:
-            from autorank.config import load_config
-
-            config = load_config(None, sets)
-            decision = sorted(config.runtime.checkpoint_dir.glob("*/rank_decision.json"))[-1]
+        # Either run's decision: the same seed, data and config give the same ranks.
+        decision = next(checkpoints.glob(f"*/{DECISION_FILE}"))
         bare.append(_timed([sys.executable, "-c", BARE, str(decision), *sets], env))
     bare_wall = statistics.mean(w for w, _ in bare)
     bare_cpu = statistics.mean(c for _, c in bare)
