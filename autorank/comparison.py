@@ -26,11 +26,13 @@ from pydantic import (
 )
 
 from autorank.config import (
+    AggregationConfig,
     AggregatorName,
     AssignerName,
     ConfigError,
     ExperimentConfig,
     _format_validation_error,
+    aggregation_fields,
     apply_override,
     config_digest,
     json_digest,
@@ -59,8 +61,24 @@ def _rank_or_mean(value: Any) -> Any:
     return value
 
 
+def _known_merges(value: Any) -> Any:
+    if isinstance(value, str):
+        names = get_args(AggregatorName)
+        fields = aggregation_fields(value)
+        if any(fields.get(k) not in names for k in ("method", "early_method") if k in fields):
+            raise ValueError(
+                f"unknown aggregator {value!r}; expected one of {', '.join(names)}, or "
+                "<early><rounds>+<aggregator> for an early merge (rbla_tiered5+rbla_product)"
+            )
+        try:
+            AggregationConfig.model_validate(fields)
+        except ValidationError as err:
+            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return value
+
+
 Assigner = Annotated[AssignerName, _known(get_args(AssignerName), "assigner")]
-Aggregator = Annotated[AggregatorName, _known(get_args(AggregatorName), "aggregator")]
+Aggregator = Annotated[str, BeforeValidator(_known_merges)]
 UniformRank = Annotated[
     Annotated[int, Field(ge=1)] | Literal["mean_autorank"] | None, BeforeValidator(_rank_or_mean)
 ]
@@ -181,9 +199,10 @@ class GridConfig(BaseModel):
     @field_validator("reference")
     @classmethod
     def _a_method_of_the_grid(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or not {"assigners", "aggregators"} <= info.data.keys():
+        if value is None or not {"base", "assigners", "aggregators"} <= info.data.keys():
             return value  # a bad assigner or aggregator is reported on its own
-        methods = _methods(info.data["assigners"], info.data["aggregators"])
+        labels = [merge_label(info.data["base"].aggregation, a) for a in info.data["aggregators"]]
+        methods = _methods(info.data["assigners"], labels)
         if value not in methods:
             raise ValueError(f"not a method of this grid; expected one of {', '.join(methods)}")
         return value
@@ -207,9 +226,14 @@ class GridConfig(BaseModel):
         return self
 
     @property
+    def merge_labels(self) -> list[str]:
+        """The aggregators as their cells run them (``merge_label``)."""
+        return [merge_label(self.base.aggregation, a) for a in self.aggregators]
+
+    @property
     def methods(self) -> list[str]:
         """Every assigner x aggregator of the grid, ``<assigner label>-<aggregator>``."""
-        return _methods(self.assigners, self.aggregators)
+        return _methods(self.assigners, self.merge_labels)
 
     @property
     def reference_method(self) -> str | None:
@@ -218,7 +242,15 @@ class GridConfig(BaseModel):
         if self.reference is not None:
             return self.reference
         mean = next((a for a in self.assigners if a.uniform_rank == MEAN_AUTORANK), None)
-        return None if mean is None else f"{mean.method}-{self.aggregators[0]}"
+        return None if mean is None else f"{mean.method}-{self.merge_labels[0]}"
+
+
+def merge_label(base: AggregationConfig, aggregator: str) -> str:
+    """The merge a cell runs, as ``AggregationConfig.label``: a grid's plain aggregator name
+    keeps the base's early merge, if any; ``<early><rounds>+<method>`` replaces it."""
+    if "early_method" in aggregation_fields(aggregator) or base.early_method is None:
+        return aggregator
+    return f"{base.early_method}{base.early_rounds}+{aggregator}"
 
 
 def _methods(assigners: Sequence[AssignerSpec], aggregators: Sequence[str]) -> list[str]:
@@ -260,14 +292,14 @@ class Cell:
 
     Attributes:
         spec: the assigner and its settings.
-        aggregator: the aggregation method.
+        aggregator: the aggregation method, as ``AggregationConfig.label``.
         seed: the experiment seed.
         config: the complete experiment; for a ``mean_autorank`` cell its ``uniform_rank`` is
             a placeholder until ``with_uniform_rank`` fills it in.
     """
 
     spec: AssignerSpec
-    aggregator: AggregatorName
+    aggregator: str
     seed: int
     config: ExperimentConfig
 
@@ -310,7 +342,7 @@ def _cell_config(
         raw["ranking"]["rerank_every"] = spec.rerank_every
     elif spec.assigner != "autorank":  # re-ranking is AutoRank's: the baselines keep their ranks
         raw["ranking"]["rerank_every"] = 0
-    raw["aggregation"] |= {"method": aggregator}
+    raw["aggregation"] |= aggregation_fields(aggregator)
     raw["tracking"] |= {"run_name": cell_name(spec, aggregator, seed)}
     return parse_config(raw)
 
@@ -326,7 +358,7 @@ def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
     for seed in grid.seeds:
         for spec in grid.assigners:
             rank = spec.uniform_rank if isinstance(spec.uniform_rank, int) else None
-            for aggregator in grid.aggregators:
+            for aggregator in grid.merge_labels:
                 name = cell_name(spec, aggregator, seed)
                 try:
                     config = _cell_config(grid.base, spec, aggregator, seed, rank)

@@ -7,6 +7,7 @@ the paper's double imbalance, AutoRank ranks and RBLA aggregation.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,15 @@ Scheme = Literal["iid", "dirichlet", "shards", "quantity_skew", "double_imbalanc
 Criterion = Literal["entropy", "gini_simpson", "n_samples", "learning_difficulty"]
 AssignerName = Literal["autorank", "uniform", "manual", "random", "heavy_tail", "size"]
 AggregatorName = Literal[
-    "fedavg", "zeropad", "hetlora", "rbla", "rbla_svd", "rbla_product", "flexlora", "flora"
+    "fedavg",
+    "zeropad",
+    "hetlora",
+    "rbla",
+    "rbla_svd",
+    "rbla_product",
+    "rbla_tiered",
+    "flexlora",
+    "flora",
 ]
 
 
@@ -407,9 +416,63 @@ class AggregationConfig(_Section):
         "rbla",
         description="rbla (each rank index averaged over the clients that have it), rbla_svd "
         "(rbla re-expressed in its SVD basis), rbla_product (rbla's per-slot weights on the "
-        "clients' products, SVD), zeropad, hetlora, flexlora (SVD), flora (stacked, merged "
-        "into the base), fedavg (uniform only)",
+        "clients' products, SVD), rbla_tiered (rbla_product within each rank tier), zeropad, "
+        "hetlora, flexlora (SVD), flora (stacked, merged into the base), fedavg (uniform only)",
     )
+    early_method: AggregatorName | None = Field(
+        None,
+        description="the merge of rounds 1..early_rounds, e.g. rbla_tiered for a fast start "
+        "before method; null: method from the first round",
+    )
+    early_rounds: int = Field(
+        0, ge=0, description="rounds merged with early_method before method takes over"
+    )
+
+    @model_validator(mode="after")
+    def _schedule(self) -> AggregationConfig:
+        if (self.early_method is None) != (self.early_rounds == 0):
+            raise ValueError(
+                "aggregation.early_method and aggregation.early_rounds go together: set both "
+                f"(got early_method {self.early_method!r}, early_rounds {self.early_rounds})"
+            )
+        if self.early_method is not None and "flora" in (self.early_method, self.method):
+            raise ValueError(
+                "aggregation.early_method cannot switch to or from flora, which merges the "
+                "adapters into the base and hands out fresh ones"
+            )
+        return self
+
+    def method_at(self, round_idx: int) -> AggregatorName:
+        """The merge of round ``round_idx`` (1-based)."""
+        if self.early_method is not None and round_idx <= self.early_rounds:
+            return self.early_method
+        return self.method
+
+    @property
+    def methods(self) -> tuple[AggregatorName, ...]:
+        """Every merge the run uses."""
+        return (self.method,) if self.early_method is None else (self.early_method, self.method)
+
+    @property
+    def label(self) -> str:
+        """The merge's name in run names and tables: ``method``, or ``<early><rounds>+<method>``
+        (``rbla_tiered5+rbla_product``) with an early merge."""
+        if self.early_method is None:
+            return self.method
+        return f"{self.early_method}{self.early_rounds}+{self.method}"
+
+
+_SCHEDULE = re.compile(r"^([a-z_]+?)(\d+)\+([a-z_]+)$")
+
+
+def aggregation_fields(label: str) -> dict[str, Any]:
+    """An ``AggregationConfig.label`` as its fields: ``rbla`` -> ``{method: rbla}``,
+    ``rbla_tiered5+rbla_product`` -> ``{early_method: rbla_tiered, early_rounds: 5,
+    method: rbla_product}``. The names are not checked here."""
+    match = _SCHEDULE.match(label)
+    if match is None:
+        return {"method": label}
+    return {"early_method": match[1], "early_rounds": int(match[2]), "method": match[3]}
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -565,7 +628,7 @@ class ExperimentConfig(_Section):
                 f"training.clients_per_round ({c}) exceeds partition.n_clients "
                 f"({self.partition.n_clients})"
             )
-        if self.aggregation.method == "fedavg" and self.ranking.assigner != "uniform":
+        if "fedavg" in self.aggregation.methods and self.ranking.assigner != "uniform":
             raise ValueError(
                 "aggregation.method 'fedavg' needs equal ranks: set ranking.assigner to 'uniform' "
                 f"(got '{self.ranking.assigner}')"
@@ -595,7 +658,7 @@ class ExperimentConfig(_Section):
         r = self.ranking
         floor = max([self.lora.r_min, *(x.r_min for x in self.lora.layer_ranges.values())])
         r.check_caps(range(self.partition.n_clients), floor)
-        if self.aggregation.method == "fedavg" and r.named_caps():
+        if "fedavg" in self.aggregation.methods and r.named_caps():
             raise ValueError(
                 "aggregation.method 'fedavg' needs equal ranks: ranking.rank_caps and "
                 "ranking.cap_tiers give capped clients lower ranks"
@@ -728,8 +791,12 @@ def config_digest(config: ExperimentConfig) -> str:
     payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
     if payload["training"]["clients_per_round"] is None:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
-    unset: dict[str, Any] = {"budget_params": None, "rank_caps": {}, "cap_tiers": []}
-    for name, default in unset.items():
-        if payload["ranking"][name] == default:
-            del payload["ranking"][name]  # not set: digests as before these settings existed
+    unset: dict[str, dict[str, Any]] = {
+        "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
+        "aggregation": {"early_method": None, "early_rounds": 0},
+    }
+    for section, defaults in unset.items():
+        for name, default in defaults.items():
+            if payload[section][name] == default:
+                del payload[section][name]  # not set: digests as before these settings existed
     return json_digest(payload)

@@ -233,7 +233,7 @@ def _run_round(
         closed: ClosedRound = close_round(
             opaque(
                 RoundClose(
-                    method=config.aggregation.method,
+                    method=config.aggregation.method_at(round_idx),
                     outcomes=outcomes,
                     previous=state.global_state,
                     base=state.base,
@@ -281,6 +281,15 @@ def _run_round(
         closed.seconds,
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
+    agg = config.aggregation
+    if agg.early_method is not None and round_idx == agg.early_rounds < config.training.rounds:
+        progress.info(
+            "%s merged with %s; %s merges from round %d on",
+            "round 1" if round_idx == 1 else f"rounds 1-{round_idx}",
+            agg.early_method,
+            agg.method,
+            round_idx + 1,
+        )
     return new
 
 

@@ -48,7 +48,7 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
     """The tags that make runs filterable and comparable in the MLflow UI."""
     return {
         "assigner": config.ranking.assigner,
-        "aggregator": config.aggregation.method,
+        "aggregator": config.aggregation.label,
         "dataset": config.data.name,
         "partition": config.partition.scheme,
         "n_clients": str(config.partition.n_clients),
@@ -61,7 +61,7 @@ def run_name(config: ExperimentConfig) -> str:
     """What runs, as the MLflow run and the Prefect flow run are named:
     ``tracking.run_name``, else ``<assigner>-<aggregator>-<dataset>-s<seed>``."""
     return config.tracking.run_name or (
-        f"{config.ranking.assigner}-{config.aggregation.method}-{config.data.name}-s{config.seed}"
+        f"{config.ranking.assigner}-{config.aggregation.label}-{config.data.name}-s{config.seed}"
     )
 
 
@@ -213,7 +213,7 @@ def description(
     return (
         f"Global test accuracy **{history[-1]:.4f}** after {len(history)} rounds "
         f"(best {history[best]:.4f} in round {best + 1}).\n\n"
-        f"{config.ranking.assigner} ranks, {config.aggregation.method} aggregation, "
+        f"{config.ranking.assigner} ranks, {config.aggregation.label} aggregation, "
         f"{config.data.name} split {config.partition.scheme} over "
         f"{config.partition.n_clients} clients, seed {config.seed}; "
         f"{params_per_client:,.0f} trainable LoRA parameters per client on average.\n\n"

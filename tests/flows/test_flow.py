@@ -217,3 +217,40 @@ def test_a_capped_client_warms_up_at_its_cap(
     assert (
         ranks["per_client/c00/rank"] <= 2 < max(ranks[f"per_client/c0{k}/rank"] for k in (1, 2, 3))
     )
+
+
+def test_an_early_merge_runs_its_rounds_then_hands_over(
+    prefect_harness: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: record which aggregator the server runs in each round
+    import autorank.rounds
+
+    merges: list[str] = []
+
+    def spy(method: str, updates: Any) -> Any:
+        merges.append(method)
+        return aggregate(method, updates)  # type: ignore[arg-type]
+
+    from autorank.aggregation import aggregate
+
+    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    config = tiny_config(
+        tmp_path,
+        training={"rounds": 3},
+        aggregation={"method": "rbla_product", "early_method": "rbla_tiered", "early_rounds": 1},
+    )
+
+    # Execute
+    with caplog.at_level(logging.INFO):
+        run_id = federated_training(config=config)
+
+    # Assert
+    assert merges == ["rbla_tiered", "rbla_product", "rbla_product"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert "round 1 merged with rbla_tiered; rbla_product merges from round 2 on" in lines
+    run = MlflowClient(tracking_uri=config.tracking.uri).get_run(run_id)
+    assert run.data.tags["aggregator"] == "rbla_tiered1+rbla_product"
+    assert run.info.run_name == "autorank-rbla_tiered1+rbla_product-digits-s0"

@@ -15,8 +15,17 @@ from autorank.config import AggregatorName
 EXACT = {"rtol": 0.0, "atol": 0.0}
 TIGHT = {"rtol": 0.0, "atol": 1e-12}
 FACTOR_AGGREGATORS = ["fedavg", "zeropad", "hetlora", "rbla"]
-HETEROGENEOUS = ["zeropad", "hetlora", "rbla", "rbla_svd", "rbla_product", "flexlora"]
-SVD_BASIS = ["rbla_svd", "rbla_product", "flexlora"]
+HETEROGENEOUS = [
+    "zeropad",
+    "hetlora",
+    "rbla",
+    "rbla_svd",
+    "rbla_product",
+    "rbla_tiered",
+    "flexlora",
+]
+SVD_BASIS = ["rbla_svd", "rbla_product", "flexlora"]  # client i: the top r_i slots of the global
+SVD_SLOTS = [*SVD_BASIS, "rbla_tiered"]  # every slot from an SVD (rbla_tiered: per rank tier)
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -552,6 +561,78 @@ def test_rbla_product_is_the_top_slots_of_the_rank_weighted_product(
     assert_close(result.global_state.lora["l"].delta(), _truncate(W, 3), **TIGHT)
 
 
+@pytest.mark.parametrize("d", [2, 4])
+def test_rbla_tiered_refactors_each_rank_tier_on_its_own(d: int) -> None:
+    # Prepare: tier [0, 1) is covered by a and b: W_0 = 1/4 a_0 + 3/4 b_0 = diag(1, 9), top slot
+    # 9 e2 e2^T; tier [1, 2) by b alone (weight 1): W_1 = b_1 = 3 e1 e1^T. rbla_product would
+    # sort diag(4, 9) across the tiers instead (see the test above).
+    updates = _product_hand_round(d)
+
+    # Execute
+    result = aggregate("rbla_tiered", updates)
+
+    # Assert: roots 3 and sqrt(3), both above 1/sqrt(3)
+    g = result.global_state.lora["l"]
+    root3 = 3**0.5
+    assert_close(g.delta(), _embed([[3, 0], [0, 9]], d, d), **TIGHT)
+    assert_close(g.A, _embed([[0, 3], [root3, 0]], 2, d), **TIGHT)
+    assert_close(g.B, _embed([[0, root3], [3, 0]], d, 2), **TIGHT)
+    a = result.client_states[0].lora["l"]
+    assert_close(a.A, _embed([[0, 3]], 1, d), **TIGHT)
+    assert_close(a.B, _embed([[0], [1.5]], d, 1), **TIGHT)  # B~ / 2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rbla_tiered_keeps_each_tier_the_top_slots_of_its_own_weighted_product(
+    shape: tuple[int, int],
+) -> None:
+    # Prepare: ranks 1, 2, 3 (weights 4, 1, 3): tiers [0, 1), [1, 2), [2, 3), one slot each,
+    # covered by all three, by the last two, by the last one
+    updates = _wide_round(*shape)
+    factors = [u.state.lora["l"] for u in updates]
+    n = [4.0, 1.0, 3.0]
+
+    def tier(k: int) -> torch.Tensor:
+        covering = [i for i, f in enumerate(factors) if f.rank > k]
+        total = sum(n[i] for i in covering)
+        terms = [
+            (n[i] / total) * factors[i].scale * torch.outer(factors[i].B[:, k], factors[i].A[k])
+            for i in covering
+        ]
+        return _truncate(torch.stack(terms).sum(dim=0), 1)
+
+    # Execute
+    result = aggregate("rbla_tiered", updates)
+
+    # Assert: slot k's rank-one product is tier k's best rank-one approximation; client i
+    # holds exactly its tiers; the bytes are RBLA's
+    g = result.global_state.lora["l"]
+    for k in range(3):
+        assert_close(g.scale * torch.outer(g.B[:, k], g.A[k]), tier(k), **TIGHT)
+    for i, state in enumerate(result.client_states):
+        assert_close(state.lora["l"].delta(), sum(tier(k) for k in range(i + 1)), **TIGHT)
+    rbla = aggregate("rbla", updates)
+    for x, y in zip(result.client_states, rbla.client_states, strict=True):
+        assert x.num_bytes() == y.num_bytes()
+
+
+def test_rbla_tiered_is_rbla_product_when_ranks_are_equal() -> None:
+    # Prepare: one tier holding every slot
+    updates = _wide_round(9, 8, ranks=(3, 3, 3))
+
+    # Execute
+    tiered, product = aggregate("rbla_tiered", updates), aggregate("rbla_product", updates)
+
+    # Assert
+    for x, y in zip(
+        [tiered.global_state, *tiered.client_states],
+        [product.global_state, *product.client_states],
+        strict=True,
+    ):
+        assert_close(x.lora["l"].A, y.lora["l"].A, **EXACT)
+        assert_close(x.lora["l"].B, y.lora["l"].B, **EXACT)
+
+
 @pytest.mark.parametrize("name", SVD_BASIS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_client_gets_the_best_approximation_of_the_global_product(
@@ -610,7 +691,7 @@ def test_no_slot_s_a_row_falls_below_lora_s_initial_norm(name: str) -> None:
     assert bool((peak > 0).all())
 
 
-@pytest.mark.parametrize("name", SVD_BASIS)
+@pytest.mark.parametrize("name", SVD_SLOTS)
 def test_svd_basis_aggregators_repeat_bit_for_bit(name: str) -> None:
     # Prepare
     updates = _round(UNEVEN_RANKS)
@@ -647,7 +728,7 @@ def test_rbla_product_hands_out_flexloras_products_when_ranks_are_equal() -> Non
     assert_close(product.global_state.lora["l"].delta(), W, **TIGHT)
 
 
-@pytest.mark.parametrize("name", ["rbla_svd", "rbla_product"])
+@pytest.mark.parametrize("name", ["rbla_svd", "rbla_product", "rbla_tiered"])
 def test_one_client_gets_its_own_product_back_in_the_svd_basis(name: str) -> None:
     # Prepare
     gen = torch.Generator().manual_seed(41)
@@ -680,7 +761,7 @@ def test_a_layer_thinner_than_the_rank_gets_zero_slots_beyond_it(name: str) -> N
     assert_close(g.B[:, 2], torch.zeros(2, dtype=torch.float64), **EXACT)
 
 
-@pytest.mark.parametrize("name", SVD_BASIS)
+@pytest.mark.parametrize("name", SVD_SLOTS)
 def test_all_zero_updates_give_a_zero_product(name: str) -> None:
     # Prepare: LoRA's B starts at zero
     zero = [
@@ -705,7 +786,7 @@ def test_all_zero_updates_give_a_zero_product(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", SVD_BASIS)
+@pytest.mark.parametrize("name", SVD_SLOTS)
 def test_half_precision_factors_keep_their_dtype(name: str, dtype: torch.dtype) -> None:
     # Prepare
     exact = _wide_round(9, 8)

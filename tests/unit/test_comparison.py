@@ -71,9 +71,9 @@ def test_shipped_grids_have_the_intended_size() -> None:
 
     assert [c.run_name for c in small] == [
         "uniform-rbla-s0",
-        "uniform-rbla_product-s0",
+        "uniform-rbla_tiered1+rbla_product-s0",
         "autorank-rbla-s0",
-        "autorank-rbla_product-s0",
+        "autorank-rbla_tiered1+rbla_product-s0",
     ]
     assert len(fashion) == 5 * 4 * 3
     assert sum(c.needs_mean_rank for c in fashion) == 4 * 3
@@ -192,6 +192,34 @@ def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
     assert skipped == []
 
 
+def test_an_early_merge_is_an_aggregator_of_the_grid_or_of_its_base() -> None:
+    # Prepare: one aggregator with its own early merge; the base's applies to plain names
+    base = {"aggregation": {"early_method": "rbla_svd", "early_rounds": 3}}
+    grid = parse_grid(
+        _grid(
+            base=base,
+            assigners=["autorank"],
+            aggregators=["rbla_product", "rbla_tiered5+rbla_product"],
+            seeds=[0],
+        )
+    )
+
+    # Execute
+    cells, _ = expand_grid(grid)
+
+    # Assert
+    got = [
+        (c.run_name, c.config.aggregation.early_method, c.config.aggregation.early_rounds)
+        for c in cells
+    ]
+    assert got == [
+        ("autorank-rbla_svd3+rbla_product-s0", "rbla_svd", 3),
+        ("autorank-rbla_tiered5+rbla_product-s0", "rbla_tiered", 5),
+    ]
+    assert [c.config.aggregation.label for c in cells] == [c.aggregator for c in cells]
+    assert grid.methods == [c.method for c in cells]
+
+
 def test_mean_rank_rounds_half_up_and_clamps() -> None:
     assert mean_rank([2, 5, 8, 8], 2, 8) == 6  # 5.75
     assert mean_rank([2, 3], 2, 8) == 3  # 2.5 goes up
@@ -245,6 +273,9 @@ BAD = [
     ({"assigners": ["wizard"]}, "wizard"),
     ({"assigners": [{"assigner": "wizard"}]}, "wizard"),
     ({"aggregators": ["rbla", "nope"]}, "nope"),
+    ({"aggregators": ["rbla_tiered5+nope"]}, "unknown aggregator 'rbla_tiered5+nope'"),
+    ({"aggregators": ["nope5+rbla"]}, "<early><rounds>+<aggregator>"),
+    ({"aggregators": ["rbla_tiered2+flora"]}, "from flora"),
     ({"assigners": [{"assigner": "autorank", "uniform_rank": 4}]}, "uniform_rank"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": 99}]}, "outside"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": "mean"}]}, "uniform_rank"),

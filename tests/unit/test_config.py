@@ -9,8 +9,11 @@ from autorank.comparison import GridConfig
 from autorank.config import (
     ConfigError,
     ExperimentConfig,
+    aggregation_fields,
     apply_override,
+    config_digest,
     flatten,
+    json_digest,
     load_config,
     parse_config,
     to_yaml,
@@ -66,6 +69,45 @@ def test_yaml_round_trip_and_flatten() -> None:
     assert flat["ranking.assigner"] == "manual"
 
 
+def test_an_early_merge_takes_the_first_rounds_then_method_takes_over() -> None:
+    config = load_config(
+        None,
+        [
+            "aggregation.method=rbla_product",
+            "aggregation.early_method=rbla_tiered",
+            "aggregation.early_rounds=2",
+        ],
+    )
+
+    merges = [config.aggregation.method_at(r) for r in (1, 2, 3, 30)]
+
+    assert merges == ["rbla_tiered", "rbla_tiered", "rbla_product", "rbla_product"]
+    assert config.aggregation.label == "rbla_tiered2+rbla_product"
+    assert aggregation_fields(config.aggregation.label) == {
+        "early_method": "rbla_tiered",
+        "early_rounds": 2,
+        "method": "rbla_product",
+    }
+    assert aggregation_fields("rbla") == {"method": "rbla"}
+    assert config_digest(config) != config_digest(
+        load_config(None, ["aggregation.method=rbla_product"])
+    )
+
+
+def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() -> None:
+    # Prepare: the default config's digest, computed from its fields before early_* existed
+    config = load_config(None, [])
+    payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
+    del payload["training"]["clients_per_round"]
+    for name in ("budget_params", "rank_caps", "cap_tiers"):
+        del payload["ranking"][name]
+    payload["aggregation"] = {"method": config.aggregation.method}
+
+    # Execute / Assert: a checkpoint written before the setting resumes
+    assert config_digest(config) == json_digest(payload)
+    assert config.aggregation.method_at(1) == config.aggregation.label == "rbla"
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -78,6 +120,14 @@ def test_yaml_round_trip_and_flatten() -> None:
         (["training.warmup_epochs=1"], "training.warmup_epochs"),
         (["training.lr=-0.1"], "training.lr"),
         (["aggregation.method=fedavg"], "needs equal ranks"),
+        (["aggregation.early_rounds=5"], "early_method and aggregation.early_rounds go together"),
+        (
+            ["aggregation.early_method=rbla_tiered"],
+            "got early_method 'rbla_tiered', early_rounds 0",
+        ),
+        (["aggregation.early_method=flora", "aggregation.early_rounds=2"], "from flora"),
+        (["aggregation.early_method=rbla", "aggregation.early_rounds=-1"], "early_rounds"),
+        (["aggregation.early_method=fedavg", "aggregation.early_rounds=2"], "needs equal ranks"),
         (["ranking.criteria=[entropy, entropy]"], "duplicates"),
         (["ranking.rerank_every=5", "training.local_epochs=1"], "local_epochs >= 2 (got 1)"),
         (["ranking.rerank_every=5", "ranking.assigner=uniform"], "needs ranking.assigner"),
