@@ -455,10 +455,10 @@ def aggregate_rbla_tiered(updates: Sequence[ClientUpdate]) -> AggregationResult:
     directions only high-rank clients trained land in low slots and are handed to every client
     next round; RBLA keeps them in the high slots, which only high-rank clients train. Measured
     on digits under the double imbalance with AutoRank's ranks (5 seeds, docs/results.md): RBLA
-    reaches 85 % in 4.4 rounds, rbla_svd (RBLA's own product, re-sorted) in 7.4 and
-    rbla_product in 7.2, so the re-sorting, not the product, costs the speed; this rule reaches
-    it in 4.4 like RBLA, but also peaks like RBLA (0.928 against rbla_product's 0.955). Hence
-    its use as an early merge (``aggregation.early_method``) before rbla_product takes over.
+    and this rule reach 85 % in 4.4 rounds, rbla_product in 7.2, so the re-sorting across tiers,
+    not the exact product, costs the speed; but this rule also peaks like RBLA (0.928 against
+    rbla_product's 0.955). Hence its use as an early merge (``aggregation.early_method``) for
+    the first rounds before rbla_product takes over.
     With equal ranks there is one tier and it is rbla_product. Tiers: RBLA (Chen et al., arXiv
     2408.08699), whose slot k is averaged over the clients that cover it; product and SVD
     hand-out: FlexLoRA (Bai et al., NeurIPS 2024).

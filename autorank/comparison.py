@@ -159,7 +159,9 @@ class GridConfig(BaseModel):
     )
     aggregators: tuple[Aggregator, ...] = Field(
         min_length=1,
-        description="aggregation methods, crossed with every assigner (fedavg runs only with the "
+        description="aggregation methods, crossed with every assigner: names, or "
+        "<early><rounds>+<method> (rbla_tiered5+rbla_product) for an early merge; a plain name "
+        "takes base.aggregation's early merge if it has one (fedavg runs only with the "
         "uniform assigner; other combinations with it are skipped)",
     )
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field(
@@ -213,6 +215,17 @@ class GridConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("has duplicates")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_merges(self) -> GridConfig:
+        labels = self.merge_labels
+        twice = sorted({m for m in labels if labels.count(m) > 1})
+        if twice:
+            raise ValueError(
+                f"aggregators: {twice} appear twice once base.aggregation's early merge applies "
+                "to the plain names"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ranks_in_range(self) -> GridConfig:

@@ -435,6 +435,11 @@ class AggregationConfig(_Section):
                 "aggregation.early_method and aggregation.early_rounds go together: set both "
                 f"(got early_method {self.early_method!r}, early_rounds {self.early_rounds})"
             )
+        if self.early_method is not None and self.early_method == self.method:
+            raise ValueError(
+                f"aggregation.early_method is aggregation.method ({self.method!r}): name another "
+                "merge for the first rounds, or leave early_method unset"
+            )
         if self.early_method is not None and "flora" in (self.early_method, self.method):
             raise ValueError(
                 "aggregation.early_method cannot switch to or from flora, which merges the "
@@ -462,7 +467,7 @@ class AggregationConfig(_Section):
         return f"{self.early_method}{self.early_rounds}+{self.method}"
 
 
-_SCHEDULE = re.compile(r"^([a-z_]+?)(\d+)\+([a-z_]+)$")
+_SCHEDULE = re.compile(r"^([a-z_]+?)([1-9]\d*)\+([a-z_]+)$")
 
 
 def aggregation_fields(label: str) -> dict[str, Any]:
@@ -630,12 +635,21 @@ class ExperimentConfig(_Section):
             )
         if "fedavg" in self.aggregation.methods and self.ranking.assigner != "uniform":
             raise ValueError(
-                "aggregation.method 'fedavg' needs equal ranks: set ranking.assigner to 'uniform' "
-                f"(got '{self.ranking.assigner}')"
+                f"aggregation.{self._fedavg_field()} 'fedavg' needs equal ranks: set "
+                f"ranking.assigner to 'uniform' (got '{self.ranking.assigner}')"
+            )
+        early = self.aggregation.early_rounds
+        if early >= self.training.rounds:
+            raise ValueError(
+                f"aggregation.early_rounds ({early}) must be below training.rounds "
+                f"({self.training.rounds}), or aggregation.method would never merge"
             )
         if self.ranking.rerank_every:
             self._check_reranking()
         return self
+
+    def _fedavg_field(self) -> str:
+        return "method" if self.aggregation.method == "fedavg" else "early_method"
 
     def _check_reranking(self) -> None:
         """Re-ranking measures learning difficulty again: autorank only, from >= 2 epochs."""
@@ -660,8 +674,8 @@ class ExperimentConfig(_Section):
         r.check_caps(range(self.partition.n_clients), floor)
         if "fedavg" in self.aggregation.methods and r.named_caps():
             raise ValueError(
-                "aggregation.method 'fedavg' needs equal ranks: ranking.rank_caps and "
-                "ranking.cap_tiers give capped clients lower ranks"
+                f"aggregation.{self._fedavg_field()} 'fedavg' needs equal ranks: "
+                "ranking.rank_caps and ranking.cap_tiers give capped clients lower ranks"
             )
         return self
 

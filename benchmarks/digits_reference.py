@@ -78,7 +78,7 @@ def main() -> None:
     accs = [m.value for m in sorted(history, key=lambda m: m.step)]
     first85 = next((i + 1 for i, a in enumerate(accs) if a >= 0.85), None)
     print(
-        f"federated ({config.ranking.assigner}, {config.aggregation.method}, "
+        f"federated ({config.ranking.assigner}, {config.aggregation.label}, "
         f"{config.partition.n_clients} clients, {config.training.rounds} rounds): "
         f"final {accs[-1]:.4f}, best {max(accs):.4f}, first round >= 0.85: {first85}, "
         f"wall {wall:.1f} s including Prefect start"

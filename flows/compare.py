@@ -131,7 +131,7 @@ def _open_parent(grid: GridConfig, resume_parent_run_id: str | None) -> str:
     run_id = tracking.start_run(uri, base.tracking.experiment, run_name=_name(grid), tags=tags)
     params = {
         "assigners": ",".join(a.method for a in grid.assigners),
-        "aggregators": ",".join(grid.aggregators),
+        "aggregators": ",".join(grid.merge_labels),
         "seeds": ",".join(str(s) for s in grid.seeds),
         "target_accuracy": str(grid.target_accuracy),
         "max_parallel": str(grid.max_parallel),

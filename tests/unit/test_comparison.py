@@ -276,6 +276,14 @@ BAD = [
     ({"aggregators": ["rbla_tiered5+nope"]}, "unknown aggregator 'rbla_tiered5+nope'"),
     ({"aggregators": ["nope5+rbla"]}, "<early><rounds>+<aggregator>"),
     ({"aggregators": ["rbla_tiered2+flora"]}, "from flora"),
+    ({"aggregators": ["rbla_tiered05+rbla"]}, "unknown aggregator 'rbla_tiered05+rbla'"),
+    (
+        {
+            "base": {"aggregation": {"early_method": "rbla_tiered", "early_rounds": 5}},
+            "aggregators": ["rbla_product", "rbla_tiered5+rbla_product"],
+        },
+        "['rbla_tiered5+rbla_product'] appear twice once base.aggregation's early merge applies",
+    ),
     ({"assigners": [{"assigner": "autorank", "uniform_rank": 4}]}, "uniform_rank"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": 99}]}, "outside"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": "mean"}]}, "uniform_rank"),

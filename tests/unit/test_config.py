@@ -119,7 +119,7 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
         (["lora.layer_ranges={fc1: {r_min: 9, r_max: 3}}"], "lora.layer_ranges.fc1"),
         (["training.warmup_epochs=1"], "training.warmup_epochs"),
         (["training.lr=-0.1"], "training.lr"),
-        (["aggregation.method=fedavg"], "needs equal ranks"),
+        (["aggregation.method=fedavg"], "aggregation.method 'fedavg' needs equal ranks"),
         (["aggregation.early_rounds=5"], "early_method and aggregation.early_rounds go together"),
         (
             ["aggregation.early_method=rbla_tiered"],
@@ -127,7 +127,18 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
         ),
         (["aggregation.early_method=flora", "aggregation.early_rounds=2"], "from flora"),
         (["aggregation.early_method=rbla", "aggregation.early_rounds=-1"], "early_rounds"),
-        (["aggregation.early_method=fedavg", "aggregation.early_rounds=2"], "needs equal ranks"),
+        (
+            ["aggregation.early_method=fedavg", "aggregation.early_rounds=2"],
+            "aggregation.early_method 'fedavg' needs equal ranks",
+        ),
+        (
+            ["aggregation.early_method=rbla_tiered", "aggregation.early_rounds=20"],
+            "early_rounds (20) must be below training.rounds (20)",
+        ),
+        (
+            ["aggregation.early_method=rbla", "aggregation.early_rounds=2"],
+            "aggregation.early_method is aggregation.method ('rbla')",
+        ),
         (["ranking.criteria=[entropy, entropy]"], "duplicates"),
         (["ranking.rerank_every=5", "training.local_epochs=1"], "local_epochs >= 2 (got 1)"),
         (["ranking.rerank_every=5", "ranking.assigner=uniform"], "needs ranking.assigner"),
