@@ -44,6 +44,8 @@ from autorank.rank_mapping import round_half_up
 logger = logging.getLogger(__name__)
 
 MEAN_AUTORANK = "mean_autorank"
+BUDGET_AUTORANK = "budget_autorank"
+FROM_AUTORANK = (MEAN_AUTORANK, BUDGET_AUTORANK)  # uniform ranks decided by AutoRank's cell
 
 
 def _known(names: tuple[str, ...], what: str) -> BeforeValidator:
@@ -56,8 +58,8 @@ def _known(names: tuple[str, ...], what: str) -> BeforeValidator:
 
 
 def _rank_or_mean(value: Any) -> Any:
-    if isinstance(value, str) and value != MEAN_AUTORANK:
-        raise ValueError(f"expected a rank (an integer) or {MEAN_AUTORANK!r}")
+    if isinstance(value, str) and value not in FROM_AUTORANK:
+        raise ValueError(f"expected a rank (an integer), {MEAN_AUTORANK!r} or {BUDGET_AUTORANK!r}")
     return value
 
 
@@ -80,7 +82,8 @@ def _known_merges(value: Any) -> Any:
 Assigner = Annotated[AssignerName, _known(get_args(AssignerName), "assigner")]
 Aggregator = Annotated[str, BeforeValidator(_known_merges)]
 UniformRank = Annotated[
-    Annotated[int, Field(ge=1)] | Literal["mean_autorank"] | None, BeforeValidator(_rank_or_mean)
+    Annotated[int, Field(ge=1)] | Literal["mean_autorank", "budget_autorank"] | None,
+    BeforeValidator(_rank_or_mean),
 ]
 
 
@@ -92,7 +95,10 @@ class AssignerSpec(BaseModel):
     up, taken from the AutoRank cell's ``rank_decision.json`` (so learning difficulty is in it).
     With per-layer ranges narrower than the global one the match is approximate: uniform clamps
     per layer while AutoRank scales into each layer's range (the "params per client" column
-    shows both budgets).
+    shows both budgets). ``uniform_rank: budget_autorank`` matches the parameters instead: the
+    cell's ``ranking.budget_params`` is the LoRA parameters AutoRank's ranks train over all
+    clients of the same seed (the decision's ``total_params``), and uniform ranks take the
+    largest common scale of every layer's ``r_max`` that fits it (``autorank.rank_budget``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -100,8 +106,9 @@ class AssignerSpec(BaseModel):
     assigner: Assigner = Field(description="the rank assigner, as ranking.assigner")
     uniform_rank: UniformRank = Field(
         None,
-        description="uniform only: every client's rank, or mean_autorank for AutoRank's mean rank "
-        "of the same seed (the same budget); null: base.lora.r_max",
+        description="uniform only: every client's rank, mean_autorank for AutoRank's mean rank of "
+        "the same seed, or budget_autorank for the largest uniform ranks within the LoRA "
+        "parameters AutoRank's ranks train (the same budget, exactly); null: base.lora.r_max",
     )
     rerank_every: int | None = Field(
         None,
@@ -130,8 +137,8 @@ class AssignerSpec(BaseModel):
         """The name of this assigner in run names, tables and plots."""
         if self.label:
             return self.label
-        if self.uniform_rank == MEAN_AUTORANK:
-            return "uniform-mean_autorank"
+        if self.uniform_rank in FROM_AUTORANK:
+            return f"uniform-{self.uniform_rank}"
         if self.uniform_rank is not None:
             return f"uniform-r{self.uniform_rank}"
         if self.rerank_every:
@@ -308,7 +315,8 @@ class Cell:
         aggregator: the aggregation method, as ``AggregationConfig.label``.
         seed: the experiment seed.
         config: the complete experiment; for a ``mean_autorank`` cell its ``uniform_rank`` is
-            a placeholder until ``with_uniform_rank`` fills it in.
+            a placeholder until ``with_uniform_rank`` fills it in, for a ``budget_autorank``
+            cell its ``budget_params`` until ``with_budget`` does.
     """
 
     spec: AssignerSpec
@@ -327,9 +335,9 @@ class Cell:
         return f"{self.spec.method}-{self.aggregator}"
 
     @property
-    def needs_mean_rank(self) -> bool:
-        """Whether the uniform rank waits on AutoRank's decision for this seed."""
-        return self.spec.uniform_rank == MEAN_AUTORANK
+    def waits_for_autorank(self) -> bool:
+        """Whether the uniform ranks wait on AutoRank's decision for this seed."""
+        return self.spec.uniform_rank in FROM_AUTORANK
 
 
 @dataclass(frozen=True)
@@ -346,11 +354,18 @@ def cell_name(spec: AssignerSpec, aggregator: str, seed: int) -> str:
 
 
 def _cell_config(
-    base: ExperimentConfig, spec: AssignerSpec, aggregator: str, seed: int, rank: int | None
+    base: ExperimentConfig,
+    spec: AssignerSpec,
+    aggregator: str,
+    seed: int,
+    rank: int | None,
+    budget: int | None = None,
 ) -> ExperimentConfig:
     raw = base.model_dump(mode="json")
     raw["seed"] = seed
     raw["ranking"] |= {"assigner": spec.assigner, "uniform_rank": rank}
+    if budget is not None:
+        raw["ranking"]["budget_params"] = budget
     if spec.rerank_every is not None:
         raw["ranking"]["rerank_every"] = spec.rerank_every
     elif spec.assigner != "autorank":  # re-ranking is AutoRank's: the baselines keep their ranks
@@ -386,6 +401,12 @@ def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
 def with_uniform_rank(cell: Cell, rank: int) -> Cell:
     """The cell with its uniform rank fixed (for ``mean_autorank`` once AutoRank has run)."""
     config = _cell_config(cell.config, cell.spec, cell.aggregator, cell.seed, rank)
+    return Cell(cell.spec, cell.aggregator, cell.seed, config)
+
+
+def with_budget(cell: Cell, budget: int) -> Cell:
+    """The cell with its parameter budget fixed (for ``budget_autorank`` once AutoRank has run)."""
+    config = _cell_config(cell.config, cell.spec, cell.aggregator, cell.seed, None, budget)
     return Cell(cell.spec, cell.aggregator, cell.seed, config)
 
 

@@ -273,9 +273,9 @@ def grid_plan(grid: GridConfig) -> str:
             f"budget: {budget:,} LoRA parameters over all clients in every run "
             "(`autorank ranks` shows what one run's ranks use)"
         )
-    waiting = sum(c.needs_mean_rank for c in cells)
+    waiting = sum(c.waits_for_autorank for c in cells)
     lines.append(
-        f"{len(cells)} runs ({waiting} wait for AutoRank's mean rank), {len(skipped)} skipped, "
+        f"{len(cells)} runs ({waiting} wait for AutoRank's decision), {len(skipped)} skipped, "
         f"up to {grid.max_parallel} at a time; tracked in {grid.base.tracking.uri}"
     )
     return "\n".join(lines)

@@ -29,6 +29,8 @@ from prefect.futures import wait
 
 from autorank.checkpoint import DECISION_FILE
 from autorank.comparison import (
+    BUDGET_AUTORANK,
+    MEAN_AUTORANK,
     Cell,
     GridConfig,
     SkippedCell,
@@ -36,6 +38,7 @@ from autorank.comparison import (
     grid_digest,
     mean_rank,
     parse_grid,
+    with_budget,
     with_uniform_rank,
 )
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
@@ -52,11 +55,12 @@ from autorank.summary import (
     summary_metrics,
     terminal_table,
 )
+from autorank.targets import target_sizes
 from flows import run_views
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
 from flows.local import preflight
-from flows.ranking import federation_for, rank_table
+from flows.ranking import federation_for, layer_ranges, rank_table, untrained_base
 from flows.run_records import close_interrupted_or_failed
 from flows.run_views import progress_in_run_log
 from tasks import tracking
@@ -226,10 +230,11 @@ def _run_cells(
     return done
 
 
-def _autorank_ranks(
+def _autorank_decision(
     grid: GridConfig, cells: Sequence[Cell], done: dict[str, str], seed: int
-) -> list[int]:
-    """AutoRank's global-scale ranks for ``seed``: its cell's decision, else the no-training one."""
+) -> tuple[list[int], int]:
+    """AutoRank's global-scale ranks for ``seed`` and the LoRA parameters they train over all
+    clients: its cell's decision, else the no-training one."""
     source = next(
         (
             c
@@ -240,27 +245,42 @@ def _autorank_ranks(
     )
     if source is not None:
         decision = tracking.read_json(grid.base.tracking.uri, done[source.run_name], DECISION_FILE)
-        return [int(row["rank"]) for row in decision["clients"]]
-    progress.info(
-        "seed %d: no AutoRank cell; its mean rank comes from the no-training criteria", seed
-    )
+        return [int(row["rank"]) for row in decision["clients"]], int(decision["total_params"])
+    progress.info("seed %d: no AutoRank cell; its ranks come from the no-training criteria", seed)
     config = next(c for c in cells if c.seed == seed).config
     ranking = config.ranking.model_copy(update={"assigner": "autorank"})
-    return [d.rank for d in rank_table(config.model_copy(update={"ranking": ranking})).decisions]
+    config = config.model_copy(update={"ranking": ranking})
+    federation = federation_for(config)
+    sizes = target_sizes(untrained_base(config, federation), list(layer_ranges(config)))
+    result = rank_table(config, federation, layer_sizes=sizes)
+    assert result.total_params is not None  # counted since the layer sizes are given
+    return [d.rank for d in result.decisions], result.total_params
 
 
-def _resolve_mean_ranks(
+def _resolve_from_autorank(
     grid: GridConfig, cells: Sequence[Cell], done: dict[str, str]
 ) -> list[Cell]:
-    """The ``mean_autorank`` cells with their uniform rank fixed from AutoRank's decision."""
+    """The ``mean_autorank`` and ``budget_autorank`` cells completed from AutoRank's decision of
+    their seed: its mean rank, or the LoRA parameters its ranks train as the budget."""
     lora = grid.base.lora
-    ranks = {
-        seed: mean_rank(_autorank_ranks(grid, cells, done, seed), lora.r_min, lora.r_max)
-        for seed in {c.seed for c in cells if c.needs_mean_rank}
-    }
-    for seed, rank in sorted(ranks.items()):
-        progress.info("seed %d: AutoRank's mean rank is %d", seed, rank)
-    return [with_uniform_rank(c, ranks[c.seed]) for c in cells if c.needs_mean_rank]
+    waiting = [c for c in cells if c.waits_for_autorank]
+    resolved: list[Cell] = []
+    for seed in sorted({c.seed for c in waiting}):
+        ranks, total = _autorank_decision(grid, cells, done, seed)
+        rank = mean_rank(ranks, lora.r_min, lora.r_max)
+        mine = [c for c in waiting if c.seed == seed]
+        if any(c.spec.uniform_rank == MEAN_AUTORANK for c in mine):
+            progress.info("seed %d: AutoRank's mean rank is %d", seed, rank)
+        if any(c.spec.uniform_rank == BUDGET_AUTORANK for c in mine):
+            progress.info("seed %d: AutoRank's ranks train %s LoRA parameters", seed, f"{total:,}")
+        resolved += [
+            with_uniform_rank(c, rank)
+            if c.spec.uniform_rank == MEAN_AUTORANK
+            else with_budget(c, total)
+            for c in mine
+        ]
+    order = {c.run_name: i for i, c in enumerate(cells)}
+    return sorted(resolved, key=lambda c: order[c.run_name])
 
 
 def _cell_result(uri: str, cell: Cell, run_id: str) -> CellResult:
@@ -383,9 +403,9 @@ def _compare(
     try:
         children = tracking.child_runs(uri, parent)
         diverged: list[SkippedCell] = []
-        first = [c for c in cells if not c.needs_mean_rank]
+        first = [c for c in cells if not c.waits_for_autorank]
         done = _run_cells(grid, parent, first, children, diverged)
-        resolved = _resolve_mean_ranks(grid, cells, done)
+        resolved = _resolve_from_autorank(grid, cells, done)
         done |= _run_cells(grid, parent, resolved, children, diverged)
         final = {c.run_name: c for c in [*first, *resolved]}
         ran = [final[c.run_name] for c in cells if c.run_name in done]

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from autorank.comparison import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
+from flows.ranking import rank_table
 from tests.flows.conftest import cli_error, store_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,7 +141,8 @@ def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
     grid = load_grid(
         ROOT / "configs/grids/digits_small.yaml",
         [
-            "assigners=[autorank, {assigner: uniform, uniform_rank: mean_autorank}]",
+            "assigners=[autorank, {assigner: uniform, uniform_rank: mean_autorank}, "
+            "{assigner: uniform, uniform_rank: budget_autorank}]",
             "aggregators=[rbla, fedavg]",
             "max_parallel=2",
             "base.training.rounds=1",
@@ -156,6 +158,8 @@ def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
     children = {c.info.run_name: c for c in _children(client, parent)}
     assert sorted(children) == [
         "autorank-rbla-s0",
+        "uniform-budget_autorank-fedavg-s0",
+        "uniform-budget_autorank-rbla-s0",
         "uniform-mean_autorank-fedavg-s0",
         "uniform-mean_autorank-rbla-s0",
     ]
@@ -170,8 +174,51 @@ def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
     expected = int(sum(ranks) / len(ranks) + 0.5)
     for name in ("uniform-mean_autorank-fedavg-s0", "uniform-mean_autorank-rbla-s0"):
         assert children[name].data.params["ranking.uniform_rank"] == str(expected)
+    for name in ("uniform-budget_autorank-fedavg-s0", "uniform-budget_autorank-rbla-s0"):
+        run = children[name].data
+        assert run.params["ranking.budget_params"] == str(decision["total_params"])
+        ranks = {run.metrics[f"per_client/c{k:02d}/rank"] for k in range(4)}
+        assert len(ranks) == 1  # uniform: one rank, the largest that fits AutoRank's budget
     summary = Path(client.download_artifacts(parent, "summary.md", str(tmp_path))).read_text()
     assert "- skipped `autorank-fedavg-s0`: " in summary
+
+
+def test_without_an_autorank_cell_the_budget_comes_from_the_no_training_decision(
+    prefect_harness: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: AutoRank is not in the grid, so its ranks are decided without the warm-up
+    grid = load_grid(
+        ROOT / "configs/grids/digits_small.yaml",
+        [
+            "assigners=[{assigner: uniform, uniform_rank: budget_autorank}]",
+            "aggregators=[rbla]",
+            "base.training.rounds=1",
+            f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
+            "base.runtime.device=cpu",
+        ],
+    )
+    base = grid.base
+    config = base.model_copy(
+        update={"ranking": base.ranking.model_copy(update={"assigner": "autorank"})}
+    )
+    sizes = dict(zip(["fc1", "fc2"], [64 + 200, 200 + 200], strict=True))  # digits: 64-200-200
+    want = sum(
+        sum(d.layer_ranks[name] * n for name, n in sizes.items())
+        for d in rank_table(config).decisions
+    )
+
+    # Execute
+    with caplog.at_level(logging.INFO):
+        parent = compare_methods(grid=grid)
+
+    # Assert
+    client = MlflowClient(tracking_uri=base.tracking.uri)
+    (child,) = _children(client, parent)
+    assert child.data.params["ranking.budget_params"] == str(want)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "seed 0: no AutoRank cell; its ranks come from the no-training criteria" in lines
+    assert f"seed 0: AutoRank's ranks train {want:,} LoRA parameters" in lines
 
 
 @pytest.fixture
@@ -319,7 +366,7 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
         "set ranking.assigner to 'uniform' (got 'autorank')"
         for s in (0, 1)
     ]
-    assert lines[-1].startswith("6 runs (0 wait for AutoRank's mean rank), 2 skipped")
+    assert lines[-1].startswith("6 runs (0 wait for AutoRank's decision), 2 skipped")
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
     # Columns line up, however long a method or aggregator name is
     assert lines[0].split() == ["run", "method", "aggregator", "seed", "rounds"]

@@ -15,6 +15,7 @@ from autorank.comparison import (
     load_grid,
     mean_rank,
     parse_grid,
+    with_budget,
     with_uniform_rank,
 )
 from autorank.config import ConfigError, config_digest
@@ -76,7 +77,7 @@ def test_shipped_grids_have_the_intended_size() -> None:
         "autorank-rbla_tiered1+rbla_product-s0",
     ]
     assert len(fashion) == 5 * 4 * 3
-    assert sum(c.needs_mean_rank for c in fashion) == 4 * 3
+    assert sum(c.waits_for_autorank for c in fashion) == 4 * 3
     assert fashion[0].config.lora.range_of("fc2") == (4, 100)
 
 
@@ -165,10 +166,33 @@ def test_uniform_rank_variants_and_mean_autorank_placeholder() -> None:
         "by-labels-rbla-s3",
     ]
     assert cells[1].config.ranking.uniform_rank == 4
-    assert mean_cell.needs_mean_rank and mean_cell.config.ranking.uniform_rank is None
+    assert mean_cell.waits_for_autorank and mean_cell.config.ranking.uniform_rank is None
     assert resolved.config.ranking.uniform_rank == 7
     assert resolved.run_name == mean_cell.run_name
     assert config_digest(resolved.config) != config_digest(mean_cell.config)
+
+
+def test_budget_autorank_waits_for_autorank_then_takes_its_parameters_as_the_budget() -> None:
+    # Prepare
+    grid = parse_grid(
+        _grid(
+            assigners=["autorank", {"assigner": "uniform", "uniform_rank": "budget_autorank"}],
+            aggregators=["rbla"],
+            seeds=[2],
+        )
+    )
+    cells, _ = expand_grid(grid)
+
+    # Execute
+    resolved = with_budget(cells[1], 12_345)
+
+    # Assert
+    assert [c.run_name for c in cells] == ["autorank-rbla-s2", "uniform-budget_autorank-rbla-s2"]
+    assert [c.waits_for_autorank for c in cells] == [False, True]
+    assert cells[1].config.ranking.budget_params is None
+    assert resolved.config.ranking.budget_params == 12_345
+    assert resolved.config.ranking.uniform_rank is None  # every layer's r_max, scaled to fit
+    assert resolved.run_name == cells[1].run_name
 
 
 def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
@@ -287,6 +311,10 @@ BAD = [
     ({"assigners": [{"assigner": "autorank", "uniform_rank": 4}]}, "uniform_rank"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": 99}]}, "outside"),
     ({"assigners": [{"assigner": "uniform", "uniform_rank": "mean"}]}, "uniform_rank"),
+    (
+        {"assigners": [{"assigner": "autorank", "uniform_rank": "budget_autorank"}]},
+        "uniform_rank is for the uniform assigner",
+    ),
     ({"assigners": ["uniform", "uniform"]}, "appear twice"),
     ({"aggregators": ["rbla", "rbla"]}, "duplicates"),
     ({"assigners": []}, "assigners"),
