@@ -268,9 +268,9 @@ class GridConfig(BaseModel):
 def merge_label(base: AggregationConfig, aggregator: str) -> str:
     """The merge a cell runs, as ``AggregationConfig.label``: a grid's plain aggregator name
     keeps the base's early merge, if any; ``<early><rounds>+<method>`` replaces it."""
-    if "early_method" in aggregation_fields(aggregator) or base.early_method is None:
+    if "early_method" in aggregation_fields(aggregator):
         return aggregator
-    return f"{base.early_method}{base.early_rounds}+{aggregator}"
+    return base.model_copy(update={"method": aggregator}).label
 
 
 def _methods(assigners: Sequence[AssignerSpec], aggregators: Sequence[str]) -> list[str]:
