@@ -70,12 +70,15 @@ def _known_merges(value: Any) -> Any:
         if any(fields.get(k) not in names for k in ("method", "early_method") if k in fields):
             raise ValueError(
                 f"unknown aggregator {value!r}; expected one of {', '.join(names)}, or "
-                "<early><rounds>+<aggregator> for an early merge (rbla_tiered5+rbla_product)"
+                "<early><rounds>[@all_labels]+<aggregator> for an early merge "
+                "(rbla_tiered5+rbla_product)"
             )
         try:
             AggregationConfig.model_validate(fields)
         except ValidationError as err:
-            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+            first = err.errors()[0]
+            where = "".join(f"aggregation.{name}: " for name in first["loc"])
+            raise ValueError(where + first["msg"].removeprefix("Value error, ")) from None
     return value
 
 

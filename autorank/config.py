@@ -29,6 +29,8 @@ AggregatorName = Literal[
     "flexlora",
     "flora",
 ]
+# When aggregation.early_method applies: always, or only when every rank tier holds every label.
+EarlyWhen = Literal["always", "all_labels"]
 
 
 class _Section(BaseModel):
@@ -427,6 +429,13 @@ class AggregationConfig(_Section):
     early_rounds: int = Field(
         0, ge=0, description="rounds merged with early_method before method takes over"
     )
+    early_when: EarlyWhen = Field(
+        "always",
+        description="always: early_method merges rounds 1..early_rounds; all_labels: only while "
+        "the clients of every rank tier (per layer, those at or above each client rank) hold "
+        "every label the federation holds between them, as under the double imbalance, else "
+        "method merges from round 1",
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> AggregationConfig:
@@ -434,6 +443,11 @@ class AggregationConfig(_Section):
             raise ValueError(
                 "aggregation.early_method and aggregation.early_rounds go together: set both "
                 f"(got early_method {self.early_method!r}, early_rounds {self.early_rounds})"
+            )
+        if self.early_method is None and self.early_when != "always":
+            raise ValueError(
+                f"aggregation.early_when {self.early_when!r} needs an early merge: set "
+                "early_method and early_rounds, or leave early_when at 'always'"
             )
         if self.early_method is not None and self.early_method == self.method:
             raise ValueError(
@@ -447,9 +461,12 @@ class AggregationConfig(_Section):
             )
         return self
 
-    def method_at(self, round_idx: int) -> AggregatorName:
-        """The merge of round ``round_idx`` (1-based)."""
-        if self.early_method is not None and round_idx <= self.early_rounds:
+    def method_at(self, round_idx: int, *, labels_covered: bool = True) -> AggregatorName:
+        """The merge of round ``round_idx`` (1-based); ``labels_covered``: whether every rank
+        tier's clients hold every label (``aggregation.tier_label_gap``), which
+        ``early_when: all_labels`` asks for."""
+        early = self.early_when == "always" or labels_covered
+        if self.early_method is not None and round_idx <= self.early_rounds and early:
             return self.early_method
         return self.method
 
@@ -460,24 +477,30 @@ class AggregationConfig(_Section):
 
     @property
     def label(self) -> str:
-        """The merge's name in run names and tables: ``method``, or ``<early><rounds>+<method>``
-        (``rbla_tiered5+rbla_product``) with an early merge."""
+        """The merge's name in run names and tables: ``method``, or
+        ``<early><rounds>[@<when>]+<method>`` with an early merge (``rbla_tiered5+rbla_product``;
+        ``rbla_tiered5@all_labels+rbla_product`` when it depends on the labels)."""
         if self.early_method is None:
             return self.method
-        return f"{self.early_method}{self.early_rounds}+{self.method}"
+        when = "" if self.early_when == "always" else f"@{self.early_when}"
+        return f"{self.early_method}{self.early_rounds}{when}+{self.method}"
 
 
-_SCHEDULE = re.compile(r"^([a-z_]+?)([1-9]\d*)\+([a-z_]+)$")
+_SCHEDULE = re.compile(r"^([a-z_]+?)([1-9]\d*)(?:@([a-z_]+))?\+([a-z_]+)$")
 
 
 def aggregation_fields(label: str) -> dict[str, Any]:
     """An ``AggregationConfig.label`` as its fields: ``rbla`` -> ``{method: rbla}``,
     ``rbla_tiered5+rbla_product`` -> ``{early_method: rbla_tiered, early_rounds: 5,
-    method: rbla_product}``. The names are not checked here."""
+    method: rbla_product}``, and ``rbla_tiered5@all_labels+rbla_product`` adds
+    ``early_when: all_labels``. The names are not checked here."""
     match = _SCHEDULE.match(label)
     if match is None:
         return {"method": label}
-    return {"early_method": match[1], "early_rounds": int(match[2]), "method": match[3]}
+    fields: dict[str, Any] = {"early_method": match[1], "early_rounds": int(match[2])}
+    if match[3] is not None:
+        fields["early_when"] = match[3]
+    return fields | {"method": match[4]}
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -807,7 +830,7 @@ def config_digest(config: ExperimentConfig) -> str:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
     unset: dict[str, dict[str, Any]] = {
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
-        "aggregation": {"early_method": None, "early_rounds": 0},
+        "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
     }
     for section, defaults in unset.items():
         for name, default in defaults.items():

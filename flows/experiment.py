@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.adapters import AdapterState
+from autorank.aggregation import tier_label_gap
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
 from autorank.checkpoint import (
     DECISION_FILE,
@@ -30,7 +31,7 @@ from autorank.checkpoint import (
     save_decision,
 )
 from autorank.cohorts import sample_clients, split_cohorts
-from autorank.config import ExperimentConfig, config_digest
+from autorank.config import AggregatorName, ExperimentConfig, config_digest
 from autorank.federation import Federation
 from autorank.profiling import ClientProfile
 from autorank.rank_budget import draw_caps
@@ -55,6 +56,7 @@ from flows.run_records import (
     finish_run,
     open_run,
     record_decision,
+    record_early_merge,
     relog_checkpoint_round,
     run_finished,
     run_name,
@@ -229,11 +231,12 @@ def _run_round(
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
+    method = _round_merge(config, run_id, state.assignment, federation, round_idx)
     with signals_deferred():  # a signal lands after the round's close, not inside it
         closed: ClosedRound = close_round(
             opaque(
                 RoundClose(
-                    method=config.aggregation.method_at(round_idx),
+                    method=method,
                     outcomes=outcomes,
                     previous=state.global_state,
                     base=state.base,
@@ -282,15 +285,48 @@ def _run_round(
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
     agg = config.aggregation
-    if agg.early_method is not None and round_idx == agg.early_rounds < config.training.rounds:
+    if method == agg.early_method and round_idx == agg.early_rounds < config.training.rounds:
         progress.info(
             "%s merged with %s; %s merges from round %d on",
-            "round 1" if round_idx == 1 else f"rounds 1-{round_idx}",
+            _first_rounds(round_idx),
             agg.early_method,
             agg.method,
             round_idx + 1,
         )
     return new
+
+
+def _first_rounds(n: int) -> str:
+    return "round 1" if n == 1 else f"rounds 1-{n}"
+
+
+def _round_merge(
+    config: ExperimentConfig,
+    run_id: str,
+    assignment: RankAssignment,
+    federation: Federation,
+    round_idx: int,
+) -> AggregatorName:
+    """The merge of the round; with ``early_when: all_labels`` the early merge applies while
+    every rank tier's clients hold every label, which round 1 says in the log and a tag."""
+    agg = config.aggregation
+    if agg.early_method is None or agg.early_when == "always" or round_idx > agg.early_rounds:
+        return agg.method_at(round_idx)
+    gap = tier_label_gap(assignment.ranks(), federation.histogram)
+    if round_idx == 1:
+        if gap is None:
+            applied = f"{agg.early_method}: every rank tier's clients hold every label"
+            progress.info("early merge for %s: %s", _first_rounds(agg.early_rounds), applied)
+        else:
+            applied = f"skipped: {gap}"
+            progress.info(
+                "early merge %s skipped, %s merges from round 1: %s",
+                agg.early_method,
+                agg.method,
+                gap,
+            )
+        record_early_merge(config.tracking.uri, run_id, applied)
+    return agg.method_at(round_idx, labels_covered=gap is None)
 
 
 def _decide(

@@ -205,6 +205,15 @@ def finish_run(
     tracking.end_run(uri, run_id, "FINISHED")
 
 
+EARLY_MERGE_TAG = "early_merge"
+
+
+def record_early_merge(uri: str, run_id: str, applied: str) -> None:
+    """Whether the run's early merge applies (``aggregation.early_when``), as the
+    ``early_merge`` tag: a column to filter by in the MLflow UI."""
+    tracking.set_tags(uri, run_id, {EARLY_MERGE_TAG: applied})
+
+
 def description(
     config: ExperimentConfig, history: Sequence[float], params_per_client: float, run_id: str
 ) -> str:

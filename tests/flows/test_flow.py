@@ -219,6 +219,76 @@ def test_a_capped_client_warms_up_at_its_cap(
     )
 
 
+@pytest.mark.parametrize(
+    ("partition", "expected"),
+    [
+        # clients 1-3 hold classes {0, 1}, {0, 1, 2}, {0, 1, 2, 3}: every label of the four
+        ({"scheme": "double_imbalance"}, ["rbla_tiered", "rbla_product"]),
+        # one label-sorted shard each: labels only client 0 holds are missing above its cap
+        ({"scheme": "shards", "shards_per_client": 1}, ["rbla_product", "rbla_product"]),
+    ],
+    ids=["double_imbalance", "shards"],
+)
+def test_an_early_merge_waiting_for_the_labels_runs_only_where_every_tier_holds_them(
+    prefect_harness: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    partition: dict[str, Any],
+    expected: list[str],
+) -> None:
+    # Prepare: uniform ranks 8 with client 0's device capped at 2, so the top tier is clients
+    # 1-3; record the server's merge of each round
+    import autorank.rounds
+    from autorank.aggregation import aggregate
+    from flows.ranking import federation_for
+
+    merges: list[str] = []
+
+    def spy(method: str, updates: Any) -> Any:
+        merges.append(method)
+        return aggregate(method, updates)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    config = tiny_config(
+        tmp_path,
+        partition=partition,
+        ranking={"assigner": "uniform", "rank_caps": {0: 2}},
+        aggregation={
+            "method": "rbla_product",
+            "early_method": "rbla_tiered",
+            "early_rounds": 1,
+            "early_when": "all_labels",
+        },
+    )
+    histogram = federation_for(config).histogram
+    labels = int((histogram.sum(axis=0) > 0).sum())
+    top_tier = int((histogram[1:].sum(axis=0) > 0).sum())
+    assert (top_tier == labels) == (expected[0] == "rbla_tiered")  # the premise of each case
+
+    # Execute
+    with caplog.at_level(logging.INFO):
+        run_id = federated_training(config=config)
+
+    # Assert
+    assert merges == expected
+    lines = [r.getMessage() for r in caplog.records]
+    tags = MlflowClient(tracking_uri=config.tracking.uri).get_run(run_id).data.tags
+    assert tags["aggregator"] == "rbla_tiered1@all_labels+rbla_product"
+    if expected[0] == "rbla_tiered":
+        assert (
+            "early merge for round 1: rbla_tiered: every rank tier's clients hold every label"
+            in lines
+        )
+        assert tags["early_merge"] == "rbla_tiered: every rank tier's clients hold every label"
+    else:
+        gap = (
+            f"the 3 client(s) of fc1 rank >= 8 hold {top_tier} of the federation's {labels} labels"
+        )
+        assert tags["early_merge"] == f"skipped: {gap}"
+        assert f"early merge rbla_tiered skipped, rbla_product merges from round 1: {gap}" in lines
+
+
 def test_an_early_merge_runs_its_rounds_then_hands_over(
     prefect_harness: None,
     tmp_path: Path,

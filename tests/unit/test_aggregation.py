@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import get_args
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
 from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors
-from autorank.aggregation import AGGREGATORS, INIT_ROW_NORM, aggregate, fedavg_extra
+from autorank.aggregation import (
+    AGGREGATORS,
+    INIT_ROW_NORM,
+    LabelGap,
+    aggregate,
+    fedavg_extra,
+    tier_label_gap,
+)
 from autorank.config import AggregatorName
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
@@ -899,3 +907,48 @@ def test_mismatched_extra_shapes_raise() -> None:
 def test_no_updates_raise(name: str) -> None:
     with pytest.raises(ValueError, match="at least one ClientUpdate"):
         aggregate(name, [])  # type: ignore[arg-type]
+
+
+# Three clients, three labels; label 2 only at client 2 (the highest rank at fc2).
+LABELS = [[5, 0, 0], [0, 3, 0], [1, 1, 4]]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "histogram", "expected"),
+    [
+        # fc1 tiers: >= 2 {0, 1, 2}, >= 4 {1, 2}, >= 8 {2}; client 2 holds every label
+        ([{"fc1": 2}, {"fc1": 4}, {"fc1": 8}], LABELS, None),
+        # tier >= 4 is {1, 2}: client 2 now lacks label 0, client 1 holds only label 1
+        (
+            [{"fc1": 2}, {"fc1": 4}, {"fc1": 8}],
+            [[5, 0, 0], [0, 3, 0], [0, 1, 4]],
+            LabelGap("fc1", 4, 2, 2, 3),
+        ),
+        # fc1 is covered, fc2's top tier {1} holds label 1 of 3
+        (
+            [{"fc1": 2, "fc2": 2}, {"fc1": 2, "fc2": 6}, {"fc1": 8, "fc2": 4}],
+            LABELS,
+            LabelGap("fc2", 6, 1, 1, 3),
+        ),
+        # equal ranks: one tier, every client
+        ([{"fc1": 4}, {"fc1": 4}, {"fc1": 4}], LABELS, None),
+        # a label nobody holds does not count: client 2 holds both of the federation's labels
+        ([{"fc1": 2}, {"fc1": 2}, {"fc1": 8}], [[5, 0, 0], [0, 0, 2], [1, 0, 4]], None),
+    ],
+)
+def test_tier_label_gap_names_the_first_tier_missing_a_label(
+    ranks: list[dict[str, int]], histogram: list[list[int]], expected: LabelGap | None
+) -> None:
+    # Execute
+    gap = tier_label_gap(ranks, np.array(histogram))
+
+    # Assert
+    assert gap == expected
+
+
+def test_tier_label_gap_reads_as_a_sentence_and_checks_the_histogram() -> None:
+    assert str(LabelGap("fc2", 6, 1, 1, 3)) == (
+        "the 1 client(s) of fc2 rank >= 6 hold 1 of the federation's 3 labels"
+    )
+    with pytest.raises(ValueError, match=r"expected \[2 clients, n_classes\], got shape \(3, 3\)"):
+        tier_label_gap([{"fc1": 2}, {"fc1": 4}], np.array(LABELS))

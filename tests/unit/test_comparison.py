@@ -216,6 +216,20 @@ def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
     assert skipped == []
 
 
+def test_an_early_merge_may_wait_for_the_labels_in_a_grid() -> None:
+    grid = parse_grid(
+        _grid(
+            assigners=["autorank"], aggregators=["rbla_tiered5@all_labels+rbla_product"], seeds=[0]
+        )
+    )
+
+    cells, _ = expand_grid(grid)
+
+    assert [c.run_name for c in cells] == ["autorank-rbla_tiered5@all_labels+rbla_product-s0"]
+    assert cells[0].config.aggregation.early_when == "all_labels"
+    assert cells[0].config.aggregation.label == cells[0].aggregator
+
+
 def test_an_early_merge_is_an_aggregator_of_the_grid_or_of_its_base() -> None:
     # Prepare: one aggregator with its own early merge; the base's applies to plain names
     base = {"aggregation": {"early_method": "rbla_svd", "early_rounds": 3}}
@@ -298,7 +312,11 @@ BAD = [
     ({"assigners": [{"assigner": "wizard"}]}, "wizard"),
     ({"aggregators": ["rbla", "nope"]}, "nope"),
     ({"aggregators": ["rbla_tiered5+nope"]}, "unknown aggregator 'rbla_tiered5+nope'"),
-    ({"aggregators": ["nope5+rbla"]}, "<early><rounds>+<aggregator>"),
+    ({"aggregators": ["nope5+rbla"]}, "<early><rounds>[@all_labels]+<aggregator>"),
+    (
+        {"aggregators": ["rbla_tiered5@sometimes+rbla"]},
+        "aggregation.early_when: Input should be 'always' or 'all_labels'",
+    ),
     ({"aggregators": ["rbla_tiered2+flora"]}, "from flora"),
     ({"aggregators": ["rbla_tiered05+rbla"]}, "unknown aggregator 'rbla_tiered05+rbla'"),
     (

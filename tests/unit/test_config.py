@@ -94,6 +94,44 @@ def test_an_early_merge_takes_the_first_rounds_then_method_takes_over() -> None:
     )
 
 
+def test_an_early_merge_can_wait_for_every_tier_to_hold_every_label() -> None:
+    config = load_config(
+        None,
+        [
+            "aggregation.method=rbla_product",
+            "aggregation.early_method=rbla_tiered",
+            "aggregation.early_rounds=2",
+            "aggregation.early_when=all_labels",
+        ],
+    )
+    agg = config.aggregation
+
+    covered = [agg.method_at(r, labels_covered=True) for r in (1, 2, 3)]
+    missing = [agg.method_at(r, labels_covered=False) for r in (1, 2, 3)]
+
+    assert covered == ["rbla_tiered", "rbla_tiered", "rbla_product"]
+    assert missing == ["rbla_product"] * 3
+    assert agg.label == "rbla_tiered2@all_labels+rbla_product"
+    assert aggregation_fields(agg.label) == {
+        "early_method": "rbla_tiered",
+        "early_rounds": 2,
+        "early_when": "all_labels",
+        "method": "rbla_product",
+    }
+    always = agg.model_copy(update={"early_when": "always"})
+    assert always.method_at(1, labels_covered=False) == "rbla_tiered"
+    assert config_digest(config) != config_digest(
+        load_config(
+            None,
+            [
+                "aggregation.method=rbla_product",
+                "aggregation.early_method=rbla_tiered",
+                "aggregation.early_rounds=2",
+            ],
+        )
+    )
+
+
 def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() -> None:
     # Prepare: the default config's digest, computed from its fields before early_* existed
     config = load_config(None, [])
@@ -126,6 +164,15 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
             "got early_method 'rbla_tiered', early_rounds 0",
         ),
         (["aggregation.early_method=flora", "aggregation.early_rounds=2"], "from flora"),
+        (["aggregation.early_when=all_labels"], "early_when 'all_labels' needs an early merge"),
+        (
+            [
+                "aggregation.early_method=rbla_tiered",
+                "aggregation.early_rounds=2",
+                "aggregation.early_when=sometimes",
+            ],
+            "aggregation.early_when",
+        ),
         (["aggregation.early_method=rbla", "aggregation.early_rounds=-1"], "early_rounds"),
         (
             ["aggregation.early_method=fedavg", "aggregation.early_rounds=2"],
