@@ -376,15 +376,20 @@ def _terminal_row(s: MethodSummary, paired: PairedComparison | None) -> list[str
     ]
 
 
+TERMINAL_WIDTH = 100
+
+
 def terminal_table(
     summaries: Sequence[MethodSummary], target: float, paired: PairedComparison | None = None
 ) -> str:
-    """The comparison for a terminal: one aligned row per method, within ~100 columns.
+    """The comparison for a terminal: one aligned row per method, within 100 columns.
 
     Method, best and final accuracy (mean ± std over seeds), rounds to the target, parameters
     per client and megabytes communicated; the full table is ``summary.md``. With a reference
     the accuracies drop their std to make room for ``Δbest vs ref``, the mean per-seed difference
-    in best accuracy to the reference.
+    in best accuracy to the reference. Where a method's name would push a row past 100 columns
+    (``uniform-mean_autorank-rbla_tiered5@all_labels+rbla_product``), each name takes a line of
+    its own above its figures.
     """
     head = ["method", "best", "final", f"reach {target:g}", "params", "MB", "seeds"]
     head += [] if paired is None else ["Δbest vs ref"]
@@ -406,5 +411,12 @@ def terminal_table(
             f"; Δbest vs ref: mean per-seed difference in best accuracy to {paired.reference} "
             "(std, p and wins in summary.md)"
         )
-    table = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    rule = ["-" * w for w in widths]
+    if sum(widths) + 2 * (len(widths) - 1) <= TERMINAL_WIDTH:
+        table = [line(head), line(rule), *map(line, rows)]
+    else:  # names on their own lines, the figures indented below them
+        widths[0] = 0
+        table = [head[0], line(["", *head[1:]]), line(["", *rule[1:]])]
+        for row in rows:
+            table += [row[0], line(["", *row[1:]])]
     return "\n".join([*table, "", textwrap.fill(legend, 96)]) + "\n"

@@ -72,9 +72,9 @@ def test_shipped_grids_have_the_intended_size() -> None:
 
     assert [c.run_name for c in small] == [
         "uniform-rbla-s0",
-        "uniform-rbla_tiered1+rbla_product-s0",
+        "uniform-rbla_tiered1@all_labels+rbla_product-s0",
         "autorank-rbla-s0",
-        "autorank-rbla_tiered1+rbla_product-s0",
+        "autorank-rbla_tiered1@all_labels+rbla_product-s0",
     ]
     assert len(fashion) == 5 * 4 * 3
     assert sum(c.waits_for_autorank for c in fashion) == 4 * 3
@@ -593,6 +593,36 @@ def test_paired_columns_and_metrics() -> None:
         "final_accuracy_diff/autorank-rbla",
     ]
     assert not any("diff/" in k for k in summary_metrics(summaries))
+
+
+def test_terminal_table_puts_long_names_on_their_own_lines() -> None:
+    # Prepare: the longest name a shipped grid makes with an early merge
+    longest = "uniform-mean_autorank"
+    merge = "rbla_tiered5@all_labels+rbla_product"
+    results = [replace(_result(longest, 0, [0.5, 0.7]), aggregator=merge)]
+
+    # Execute
+    lines = terminal_table(summarise(results, 0.75), 0.75).splitlines()
+
+    # Assert: name, then its figures under the header's columns
+    assert lines[0] == "method"
+    assert lines[1].split() == ["best", "final", "reach", "0.75", "params", "MB", "seeds"]
+    assert set(lines[2]) == {"-", " "}
+    assert lines[3] == f"{longest}-{merge}"
+    assert lines[4].split() == [
+        "0.7000",
+        "±",
+        "0.0000",
+        "0.7000",
+        "±",
+        "0.0000",
+        "-",
+        "500",
+        "2.00",
+        "1",
+    ]
+    assert lines[4].index("0.7000") == lines[2].index("-")  # figures start under the rule
+    assert max(map(len, lines)) <= 100
 
 
 def test_terminal_table_shows_the_difference_to_the_reference() -> None:
