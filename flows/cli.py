@@ -172,8 +172,9 @@ def _check_port_free(port: int) -> None:
 
 
 def _cmd_ranks(args: argparse.Namespace) -> int:
+    from autorank.aggregation import tier_label_gap
     from autorank.config import load_config
-    from flows.ranking import rank_table
+    from flows.ranking import federation_for, rank_table
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)
@@ -181,6 +182,13 @@ def _cmd_ranks(args: argparse.Namespace) -> int:
         print(json.dumps(assignment.to_json(), indent=2))
     else:
         print(format_rank_table(assignment.to_json()))
+        agg = config.aggregation
+        if agg.early_method is not None and agg.early_when == "all_labels":
+            gap = tier_label_gap(assignment.ranks(), federation_for(config).histogram)
+            verdict = (
+                f"skipped: {gap}" if gap else "runs: every rank tier's clients hold every label"
+            )
+            print(f"early merge {agg.early_method}, with these ranks: {verdict}")
     return 0
 
 

@@ -62,6 +62,48 @@ def test_ranks_shows_caps_and_the_budget(capsys: pytest.CaptureFixture[str]) -> 
     assert record["total_params"] == sum(r["fc1"] * 264 + r["fc2"] * 400 for r in ranks)
 
 
+@pytest.mark.parametrize(
+    ("partition", "verdict", "tier"),
+    [
+        # the top tier: client 9 alone (rank 32), which holds all ten labels
+        ([], "runs: every rank tier's clients hold every label", (32, 1, 10)),
+        (
+            ["partition.scheme=dirichlet", "partition.alpha=0.1"],
+            "skipped: the 3 client(s) of fc1 rank >= 24 hold 9 of the federation's 10 labels",
+            (24, 3, None),
+        ),
+    ],
+    ids=["double_imbalance", "dirichlet"],
+)
+def test_ranks_says_whether_an_early_merge_waiting_for_the_labels_would_run(
+    capsys: pytest.CaptureFixture[str],
+    partition: list[str],
+    verdict: str,
+    tier: tuple[int, int, int | None],
+) -> None:
+    # Prepare: the early merge of the README's heterogeneous-rank settings
+    settings = [
+        *partition,
+        "aggregation.method=rbla_product",
+        "aggregation.early_method=rbla_tiered",
+        "aggregation.early_rounds=5",
+        "aggregation.early_when=all_labels",
+    ]
+
+    # Execute
+    main(["ranks", *(arg for s in settings for arg in ("--set", s))])
+    out = capsys.readouterr().out.splitlines()
+
+    # Assert: the verdict, and the tier it speaks of as the table's rows show it
+    assert out[-1] == f"early merge rbla_tiered, with these ranks: {verdict}"
+    rows = [line.split() for line in out[2:12]]
+    rank, clients, labels = tier
+    members = [row for row in rows if int(row[6]) >= rank]
+    assert len(members) == clients
+    if labels is not None:
+        assert [int(row[2]) for row in members] == [labels]
+
+
 BAD = [
     (["run", "--config", "missing.yaml"], "not found"),
     (["run", "--set", "partition.n_clients=0"], "partition.n_clients"),

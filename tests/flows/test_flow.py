@@ -219,6 +219,22 @@ def test_a_capped_client_warms_up_at_its_cap(
     )
 
 
+@pytest.fixture
+def server_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the merge the server runs, round by round."""
+    import autorank.rounds
+    from autorank.aggregation import aggregate
+
+    merges: list[str] = []
+
+    def spy(method: str, updates: Any) -> Any:
+        merges.append(method)
+        return aggregate(method, updates)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    return merges
+
+
 @pytest.mark.parametrize(
     ("partition", "expected"),
     [
@@ -233,23 +249,15 @@ def test_an_early_merge_waiting_for_the_labels_runs_only_where_every_tier_holds_
     prefect_harness: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    server_merges: list[str],
     partition: dict[str, Any],
     expected: list[str],
 ) -> None:
     # Prepare: uniform ranks 8 with client 0's device capped at 2, so the top tier is clients
     # 1-3; record the server's merge of each round
-    import autorank.rounds
-    from autorank.aggregation import aggregate
     from flows.ranking import federation_for
 
-    merges: list[str] = []
-
-    def spy(method: str, updates: Any) -> Any:
-        merges.append(method)
-        return aggregate(method, updates)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    merges = server_merges
     config = tiny_config(
         tmp_path,
         partition=partition,
@@ -293,20 +301,10 @@ def test_an_early_merge_runs_its_rounds_then_hands_over(
     prefect_harness: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    server_merges: list[str],
 ) -> None:
     # Prepare: record which aggregator the server runs in each round
-    import autorank.rounds
-
-    merges: list[str] = []
-
-    def spy(method: str, updates: Any) -> Any:
-        merges.append(method)
-        return aggregate(method, updates)  # type: ignore[arg-type]
-
-    from autorank.aggregation import aggregate
-
-    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    merges = server_merges
     config = tiny_config(
         tmp_path,
         training={"rounds": 3},
