@@ -80,8 +80,14 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     prefect_harness: None, tmp_path: Path
 ) -> None:
     # The resumed rounds cross an early merge's end: round 3 merges with rbla_tiered, round 4
-    # with rbla_product, as in the uninterrupted run.
-    early = {"method": "rbla_product", "early_method": "rbla_tiered", "early_rounds": 3}
+    # with rbla_product, as in the uninterrupted run. The early merge waits for the labels,
+    # which every rank tier holds under the double imbalance: the resume decides it again.
+    early = {
+        "method": "rbla_product",
+        "early_method": "rbla_tiered",
+        "early_rounds": 3,
+        "early_when": "all_labels",
+    }
     config, config_file = _written_config(tmp_path, aggregation=early)
     ckpt_dir = config.runtime.checkpoint_dir
     reference = federated_training(config=config)
@@ -101,6 +107,9 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     _resume(victim, ckpt_dir)
 
     assert client.get_run(victim).info.status == "FINISHED"
+    applied = client.get_run(reference).data.tags["early_merge"]
+    assert applied.startswith("rbla_tiered: ")
+    assert client.get_run(victim).data.tags["early_merge"] == applied
     for key in KEYS:
         got, want = _history(client, victim, key), _history(client, reference, key)
         assert [s for s, _ in got] == list(range(1, ROUNDS + 1)), key
