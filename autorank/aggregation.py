@@ -542,23 +542,29 @@ class LabelGap:
         )
 
 
-def tier_label_gap(ranks: Sequence[Mapping[str, int]], histogram: np.ndarray) -> LabelGap | None:
+def tier_label_gap(
+    ranks: Sequence[Mapping[str, int]],
+    histogram: np.ndarray,
+    members: Sequence[int] | None = None,
+) -> LabelGap | None:
     """The first rank tier whose clients do not hold every label the federation holds, or None.
 
-    Tiers are ``aggregate_rbla_tiered``'s: per adapted layer, each distinct rank ``rho`` has the
-    clients ``{i: r_i >= rho}``; layers in name order, tiers lowest first. A label is held when
-    one of those clients has a training sample of it (``histogram[i, c] > 0``).
+    Tiers are ``aggregate_rbla_tiered``'s among the clients merged (``members``, default all):
+    per adapted layer, each distinct rank ``rho`` has the clients ``{i: r_i >= rho}``; layers
+    in name order, tiers lowest first. A label is held when one of those clients has a training
+    sample of it (``histogram[i, c] > 0``); the federation's labels are every client's.
 
     Why: rbla_tiered hands a tier's directions only to that tier's clients, and the global
     model keeps them as they trained them. Under the double imbalance the top-ranked clients hold
     every label and those directions serve every label (RBLA's fast start); under Dirichlet(0.1)
     they hold a few labels, and a few tiered rounds cost rbla_product's peak there (MNIST-5k,
-    docs/results.md). ``aggregation.early_when: all_labels`` runs the early merge only when this
-    returns None.
+    docs/results.md). ``aggregation.early_when: all_labels`` runs the early merge in a round only
+    when this returns None for the round's clients.
 
     Args:
         ranks: per client, adapted layer name -> rank (``RankAssignment.ranks()``).
         histogram: training samples per client per class, ``[n_clients, n_classes]``.
+        members: the clients merged (a round's sample); None: every client.
 
     Returns:
         The gap, or None when every tier's clients hold every label.
@@ -570,13 +576,13 @@ def tier_label_gap(ranks: Sequence[Mapping[str, int]], histogram: np.ndarray) ->
         )
     present = counts > 0  # [K, C]
     total = int(present.any(axis=0).sum())
+    merged = list(range(len(ranks))) if members is None else list(members)
     for layer in sorted(ranks[0]) if ranks else ():
-        layer_ranks = np.array([r[layer] for r in ranks])  # [K]
-        for rho in sorted(set(layer_ranks.tolist())):
-            members = layer_ranks >= rho
-            held = int(present[members].any(axis=0).sum())
+        for rho in sorted({ranks[i][layer] for i in merged}):
+            tier = [i for i in merged if ranks[i][layer] >= rho]
+            held = int(present[tier].any(axis=0).sum())
             if held < total:
-                return LabelGap(layer, int(rho), int(members.sum()), held, total)
+                return LabelGap(layer, int(rho), len(tier), held, total)
     return None
 
 

@@ -73,6 +73,11 @@ def _known_merges(value: Any) -> Any:
                 "<early><rounds>[@all_labels]+<aggregator> for an early merge "
                 "(rbla_tiered5+rbla_product)"
             )
+        if "@always+" in value:
+            raise ValueError(
+                f"{value!r}: an early merge runs always by default; write "
+                f"{value.replace('@always', '')!r}"
+            )
         try:
             AggregationConfig.model_validate(fields)
         except ValidationError as err:

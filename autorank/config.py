@@ -431,10 +431,10 @@ class AggregationConfig(_Section):
     )
     early_when: EarlyWhen = Field(
         "always",
-        description="always: early_method merges rounds 1..early_rounds; all_labels: only while "
-        "the clients of every rank tier (per layer, those at or above each client rank) hold "
-        "every label the federation holds between them, as under the double imbalance, else "
-        "method merges from round 1",
+        description="always: early_method merges rounds 1..early_rounds; all_labels: only the "
+        "early rounds whose merged clients, in every rank tier (per layer, those at or above "
+        "each client rank), hold every label the federation holds between them, as under the "
+        "double imbalance; method merges the others",
     )
 
     @model_validator(mode="after")
@@ -492,15 +492,13 @@ _SCHEDULE = re.compile(r"^([a-z_]+?)([1-9]\d*)(?:@([a-z_]+))?\+([a-z_]+)$")
 def aggregation_fields(label: str) -> dict[str, Any]:
     """An ``AggregationConfig.label`` as its fields: ``rbla`` -> ``{method: rbla}``,
     ``rbla_tiered5+rbla_product`` -> ``{early_method: rbla_tiered, early_rounds: 5,
-    method: rbla_product}``, and ``rbla_tiered5@all_labels+rbla_product`` adds
+    early_when: always, method: rbla_product}``; ``rbla_tiered5@all_labels+rbla_product`` has
     ``early_when: all_labels``. The names are not checked here."""
     match = _SCHEDULE.match(label)
     if match is None:
         return {"method": label}
-    fields: dict[str, Any] = {"early_method": match[1], "early_rounds": int(match[2])}
-    if match[3] is not None:
-        fields["early_when"] = match[3]
-    return fields | {"method": match[4]}
+    fields = {"early_method": match[1], "early_rounds": int(match[2])}
+    return fields | {"early_when": match[3] or "always", "method": match[4]}
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -669,7 +667,18 @@ class ExperimentConfig(_Section):
             )
         if self.ranking.rerank_every:
             self._check_reranking()
+        self._check_early_when()
         return self
+
+    def _check_early_when(self) -> None:
+        """all_labels decides from the ranks of the early rounds: no re-ranking among them."""
+        every, early = self.ranking.rerank_every, self.aggregation.early_rounds
+        if self.aggregation.early_when == "all_labels" and 0 < every < early:
+            raise ValueError(
+                f"aggregation.early_when 'all_labels' decides from the ranks of rounds 1-{early}: "
+                f"ranking.rerank_every ({every}) must be at least aggregation.early_rounds "
+                f"({early}), or 0"
+            )
 
     def _fedavg_field(self) -> str:
         return "method" if self.aggregation.method == "fedavg" else "early_method"

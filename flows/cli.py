@@ -172,9 +172,8 @@ def _check_port_free(port: int) -> None:
 
 
 def _cmd_ranks(args: argparse.Namespace) -> int:
-    from autorank.aggregation import tier_label_gap
     from autorank.config import load_config
-    from flows.ranking import federation_for, rank_table
+    from flows.ranking import early_gaps, early_plan, federation_for, rank_table
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)
@@ -184,11 +183,8 @@ def _cmd_ranks(args: argparse.Namespace) -> int:
         print(format_rank_table(assignment.to_json()))
         agg = config.aggregation
         if agg.early_method is not None and agg.early_when == "all_labels":
-            gap = tier_label_gap(assignment.ranks(), federation_for(config).histogram)
-            verdict = (
-                f"skipped: {gap}" if gap else "runs: every rank tier's clients hold every label"
-            )
-            print(f"early merge {agg.early_method}, with these ranks: {verdict}")
+            plan = early_plan(agg, early_gaps(config, assignment, federation_for(config)))
+            print(f"early merge with these ranks (a run decides from its own): {plan}")
     return 0
 
 

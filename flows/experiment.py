@@ -20,7 +20,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.adapters import AdapterState
-from autorank.aggregation import tier_label_gap
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
 from autorank.checkpoint import (
     DECISION_FILE,
@@ -50,7 +49,7 @@ from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines, lora_settings
 from flows.failure_records import drop_failure_record
 from flows.model_records import record_data
-from flows.ranking import layer_ranges, public_fraction
+from flows.ranking import early_gaps, early_plan, first_rounds, layer_ranges, public_fraction
 from flows.run_records import (
     close_interrupted_or_failed,
     finish_run,
@@ -231,7 +230,7 @@ def _run_round(
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
-    method = _round_merge(config, run_id, state.assignment, federation, round_idx)
+    method, whole_early = _round_merge(config, run_id, state.assignment, federation, round_idx)
     with signals_deferred():  # a signal lands after the round's close, not inside it
         closed: ClosedRound = close_round(
             opaque(
@@ -284,20 +283,16 @@ def _run_round(
         closed.seconds,
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
-    agg = config.aggregation
-    if method == agg.early_method and round_idx == agg.early_rounds < config.training.rounds:
+    agg, rounds = config.aggregation, config.training.rounds
+    if whole_early and method == agg.early_method and agg.early_rounds == round_idx < rounds:
         progress.info(
             "%s merged with %s; %s merges from round %d on",
-            _first_rounds(round_idx),
+            first_rounds(round_idx),
             agg.early_method,
             agg.method,
             round_idx + 1,
         )
     return new
-
-
-def _first_rounds(n: int) -> str:
-    return "round 1" if n == 1 else f"rounds 1-{n}"
 
 
 def _round_merge(
@@ -306,27 +301,22 @@ def _round_merge(
     assignment: RankAssignment,
     federation: Federation,
     round_idx: int,
-) -> AggregatorName:
-    """The merge of the round; with ``early_when: all_labels`` the early merge applies while
-    every rank tier's clients hold every label, which round 1 says in the log and a tag."""
+) -> tuple[AggregatorName, bool]:
+    """The merge of the round, and whether the early merge ran in every early round.
+
+    With ``early_when: all_labels`` the early merge runs in the early rounds whose clients, in
+    every rank tier, hold every label; round 1 logs the plan and records it as a tag.
+    """
     agg = config.aggregation
     if agg.early_method is None or agg.early_when == "always" or round_idx > agg.early_rounds:
-        return agg.method_at(round_idx)
-    gap = tier_label_gap(assignment.ranks(), federation.histogram)
+        return agg.method_at(round_idx), True
+    gaps = early_gaps(config, assignment, federation)
     if round_idx == 1:
-        if gap is None:
-            applied = f"{agg.early_method}: every rank tier's clients hold every label"
-            progress.info("early merge for %s: %s", _first_rounds(agg.early_rounds), applied)
-        else:
-            applied = f"skipped: {gap}"
-            progress.info(
-                "early merge %s skipped, %s merges from round 1: %s",
-                agg.early_method,
-                agg.method,
-                gap,
-            )
-        record_early_merge(config.tracking.uri, run_id, applied)
-    return agg.method_at(round_idx, labels_covered=gap is None)
+        plan = early_plan(agg, gaps)
+        progress.info("early merge %s", plan)
+        record_early_merge(config.tracking.uri, run_id, plan)
+    covered = gaps[round_idx - 1] is None
+    return agg.method_at(round_idx, labels_covered=covered), all(g is None for g in gaps)
 
 
 def _decide(

@@ -66,10 +66,11 @@ def test_ranks_shows_caps_and_the_budget(capsys: pytest.CaptureFixture[str]) -> 
     ("partition", "verdict", "tier"),
     [
         # the top tier: client 9 alone (rank 32), which holds all ten labels
-        ([], "runs: every rank tier's clients hold every label", (32, 1, 10)),
+        ([], "rbla_tiered in rounds 1-5: every rank tier's clients hold every label", (32, 1, 10)),
         (
             ["partition.scheme=dirichlet", "partition.alpha=0.1"],
-            "skipped: the 3 client(s) of fc1 rank >= 24 hold 9 of the federation's 10 labels",
+            "skipped, rbla_product merges from round 1: the 3 client(s) of fc1 rank >= 24 hold 9 "
+            "of the federation's 10 labels",
             (24, 3, None),
         ),
     ],
@@ -95,13 +96,44 @@ def test_ranks_says_whether_an_early_merge_waiting_for_the_labels_would_run(
     out = capsys.readouterr().out.splitlines()
 
     # Assert: the verdict, and the tier it speaks of as the table's rows show it
-    assert out[-1] == f"early merge rbla_tiered, with these ranks: {verdict}"
+    assert out[-1] == f"early merge with these ranks (a run decides from its own): {verdict}"
     rows = [line.split() for line in out[2:12]]
     rank, clients, labels = tier
     members = [row for row in rows if int(row[6]) >= rank]
     assert len(members) == clients
     if labels is not None:
         assert [int(row[2]) for row in members] == [labels]
+
+
+def test_ranks_plans_the_early_merge_round_by_round_with_partial_participation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Prepare: 3 of the 10 clients a round; under the double imbalance only client 9, the top
+    # rank, holds all ten labels, so a round's tiers hold them all exactly when it trains
+    from autorank.cohorts import sample_clients
+
+    settings = [
+        "training.clients_per_round=3",
+        "aggregation.method=rbla_product",
+        "aggregation.early_method=rbla_tiered",
+        "aggregation.early_rounds=5",
+        "aggregation.early_when=all_labels",
+    ]
+    ran = [r for r in range(1, 6) if 9 in sample_clients(10, 3, seed=0, round_idx=r)]
+    skipped = [r for r in range(1, 6) if r not in ran]
+    assert ran and skipped  # the seed gives both kinds of round
+
+    # Execute
+    main(["ranks", *(arg for s in settings for arg in ("--set", s))])
+    out = capsys.readouterr().out.splitlines()
+
+    # Assert
+    plan = out[-1].removeprefix("early merge with these ranks (a run decides from its own): ")
+    assert plan.startswith(
+        f"rbla_tiered in round(s) {', '.join(map(str, ran))} of 1-5, rbla_product in the "
+        f"others, where a rank tier lacks labels (round {skipped[0]}: the "
+    )
+    assert plan.endswith(" of the federation's 10 labels)")
 
 
 BAD = [

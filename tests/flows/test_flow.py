@@ -285,16 +285,19 @@ def test_an_early_merge_waiting_for_the_labels_runs_only_where_every_tier_holds_
     assert tags["aggregator"] == "rbla_tiered1@all_labels+rbla_product"
     if expected[0] == "rbla_tiered":
         assert (
-            "early merge for round 1: rbla_tiered: every rank tier's clients hold every label"
+            "early merge rbla_tiered in round 1: every rank tier's clients hold every label"
             in lines
         )
-        assert tags["early_merge"] == "rbla_tiered: every rank tier's clients hold every label"
+        assert (
+            tags["early_merge"]
+            == "rbla_tiered in round 1: every rank tier's clients hold every label"
+        )
     else:
         gap = (
             f"the 3 client(s) of fc1 rank >= 8 hold {top_tier} of the federation's {labels} labels"
         )
-        assert tags["early_merge"] == f"skipped: {gap}"
-        assert f"early merge rbla_tiered skipped, rbla_product merges from round 1: {gap}" in lines
+        assert tags["early_merge"] == f"skipped, rbla_product merges from round 1: {gap}"
+        assert f"early merge skipped, rbla_product merges from round 1: {gap}" in lines
 
 
 def test_an_early_merge_runs_its_rounds_then_hands_over(

@@ -946,6 +946,20 @@ def test_tier_label_gap_names_the_first_tier_missing_a_label(
     assert gap == expected
 
 
+def test_tier_label_gap_of_a_round_looks_at_its_clients_only() -> None:
+    # Prepare: client 2 (rank 8) holds label 2 alone; rounds that merge it and rounds that don't
+    ranks = [{"fc1": 2}, {"fc1": 4}, {"fc1": 8}]
+
+    # Execute
+    with_2 = tier_label_gap(ranks, np.array(LABELS), members=[1, 2])
+    without_2 = tier_label_gap(ranks, np.array(LABELS), members=[0, 1])
+
+    # Assert: tiers of {1, 2}: >= 4 {1, 2}, >= 8 {2}, each with all three labels; of {0, 1}:
+    # >= 2 {0, 1} misses label 2, which the federation holds
+    assert with_2 is None
+    assert without_2 == LabelGap("fc1", 2, 2, 2, 3)
+
+
 def test_tier_label_gap_reads_as_a_sentence_and_checks_the_histogram() -> None:
     assert str(LabelGap("fc2", 6, 1, 1, 3)) == (
         "the 1 client(s) of fc2 rank >= 6 hold 1 of the federation's 3 labels"

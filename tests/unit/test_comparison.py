@@ -217,17 +217,31 @@ def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
 
 
 def test_an_early_merge_may_wait_for_the_labels_in_a_grid() -> None:
+    # Prepare: the base waits for the labels; a name of its own says when it runs
+    early = {"early_method": "rbla_tiered", "early_rounds": 1, "early_when": "all_labels"}
     grid = parse_grid(
         _grid(
-            assigners=["autorank"], aggregators=["rbla_tiered5@all_labels+rbla_product"], seeds=[0]
+            base={"aggregation": early},
+            assigners=["autorank"],
+            aggregators=[
+                "rbla_product",
+                "rbla_tiered1+rbla_product",
+                "rbla_tiered5@all_labels+rbla",
+            ],
+            seeds=[0],
         )
     )
 
+    # Execute
     cells, _ = expand_grid(grid)
 
-    assert [c.run_name for c in cells] == ["autorank-rbla_tiered5@all_labels+rbla_product-s0"]
-    assert cells[0].config.aggregation.early_when == "all_labels"
-    assert cells[0].config.aggregation.label == cells[0].aggregator
+    # Assert: every cell runs what its name says
+    assert [(c.run_name, c.config.aggregation.early_when) for c in cells] == [
+        ("autorank-rbla_tiered1@all_labels+rbla_product-s0", "all_labels"),
+        ("autorank-rbla_tiered1+rbla_product-s0", "always"),
+        ("autorank-rbla_tiered5@all_labels+rbla-s0", "all_labels"),
+    ]
+    assert [c.config.aggregation.label for c in cells] == [c.aggregator for c in cells]
 
 
 def test_an_early_merge_is_an_aggregator_of_the_grid_or_of_its_base() -> None:
@@ -313,6 +327,10 @@ BAD = [
     ({"aggregators": ["rbla", "nope"]}, "nope"),
     ({"aggregators": ["rbla_tiered5+nope"]}, "unknown aggregator 'rbla_tiered5+nope'"),
     ({"aggregators": ["nope5+rbla"]}, "<early><rounds>[@all_labels]+<aggregator>"),
+    (
+        {"aggregators": ["rbla_tiered5@always+rbla"]},
+        "an early merge runs always by default; write 'rbla_tiered5+rbla'",
+    ),
     (
         {"aggregators": ["rbla_tiered5@sometimes+rbla"]},
         "aggregation.early_when: Input should be 'always' or 'all_labels'",

@@ -86,6 +86,7 @@ def test_an_early_merge_takes_the_first_rounds_then_method_takes_over() -> None:
     assert aggregation_fields(config.aggregation.label) == {
         "early_method": "rbla_tiered",
         "early_rounds": 2,
+        "early_when": "always",
         "method": "rbla_product",
     }
     assert aggregation_fields("rbla") == {"method": "rbla"}
@@ -165,6 +166,15 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
         ),
         (["aggregation.early_method=flora", "aggregation.early_rounds=2"], "from flora"),
         (["aggregation.early_when=all_labels"], "early_when 'all_labels' needs an early merge"),
+        (
+            [
+                "aggregation.early_method=rbla_tiered",
+                "aggregation.early_rounds=5",
+                "aggregation.early_when=all_labels",
+                "ranking.rerank_every=2",
+            ],
+            "ranking.rerank_every (2) must be at least aggregation.early_rounds (5), or 0",
+        ),
         (
             [
                 "aggregation.early_method=rbla_tiered",
