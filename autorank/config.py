@@ -722,6 +722,8 @@ def _format_validation_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown setting (check the spelling; see configs/default.yaml)"
+    if msg.startswith(f"{where}."):  # a section's own check names its setting already
+        return msg
     if (
         "input" in first
         and first["type"] not in ("missing",)

@@ -218,6 +218,13 @@ def test_bad_settings_get_one_clear_line(overrides: list[str], expected: str) ->
     assert "\n" not in message
 
 
+def test_a_section_check_names_its_setting_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["aggregation.early_when=all_labels"])
+
+    assert str(info.value).startswith("aggregation.early_when 'all_labels' needs an early merge")
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("partition: [unclosed\n")
