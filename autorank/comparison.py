@@ -207,8 +207,7 @@ class GridConfig(BaseModel):
     @field_validator("assigners")
     @classmethod
     def _distinct_methods(cls, value: tuple[AssignerSpec, ...]) -> tuple[AssignerSpec, ...]:
-        methods = [a.method for a in value]
-        twice = sorted({m for m in methods if methods.count(m) > 1})
+        twice = _twice([a.method for a in value])
         if twice:
             raise ValueError(f"methods {twice} appear twice; give one of them a label")
         return value
@@ -233,8 +232,7 @@ class GridConfig(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_merges(self) -> GridConfig:
-        labels = self.merge_labels
-        twice = sorted({m for m in labels if labels.count(m) > 1})
+        twice = _twice(self.merge_labels)
         if twice:
             raise ValueError(
                 f"aggregators: {twice} appear twice once base.aggregation's early merge applies "
@@ -279,6 +277,11 @@ def merge_label(base: AggregationConfig, aggregator: str) -> str:
     if "early_method" in aggregation_fields(aggregator):
         return aggregator
     return base.model_copy(update={"method": aggregator}).label
+
+
+def _twice(names: Sequence[str]) -> list[str]:
+    """The names that appear more than once, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
 
 
 def _methods(assigners: Sequence[AssignerSpec], aggregators: Sequence[str]) -> list[str]:
