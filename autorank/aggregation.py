@@ -270,21 +270,20 @@ def _rbla_product_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraF
     return _product_rule(factors, _rbla_weights(factors, p), "init")
 
 
-def _rank_tiers(factors: Sequence[LoraFactors]) -> list[tuple[int, int]]:
-    """Slot ranges ``[lo, hi)`` between consecutive distinct client ranks, from slot 0 to r_max.
-
-    Within a tier every slot is covered by the same clients (those with ``r_i >= hi``).
-    """
-    ranks = sorted({f.rank for f in factors})
-    return list(zip([0, *ranks[:-1]], ranks, strict=True))
+def _rank_tiers(ranks: Sequence[int]) -> list[tuple[int, int, list[int]]]:
+    """Slot ranges ``[lo, hi)`` between consecutive distinct client ranks, from slot 0 to r_max,
+    each with its clients: the positions in ``ranks`` with ``r_i >= hi``, which cover every
+    slot of the tier."""
+    distinct = sorted(set(ranks))
+    bounds = zip([0, *distinct[:-1]], distinct, strict=True)
+    return [(lo, hi, [i for i, r in enumerate(ranks) if r >= hi]) for lo, hi in bounds]
 
 
 def _rbla_tiered_rule(factors: Sequence[LoraFactors], p: torch.Tensor) -> LoraFactors:
     """Per rank tier, the top slots of that tier's rank-weighted product (see the aggregator)."""
     w = _rbla_weights(factors, p)
     tiers: list[LoraFactors] = []
-    for lo, hi in _rank_tiers(factors):
-        members = [i for i, f in enumerate(factors) if f.rank >= hi]
+    for lo, hi, members in _rank_tiers([f.rank for f in factors]):
         part = [
             _upcast(LoraFactors(factors[i].A[lo:hi], factors[i].B[:, lo:hi], 1.0)) for i in members
         ]
@@ -578,8 +577,8 @@ def tier_label_gap(
     total = int(present.any(axis=0).sum())
     merged = list(range(len(ranks))) if members is None else list(members)
     for layer in sorted(ranks[0]) if ranks else ():
-        for rho in sorted({ranks[i][layer] for i in merged}):
-            tier = [i for i in merged if ranks[i][layer] >= rho]
+        for _, rho, positions in _rank_tiers([ranks[i][layer] for i in merged]):
+            tier = [merged[k] for k in positions]
             held = int(present[tier].any(axis=0).sum())
             if held < total:
                 return LabelGap(layer, int(rho), len(tier), held, total)
