@@ -127,7 +127,10 @@ def _run_cohorts(
                 "threads": config.runtime.threads_per_client,
                 "label": f"{label}-cohort-{i}",
             }
-            futures.append(engines.runner.submit(train_cohort, parameters))
+            # Whole or not at all: a signal inside a submission could leave a cohort running
+            # that nothing waits for (the executor starts its thread, then records it).
+            with signals_deferred():
+                futures.append(engines.runner.submit(train_cohort, parameters))
     done = {o.result.client: o for f in futures for o in f.result()}
     futures.clear()
     return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were

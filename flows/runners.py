@@ -66,7 +66,11 @@ def signals_deferred() -> Iterator[None]:
     A round's close (aggregation, checkpoint, handing its records to the tracking writer) runs
     whole or not at all, so an interrupt lands between rounds. (Before the records were written
     in the background, an interrupted sqlite write kept the store locked and the run could not
-    be marked KILLED.) Only the main thread can install handlers; elsewhere this does nothing.
+    be marked KILLED.) So does a cohort's submission: ``ThreadPoolExecutor`` starts a worker
+    thread (waiting, interruptibly, until it runs) before it records it, and a Ctrl-C in that
+    wait left a cohort training that neither ``Engines.stop`` nor the runner's shutdown waited
+    for; it ended during the interpreter's exit, after Prefect's event worker had stopped, with
+    a traceback. Only the main thread can install handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -34,13 +34,23 @@ def _cli(*args: str, home: Path, own_server: bool = False) -> subprocess.Popen[b
     env = dict(os.environ, PREFECT_HOME=str(home))
     if not own_server:  # the test harness's API server, instead of booting one (seconds)
         env["PREFECT_API_URL"] = get_current_settings().api.url or ""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the kill takes its API server along
-    )
+    # A shell's background job (`pytest &`, nohup) ignores SIGINT, and a child inherits that,
+    # so Ctrl-C would never reach the command; at a terminal it does. A handler of the
+    # parent's own becomes the default action in the child.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill takes its API server along
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes]) -> str:
@@ -264,6 +274,63 @@ def test_ctrl_c_in_the_warm_up_ends_130_and_marks_the_run_killed(
     assert stopped is not None, out[-3000:]
     client = MlflowClient(tracking_uri=config.tracking.uri)
     assert client.get_run(stopped[1]).info.status == "KILLED"
+
+
+def test_ctrl_c_while_a_cohort_thread_starts_leaves_no_cohort_running(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: Ctrl-C inside a cohort's submission, in the one wait where it once left a cohort
+    # training that nothing waited for: ThreadPoolExecutor starts a worker thread (waiting until
+    # it runs), then records it. The cohort ran on through the interpreter's exit, after
+    # Prefect's event worker had stopped, and printed a traceback.
+    from concurrent.futures import thread as pool_threads
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.engines import Engines
+
+    config, _ = _written_config(
+        tmp_path, model={"init": "random"}, training={"rounds": 1, "warmup_epochs": 5000}
+    )
+    workers: list[threading.Thread] = []
+    submitting = threading.Event()
+    start, submit, stop = threading.Thread.start, ThreadPoolTaskRunner.submit, Engines.stop
+
+    def start_then_ctrl_c(thread: threading.Thread) -> None:
+        start(thread)
+        if submitting.is_set() and getattr(thread, "_target", None) is pool_threads._worker:
+            workers.append(thread)
+            signal.raise_signal(signal.SIGINT)  # the handler raises at the next bytecode
+
+    def submit_marked(runner: Any, *args: Any, **kwargs: Any) -> Any:
+        submitting.set()
+        try:
+            return submit(runner, *args, **kwargs)
+        finally:
+            submitting.clear()
+
+    tracked: list[int] = []
+
+    def stop_counted(engines: Engines, wait_s: float = 60) -> None:
+        tracked.append(len(engines.in_flight))
+        stop(engines, wait_s)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_ctrl_c)
+    monkeypatch.setattr(ThreadPoolTaskRunner, "submit", submit_marked)
+    monkeypatch.setattr(Engines, "stop", stop_counted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # Execute
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            federated_training(config=config)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    # Assert: the interrupt landed after the cohort was in flight, which the run then waited for
+    assert len(workers) == 1
+    assert tracked == [1]
+    assert not workers[0].is_alive()
 
 
 def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
