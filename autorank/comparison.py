@@ -409,6 +409,22 @@ def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
     return cells, skipped
 
 
+def runnable_cells(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
+    """The grid's cells and skipped combinations; refuse a grid where nothing runs or where the
+    reference method never runs (every combination of it skipped)."""
+    cells, skipped = expand_grid(grid)
+    if not cells:
+        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
+    reference = grid.reference_method
+    if reference is not None and all(c.method != reference for c in cells):
+        methods = ", ".join(dict.fromkeys(c.method for c in cells))
+        raise ConfigError(
+            f"reference: {reference!r} never runs (every cell of it is skipped); "
+            f"expected one of {methods}"
+        )
+    return cells, skipped
+
+
 def with_uniform_rank(cell: Cell, rank: int) -> Cell:
     """The cell with its uniform rank fixed (for ``mean_autorank`` once AutoRank has run)."""
     config = _cell_config(cell.config, cell.spec, cell.aggregator, cell.seed, rank)

@@ -286,7 +286,7 @@ def grid_plan(grid: GridConfig) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from autorank.comparison import load_grid
+    from autorank.comparison import load_grid, runnable_cells
     from flows.local import (
         configure_logging,
         how_to_look,
@@ -297,6 +297,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
         print(grid_plan(grid))
+        runnable_cells(grid)  # a grid the run would refuse exits as the run would
         return 0
     # Before Prefect is imported, so that its home, log level and API server apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

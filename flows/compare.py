@@ -34,10 +34,10 @@ from autorank.comparison import (
     Cell,
     GridConfig,
     SkippedCell,
-    expand_grid,
     grid_digest,
     mean_rank,
     parse_grid,
+    runnable_cells,
     with_budget,
     with_uniform_rank,
 )
@@ -72,22 +72,6 @@ TERMINAL_FILE = "summary.txt"
 TABLE_FILE = "summary.json"
 GRID_FILE = "grid.yaml"
 GRID_DIGEST_TAG = "grid_digest"
-
-
-def runnable_cells(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
-    """The grid's cells and skipped combinations; refuse a grid where nothing runs or where the
-    reference method never runs (every combination of it skipped)."""
-    cells, skipped = expand_grid(grid)
-    if not cells:
-        raise ConfigError("the grid has no runnable cell (every combination was skipped)")
-    reference = grid.reference_method
-    if reference is not None and all(c.method != reference for c in cells):
-        methods = ", ".join(dict.fromkeys(c.method for c in cells))
-        raise ConfigError(
-            f"reference: {reference!r} never runs (every cell of it is skipped); "
-            f"expected one of {methods}"
-        )
-    return cells, skipped
 
 
 def check_parent(grid: GridConfig, run_id: str) -> None:

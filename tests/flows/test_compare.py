@@ -375,6 +375,39 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
     assert len(starts) == 1
 
 
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (
+            ["assigners=[autorank]", "aggregators=[fedavg]"],
+            "the grid has no runnable cell (every combination was skipped)",
+        ),
+        (
+            ["aggregators=[fedavg, rbla]", "reference=autorank-fedavg"],
+            "reference: 'autorank-fedavg' never runs (every cell of it is skipped); "
+            "expected one of uniform-fedavg, uniform-rbla, autorank-rbla",
+        ),
+    ],
+    ids=["nothing runs", "reference never runs"],
+)
+def test_dry_run_of_a_grid_the_run_refuses_lists_it_and_exits_2(
+    sets: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    for item in sets:
+        argv += ["--set", item]
+
+    code = main(argv)
+    captured = capsys.readouterr()
+
+    assert code == 2
+    assert captured.err.strip().splitlines() == [f"autorank: error: {expected}"]
+    assert any(
+        line.startswith("skipped autorank-fedavg-s0: ") for line in captured.out.splitlines()
+    )
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_dry_run_shows_each_method_and_the_paired_reference(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
