@@ -177,13 +177,15 @@ def _cmd_ranks(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)
+    agg, plan = config.aggregation, None
+    if agg.early_method is not None and agg.early_when == "all_labels":
+        plan = early_plan(agg, early_gaps(config, assignment, federation_for(config)))
     if args.json:
-        print(json.dumps(assignment.to_json(), indent=2))
+        decision = assignment.to_json()
+        print(json.dumps(decision if plan is None else {**decision, "early_merge": plan}, indent=2))
     else:
         print(format_rank_table(assignment.to_json()))
-        agg = config.aggregation
-        if agg.early_method is not None and agg.early_when == "all_labels":
-            plan = early_plan(agg, early_gaps(config, assignment, federation_for(config)))
+        if plan is not None:
             print(f"early merge with these ranks (a run decides from its own): {plan}")
     return 0
 

@@ -233,7 +233,14 @@ def _run_round(
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
-    method, whole_early = _round_merge(config, run_id, state.assignment, federation, round_idx)
+    method, whole_early = _round_merge(
+        config,
+        run_id,
+        state.assignment,
+        federation,
+        round_idx,
+        announce=round_idx == state.start_round,
+    )
     with signals_deferred():  # a signal lands after the round's close, not inside it
         closed: ClosedRound = close_round(
             opaque(
@@ -304,17 +311,21 @@ def _round_merge(
     assignment: RankAssignment,
     federation: Federation,
     round_idx: int,
+    *,
+    announce: bool,
 ) -> tuple[AggregatorName, bool]:
     """The merge of the round, and whether the early merge ran in every early round.
 
     With ``early_when: all_labels`` the early merge runs in the early rounds whose clients, in
-    every rank tier, hold every label; round 1 logs the plan and records it as a tag.
+    every rank tier, hold every label. With ``announce`` (the first round this process runs:
+    round 1, or a resume's first) the plan is logged and recorded as a tag (the same plan
+    again on a resume: sampling and ranks are those of the interrupted run).
     """
     agg = config.aggregation
     if agg.early_method is None or agg.early_when == "always" or round_idx > agg.early_rounds:
         return agg.method_at(round_idx), True
     gaps = early_gaps(config, assignment, federation)
-    if round_idx == 1:
+    if announce:
         plan = early_plan(agg, gaps)
         progress.info("early merge %s", plan)
         record_early_merge(config.tracking.uri, run_id, plan)

@@ -43,6 +43,7 @@ def test_ranks_json_matches_the_table(capsys: pytest.CaptureFixture[str]) -> Non
         int(line.split()[6]) for line in table[2:7]
     ]
     assert abs(sum(record["weights"].values()) - 1.0) < 1e-9
+    assert "early_merge" not in record  # the default merges no early rounds
 
 
 def test_ranks_shows_caps_and_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,9 +95,12 @@ def test_ranks_says_whether_an_early_merge_waiting_for_the_labels_would_run(
     # Execute
     main(["ranks", *(arg for s in settings for arg in ("--set", s))])
     out = capsys.readouterr().out.splitlines()
+    main(["ranks", *(arg for s in settings for arg in ("--set", s)), "--json"])
+    record = json.loads(capsys.readouterr().out)
 
     # Assert: the verdict, and the tier it speaks of as the table's rows show it
     assert out[-1] == f"early merge with these ranks (a run decides from its own): {verdict}"
+    assert record["early_merge"] == verdict
     rows = [line.split() for line in out[2:12]]
     rank, clients, labels = tier
     members = [row for row in rows if int(row[6]) >= rank]

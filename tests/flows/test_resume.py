@@ -87,7 +87,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(
-    prefect_harness: None, tmp_path: Path
+    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The resumed rounds cross an early merge's end: round 3 merges with rbla_tiered, round 4
     # with rbla_product, as in the uninterrupted run. The early merge waits for the labels,
@@ -114,10 +114,17 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     logged = _history(client, victim, "global/accuracy")
     assert len(logged) < ROUNDS  # really interrupted
 
+    capsys.readouterr()
     _resume(victim, ckpt_dir)
+    said = capsys.readouterr()
+    resumed = [ln for ln in (said.out + said.err).splitlines() if "resuming run" in ln]
 
     assert client.get_run(victim).info.status == "FINISHED"
     applied = "rbla_tiered in rounds 1-3: every rank tier's clients hold every label"
+    # A resume inside the early rounds says the plan again (the same one), as round 1 did
+    after = int(resumed[0].split()[-1])
+    plans = [ln for ln in (said.out + said.err).splitlines() if "early merge " in ln]
+    assert plans == ([f"[autorank] early merge {applied}"] if after < 3 else []), (after, plans)
     assert client.get_run(reference).data.tags["early_merge"] == applied  # client 3 in each
     assert client.get_run(victim).data.tags["early_merge"] == applied
     for key in KEYS:
