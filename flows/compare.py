@@ -57,12 +57,14 @@ from autorank.summary import (
 )
 from autorank.targets import target_sizes
 from flows import run_views
+from flows.engines import runs_ending
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
 from flows.local import preflight
 from flows.ranking import federation_for, layer_ranges, rank_table, untrained_base
 from flows.run_records import close_interrupted_or_failed
 from flows.run_views import progress_in_run_log
+from flows.runners import signals_deferred
 from tasks import tracking
 
 progress = logging.getLogger("autorank.progress")
@@ -185,8 +187,19 @@ def _start_batch(parent: str, batch: Sequence[tuple[Cell, str | None]]) -> list[
     if len(batch) == 1:
         cell, resume = batch[0]
         return [lambda: _train(_nested(cell.config, parent), resume)]
-    futures = [train_cell.submit(_nested(c.config, parent), r) for c, r in batch]
-    wait(futures)  # let the whole batch end before a failure propagates
+    futures = []
+    for cell, resume in batch:
+        with signals_deferred():  # whole or not at all (see signals_deferred)
+            futures.append(train_cell.submit(_nested(cell.config, parent), resume))
+    try:
+        wait(futures)  # let the whole batch end before a failure propagates
+    except BaseException:
+        # Ctrl-C or SIGTERM, which reach this thread only: the cells in the others stop at
+        # their next step, each marked as interrupted, and end before the comparison does (a
+        # second Ctrl-C stops waiting for them).
+        runs_ending(futures)
+        wait(futures)
+        raise
     return [f.result for f in futures]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,7 +21,7 @@ from autorank.config import ExperimentConfig
 from autorank.models import head_modules
 from autorank.rounds import ClientData
 from autorank.targets import expand_ranks
-from autorank.training import TrainSettings
+from autorank.training import TrainingStoppedError, TrainSettings
 from flows.ranking import layer_ranges
 
 progress = logging.getLogger("autorank.progress")
@@ -30,7 +32,7 @@ def lora_settings(config: ExperimentConfig) -> LoraSettings:
     return LoraSettings.from_config(config.lora, head_modules(config.model.name))
 
 
-@dataclass
+@dataclass(eq=False)  # one run's engines: hashable by identity (runs_ending's set)
 class Engines:
     """Where a run's cohorts train, and what the server evaluates with.
 
@@ -126,4 +128,43 @@ def build_engines(
     progress.info(
         "%d cohort(s) of up to %d clients per round, %s engine", count, -(-n // count), kind
     )
-    return Engines(runner, backends, evaluator)
+    engines = Engines(runner, backends, evaluator)
+    with _LIVE_LOCK:
+        _LIVE.add(engines)
+        ending = _ENDING.is_set()
+    if ending:
+        raise TrainingStoppedError("training stopped: the run is ending")
+    return engines
+
+
+_LIVE: weakref.WeakSet[Engines] = weakref.WeakSet()  # every run's engines in this process
+_LIVE_LOCK = threading.Lock()
+_ENDING = threading.Event()
+
+
+def runs_ending(futures: Sequence[PrefectFuture[Any]]) -> None:
+    """Every run of this process stops at its next local step, and a run that has not built
+    its engines yet stops when it does, until each of ``futures`` is done.
+
+    Ctrl-C and SIGTERM reach the main thread only. A run trained in another thread (a grid's
+    parallel cell, one of ``futures``) would train on to its last round, its caller waiting
+    for it. Its ``TrainingStoppedError`` ends it as an interrupted run (KILLED, resumable).
+    """
+    if not futures:
+        return
+    remaining = [len(futures)]
+
+    def ended(_: PrefectFuture[Any]) -> None:
+        with _LIVE_LOCK:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                _ENDING.clear()
+
+    with _LIVE_LOCK:
+        _ENDING.set()
+        live = list(_LIVE)
+    for engines in live:
+        for engine in engines.backends:
+            engine.stop.set()
+    for future in futures:
+        future.add_done_callback(ended)

@@ -19,6 +19,7 @@ from autorank.federation import Federation
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranks import RankAssignment
 from autorank.rounds import client_parameters
+from autorank.training import TrainingStoppedError
 from flows.model_records import FinalModel, record_model
 from tasks import tracking
 
@@ -32,10 +33,11 @@ def close_interrupted_or_failed(
     """Mark a run that stopped early: KILLED after an interrupt, FAILED after an error.
 
     Ctrl-C raises KeyboardInterrupt; SIGTERM (a scheduler's stop, a preemption) reaches flow code
-    as Prefect's TerminationSignal. Neither is a failure of the run: it stopped between
-    checkpoints, and ``resume_hint`` (the command that continues it) is logged.
+    as Prefect's TerminationSignal; a run in another thread than the one they reach is stopped
+    by ``flows.engines.runs_ending`` (TrainingStoppedError). None is a failure of the run: it
+    stopped between checkpoints, and ``resume_hint`` (the command that continues it) is logged.
     """
-    interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal)
+    interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal | TrainingStoppedError)
     flows.stopped.append(resume_hint)
     with contextlib.suppress(Exception):  # else they are logged again from the checkpoint
         tracking.settle(run_id)

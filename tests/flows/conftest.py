@@ -1,5 +1,8 @@
 """Flow tests run the real flow under Prefect's test harness (one ephemeral API per session)."""
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +107,27 @@ def storage_files() -> set[Path]:
 
     folder = Path(get_current_settings().results.local_storage_path)
     return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def spawn_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``autorank ARGS`` in a process group of its own (a group kill takes its API server
+    along), its output on ``stdout``.
+
+    A shell's background job (`pytest &`, nohup) ignores SIGINT, and a child inherits that,
+    so a Ctrl-C test would never reach the command; at a terminal it does. A handler of the
+    parent's own becomes the default action in the child.
+    """
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from autorank.comparison import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
 from flows.ranking import rank_table
-from tests.flows.conftest import cli_error, store_args
+from tests.flows.conftest import cli_error, spawn_cli, store_args
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
@@ -311,6 +312,63 @@ def test_cli_resume_prints_the_table_and_refuses_other_runs(
     assert "'nope' not found" in err and "is not a comparison" in err
     assert f"comparison {parent} ran another grid" in err
     assert len(_children(client, parent)) == 4
+
+
+def test_ctrl_c_stops_the_cells_training_in_parallel_and_marks_them_interrupted(
+    tmp_path: Path,
+) -> None:
+    # Prepare: two cells at a time, far more rounds than the test waits for. Ctrl-C reaches
+    # the main thread only; the cells train in others, and once trained on to their last round.
+    rounds = 3000
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
+    argv += ["--set", "max_parallel=2", "--set", f"base.training.rounds={rounds}"]
+    proc = spawn_cli(argv, dict(os.environ, PREFECT_HOME=str(tmp_path / "home")))
+    lines: list[str] = []
+    both = threading.Event()  # both cells started, and one has trained a few rounds
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.decode(errors="replace"))
+            said = "".join(lines)
+            if said.count(": starting\n") == 2 and f"round 5/{rounds}" in said:
+                both.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert both.wait(timeout=240), "".join(lines)[-3000:]
+
+        # Execute
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)  # a bound, not a figure: the cells stop within seconds
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)  # the reader's last lines
+    out = "".join(lines)
+
+    # Assert: each cell stopped mid-run, marked as interrupted, its checkpoints kept
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "autorank: interrupted; completed rounds are checkpointed" in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    parent = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.kind = 'comparison'"
+    )[0]
+    children = _children(client, parent.info.run_id)
+    assert parent.info.status == "KILLED"
+    assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}, out[-3000:]
+    trained = []
+    for child in children:
+        run_id = child.info.run_id
+        steps = [m.step for m in client.get_metric_history(run_id, "global/accuracy")]
+        assert len(steps) < rounds
+        if steps:
+            latest = (tmp_path / "ckpt" / run_id / "LATEST").read_text().split()[0]
+            assert latest == f"round_{max(steps):04d}"
+        trained.append(len(steps))
+        assert f"run {run_id} stopped; `autorank resume {run_id}` continues it" in out
+    assert max(trained) >= 5
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from autorank.config import ExperimentConfig, config_digest, to_yaml
 from flows.cli import main
 from flows.experiment import federated_training
 from flows.run_records import CONFIG_FILE
-from tests.flows.conftest import storage_files, tiny_config
+from tests.flows.conftest import spawn_cli, storage_files, tiny_config
 
 ROUNDS = 4
 KEYS = ("global/accuracy", "global/loss", "per_client/accuracy_mean", "per_client/accuracy_p10")
@@ -34,23 +33,7 @@ def _cli(*args: str, home: Path, own_server: bool = False) -> subprocess.Popen[b
     env = dict(os.environ, PREFECT_HOME=str(home))
     if not own_server:  # the test harness's API server, instead of booting one (seconds)
         env["PREFECT_API_URL"] = get_current_settings().api.url or ""
-    # A shell's background job (`pytest &`, nohup) ignores SIGINT, and a child inherits that,
-    # so Ctrl-C would never reach the command; at a terminal it does. A handler of the
-    # parent's own becomes the default action in the child.
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill takes its API server along
-        )
-    finally:
-        if ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return spawn_cli(list(args), env)
 
 
 def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes]) -> str:
