@@ -55,12 +55,16 @@ class Engines:
         that Prefect records their end while the flow run still stands (a task ending after it
         printed a traceback). A Dask worker holds a copy of its engine, which no flag reaches:
         its cohort is not waited for."""
-        for engine in self.backends:
-            engine.stop.set()
+        self.raise_stop()
         if isinstance(self.runner, ThreadPoolTaskRunner):
             for future in self.in_flight:
                 future.wait(timeout=wait_s)
         self.in_flight.clear()
+
+    def raise_stop(self) -> None:
+        """Every engine stops at its next local step (nothing is waited for)."""
+        for engine in self.backends:
+            engine.stop.set()
 
     def set_ranks(self, ranks: Sequence[Mapping[str, int]]) -> None:
         """Expand every client's target ranks to module paths (once per distinct pattern)."""
@@ -164,7 +168,6 @@ def runs_ending(futures: Sequence[PrefectFuture[Any]]) -> None:
         _ENDING.set()
         live = list(_LIVE)
     for engines in live:
-        for engine in engines.backends:
-            engine.stop.set()
+        engines.raise_stop()
     for future in futures:
         future.add_done_callback(ended)
