@@ -3,7 +3,8 @@
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,22 @@ def spawn_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def watch_output(
+    proc: subprocess.Popen[bytes], ready: Callable[[str], bool]
+) -> tuple[list[str], threading.Event]:
+    """``proc``'s output lines as they come (read in a thread), and an event set once
+    ``ready`` holds for the output so far."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.decode(errors="replace"))
+            if ready("".join(lines)):
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines, seen

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from autorank.comparison import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
 from flows.ranking import rank_table
-from tests.flows.conftest import cli_error, spawn_cli, store_args
+from tests.flows.conftest import cli_error, spawn_cli, store_args, watch_output
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
@@ -323,18 +322,10 @@ def test_ctrl_c_stops_the_cells_training_in_parallel_and_marks_them_interrupted(
     argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
     argv += ["--set", "max_parallel=2", "--set", f"base.training.rounds={rounds}"]
     proc = spawn_cli(argv, dict(os.environ, PREFECT_HOME=str(tmp_path / "home")))
-    lines: list[str] = []
-    both = threading.Event()  # both cells started, and one has trained a few rounds
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.decode(errors="replace"))
-            said = "".join(lines)
-            if said.count(": starting\n") == 2 and f"round 5/{rounds}" in said:
-                both.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    # both cells started, and one has trained a few rounds
+    lines, both = watch_output(
+        proc, lambda said: said.count(": starting\n") == 2 and f"round 5/{rounds}" in said
+    )
     try:
         assert both.wait(timeout=240), "".join(lines)[-3000:]
 

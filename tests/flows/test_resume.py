@@ -20,7 +20,7 @@ from autorank.config import ExperimentConfig, config_digest, to_yaml
 from flows.cli import main
 from flows.experiment import federated_training
 from flows.run_records import CONFIG_FILE
-from tests.flows.conftest import spawn_cli, storage_files, tiny_config
+from tests.flows.conftest import spawn_cli, storage_files, tiny_config, watch_output
 
 ROUNDS = 4
 KEYS = ("global/accuracy", "global/loss", "per_client/accuracy_mean", "per_client/accuracy_p10")
@@ -100,13 +100,14 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     capsys.readouterr()
     _resume(victim, ckpt_dir)
     said = capsys.readouterr()
-    resumed = [ln for ln in (said.out + said.err).splitlines() if "resuming run" in ln]
+    printed = (said.out + said.err).splitlines()
+    resumed = [ln for ln in printed if "resuming run" in ln]
 
     assert client.get_run(victim).info.status == "FINISHED"
     applied = "rbla_tiered in rounds 1-3: every rank tier's clients hold every label"
     # A resume inside the early rounds says the plan again (the same one), as round 1 did
     after = int(resumed[0].split()[-1])
-    plans = [ln for ln in (said.out + said.err).splitlines() if "early merge " in ln]
+    plans = [ln for ln in printed if "early merge " in ln]
     assert plans == ([f"[autorank] early merge {applied}"] if after < 3 else []), (after, plans)
     assert client.get_run(reference).data.tags["early_merge"] == applied  # client 3 in each
     assert client.get_run(victim).data.tags["early_merge"] == applied
@@ -234,17 +235,7 @@ def test_ctrl_c_in_the_warm_up_ends_130_and_marks_the_run_killed(
         tmp_path, model={"init": "random"}, training={"rounds": 1, "warmup_epochs": 5000}
     )
     proc = _cli("run", "--config", str(config_file), home=tmp_path / "home", own_server=True)
-    lines: list[str] = []
-    warming = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.decode(errors="replace"))
-            if "warm-up: " in lines[-1]:
-                warming.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    lines, warming = watch_output(proc, lambda said: "warm-up: " in said)
     server: list[int] = []
     try:
         assert warming.wait(timeout=240), "".join(lines)[-3000:]
