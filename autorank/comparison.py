@@ -410,9 +410,15 @@ def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
 
 
 def runnable_cells(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
-    """The grid's cells and skipped combinations; refuse a grid where nothing runs or where the
-    reference method never runs (every combination of it skipped)."""
+    """The grid's cells and skipped combinations, refused as ``check_runnable`` says."""
     cells, skipped = expand_grid(grid)
+    check_runnable(grid, cells)
+    return cells, skipped
+
+
+def check_runnable(grid: GridConfig, cells: Sequence[Cell]) -> None:
+    """Refuse a grid where nothing runs or where the reference method never runs (every
+    combination of it skipped); ``cells``: the grid's, from ``expand_grid``."""
     if not cells:
         raise ConfigError("the grid has no runnable cell (every combination was skipped)")
     reference = grid.reference_method
@@ -422,7 +428,6 @@ def runnable_cells(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
             f"reference: {reference!r} never runs (every cell of it is skipped); "
             f"expected one of {methods}"
         )
-    return cells, skipped
 
 
 def with_uniform_rank(cell: Cell, rank: int) -> Cell:

@@ -21,7 +21,7 @@ from flows import RESUME_NOTE
 from flows.local import say as _say
 
 if TYPE_CHECKING:
-    from autorank.comparison import GridConfig
+    from autorank.comparison import Cell, GridConfig, SkippedCell
 
 EXIT_BAD_INPUT = 2
 
@@ -246,19 +246,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def grid_plan(grid: GridConfig) -> str:
-    """The runs a grid expands to, one line each, then the skipped combinations and a total."""
-    import logging
-
-    from autorank.comparison import expand_grid
-
-    quiet = logging.getLogger("autorank.comparison")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the skipped cells are listed below instead
-    try:
-        cells, skipped = expand_grid(grid)
-    finally:
-        quiet.setLevel(level)
+def grid_plan(grid: GridConfig, cells: Sequence[Cell], skipped: Sequence[SkippedCell]) -> str:
+    """The runs a grid expands to (``cells``), one line each, then the skipped combinations
+    and a total."""
     rounds = grid.base.training.rounds
     rows = [(c.run_name, c.spec.method, c.aggregator, str(c.seed), str(rounds)) for c in cells]
     head = ("run", "method", "aggregator", "seed", "rounds")
@@ -288,7 +278,9 @@ def grid_plan(grid: GridConfig) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from autorank.comparison import load_grid, runnable_cells
+    import logging
+
+    from autorank.comparison import check_runnable, expand_grid, load_grid
     from flows.local import (
         configure_logging,
         how_to_look,
@@ -298,8 +290,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
-        print(grid_plan(grid))
-        runnable_cells(grid)  # a grid the run would refuse exits as the run would
+        quiet = logging.getLogger("autorank.comparison")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the plan lists the skipped cells instead
+        try:
+            cells, skipped = expand_grid(grid)
+        finally:
+            quiet.setLevel(level)
+        print(grid_plan(grid, cells, skipped))
+        check_runnable(grid, cells)  # a grid the run would refuse exits as the run would
         return 0
     # Before Prefect is imported, so that its home, log level and API server apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
