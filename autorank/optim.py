@@ -17,14 +17,27 @@ no Nesterov; Adam with L2 weight decay, as ``torch.optim.Adam``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import torch
 
-if TYPE_CHECKING:
-    from autorank.training import TrainSettings
-
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+
+
+class OptimSettings(Protocol):
+    """What the optimiser reads of the local training settings
+    (``autorank.training.TrainSettings`` is one)."""
+
+    @property
+    def optimizer(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def grad_clip(self) -> float | None: ...
 
 
 class ClientOptimizer:
@@ -38,7 +51,7 @@ class ClientOptimizer:
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], settings: TrainSettings, *, stacked: bool = False
+        self, params: Sequence[torch.Tensor], settings: OptimSettings, *, stacked: bool = False
     ) -> None:
         if settings.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {settings.optimizer!r}")

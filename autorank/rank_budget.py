@@ -27,20 +27,13 @@ to rounding and the clamps. An ample budget gives ``s > 1``: ranks grow up to ea
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
 from autorank.config import CapTier, RankingConfig
 from autorank.rank_mapping import round_half_up_array
-
-if TYPE_CHECKING:
-    from autorank.ranks import RankAssignment
-
-logger = logging.getLogger(__name__)
 
 _TIER_STREAM = 0x7131  # keeps the tier draws apart from the random assigners' draws of the seed
 
@@ -187,46 +180,4 @@ def limit_ranks(
         layer_ranks=[{n: int(r) for n, r in zip(names, row[:-1], strict=True)} for row in out],
         scale=None if budget is None else s,
         total_params=total,
-    )
-
-
-def apply_limits(
-    result: RankAssignment,
-    settings: RankingConfig,
-    *,
-    r_min: int,
-    r_max: int,
-    layers: Mapping[str, tuple[int, int]],
-    sizes: Mapping[str, int] | None,
-    seed: int,
-) -> RankAssignment:
-    """An assigner's result with the caps and the budget of ``settings`` applied
-    (``limit_ranks``); the caps, the budget, ``P`` and ``s`` are recorded in it."""
-    budget = settings.budget_params
-    clients = [d.client for d in result.decisions]
-    caps = draw_caps(clients, settings.rank_caps, settings.cap_tiers, seed)
-    limited = limit_ranks(
-        [d.rank for d in result.decisions],
-        [d.layer_ranks for d in result.decisions],
-        caps,
-        r_min=r_min,
-        r_max=r_max,
-        layers=layers,
-        sizes=sizes,
-        budget=budget,
-    )
-    if budget is not None:
-        logger.info(
-            "budget of %d LoRA parameters: ranks scaled by %.4g, %s used",
-            budget,
-            limited.scale,
-            limited.total_params,
-        )
-    decisions = zip(result.decisions, limited.ranks, limited.layer_ranks, caps, strict=True)
-    return replace(
-        result,
-        decisions=tuple(replace(d, rank=r, layer_ranks=lr, cap=c) for d, r, lr, c in decisions),
-        budget_params=budget,
-        total_params=limited.total_params,
-        scale=limited.scale,
     )

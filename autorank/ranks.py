@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, get_args
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from autorank.config import AssignerName, Criterion, RankingConfig
 from autorank.mcda import critic_weights, topsis
 from autorank.profiling import ClientProfile
-from autorank.rank_budget import apply_limits, check_limits
+from autorank.rank_budget import check_limits, draw_caps, limit_ranks
 from autorank.rank_mapping import (
     clamp,
     closeness_positions,
@@ -421,3 +421,45 @@ def _check_profiles(profiles: Sequence[ClientProfile], n_classes: int) -> None:
 
 
 assert set(_ASSIGNERS) == set(get_args(AssignerName)), "registry and AssignerName disagree"
+
+
+def apply_limits(
+    result: RankAssignment,
+    settings: RankingConfig,
+    *,
+    r_min: int,
+    r_max: int,
+    layers: Mapping[str, tuple[int, int]],
+    sizes: Mapping[str, int] | None,
+    seed: int,
+) -> RankAssignment:
+    """An assigner's result with the caps and the budget of ``settings`` applied
+    (``limit_ranks``); the caps, the budget, ``P`` and ``s`` are recorded in it."""
+    budget = settings.budget_params
+    clients = [d.client for d in result.decisions]
+    caps = draw_caps(clients, settings.rank_caps, settings.cap_tiers, seed)
+    limited = limit_ranks(
+        [d.rank for d in result.decisions],
+        [d.layer_ranks for d in result.decisions],
+        caps,
+        r_min=r_min,
+        r_max=r_max,
+        layers=layers,
+        sizes=sizes,
+        budget=budget,
+    )
+    if budget is not None:
+        logger.info(
+            "budget of %d LoRA parameters: ranks scaled by %.4g, %s used",
+            budget,
+            limited.scale,
+            limited.total_params,
+        )
+    decisions = zip(result.decisions, limited.ranks, limited.layer_ranks, caps, strict=True)
+    return replace(
+        result,
+        decisions=tuple(replace(d, rank=r, layer_ranks=lr, cap=c) for d, r, lr, c in decisions),
+        budget_params=budget,
+        total_params=limited.total_params,
+        scale=limited.scale,
+    )

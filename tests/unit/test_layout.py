@@ -131,7 +131,6 @@ def test_lower_layers_never_import_the_upper_ones(top: str, forbidden: set[str])
     assert offending == {}
 
 
-@pytest.mark.xfail(strict=True, reason="optim <-> training, rank_budget <-> ranks")
 def test_the_library_has_no_import_circles() -> None:
     library = {m: e for m, e in graph().items() if m.startswith("autorank")}
 
