@@ -21,7 +21,7 @@ import torch
 from autorank.config import ExperimentConfig, load_config
 from autorank.evaluation import evaluate
 from autorank.models import build_model, pretrain
-from flows.ranking import federation_for
+from autorank.recipe import federation_for
 
 
 def centralised(config: ExperimentConfig) -> tuple[float, float, float]:

@@ -110,10 +110,9 @@ class _Interleaved:
 
         from autorank.batched import BatchedBackend
         from autorank.checkpoint import DECISION_FILE
+        from autorank.recipe import layer_ranges, lora_settings
         from autorank.sequential import SequentialBackend
         from autorank.training import TrainSettings
-        from flows.engines import lora_settings
-        from flows.ranking import layer_ranges
 
         config = self.config
         (decision,) = config.runtime.checkpoint_dir.glob(f"*/{DECISION_FILE}")
@@ -201,13 +200,11 @@ def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untype
     """The measured rounds' jobs, rebuilt from the run's rank decision and seeds."""
     import json
 
-    from autorank.base import make_base
     from autorank.cohorts import sample_clients
     from autorank.ranks import RankAssignment
+    from autorank.recipe import federation_for, lora_settings, make_base
     from autorank.rounds import client_data, initial_state, round_jobs
     from autorank.targets import expand_ranks
-    from flows.engines import lora_settings
-    from flows.ranking import federation_for
 
     federation = federation_for(config)
     base = make_base(
@@ -302,7 +299,7 @@ import sys, time
 start = time.perf_counter()
 import torch
 from autorank.backend import warmup_jobs
-from autorank.base import make_base
+from autorank.recipe import make_base
 from autorank.config import load_config
 from autorank.rounds import client_data, initial_state, round_jobs, test_data
 from autorank.sequential import SequentialBackend

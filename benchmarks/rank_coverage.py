@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from autorank.config import TrackingConfig, parse_config
-from flows.ranking import federation_for
+from autorank.recipe import federation_for
 from tasks import tracking
 
 

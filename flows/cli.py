@@ -173,7 +173,8 @@ def _check_port_free(port: int) -> None:
 
 def _cmd_ranks(args: argparse.Namespace) -> int:
     from autorank.config import load_config
-    from flows.ranking import early_gaps, early_plan, federation_for, rank_table
+    from autorank.recipe import federation_for, rank_table
+    from flows.ranking import early_gaps, early_plan
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)

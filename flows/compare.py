@@ -43,6 +43,7 @@ from autorank.comparison import (
 )
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
 from autorank.plots import accuracy_curves, ranks_per_client
+from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
 from autorank.rounds import DivergenceError
 from autorank.summary import (
     CellResult,
@@ -61,7 +62,6 @@ from flows.engines import runs_ending
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
 from flows.local import preflight
-from flows.ranking import federation_for, layer_ranges, rank_table, untrained_base
 from flows.run_records import close_interrupted_or_failed
 from flows.run_views import progress_in_run_log
 from flows.runners import signals_deferred

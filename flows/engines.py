@@ -14,22 +14,16 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.backend import ClientBackend, LoraSettings, pick_device
+from autorank.backend import ClientBackend, pick_device
 from autorank.batched import LoraTemplate
 from autorank.cohorts import cohort_count, make_backend, participants, why_not_batched
 from autorank.config import ExperimentConfig
-from autorank.models import head_modules
+from autorank.recipe import layer_ranges, lora_settings, train_settings
 from autorank.rounds import ClientData
 from autorank.targets import expand_ranks
-from autorank.training import TrainingStoppedError, TrainSettings
-from flows.ranking import layer_ranges
+from autorank.training import TrainingStoppedError
 
 progress = logging.getLogger("autorank.progress")
-
-
-def lora_settings(config: ExperimentConfig) -> LoraSettings:
-    """The adapter settings of a config (its model's head included)."""
-    return LoraSettings.from_config(config.lora, head_modules(config.model.name))
 
 
 @dataclass(eq=False)  # one run's engines: hashable by identity (runs_ending's set)
@@ -114,7 +108,7 @@ def build_engines(
         n * sum(p.numel() for p in base.parameters()) if kind == "batched" and shared_gil else None
     )
     count = cohort_count(n, workers=workers, cohort_size=runtime.cohort_size, grain_work=work)
-    lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+    lora, train = lora_settings(config), train_settings(config)
     targets = list(layer_ranges(config))
     backends = [
         make_backend(

@@ -35,6 +35,7 @@ from autorank.federation import Federation
 from autorank.profiling import ClientProfile
 from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
+from autorank.recipe import layer_ranges, lora_settings, public_fraction
 from autorank.reranking import fit_global, remeasured_profiles, rerank_due
 from autorank.rounds import (
     ClientData,
@@ -46,10 +47,10 @@ from autorank.rounds import (
 )
 from autorank.targets import target_sizes
 from flows import RESUME_NOTE, run_views
-from flows.engines import Engines, build_engines, lora_settings
+from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record
 from flows.model_records import record_data
-from flows.ranking import early_gaps, early_plan, first_rounds, layer_ranges, public_fraction
+from flows.ranking import early_gaps, early_plan, first_rounds
 from flows.run_records import (
     close_interrupted_or_failed,
     finish_run,
@@ -340,17 +341,8 @@ def _decide(
     base: nn.Module,
 ) -> RankAssignment:
     """The configured assigner over the clients' profiles (with the rank budget, if any)."""
-    layers = layer_ranges(config)
-    return rank_clients(
-        profiles,
-        config.ranking,
-        r_min=config.lora.r_min,
-        r_max=config.lora.r_max,
-        layers=layers,
-        n_classes=federation.data.n_classes,
-        seed=config.seed,
-        layer_sizes=target_sizes(base, list(layers)),
-    )
+    sizes = target_sizes(base, list(layer_ranges(config)))
+    return rank_clients(config, profiles, n_classes=federation.data.n_classes, layer_sizes=sizes)
 
 
 def _rerank(

@@ -205,8 +205,8 @@ def preflight(config: ExperimentConfig) -> None:
 
     check_places(config)
     from autorank.models import load_base_weights
+    from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
     from autorank.targets import expand_ranks, layer_dims, target_sizes
-    from flows.ranking import federation_for, layer_ranges, rank_table, untrained_base
 
     federation = federation_for(config)
     model = untrained_base(config, federation)

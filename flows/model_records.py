@@ -24,9 +24,9 @@ from autorank.data import DatasetSplits
 from autorank.export import merged_away, peft_layout
 from autorank.federation import Federation, partition_params
 from autorank.models import head_modules, save_base_weights
+from autorank.recipe import lora_settings
 from autorank.rounds import download
 from autorank.serving import ModelSpec
-from flows.engines import lora_settings
 from tasks import model_tracking, tracking
 from tasks.model_tracking import DataInput
 

@@ -6,32 +6,19 @@ from collections.abc import Mapping, Sequence
 
 from prefect import task
 
-from autorank.config import RankingConfig
+from autorank.config import ExperimentConfig
 from autorank.profiling import ClientProfile
-from autorank.ranks import RankAssignment, assign_ranks
+from autorank.ranks import RankAssignment
+from autorank.recipe import assign
 
 
 @task(persist_result=False)
 def rank_clients(
+    config: ExperimentConfig,
     profiles: Sequence[ClientProfile],
-    settings: RankingConfig,
     *,
-    r_min: int,
-    r_max: int,
-    layers: Mapping[str, tuple[int, int]],
     n_classes: int,
-    seed: int,
     layer_sizes: Mapping[str, int] | None = None,
 ) -> RankAssignment:
     """Assign every client its LoRA rank (AutoRank: CRITIC-weighted TOPSIS; or a baseline)."""
-    return assign_ranks(
-        settings.assigner,
-        profiles,
-        settings=settings,
-        r_min=r_min,
-        r_max=r_max,
-        layers=layers,
-        n_classes=n_classes,
-        seed=seed,
-        layer_sizes=layer_sizes,
-    )
+    return assign(config, profiles, n_classes=n_classes, layer_sizes=layer_sizes)

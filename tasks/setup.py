@@ -7,9 +7,9 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from autorank.backend import limit_threads
-from autorank.base import make_base
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
 from autorank.federation import Federation, federation_from_config
+from autorank.recipe import make_base
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autorank.comparison import load_grid
+from autorank.recipe import rank_table
 from flows.cli import main
 from flows.compare import compare_methods
-from flows.ranking import rank_table
 from tests.flows.conftest import cli_error, spawn_cli, store_args, watch_output
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -255,7 +255,7 @@ def test_an_early_merge_waiting_for_the_labels_runs_only_where_every_tier_holds_
 ) -> None:
     # Prepare: uniform ranks 8 with client 0's device capped at 2, so the top tier is clients
     # 1-3; record the server's merge of each round
-    from flows.ranking import federation_for
+    from autorank.recipe import federation_for
 
     merges = server_merges
     config = tiny_config(

@@ -21,13 +21,12 @@ from autorank.batched import LoraTemplate, bind_state, evaluate_state
 from autorank.checkpoint import load_adapter
 from autorank.config import ConfigError, ExperimentConfig
 from autorank.models import load_base_weights
+from autorank.recipe import federation_for, lora_settings
 from autorank.rounds import download, initial_state
 from autorank.serving import ModelSpec, load_classifier
 from autorank.targets import expand_ranks, merge_base_delta
-from flows.engines import lora_settings
 from flows.experiment import federated_training
 from flows.model_records import FinalModel, record_data, write_adapters
-from flows.ranking import federation_for
 from tasks import model_tracking
 from tests.flows.conftest import tiny_config
 

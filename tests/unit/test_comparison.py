@@ -19,11 +19,11 @@ from autorank.comparison import (
     with_uniform_rank,
 )
 from autorank.config import ConfigError, config_digest
+from autorank.paired import mean_std
 from autorank.summary import (
     CellResult,
     markdown_table,
     mean_curves,
-    mean_std,
     paired_against,
     rounds_to_target,
     std_curves,
