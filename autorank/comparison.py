@@ -31,10 +31,10 @@ from autorank.config import (
     AssignerName,
     ConfigError,
     ExperimentConfig,
-    _format_validation_error,
     aggregation_fields,
     apply_override,
     config_digest,
+    format_validation_error,
     json_digest,
     parse_config,
     read_yaml,
@@ -306,7 +306,7 @@ def parse_grid(raw: Mapping[str, Any]) -> GridConfig:
     try:
         return GridConfig.model_validate(dict(raw))
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def load_grid(path: Path, overrides: Sequence[str] = ()) -> GridConfig:

@@ -379,7 +379,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.schema:
         if args.config is not None or args.overrides:
             raise ValueError("--schema describes every setting; it takes no --config or --set")
-        from autorank.config_reference import format_reference
+        from autorank.config.reference import format_reference
 
         if args.json:
             print(json.dumps(ExperimentConfig.model_json_schema(), indent=2))

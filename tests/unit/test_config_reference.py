@@ -1,7 +1,7 @@
 import pytest
 
 from autorank.config import ExperimentConfig, flatten, load_config
-from autorank.config_reference import WIDTH, format_reference, settings_of
+from autorank.config.reference import WIDTH, format_reference, settings_of
 
 
 def test_every_setting_of_the_config_is_listed_once() -> None:

@@ -18,9 +18,15 @@ from autorank.config import ExperimentConfig, config_digest
 ROOT = Path(__file__).resolve().parents[2]
 
 # The library's floors, lowest first: a package imports from its own floor or below, never up.
-FLOORS: tuple[frozenset[str], ...] = ()
+FLOORS: tuple[frozenset[str], ...] = (
+    frozenset({"config", "models"}),
+    frozenset({"data", "ranking", "lora"}),
+    frozenset({"reporting", "merge", "engine"}),
+    frozenset({"recipe", "rounds"}),
+    frozenset({"serving"}),
+)
 # Packages that never import torch, however indirectly.
-TORCH_FREE: frozenset[str] = frozenset()
+TORCH_FREE = frozenset({"config", "data", "ranking", "reporting"})
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,83 @@
+"""``data`` and ``partition``: which samples, and how they are split over the clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from autorank.config.vocab import Scheme, Section
+
+
+class DataConfig(Section):
+    """Which dataset, from where, and how its test split is made when it ships none."""
+
+    name: str = Field(
+        "digits",
+        description="digits (embedded), mnist5k, mnist or fashion_mnist (IDX files in "
+        "path), parquet (path), or hf:<Hub dataset name> (needs internet)",
+    )
+    path: Path | None = Field(
+        None,
+        description="mnist / fashion_mnist: folder of the four IDX files (fashion_mnist defaults "
+        "to /usr/share/datasets/fashion-mnist); parquet: a .parquet file or a folder with "
+        "train.parquet (and test.parquet); ignored by digits and mnist5k",
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="share of the samples held out (stratified) as the global test split; only "
+        "for data that ships no test split (digits, mnist5k, parquet or hf without one)",
+    )
+    max_train_samples: int | None = Field(
+        None,
+        gt=0,
+        description="keep a stratified subsample of this many training samples (before the "
+        "server's pre-training share and the partition), for quick runs; null: all",
+    )
+
+
+class PartitionConfig(Section):
+    """How the training split is divided among clients (see autorank.partition)."""
+
+    scheme: Scheme = Field(
+        "double_imbalance",
+        description="iid (equal shuffled parts), dirichlet (label skew, alpha), shards "
+        "(label-sorted shards), quantity_skew (log-normal sizes), double_imbalance (client i "
+        "holds classes 0..i, so both labels and size grow with i)",
+    )
+    n_clients: int = Field(
+        10, ge=1, description="clients the training data (less the server's share) is split among"
+    )
+    alpha: float = Field(
+        0.5,
+        gt=0.0,
+        description="dirichlet: concentration of each class's draw over the clients; smaller "
+        "means fewer classes per client",
+    )
+    min_size: int = Field(
+        1,
+        ge=1,
+        description="dirichlet: redraw (up to 100 times) until every client holds at least this "
+        "many samples",
+    )
+    shards_per_client: int = Field(
+        2,
+        ge=1,
+        description="shards: label-sorted shards dealt to each client, so that each holds about "
+        "this many classes",
+    )
+    quantity_sigma: float = Field(
+        1.0,
+        gt=0.0,
+        description="quantity_skew: sigma of the log-normal client sizes; larger means more "
+        "uneven sizes",
+    )
+    local_test_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="share of each client's samples held out for its personalised accuracy "
+        "(0: none; every client keeps at least one training sample)",
+    )

@@ -1,0 +1,111 @@
+"""One federated experiment, end to end: the sections and the checks that span them."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from autorank.config.data import DataConfig, PartitionConfig
+from autorank.config.model import LoraConfig, ModelConfig
+from autorank.config.ranking import RankingConfig
+from autorank.config.runtime import RuntimeConfig, TrackingConfig
+from autorank.config.training import AggregationConfig, TrainingConfig
+from autorank.config.vocab import Section
+
+
+class ExperimentConfig(Section):
+    """One federated experiment, end to end."""
+
+    seed: int = Field(
+        0,
+        ge=0,
+        description="the experiment's seed: data split, partition, base and LoRA init, client "
+        "sampling and batch order all derive from it",
+    )
+    data: DataConfig = Field(DataConfig(), description="the dataset and its test split")
+    partition: PartitionConfig = Field(
+        PartitionConfig(), description="how the training data is divided among the clients"
+    )
+    model: ModelConfig = Field(ModelConfig(), description="the frozen base model clients adapt")
+    lora: LoraConfig = Field(
+        LoraConfig(), description="LoRA adapters: target layers, rank bounds, scale"
+    )
+    ranking: RankingConfig = Field(RankingConfig(), description="which client gets which rank")
+    training: TrainingConfig = Field(
+        TrainingConfig(), description="local training and the round schedule"
+    )
+    aggregation: AggregationConfig = Field(
+        AggregationConfig(), description="how the server merges the clients' adapters"
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,  # reads the environment
+        description="where and under which names MLflow records the run",
+    )
+    runtime: RuntimeConfig = Field(
+        RuntimeConfig(),
+        description="where and how clients train: device, engine, parallelism, checkpoints",
+    )
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        c = self.training.clients_per_round
+        if isinstance(c, int) and c > self.partition.n_clients:
+            raise ValueError(
+                f"training.clients_per_round ({c}) exceeds partition.n_clients "
+                f"({self.partition.n_clients})"
+            )
+        if "fedavg" in self.aggregation.methods and self.ranking.assigner != "uniform":
+            raise ValueError(
+                f"aggregation.{self._fedavg_field()} 'fedavg' needs equal ranks: set "
+                f"ranking.assigner to 'uniform' (got '{self.ranking.assigner}')"
+            )
+        early = self.aggregation.early_rounds
+        if early >= self.training.rounds:
+            raise ValueError(
+                f"aggregation.early_rounds ({early}) must be below training.rounds "
+                f"({self.training.rounds}), or aggregation.method would never merge"
+            )
+        if self.ranking.rerank_every:
+            self._check_reranking()
+        self._check_early_when()
+        return self
+
+    def _check_early_when(self) -> None:
+        """all_labels decides from the ranks of the early rounds: no re-ranking among them."""
+        every, early = self.ranking.rerank_every, self.aggregation.early_rounds
+        if self.aggregation.early_when == "all_labels" and 0 < every < early:
+            raise ValueError(
+                f"aggregation.early_when 'all_labels' decides from the ranks of rounds 1-{early}: "
+                f"ranking.rerank_every ({every}) must be at least aggregation.early_rounds "
+                f"({early}), or 0"
+            )
+
+    def _fedavg_field(self) -> str:
+        return "method" if self.aggregation.method == "fedavg" else "early_method"
+
+    def _check_reranking(self) -> None:
+        """Re-ranking measures learning difficulty again: autorank only, from >= 2 epochs."""
+        r = self.ranking
+        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+            raise ValueError(
+                "ranking.rerank_every re-measures learning difficulty: it needs ranking.assigner "
+                f"'autorank' with 'learning_difficulty' in ranking.criteria (got '{r.assigner}', "
+                f"criteria {list(r.criteria)})"
+            )
+        if self.training.local_epochs < 2:
+            raise ValueError(
+                "ranking.rerank_every measures a loss curve over the local epochs: it needs "
+                f"training.local_epochs >= 2 (got {self.training.local_epochs})"
+            )
+
+    @model_validator(mode="after")
+    def _caps_fit(self) -> ExperimentConfig:
+        """Rank caps name existing clients, reach every layer's r_min, and leave fedavg alone."""
+        r = self.ranking
+        floor = max([self.lora.r_min, *(x.r_min for x in self.lora.layer_ranges.values())])
+        r.check_caps(range(self.partition.n_clients), floor)
+        if "fedavg" in self.aggregation.methods and r.named_caps():
+            raise ValueError(
+                f"aggregation.{self._fedavg_field()} 'fedavg' needs equal ranks: "
+                "ranking.rank_caps and ranking.cap_tiers give capped clients lower ranks"
+            )
+        return self

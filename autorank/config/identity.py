@@ -1,0 +1,53 @@
+"""A config's identity: flat parameters, YAML, and the digest checkpoints bind to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from autorank.config.experiment import ExperimentConfig
+
+
+def flatten(config: ExperimentConfig) -> dict[str, str]:
+    """The config as dotted keys (``partition.n_clients``) to strings, for tracking params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    """The config as YAML text that ``load_config`` reads back to an equal object."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def json_digest(payload: Any) -> str:
+    """A short, stable digest of a JSON-ready value (keys sorted)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """A digest of everything that changes results (not where they are tracked or run)."""
+    payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
+    if payload["training"]["clients_per_round"] is None:
+        del payload["training"]["clients_per_round"]  # full participation: digests as before
+    unset: dict[str, dict[str, Any]] = {
+        "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
+        "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
+    }
+    for section, defaults in unset.items():
+        for name, default in defaults.items():
+            if payload[section][name] == default:
+                del payload[section][name]  # not set: digests as before these settings existed
+    return json_digest(payload)
