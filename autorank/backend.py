@@ -20,7 +20,7 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.config import LoraConfig
-from autorank.evaluation import EvalResult
+from autorank.models.evaluation import EvalResult
 from autorank.targets import AlphaPolicy, scale_for
 from autorank.training import LocalResult, StopSignal, client_seed
 

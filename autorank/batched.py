@@ -37,7 +37,7 @@ from autorank.backend import (
     LoraSettings,
     substreams,
 )
-from autorank.evaluation import EvalResult
+from autorank.models.evaluation import EvalResult
 from autorank.optim import ClientOptimizer
 from autorank.targets import (
     expand_ranks,
@@ -499,7 +499,7 @@ def evaluate_state(
     batch_size: int = 1024,
 ) -> EvalResult:
     """Accuracy and mean cross-entropy of ``base + state`` (``bind_state``) on ``x``, ``y``."""
-    from autorank.evaluation import evaluate
+    from autorank.models.evaluation import evaluate
 
     model = bind_state(template, state)
     return evaluate(model, x, y, batch_size=batch_size, device=template.device)

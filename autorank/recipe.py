@@ -21,7 +21,13 @@ from autorank.backend import LoraSettings
 from autorank.config import ExperimentConfig, ModelConfig
 from autorank.data import DatasetSplits
 from autorank.federation import Federation, federation_from_config
-from autorank.models import build_model, default_targets, head_modules, load_base_weights, pretrain
+from autorank.models.zoo import (
+    build_model,
+    default_targets,
+    head_modules,
+    load_base_weights,
+    pretrain,
+)
 from autorank.profiling import ClientProfile
 from autorank.ranks import RankAssignment, assign_ranks
 from autorank.targets import target_sizes

@@ -28,8 +28,8 @@ from autorank.aggregation import aggregate
 from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
 from autorank.batched import LoraTemplate, evaluate_state
 from autorank.config import AggregatorName
-from autorank.evaluation import EvalResult
 from autorank.federation import Federation
+from autorank.models.evaluation import EvalResult
 from autorank.targets import (
     expand_ranks,
     fresh_down_projections,

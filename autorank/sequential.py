@@ -20,7 +20,6 @@ from torch import nn
 
 from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings, substreams
-from autorank.evaluation import EvalResult, evaluate
 from autorank.lora import (
     get_adapter_state,
     reset_head,
@@ -28,6 +27,7 @@ from autorank.lora import (
     set_adapter_state,
     wrap_lora,
 )
+from autorank.models.evaluation import EvalResult, evaluate
 from autorank.training import LocalResult, StopSignal, TrainSettings, train_local
 
 logger = logging.getLogger(__name__)

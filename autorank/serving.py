@@ -20,7 +20,7 @@ from torch import nn
 
 from autorank.batched import LoraTemplate, bind_state
 from autorank.checkpoint import load_adapter
-from autorank.models import MODEL_NAMES, ModelName, build_model, load_base_weights
+from autorank.models.zoo import MODEL_NAMES, ModelName, build_model, load_base_weights
 
 SPEC_FORMAT = 1
 Output = Literal["class", "probabilities"]

@@ -17,10 +17,10 @@ import tempfile
 import time
 
 import torch
+from autorank.models.zoo import build_model, pretrain
 
 from autorank.config import ExperimentConfig, load_config
-from autorank.evaluation import evaluate
-from autorank.models import build_model, pretrain
+from autorank.models.evaluation import evaluate
 from autorank.recipe import federation_for
 
 

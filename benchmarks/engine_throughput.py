@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 import torch
+from autorank.models.zoo import build_model, default_targets
 
 from autorank.backend import ClientBackend, ClientJob, LoraSettings, pick_device
 from autorank.batched import BatchedBackend
-from autorank.models import build_model, default_targets
 from autorank.rounds import initial_state, start_state
 from autorank.sequential import SequentialBackend
 from autorank.targets import expand_ranks

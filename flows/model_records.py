@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autorank.models.zoo import head_modules, save_base_weights
 from torch import nn
 
 from autorank.adapters import AdapterState
@@ -23,7 +24,6 @@ from autorank.config import ExperimentConfig, config_digest
 from autorank.data import DatasetSplits
 from autorank.export import merged_away, peft_layout
 from autorank.federation import Federation, partition_params
-from autorank.models import head_modules, save_base_weights
 from autorank.recipe import lora_settings
 from autorank.rounds import download
 from autorank.serving import ModelSpec

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from autorank.models.zoo import load_base_weights
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.testing import assert_close
@@ -20,7 +21,6 @@ from autorank.adapters import AdapterState
 from autorank.batched import LoraTemplate, bind_state, evaluate_state
 from autorank.checkpoint import load_adapter
 from autorank.config import ConfigError, ExperimentConfig
-from autorank.models import load_base_weights
 from autorank.recipe import federation_for, lora_settings
 from autorank.rounds import download, initial_state
 from autorank.serving import ModelSpec, load_classifier

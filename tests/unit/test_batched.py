@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from autorank.models.zoo import build_model
 from torch import nn
 from torch.testing import assert_close
 
@@ -15,8 +16,7 @@ from autorank.aggregation import AGGREGATORS
 from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
 from autorank.batched import BatchedBackend, LoraTemplate, evaluate_state
 from autorank.cohorts import why_not_batched
-from autorank.evaluation import evaluate
-from autorank.models import build_model
+from autorank.models.evaluation import evaluate
 from autorank.rounds import (
     ClientData,
     client_parameters,

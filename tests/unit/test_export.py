@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from autorank.models.zoo import build_model
 from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
@@ -15,7 +16,6 @@ from autorank.adapters import AdapterState, LoraFactors
 from autorank.backend import LoraSettings
 from autorank.batched import LoraTemplate, bind_state
 from autorank.export import CONFIG_FILE, WEIGHTS_FILE, merged_away, peft_layout
-from autorank.models import build_model
 from autorank.targets import AlphaPolicy, expand_ranks, head_parameter_names, target_dims
 
 CPU = torch.device("cpu")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from autorank.models import (
+from autorank.models.zoo import (
     build_model,
     default_targets,
     head_modules,

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from autorank.models.zoo import build_model
 from torch import nn
 
 from autorank.config import (
@@ -17,7 +18,6 @@ from autorank.config import (
     config_digest,
     load_config,
 )
-from autorank.models import build_model
 from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
 from autorank.targets import target_sizes

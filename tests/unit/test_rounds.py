@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from autorank.models.zoo import build_model
 from torch.testing import assert_close
 
 from autorank.adapters import AdapterState, AggregationResult, LoraFactors
 from autorank.backend import ClientOutcome, LoraSettings
-from autorank.evaluation import EvalResult
 from autorank.lora import get_adapter_state, wrap_lora
-from autorank.models import build_model
+from autorank.models.evaluation import EvalResult
 from autorank.rounds import (
     DivergenceError,
     RoundReport,

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from autorank.models.zoo import build_model, head_modules
 from torch import nn
 
 from autorank.backend import (
@@ -19,8 +20,7 @@ from autorank.backend import (
     warmup_jobs,
 )
 from autorank.config import LoraConfig, TrainingConfig
-from autorank.evaluation import evaluate
-from autorank.models import build_model, head_modules
+from autorank.models.evaluation import evaluate
 from autorank.sequential import SequentialBackend, run_client_job
 from autorank.training import (
     Optimizer,
