@@ -1,7 +1,7 @@
 """Aggregators for heterogeneous-rank LoRA adapters: a registry of small pure functions.
 
 Every aggregator maps the clients' updates of one round to an ``AggregationResult``. Per adapted
-layer the work happens in the product-preserving space of ``autorank.adapters``: component k of
+layer the work happens in the product-preserving space of ``autorank.lora.adapters``: component k of
 client i contributes ``s_i * B_i[:, k] A_i[k]``, so each client's scale is first folded into its up
 factor (``B~_i = s_i B_i``, scale 1). A *layer rule* merges the folded factors into global factors
 ``A_g: [r_max, d_in]``, ``B~_g: [d_out, r_max]`` at scale 1, and ``resize`` hands every client its
@@ -22,8 +22,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors, resize
 from autorank.config import AggregatorName
+from autorank.lora.adapters import (
+    AdapterState,
+    AggregationResult,
+    ClientUpdate,
+    LoraFactors,
+    resize,
+)
 
 Aggregator = Callable[[Sequence[ClientUpdate]], AggregationResult]
 # (folded factors of one layer, one per client, scale 1; sample weights p [K]) -> merged factors

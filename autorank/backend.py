@@ -18,35 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.adapters import AdapterState
-from autorank.config import LoraConfig
+from autorank.lora.adapters import AdapterState
 from autorank.models.evaluation import EvalResult
-from autorank.targets import AlphaPolicy, scale_for
 from autorank.training import LocalResult, StopSignal, client_seed
 
 logger = logging.getLogger(__name__)
 
 DevicePreference = Literal["auto", "cpu", "cuda"]
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """How clients' adapters are built (see ``autorank.lora.wrap_lora``)."""
-
-    policy: AlphaPolicy
-    alpha: float
-    alpha_ratio: float
-    dropout: float
-    head: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, lora: LoraConfig, head: Sequence[str]) -> LoraSettings:
-        """From the ``lora`` config section and the model's ``head_modules``."""
-        return cls(lora.alpha_policy, lora.alpha, lora.alpha_ratio, lora.dropout, tuple(head))
-
-    def scale(self, rank: int) -> float:
-        """The LoRA scale at ``rank`` under this alpha policy (``targets.scale_for``)."""
-        return scale_for(rank, policy=self.policy, alpha=self.alpha, alpha_ratio=self.alpha_ratio)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from autorank.adapters import AdapterState, LoraFactors
+from autorank.lora.adapters import AdapterState, LoraFactors
 
 FORMAT_VERSION = 4
 # 1 kept the base inside each round's state; 1 and 2 kept client states; 1-3 bound no file hashes

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.backend import ClientBackend, LoraSettings
+from autorank.backend import ClientBackend
+from autorank.lora.settings import LoraSettings
 from autorank.training import TrainSettings
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.backend import LoraSettings
 from autorank.config import ExperimentConfig, ModelConfig
 from autorank.data import DatasetSplits
 from autorank.federation import Federation, federation_from_config
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import target_sizes
 from autorank.models.zoo import (
     build_model,
     default_targets,
@@ -30,7 +31,6 @@ from autorank.models.zoo import (
 )
 from autorank.profiling import ClientProfile
 from autorank.ranks import RankAssignment, assign_ranks
-from autorank.targets import target_sizes
 from autorank.training import TrainSettings
 
 logger = logging.getLogger(__name__)

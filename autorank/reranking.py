@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from autorank.adapters import AdapterState, LoraFactors, resize
-from autorank.backend import LoraSettings
+from autorank.lora.adapters import AdapterState, LoraFactors, resize
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import expand_ranks, fresh_down_projections
 from autorank.profiling import ClientProfile, learning_difficulty
 from autorank.ranks import RankAssignment
 from autorank.rounds import max_ranks
-from autorank.targets import expand_ranks, fresh_down_projections
 
 # Offsets the seed of the components a re-ranking adds, away from the initial adapter's draw.
 _GROWTH_SEED = 7_919

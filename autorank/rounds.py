@@ -23,20 +23,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors, resize
 from autorank.aggregation import aggregate
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
-from autorank.batched import LoraTemplate, evaluate_state
+from autorank.backend import ClientJob, ClientOutcome, LocalSplit
 from autorank.config import AggregatorName
 from autorank.federation import Federation
-from autorank.models.evaluation import EvalResult
-from autorank.targets import (
+from autorank.lora.adapters import (
+    AdapterState,
+    AggregationResult,
+    ClientUpdate,
+    LoraFactors,
+    resize,
+)
+from autorank.lora.functional import LoraTemplate, evaluate_state
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import (
     expand_ranks,
     fresh_down_projections,
     head_parameter_names,
     merge_base_delta,
     target_dims,
 )
+from autorank.models.evaluation import EvalResult
 from autorank.training import LocalResult, client_seed
 
 

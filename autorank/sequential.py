@@ -18,15 +18,16 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from autorank.adapters import AdapterState
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings, substreams
-from autorank.lora import (
+from autorank.backend import ClientJob, ClientOutcome, LocalSplit, substreams
+from autorank.lora.adapters import AdapterState
+from autorank.lora.peft import (
     get_adapter_state,
     reset_head,
     seed_lora_init,
     set_adapter_state,
     wrap_lora,
 )
+from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import EvalResult, evaluate
 from autorank.training import LocalResult, StopSignal, TrainSettings, train_local
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.adapters import AdapterState
 from autorank.config import TrainingConfig
+from autorank.lora.adapters import AdapterState
 from autorank.optim import ClientOptimizer
 
 logger = logging.getLogger(__name__)

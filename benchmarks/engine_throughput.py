@@ -21,13 +21,14 @@ import time
 
 import numpy as np
 import torch
-from autorank.models.zoo import build_model, default_targets
 
-from autorank.backend import ClientBackend, ClientJob, LoraSettings, pick_device
+from autorank.backend import ClientBackend, ClientJob, pick_device
 from autorank.batched import BatchedBackend
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import expand_ranks
+from autorank.models.zoo import build_model, default_targets
 from autorank.rounds import initial_state, start_state
 from autorank.sequential import SequentialBackend
-from autorank.targets import expand_ranks
 from autorank.training import TrainSettings, client_seed
 
 LORA = LoraSettings("proportional", 16.0, 2.0, 0.0, ("head",))

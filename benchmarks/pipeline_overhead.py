@@ -201,10 +201,10 @@ def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untype
     import json
 
     from autorank.cohorts import sample_clients
+    from autorank.lora.targets import expand_ranks
     from autorank.ranks import RankAssignment
     from autorank.recipe import federation_for, lora_settings, make_base
     from autorank.rounds import client_data, initial_state, round_jobs
-    from autorank.targets import expand_ranks
 
     federation = federation_for(config)
     base = make_base(
@@ -305,7 +305,7 @@ from autorank.rounds import client_data, initial_state, round_jobs, test_data
 from autorank.sequential import SequentialBackend
 from autorank.batched import LoraTemplate, evaluate_state
 from autorank.training import TrainSettings
-from autorank.targets import expand_ranks
+from autorank.lora.targets import expand_ranks
 from autorank.ranks import RankAssignment
 from flows.engines import lora_settings
 from flows.ranking import federation_for, layer_ranges

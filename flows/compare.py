@@ -42,6 +42,7 @@ from autorank.comparison import (
     with_uniform_rank,
 )
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
+from autorank.lora.targets import target_sizes
 from autorank.plots import accuracy_curves, ranks_per_client
 from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
 from autorank.rounds import DivergenceError
@@ -56,7 +57,6 @@ from autorank.summary import (
     summary_metrics,
     terminal_table,
 )
-from autorank.targets import target_sizes
 from flows import run_views
 from flows.engines import runs_ending
 from flows.experiment import federated_training

@@ -15,12 +15,12 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.backend import ClientBackend, pick_device
-from autorank.batched import LoraTemplate
 from autorank.cohorts import cohort_count, make_backend, participants, why_not_batched
 from autorank.config import ExperimentConfig
+from autorank.lora.functional import LoraTemplate
+from autorank.lora.targets import expand_ranks
 from autorank.recipe import layer_ranges, lora_settings, train_settings
 from autorank.rounds import ClientData
-from autorank.targets import expand_ranks
 from autorank.training import TrainingStoppedError
 
 progress = logging.getLogger("autorank.progress")

@@ -19,7 +19,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.adapters import AdapterState
 from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
 from autorank.checkpoint import (
     DECISION_FILE,
@@ -32,6 +31,8 @@ from autorank.checkpoint import (
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import AggregatorName, ExperimentConfig, config_digest
 from autorank.federation import Federation
+from autorank.lora.adapters import AdapterState
+from autorank.lora.targets import target_sizes
 from autorank.profiling import ClientProfile
 from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
@@ -45,7 +46,6 @@ from autorank.rounds import (
     round_jobs,
     test_data,
 )
-from autorank.targets import target_sizes
 from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record

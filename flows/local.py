@@ -204,10 +204,9 @@ def preflight(config: ExperimentConfig) -> None:
     from autorank.backend import pick_device
 
     check_places(config)
+    from autorank.lora.targets import expand_ranks, layer_dims, target_sizes
     from autorank.models.zoo import load_base_weights
-
     from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
-    from autorank.targets import expand_ranks, layer_dims, target_sizes
 
     federation = federation_for(config)
     model = untrained_base(config, federation)

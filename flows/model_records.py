@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autorank.models.zoo import head_modules, save_base_weights
 from torch import nn
 
-from autorank.adapters import AdapterState
 from autorank.checkpoint import save_adapter
 from autorank.config import ExperimentConfig, config_digest
 from autorank.data import DatasetSplits
-from autorank.export import merged_away, peft_layout
 from autorank.federation import Federation, partition_params
+from autorank.lora.adapters import AdapterState
+from autorank.lora.export import merged_away, peft_layout
+from autorank.models.zoo import head_modules, save_base_weights
 from autorank.recipe import lora_settings
 from autorank.rounds import download
 from autorank.serving import ModelSpec

@@ -13,11 +13,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.adapters import AdapterState
 from autorank.backend import ClientOutcome, limit_threads
-from autorank.batched import LoraTemplate
 from autorank.checkpoint import DECISION_FILE
 from autorank.config import AggregatorName
+from autorank.lora.adapters import AdapterState
+from autorank.lora.functional import LoraTemplate
 from autorank.rounds import ServerStep, server_step
 from tasks.checkpointing import RoundRecord, write_record
 

@@ -12,19 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from autorank.models.zoo import load_base_weights
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState
-from autorank.batched import LoraTemplate, bind_state, evaluate_state
 from autorank.checkpoint import load_adapter
 from autorank.config import ConfigError, ExperimentConfig
+from autorank.lora.adapters import AdapterState
+from autorank.lora.functional import LoraTemplate, bind_state, evaluate_state
+from autorank.lora.targets import expand_ranks, merge_base_delta
+from autorank.models.zoo import load_base_weights
 from autorank.recipe import federation_for, lora_settings
 from autorank.rounds import download, initial_state
 from autorank.serving import ModelSpec, load_classifier
-from autorank.targets import expand_ranks, merge_base_delta
 from flows.experiment import federated_training
 from flows.model_records import FinalModel, record_data, write_adapters
 from tasks import model_tracking

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors
 from autorank.aggregation import (
     AGGREGATORS,
     INIT_ROW_NORM,
@@ -19,6 +18,7 @@ from autorank.aggregation import (
     tier_label_gap,
 )
 from autorank.config import AggregatorName
+from autorank.lora.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 TIGHT = {"rtol": 0.0, "atol": 1e-12}

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 from torch import nn
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState
 from autorank.aggregation import AGGREGATORS
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit, LoraSettings
-from autorank.batched import BatchedBackend, LoraTemplate, evaluate_state
+from autorank.backend import ClientJob, ClientOutcome, LocalSplit
+from autorank.batched import BatchedBackend
 from autorank.cohorts import why_not_batched
+from autorank.lora.adapters import AdapterState
+from autorank.lora.functional import LoraTemplate, evaluate_state
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import AlphaPolicy, expand_ranks
 from autorank.models.evaluation import evaluate
+from autorank.models.zoo import build_model
 from autorank.rounds import (
     ClientData,
     client_parameters,
@@ -26,7 +29,6 @@ from autorank.rounds import (
     start_state,
 )
 from autorank.sequential import SequentialBackend, build_client_model
-from autorank.targets import AlphaPolicy, expand_ranks
 from autorank.training import TrainingStoppedError, TrainSettings, client_seed
 
 CPU = torch.device("cpu")

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autorank.adapters import AdapterState, LoraFactors
 from autorank.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -16,6 +15,7 @@ from autorank.checkpoint import (
     save_checkpoint,
     state_tensors,
 )
+from autorank.lora.adapters import AdapterState, LoraFactors
 
 RUN = "run0"
 DIGEST = "cfg"

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState, LoraFactors
-from autorank.backend import LoraSettings
-from autorank.batched import LoraTemplate, bind_state
-from autorank.export import CONFIG_FILE, WEIGHTS_FILE, merged_away, peft_layout
-from autorank.targets import AlphaPolicy, expand_ranks, head_parameter_names, target_dims
+from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.export import CONFIG_FILE, WEIGHTS_FILE, merged_away, peft_layout
+from autorank.lora.functional import LoraTemplate, bind_state
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import AlphaPolicy, expand_ranks, head_parameter_names, target_dims
+from autorank.models.zoo import build_model
 
 CPU = torch.device("cpu")
 

@@ -6,13 +6,19 @@ import math
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 from peft import PeftModel
 from torch import nn
 
-from autorank.adapters import AdapterState, LoraFactors
-from autorank.lora import get_adapter_state, set_adapter_state, wrap_lora
-from autorank.targets import AlphaPolicy, expand_ranks, merge_base_delta, scale_for, target_dims
+from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.peft import get_adapter_state, set_adapter_state, wrap_lora
+from autorank.lora.targets import (
+    AlphaPolicy,
+    expand_ranks,
+    merge_base_delta,
+    scale_for,
+    target_dims,
+)
+from autorank.models.zoo import build_model
 
 POLICIES: tuple[AlphaPolicy, ...] = ("fixed", "proportional", "rslora")
 

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-from autorank.models.zoo import build_model
 from torch import nn
 
 from autorank.config import (
@@ -18,9 +17,10 @@ from autorank.config import (
     config_digest,
     load_config,
 )
+from autorank.lora.targets import target_sizes
+from autorank.models.zoo import build_model
 from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
-from autorank.targets import target_sizes
 from tests.unit.test_ranks import PROFILES, _profile
 from tests.unit.test_ranks import _assign as _assign_unsized
 

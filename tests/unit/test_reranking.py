@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState, LoraFactors
-from autorank.backend import LoraSettings
+from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.settings import LoraSettings
+from autorank.models.zoo import build_model
 from autorank.profiling import ClientProfile
 from autorank.ranks import RankAssignment, RankDecision
 from autorank.reranking import fit_global, remeasured_profiles, rerank_due

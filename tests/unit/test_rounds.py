@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 from torch.testing import assert_close
 
-from autorank.adapters import AdapterState, AggregationResult, LoraFactors
-from autorank.backend import ClientOutcome, LoraSettings
-from autorank.lora import get_adapter_state, wrap_lora
+from autorank.backend import ClientOutcome
+from autorank.lora.adapters import AdapterState, AggregationResult, LoraFactors
+from autorank.lora.peft import get_adapter_state, wrap_lora
+from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import EvalResult
+from autorank.models.zoo import build_model
 from autorank.rounds import (
     DivergenceError,
     RoundReport,

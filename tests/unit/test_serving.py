@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from autorank.models.zoo import save_base_weights
 
-from autorank.adapters import AdapterState
-from autorank.backend import LoraSettings
-from autorank.batched import LoraTemplate, evaluate_state
 from autorank.checkpoint import save_adapter
+from autorank.lora.adapters import AdapterState
+from autorank.lora.functional import LoraTemplate, evaluate_state
+from autorank.lora.settings import LoraSettings
+from autorank.models.zoo import save_base_weights
 from autorank.rounds import initial_state
 from autorank.serving import ModelSpec, load_classifier
 

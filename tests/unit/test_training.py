@@ -7,20 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from autorank.models.zoo import build_model, head_modules
 from torch import nn
 
-from autorank.backend import (
-    ClientJob,
-    LocalSplit,
-    LoraSettings,
-    limit_threads,
-    pick_device,
-    warmup,
-    warmup_jobs,
-)
+from autorank.backend import ClientJob, LocalSplit, limit_threads, pick_device, warmup, warmup_jobs
 from autorank.config import LoraConfig, TrainingConfig
+from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import evaluate
+from autorank.models.zoo import build_model, head_modules
 from autorank.sequential import SequentialBackend, run_client_job
 from autorank.training import (
     Optimizer,

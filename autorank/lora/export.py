@@ -14,9 +14,10 @@ never needs it); the tests load them with peft itself. A convolution's factors t
 Scale: peft's is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), so every layer gets
 the ``lora_alpha`` of the run's alpha policy at its rank (``targets.peft_alpha``), and ``B`` is
 rescaled where a state was made at another scale: each layer's ``scale · B A`` is preserved
-(see ``autorank.adapters``). Layers of different ranks use ``rank_pattern`` / ``alpha_pattern``,
-keyed by the module path as a regular expression (peft matches the keys against the end of a
-module's path), for the layers that differ from the config's ``r`` / ``lora_alpha``.
+(see ``autorank.lora.adapters``). Layers of different ranks use ``rank_pattern`` /
+``alpha_pattern``, keyed by the module path as a regular expression (peft matches the keys
+against the end of a module's path), for the layers that differ from the config's ``r`` /
+``lora_alpha``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from autorank.adapters import AdapterState, LoraFactors
-from autorank.backend import LoraSettings
-from autorank.targets import layer_dims, peft_alpha
+from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.settings import LoraSettings
+from autorank.lora.targets import layer_dims, peft_alpha
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

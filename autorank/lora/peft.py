@@ -1,8 +1,8 @@
 """LoRA on peft: per-layer ranks, the alpha policy, and moving adapter state in and out.
 
-Targets, ranks and scales are named as in ``autorank.targets``; the states carry the concrete
+Targets, ranks and scales are named as in ``autorank.lora.targets``; the states carry the concrete
 module paths. peft's own ``scaling`` is checked against ``scale_for`` whenever a state is read
-(see ``autorank.adapters``).
+(see ``autorank.lora.adapters``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from autorank.adapters import AdapterState, LoraFactors
-from autorank.targets import (
+from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.targets import (
     AlphaPolicy,
     expand_ranks,
     fresh_down_projections,

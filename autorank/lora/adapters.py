@@ -7,7 +7,7 @@ between ranks (padding, truncation, aggregation) the *product* ``scale * B @ A``
 preserved, so ``B`` is rescaled by ``old_scale / new_scale`` (see ``resize``).
 
 Factors are always 2-D here: ``A: [r, d_in]``, ``B: [d_out, r]``. Convolution factors are flattened
-(``d_in = c_in * k_h * k_w``) by ``autorank.lora`` and reshaped back there.
+(``d_in = c_in * k_h * k_w``) by ``autorank.lora.peft`` and reshaped back there.
 """
 
 from __future__ import annotations
