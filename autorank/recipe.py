@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from autorank.config import ExperimentConfig, ModelConfig
-from autorank.data import DatasetSplits
-from autorank.federation import Federation, federation_from_config
+from autorank.data.datasets import DatasetSplits
+from autorank.data.federation import Federation, federation_from_config
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import target_sizes
 from autorank.models.zoo import (
@@ -29,7 +29,7 @@ from autorank.models.zoo import (
     load_base_weights,
     pretrain,
 )
-from autorank.profiling import ClientProfile
+from autorank.profiling import ClientProfile, profile_clients
 from autorank.ranks import RankAssignment, assign_ranks
 from autorank.training import TrainSettings
 
@@ -158,5 +158,8 @@ def rank_table(
         base = untrained_base(config, federation)
         layer_sizes = target_sizes(base, list(layer_ranges(config)))
     return assign(
-        config, federation.profiles(), n_classes=federation.data.n_classes, layer_sizes=layer_sizes
+        config,
+        profile_clients(federation.histogram),
+        n_classes=federation.data.n_classes,
+        layer_sizes=layer_sizes,
     )

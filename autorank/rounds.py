@@ -26,7 +26,7 @@ from torch import nn
 from autorank.aggregation import aggregate
 from autorank.backend import ClientJob, ClientOutcome, LocalSplit
 from autorank.config import AggregatorName
-from autorank.federation import Federation
+from autorank.data.federation import Federation
 from autorank.lora.adapters import (
     AdapterState,
     AggregationResult,

@@ -30,10 +30,10 @@ from autorank.checkpoint import (
 )
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import AggregatorName, ExperimentConfig, config_digest
-from autorank.federation import Federation
+from autorank.data.federation import Federation
 from autorank.lora.adapters import AdapterState
 from autorank.lora.targets import target_sizes
-from autorank.profiling import ClientProfile
+from autorank.profiling import ClientProfile, profile_clients
 from autorank.rank_budget import draw_caps
 from autorank.ranks import RankAssignment
 from autorank.recipe import layer_ranges, lora_settings, public_fraction
@@ -146,7 +146,7 @@ def _warm_up_and_rank(
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
     layers = layer_ranges(config)
-    profiles = federation.profiles()
+    profiles = profile_clients(federation.histogram)
     if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
         r = config.ranking
         caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
@@ -168,7 +168,7 @@ def _warm_up_and_rank(
         outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
         check_finite(0, [o.result for o in outcomes])
         curves = [list(o.result.epoch_losses) for o in outcomes]
-        profiles = federation.profiles(curves)
+        profiles = profile_clients(federation.histogram, curves)
         progress.info("warm-up done: %d loss curves", len(curves))
     return _decide(config, profiles, federation, base)
 
@@ -357,7 +357,7 @@ def _rerank(
     decision as the first one was, at this round's step; it holds from the next round on."""
     in_force = state.assignment
     curves = {o.result.client: list(o.result.epoch_losses) for o in outcomes}
-    profiles = remeasured_profiles(federation.profiles(), in_force, curves)
+    profiles = remeasured_profiles(profile_clients(federation.histogram), in_force, curves)
     assignment = _decide(config, profiles, federation, state.base)
     record_decision(config, run_id, federation, assignment, step=round_idx)
     before = {d.client: d.rank for d in in_force.decisions}

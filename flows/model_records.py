@@ -19,8 +19,8 @@ from torch import nn
 
 from autorank.checkpoint import save_adapter
 from autorank.config import ExperimentConfig, config_digest
-from autorank.data import DatasetSplits
-from autorank.federation import Federation, partition_params
+from autorank.data.datasets import DatasetSplits
+from autorank.data.federation import Federation, partition_params
 from autorank.lora.adapters import AdapterState
 from autorank.lora.export import merged_away, peft_layout
 from autorank.models.zoo import head_modules, save_base_weights

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from autorank.aggregation import LabelGap, tier_label_gap
 from autorank.cohorts import sample_clients
 from autorank.config import AggregationConfig, ExperimentConfig
-from autorank.federation import Federation
+from autorank.data.federation import Federation
 from autorank.ranks import RankAssignment
 
 

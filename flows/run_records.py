@@ -13,8 +13,8 @@ from torch import nn
 import flows
 from autorank.checkpoint import Checkpoint, CheckpointError, decision_file
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
-from autorank.data import DatasetSplits
-from autorank.federation import Federation
+from autorank.data.datasets import DatasetSplits
+from autorank.data.federation import Federation
 from autorank.lora.adapters import AdapterState
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranks import RankAssignment

@@ -8,7 +8,7 @@ pickled, the architecture is rebuilt from ``model.json`` and the weights are rea
 model's safetensors artifacts (``autorank.serving``). Loading needs ``autorank`` importable.
 
 ``predict(x)``: class predictions ``[n]`` (int64) for samples ``x [n, d]`` (float32, flattened
-and normalised as ``autorank.data`` stores them). ``predict(x, params={"output":
+and normalised as ``autorank.data.datasets`` stores them). ``predict(x, params={"output":
 "probabilities"})``: class probabilities ``[n, n_classes]``.
 """
 

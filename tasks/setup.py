@@ -8,7 +8,7 @@ from torch import nn
 
 from autorank.backend import limit_threads
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
-from autorank.federation import Federation, federation_from_config
+from autorank.data.federation import Federation, federation_from_config
 from autorank.recipe import make_base
 
 

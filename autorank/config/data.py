@@ -39,7 +39,7 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    """How the training split is divided among clients (see autorank.partition)."""
+    """How the training split is divided among clients (see autorank.data.partition)."""
 
     scheme: Scheme = Field(
         "double_imbalance",

@@ -1,4 +1,4 @@
-"""Tests for autorank.data: every source on real or small hand-written files, and every error."""
+"""Tests for autorank.data.datasets: every source on real or small hand-written files; errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from autorank import data
-from autorank.data import DataError, DatasetSplits, load_data
+from autorank.data import datasets as data
+from autorank.data.datasets import DataError, DatasetSplits, load_data
 
 _IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -1,4 +1,4 @@
-"""Tests for autorank.partition: properties of every scheme, each scheme's own shape, validation."""
+"""Tests for autorank.data.partition: every scheme's properties and own shape, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from autorank.config import Scheme
-from autorank.partition import (
+from autorank.data.partition import (
     label_histogram,
     partition,
     scheme_params,

@@ -32,7 +32,7 @@ import pyarrow as pa
 import xxhash
 from PIL import Image, UnidentifiedImageError
 
-from autorank.normalisation import (
+from autorank.data.normalisation import (
     CIFAR10_NORM,
     DIGITS_NORM,
     FASHION_MNIST_NORM,

@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 
 from autorank.config import DataConfig, PartitionConfig
-from autorank.data import DatasetSplits, load_data
-from autorank.partition import (
+from autorank.data.datasets import DatasetSplits, load_data
+from autorank.data.partition import (
     label_histogram,
     partition,
     scheme_params,
     split_local,
     split_public,
 )
-from autorank.profiling import ClientProfile, profile_clients
 
 # Config field names that differ from the parameter names ``partition`` takes.
 _CONFIG_FIELD = {"sigma": "quantity_sigma"}
@@ -58,10 +57,6 @@ class Federation:
     public: np.ndarray
     clients: tuple[ClientSplit, ...]
     histogram: np.ndarray
-
-    def profiles(self, epoch_losses: list[list[float]] | None = None) -> list[ClientProfile]:
-        """Each client's complexity profile; learning difficulty only when losses are given."""
-        return profile_clients(self.histogram, epoch_losses)
 
     def layout(self) -> dict[str, Any]:
         """The layout as JSON: sizes of the public share and of every client's splits, and a
