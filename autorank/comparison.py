@@ -39,7 +39,7 @@ from autorank.config import (
     parse_config,
     read_yaml,
 )
-from autorank.rank_mapping import round_half_up
+from autorank.ranking.mapping import round_half_up
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class AssignerSpec(BaseModel):
     shows both budgets). ``uniform_rank: budget_autorank`` matches the parameters instead: the
     cell's ``ranking.budget_params`` is the LoRA parameters AutoRank's ranks train over all
     clients of the same seed (the decision's ``total_params``), and uniform ranks take the
-    largest common scale of every layer's ``r_max`` that fits it (``autorank.rank_budget``).
+    largest common scale of every layer's ``r_max`` that fits it (``autorank.ranking.budget``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -29,8 +29,9 @@ from autorank.models.zoo import (
     load_base_weights,
     pretrain,
 )
-from autorank.profiling import ClientProfile, profile_clients
-from autorank.ranks import RankAssignment, assign_ranks
+from autorank.ranking.assigners import assign_ranks
+from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.profiling import ClientProfile, profile_clients
 from autorank.training import TrainSettings
 
 logger = logging.getLogger(__name__)

@@ -202,7 +202,7 @@ def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untype
 
     from autorank.cohorts import sample_clients
     from autorank.lora.targets import expand_ranks
-    from autorank.ranks import RankAssignment
+    from autorank.ranking.assignment import RankAssignment
     from autorank.recipe import federation_for, lora_settings, make_base
     from autorank.rounds import client_data, initial_state, round_jobs
 
@@ -306,7 +306,7 @@ from autorank.sequential import SequentialBackend
 from autorank.batched import LoraTemplate, evaluate_state
 from autorank.training import TrainSettings
 from autorank.lora.targets import expand_ranks
-from autorank.ranks import RankAssignment
+from autorank.ranking.assigners import RankAssignment
 from flows.engines import lora_settings
 from flows.ranking import federation_for, layer_ranges
 import json

@@ -33,15 +33,16 @@ from autorank.config import AggregatorName, ExperimentConfig, config_digest
 from autorank.data.federation import Federation
 from autorank.lora.adapters import AdapterState
 from autorank.lora.targets import target_sizes
-from autorank.profiling import ClientProfile, profile_clients
-from autorank.rank_budget import draw_caps
-from autorank.ranks import RankAssignment
+from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.budget import draw_caps
+from autorank.ranking.profiling import ClientProfile, profile_clients
+from autorank.ranking.reranking import remeasured_profiles, rerank_due
 from autorank.recipe import layer_ranges, lora_settings, public_fraction
-from autorank.reranking import fit_global, remeasured_profiles, rerank_due
 from autorank.rounds import (
     ClientData,
     check_finite,
     client_data,
+    fit_global,
     initial_state,
     round_jobs,
     test_data,

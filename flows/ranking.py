@@ -8,7 +8,7 @@ from autorank.aggregation import LabelGap, tier_label_gap
 from autorank.cohorts import sample_clients
 from autorank.config import AggregationConfig, ExperimentConfig
 from autorank.data.federation import Federation
-from autorank.ranks import RankAssignment
+from autorank.ranking.assignment import RankAssignment
 
 
 def first_rounds(n: int) -> str:

@@ -17,7 +17,7 @@ from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation
 from autorank.lora.adapters import AdapterState
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
-from autorank.ranks import RankAssignment
+from autorank.ranking.assignment import RankAssignment
 from autorank.rounds import client_parameters
 from autorank.training import TrainingStoppedError
 from flows.model_records import FinalModel, record_model

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from prefect import task
 
 from autorank.config import ExperimentConfig
-from autorank.profiling import ClientProfile
-from autorank.ranks import RankAssignment
+from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.profiling import ClientProfile
 from autorank.recipe import assign
 
 

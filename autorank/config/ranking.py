@@ -20,7 +20,7 @@ class CapTier(Section):
 
 
 class RankingConfig(Section):
-    """Which rank assigner, and its knobs (see autorank.ranks)."""
+    """Which rank assigner, and its knobs (see autorank.ranking.assigners)."""
 
     assigner: AssignerName = Field(
         "autorank",

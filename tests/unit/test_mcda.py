@@ -11,7 +11,7 @@ from pymcdm.methods import TOPSIS
 from pymcdm.normalizations import vector_normalization
 from pymcdm.weights import critic_weights as pymcdm_critic
 
-from autorank.mcda import critic_weights, topsis
+from autorank.ranking.mcda import critic_weights, topsis
 
 # Three alternatives whose min-max normalised columns are permutations of {0, 0.5, 1}.
 HAND = np.array([[1.0, 10.0, 5.0], [2.0, 30.0, 3.0], [3.0, 20.0, 1.0]])

@@ -16,7 +16,7 @@ from autorank.data.partition import (
     split_local,
     split_public,
 )
-from autorank.profiling import label_entropy
+from autorank.ranking.profiling import label_entropy
 
 SCHEMES: list[tuple[Scheme, dict[str, Any]]] = [
     ("iid", {}),

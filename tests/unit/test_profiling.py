@@ -1,4 +1,4 @@
-"""Tests for autorank.profiling: hand-computed criteria, bounds, and validation."""
+"""Tests for autorank.ranking.profiling: hand-computed criteria, bounds, and validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from autorank.profiling import (
+from autorank.ranking.profiling import (
     gini_simpson,
     label_entropy,
     learning_difficulty,

@@ -19,8 +19,8 @@ from autorank.config import (
 )
 from autorank.lora.targets import target_sizes
 from autorank.models.zoo import build_model
-from autorank.rank_budget import draw_caps
-from autorank.ranks import RankAssignment
+from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.budget import draw_caps
 from tests.unit.test_ranks import PROFILES, _profile
 from tests.unit.test_ranks import _assign as _assign_unsized
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from autorank.config import RankingConfig
-from autorank.profiling import ClientProfile
-from autorank.rank_mapping import closeness_positions, map_closeness, rank_levels
-from autorank.ranks import assign_ranks, assigner_names
+from autorank.ranking.assigners import assign_ranks, assigner_names
+from autorank.ranking.mapping import closeness_positions, map_closeness, rank_levels
+from autorank.ranking.profiling import ClientProfile
 
 
 def _profile(
@@ -153,7 +153,7 @@ def test_autorank_clamp_mapping_clamps_the_global_rank() -> None:
 def test_autorank_drops_unmeasured_learning_difficulty(caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: client 0 is lowest and client 2 highest on every criterion, so TOPSIS puts them
     # exactly at the anti-ideal (C = 0) and the ideal (C = 1).
-    caplog.set_level(logging.INFO, logger="autorank.ranks")
+    caplog.set_level(logging.INFO, logger="autorank.ranking.assigners")
 
     # Execute
     result = _assign("autorank")

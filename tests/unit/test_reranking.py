@@ -9,10 +9,10 @@ from torch.testing import assert_close
 from autorank.lora.adapters import AdapterState, LoraFactors
 from autorank.lora.settings import LoraSettings
 from autorank.models.zoo import build_model
-from autorank.profiling import ClientProfile
-from autorank.ranks import RankAssignment, RankDecision
-from autorank.reranking import fit_global, remeasured_profiles, rerank_due
-from autorank.rounds import initial_state
+from autorank.ranking.assignment import RankAssignment, RankDecision
+from autorank.ranking.profiling import ClientProfile
+from autorank.ranking.reranking import remeasured_profiles, rerank_due
+from autorank.rounds import fit_global, initial_state
 
 FIXED = LoraSettings(policy="fixed", alpha=8.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 

@@ -12,6 +12,7 @@ from autorank.lora.peft import get_adapter_state, wrap_lora
 from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import EvalResult
 from autorank.models.zoo import build_model
+from autorank.ranking.assignment import max_ranks
 from autorank.rounds import (
     DivergenceError,
     RoundReport,
@@ -21,7 +22,6 @@ from autorank.rounds import (
     download,
     initial_state,
     keep_uncovered,
-    max_ranks,
     start_state,
 )
 from autorank.training import LocalResult

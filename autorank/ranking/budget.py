@@ -1,4 +1,4 @@
-"""Rank caps and the parameter budget: the step after every rank assigner of ``autorank.ranks``.
+"""Rank caps and the parameter budget: the step after every assigner (``ranking.assigners``).
 
 Caps. A client whose device holds at most rank ``c_k`` (``ranking.rank_caps``, else the tier
 drawn for it from ``ranking.cap_tiers``) gets ``min(r, c_k)`` in every layer and on the global
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autorank.config import CapTier, RankingConfig
-from autorank.rank_mapping import round_half_up_array
+from autorank.ranking.mapping import round_half_up_array
 
 _TIER_STREAM = 0x7131  # keeps the tier draws apart from the random assigners' draws of the seed
 

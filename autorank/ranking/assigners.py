@@ -4,7 +4,7 @@ Every assigner is a small function registered under a name (``ranking.assigner``
 ``assign_ranks`` validates the inputs once and dispatches. Each returns a ``RankAssignment``: one
 ``RankDecision`` per client with the rank on the global ``[r_min, r_max]`` scale and one rank per
 adapted layer, each inside that layer's own range. Caps and a parameter budget
-(``autorank.rank_budget``) then apply to whatever the assigner gave.
+(``autorank.ranking.budget``) then apply to whatever the assigner gave.
 
 Rounding is half up everywhere (``floor(x + 0.5)``), never Python's round-half-to-even, so a
 midpoint such as 2.5 always becomes 3.
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, get_args
+from dataclasses import dataclass, replace
+from typing import get_args
 
 import numpy as np
 
 from autorank.config import AssignerName, Criterion, RankingConfig
-from autorank.mcda import critic_weights, topsis
-from autorank.profiling import ClientProfile
-from autorank.rank_budget import check_limits, draw_caps, limit_ranks
-from autorank.rank_mapping import (
+from autorank.ranking.assignment import RankAssignment, RankDecision
+from autorank.ranking.budget import check_limits, draw_caps, limit_ranks
+from autorank.ranking.mapping import (
     clamp,
     closeness_positions,
     log_position,
@@ -31,118 +30,10 @@ from autorank.rank_mapping import (
     rank_levels,
     round_half_up,
 )
+from autorank.ranking.mcda import critic_weights, topsis
+from autorank.ranking.profiling import ClientProfile
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankDecision:
-    """The rank one client received, and what it was based on.
-
-    Attributes:
-        client: client index.
-        n_samples: training samples the client holds.
-        labels_held: classes with at least one sample.
-        criteria: criterion name -> value used (empty for assigners that use none).
-        closeness: TOPSIS closeness in [0, 1] (``autorank`` only, else None).
-        rank: the rank on the global ``[r_min, r_max]`` scale.
-        layer_ranks: adapted layer name -> rank inside that layer's own range.
-        cap: the largest rank the client's device holds (``ranking.rank_caps`` or a drawn
-            ``cap_tiers`` tier), None when uncapped.
-    """
-
-    client: int
-    n_samples: int
-    labels_held: int
-    criteria: dict[str, float]
-    closeness: float | None
-    rank: int
-    layer_ranks: dict[str, int]
-    cap: int | None = None
-
-
-@dataclass(frozen=True)
-class RankAssignment:
-    """The result of one assigner over all clients.
-
-    Attributes:
-        assigner: the registered name that produced it.
-        decisions: one per client, in the order of the profiles given.
-        weights: CRITIC weight per criterion (``autorank`` only, else empty).
-        budget_params: ``ranking.budget_params``, None without a budget.
-        total_params: trainable LoRA parameters over all clients at these ranks (head not
-            counted); None when the layer sizes were not given.
-        scale: the factor the budget scaled the assigner's ranks by; None without a budget.
-    """
-
-    assigner: str
-    decisions: tuple[RankDecision, ...]
-    weights: dict[str, float] = field(default_factory=dict)
-    budget_params: int | None = None
-    total_params: int | None = None
-    scale: float | None = None
-
-    def ranks(self) -> list[dict[str, int]]:
-        """Per client (in decision order), adapted layer name -> rank."""
-        return [dict(d.layer_ranks) for d in self.decisions]
-
-    def to_json(self) -> dict[str, Any]:
-        """A ``json.dumps``-ready record: the assigner, the weights and one row per client."""
-        rows = [
-            {
-                "client": d.client,
-                "samples": d.n_samples,
-                "labels_held": d.labels_held,
-                **{name: float(value) for name, value in d.criteria.items()},
-                "closeness": None if d.closeness is None else float(d.closeness),
-                "rank": d.rank,
-                "layer_ranks": dict(d.layer_ranks),
-                "cap": d.cap,
-            }
-            for d in self.decisions
-        ]
-        weights = {name: float(w) for name, w in self.weights.items()}
-        return {
-            "assigner": self.assigner,
-            "weights": weights,
-            "budget_params": self.budget_params,
-            "total_params": self.total_params,
-            "scale": self.scale,
-            "clients": rows,
-        }
-
-    @classmethod
-    def from_json(cls, record: Mapping[str, Any]) -> RankAssignment:
-        """Rebuild an assignment from ``to_json``'s record (e.g. from a checkpoint); records
-        written before caps and budgets existed read as uncapped and without a budget."""
-        fixed = {"client", "samples", "labels_held", "closeness", "rank", "layer_ranks", "cap"}
-        decisions = tuple(
-            RankDecision(
-                client=int(row["client"]),
-                n_samples=int(row["samples"]),
-                labels_held=int(row["labels_held"]),
-                criteria={k: float(v) for k, v in row.items() if k not in fixed},
-                closeness=None if row["closeness"] is None else float(row["closeness"]),
-                rank=int(row["rank"]),
-                layer_ranks={k: int(v) for k, v in row["layer_ranks"].items()},
-                cap=_int_or_none(row.get("cap")),
-            )
-            for row in record["clients"]
-        )
-        weights = {k: float(v) for k, v in record["weights"].items()}
-        scale = record.get("scale")
-        return cls(
-            str(record["assigner"]),
-            decisions,
-            weights,
-            budget_params=_int_or_none(record.get("budget_params")),
-            total_params=_int_or_none(record.get("total_params")),
-            scale=None if scale is None else float(scale),
-        )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -160,20 +51,11 @@ class _Request:
 
 
 Assigner = Callable[[_Request], RankAssignment]
-_ASSIGNERS: dict[str, Assigner] = {}
-
-
-def _register(name: str) -> Callable[[Assigner], Assigner]:
-    def add(fn: Assigner) -> Assigner:
-        _ASSIGNERS[name] = fn
-        return fn
-
-    return add
 
 
 def assigner_names() -> tuple[str, ...]:
     """The registered assigner names, sorted."""
-    return tuple(sorted(_ASSIGNERS))
+    return tuple(sorted(ASSIGNERS))
 
 
 def assign_ranks(
@@ -205,13 +87,13 @@ def assign_ranks(
 
     Returns:
         One decision per client, with per-layer ranks, capped and fitted to the budget
-        (``autorank.rank_budget``).
+        (``autorank.ranking.budget``).
 
     Raises:
         ValueError: an unknown assigner, no profiles, bad bounds or a bad layer range, a cap
             below an r_min, a budget without layer sizes or below every rank at its r_min.
     """
-    if assigner not in _ASSIGNERS:
+    if assigner not in ASSIGNERS:
         raise ValueError(f"assigner {assigner!r} is unknown; expected one of {assigner_names()}")
     _check_bounds(r_min, r_max, n_classes, seed)
     _check_layers(layers)
@@ -221,7 +103,7 @@ def assign_ranks(
         assigner, tuple(profiles), settings, r_min, r_max, dict(layers), n_classes, seed
     )
     result = apply_limits(
-        _ASSIGNERS[assigner](request),
+        ASSIGNERS[assigner](request),
         settings,
         r_min=r_min,
         r_max=r_max,
@@ -262,7 +144,6 @@ def _measured(profile: ClientProfile) -> dict[str, float]:
     return out
 
 
-@_register("autorank")
 def _autorank(req: _Request) -> RankAssignment:
     """AutoRank (Chen et al., arXiv 2412.15553): CRITIC weights, TOPSIS closeness, min-max ranks.
 
@@ -317,7 +198,6 @@ def _criteria_matrix(
     return list(kept), X
 
 
-@_register("uniform")
 def _uniform(req: _Request) -> RankAssignment:
     """Everyone gets ``settings.uniform_rank`` (default ``r_max``), clamped per layer."""
     rank = req.r_max if req.settings.uniform_rank is None else req.settings.uniform_rank
@@ -329,13 +209,11 @@ def _uniform(req: _Request) -> RankAssignment:
     return _by_bounds(req, lambda _k, lo, hi: clamp(rank, lo, hi))
 
 
-@_register("manual")
 def _manual(req: _Request) -> RankAssignment:
     """Proportional to labels held: ``r = clamp(round(r_max * labels_held / n_classes))``."""
     return _proportional(req, [p.labels_held / req.n_classes for p in req.profiles])
 
 
-@_register("size")
 def _size(req: _Request) -> RankAssignment:
     """Proportional to data size: ``r = clamp(round(r_max * n_i / max_k n_k))``."""
     largest = max(p.n_samples for p in req.profiles)
@@ -349,13 +227,11 @@ def _proportional(req: _Request, shares: Sequence[float]) -> RankAssignment:
     return _by_bounds(req, lambda k, lo, hi: clamp(round_half_up(hi * shares[k]), lo, hi))
 
 
-@_register("random")
 def _random(req: _Request) -> RankAssignment:
     """FlexLoRA's uniform resource setting (Bai et al., 2024): levels drawn uniformly."""
     return _by_levels(req, exponent=0.0)
 
 
-@_register("heavy_tail")
 def _heavy_tail(req: _Request) -> RankAssignment:
     """FlexLoRA's heavy-tail resource setting (Bai et al., 2024): ``P(level k) ~ (k + 1)^-a``.
 
@@ -380,6 +256,17 @@ def _by_levels(req: _Request, exponent: float) -> RankAssignment:
         return clamp(round_half_up(lo * (hi / lo) ** positions[k]), lo, hi)
 
     return _by_bounds(req, rule)
+
+
+# ``ranking.assigner`` -> its function (the names are ``config.AssignerName``).
+ASSIGNERS: dict[str, Assigner] = {
+    "autorank": _autorank,
+    "uniform": _uniform,
+    "manual": _manual,
+    "size": _size,
+    "random": _random,
+    "heavy_tail": _heavy_tail,
+}
 
 
 def _is_int(value: object) -> bool:
@@ -420,7 +307,7 @@ def _check_profiles(profiles: Sequence[ClientProfile], n_classes: int) -> None:
             )
 
 
-assert set(_ASSIGNERS) == set(get_args(AssignerName)), "registry and AssignerName disagree"
+assert set(ASSIGNERS) == set(get_args(AssignerName)), "registry and AssignerName disagree"
 
 
 def apply_limits(

@@ -1,6 +1,6 @@
 """From scores to ranks: min-max closeness positions, rounding, and resource levels.
 
-The arithmetic shared by the rank assigners of ``autorank.ranks``.
+The arithmetic shared by the rank assigners of ``autorank.ranking.assigners``.
 """
 
 from __future__ import annotations
