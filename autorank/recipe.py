@@ -20,19 +20,13 @@ from torch import nn
 from autorank.config import ExperimentConfig, ModelConfig
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation, federation_from_config
+from autorank.engine.local import TrainSettings, pretrain
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import target_sizes
-from autorank.models.zoo import (
-    build_model,
-    default_targets,
-    head_modules,
-    load_base_weights,
-    pretrain,
-)
+from autorank.models.zoo import build_model, default_targets, head_modules, load_base_weights
 from autorank.ranking.assigners import assign_ranks
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.profiling import ClientProfile, profile_clients
-from autorank.training import TrainSettings
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from autorank.aggregation import aggregate
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit
 from autorank.config import AggregatorName
 from autorank.data.federation import Federation
+from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit
+from autorank.engine.local import LocalResult, client_seed
 from autorank.lora.adapters import (
     AdapterState,
     AggregationResult,
@@ -45,7 +46,6 @@ from autorank.lora.targets import (
 )
 from autorank.models.evaluation import EvalResult
 from autorank.ranking.assignment import max_ranks
-from autorank.training import LocalResult, client_seed
 
 
 @dataclass(frozen=True)

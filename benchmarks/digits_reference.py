@@ -17,10 +17,11 @@ import tempfile
 import time
 
 import torch
-from autorank.models.zoo import build_model, pretrain
 
 from autorank.config import ExperimentConfig, load_config
+from autorank.engine.local import pretrain
 from autorank.models.evaluation import evaluate
+from autorank.models.zoo import build_model
 from autorank.recipe import federation_for
 
 

@@ -22,14 +22,14 @@ import time
 import numpy as np
 import torch
 
-from autorank.backend import ClientBackend, ClientJob, pick_device
-from autorank.batched import BatchedBackend
+from autorank.engine.batched import BatchedBackend
+from autorank.engine.jobs import ClientBackend, ClientJob, pick_device
+from autorank.engine.local import TrainSettings, client_seed
+from autorank.engine.sequential import SequentialBackend
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import expand_ranks
 from autorank.models.zoo import build_model, default_targets
 from autorank.rounds import initial_state, start_state
-from autorank.sequential import SequentialBackend
-from autorank.training import TrainSettings, client_seed
 
 LORA = LoraSettings("proportional", 16.0, 2.0, 0.0, ("head",))
 TRAIN = TrainSettings("sgd", 0.05, 0.0, 0.0, 64, None)

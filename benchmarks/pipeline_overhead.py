@@ -108,11 +108,11 @@ class _Interleaved:
     def _prepare(self) -> None:
         import torch
 
-        from autorank.batched import BatchedBackend
         from autorank.checkpoint import DECISION_FILE
+        from autorank.engine.batched import BatchedBackend
+        from autorank.engine.local import TrainSettings
+        from autorank.engine.sequential import SequentialBackend
         from autorank.recipe import layer_ranges, lora_settings
-        from autorank.sequential import SequentialBackend
-        from autorank.training import TrainSettings
 
         config = self.config
         (decision,) = config.runtime.checkpoint_dir.glob(f"*/{DECISION_FILE}")
@@ -298,13 +298,13 @@ BARE = """
 import sys, time
 start = time.perf_counter()
 import torch
-from autorank.backend import warmup_jobs
+from autorank.engine.jobs import warmup_jobs
 from autorank.recipe import make_base
 from autorank.config import load_config
 from autorank.rounds import client_data, initial_state, round_jobs, test_data
-from autorank.sequential import SequentialBackend
-from autorank.batched import LoraTemplate, evaluate_state
-from autorank.training import TrainSettings
+from autorank.engine.sequential import SequentialBackend
+from autorank.engine.batched import LoraTemplate, evaluate_state
+from autorank.engine.local import TrainSettings
 from autorank.lora.targets import expand_ranks
 from autorank.ranking.assigners import RankAssignment
 from flows.engines import lora_settings

@@ -19,7 +19,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.backend import ClientJob, ClientOutcome, limit_threads, warmup_jobs
 from autorank.checkpoint import (
     DECISION_FILE,
     Checkpoint,
@@ -31,6 +30,7 @@ from autorank.checkpoint import (
 from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import AggregatorName, ExperimentConfig, config_digest
 from autorank.data.federation import Federation
+from autorank.engine.jobs import ClientJob, ClientOutcome, limit_threads, warmup_jobs
 from autorank.lora.adapters import AdapterState
 from autorank.lora.targets import target_sizes
 from autorank.ranking.assignment import RankAssignment

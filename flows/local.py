@@ -201,7 +201,7 @@ def check_places(config: ExperimentConfig) -> None:
 def preflight(config: ExperimentConfig) -> None:
     """Fail on bad input before anything is started or written: places, data, partition, model,
     targets, sizes."""
-    from autorank.backend import pick_device
+    from autorank.engine.jobs import pick_device
 
     check_places(config)
     from autorank.lora.targets import expand_ranks, layer_dims, target_sizes

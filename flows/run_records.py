@@ -15,11 +15,11 @@ from autorank.checkpoint import Checkpoint, CheckpointError, decision_file
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation
+from autorank.engine.local import TrainingStoppedError
 from autorank.lora.adapters import AdapterState
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranking.assignment import RankAssignment
 from autorank.rounds import client_parameters
-from autorank.training import TrainingStoppedError
 from flows.model_records import FinalModel, record_model
 from tasks import tracking
 

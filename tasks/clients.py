@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.backend import ClientBackend, ClientJob, ClientOutcome, LocalSplit, limit_threads
+from autorank.engine.jobs import ClientBackend, ClientJob, ClientOutcome, LocalSplit, limit_threads
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")

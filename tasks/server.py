@@ -13,9 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.backend import ClientOutcome, limit_threads
 from autorank.checkpoint import DECISION_FILE
 from autorank.config import AggregatorName
+from autorank.engine.jobs import ClientOutcome, limit_threads
 from autorank.lora.adapters import AdapterState
 from autorank.lora.functional import LoraTemplate
 from autorank.rounds import ServerStep, server_step

@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.backend import limit_threads
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
 from autorank.data.federation import Federation, federation_from_config
+from autorank.engine.jobs import limit_threads
 from autorank.recipe import make_base
 
 

@@ -7,8 +7,8 @@ of ``ranks`` selects every module whose path equals it or ends with ``.<key>`` (
 
 ``scale_for`` is the one place that says how the LoRA scale depends on rank; peft's own
 ``scaling`` is checked against it (``autorank.lora.peft``) and the batched engine uses it directly
-(``autorank.batched``). Nothing here imports peft, so commands that never wrap a peft model do
-not pay for importing it.
+(``autorank.engine.batched``). Nothing here imports peft, so commands that never wrap a peft
+model do not pay for importing it.
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from autorank.aggregation import AGGREGATORS
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit
-from autorank.batched import BatchedBackend
-from autorank.cohorts import why_not_batched
+from autorank.engine.batched import BatchedBackend
+from autorank.engine.factory import why_not_batched
+from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit
+from autorank.engine.local import TrainingStoppedError, TrainSettings, client_seed
+from autorank.engine.sequential import SequentialBackend, build_client_model
 from autorank.lora.adapters import AdapterState
 from autorank.lora.functional import LoraTemplate, evaluate_state
 from autorank.lora.settings import LoraSettings
@@ -28,8 +30,6 @@ from autorank.rounds import (
     server_step,
     start_state,
 )
-from autorank.sequential import SequentialBackend, build_client_model
-from autorank.training import TrainingStoppedError, TrainSettings, client_seed
 
 CPU = torch.device("cpu")
 # Batched matmuls sum in another order than one client's: a few ulps per step, compounded.

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autorank.cohorts import (
-    CPU_BATCHED_GRAIN,
-    cohort_count,
-    participants,
-    sample_clients,
-    split_cohorts,
-)
+from autorank.cohorts import participants, sample_clients, split_cohorts
+from autorank.engine.factory import CPU_BATCHED_GRAIN, cohort_count
 
 
 def test_participants_from_a_count_a_fraction_or_everyone() -> None:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from autorank.engine.local import pretrain
 from autorank.models.zoo import (
     build_model,
     default_targets,
     head_modules,
     load_base_weights,
-    pretrain,
     save_base_weights,
 )
 

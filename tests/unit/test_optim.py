@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from autorank.optim import ClientOptimizer
-from autorank.training import TrainSettings
+from autorank.engine.local import TrainSettings
+from autorank.engine.optim import ClientOptimizer
 
 SETTINGS = {
     "sgd": TrainSettings("sgd", 0.1, 0.0, 0.0, 8, None),

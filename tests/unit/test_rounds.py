@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from autorank.backend import ClientOutcome
+from autorank.engine.jobs import ClientOutcome
+from autorank.engine.local import LocalResult
 from autorank.lora.adapters import AdapterState, AggregationResult, LoraFactors
 from autorank.lora.peft import get_adapter_state, wrap_lora
 from autorank.lora.settings import LoraSettings
@@ -24,7 +25,6 @@ from autorank.rounds import (
     keep_uncovered,
     start_state,
 )
-from autorank.training import LocalResult
 
 FIXED = LoraSettings(policy="fixed", alpha=8.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 

@@ -9,13 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from autorank.backend import ClientJob, LocalSplit, limit_threads, pick_device, warmup, warmup_jobs
 from autorank.config import LoraConfig, TrainingConfig
-from autorank.lora.settings import LoraSettings
-from autorank.models.evaluation import evaluate
-from autorank.models.zoo import build_model, head_modules
-from autorank.sequential import SequentialBackend, run_client_job
-from autorank.training import (
+from autorank.engine.jobs import (
+    ClientJob,
+    LocalSplit,
+    limit_threads,
+    pick_device,
+    warmup,
+    warmup_jobs,
+)
+from autorank.engine.local import (
     Optimizer,
     StopSignal,
     TrainingStoppedError,
@@ -23,6 +26,10 @@ from autorank.training import (
     client_seed,
     train_local,
 )
+from autorank.engine.sequential import SequentialBackend, run_client_job
+from autorank.lora.settings import LoraSettings
+from autorank.models.evaluation import evaluate
+from autorank.models.zoo import build_model, head_modules
 
 LORA = LoraSettings(policy="proportional", alpha=16.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 SGD = TrainSettings(

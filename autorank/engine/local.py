@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from autorank.config import TrainingConfig
+from autorank.engine.optim import ClientOptimizer
 from autorank.lora.adapters import AdapterState
-from autorank.optim import ClientOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +177,42 @@ def train_local(
         losses.append(float(total) / n)
     logger.debug("trained %d steps, epoch losses %s", steps, losses)
     return losses, steps
+
+
+def pretrain(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    momentum: float = 0.9,
+    device: torch.device | None = None,
+) -> list[float]:
+    """Server-side full-parameter training on a public share of data, in place.
+
+    Gives LoRA a meaningful base to adapt instead of random features.
+
+    Args:
+        model: the base model; every parameter is trained.
+        x: inputs ``[n, ...]``; y: labels ``[n]``.
+        epochs, lr, batch_size, optimizer, momentum: the training schedule.
+        seed: data-order seed.
+        device: where to train (default CPU); the model returns to its original device.
+
+    Returns:
+        Mean training loss of each epoch.
+    """
+    home = next(model.parameters()).device
+    for p in model.parameters():
+        p.requires_grad_(True)
+    settings = TrainSettings(optimizer, lr, momentum, 0.0, batch_size, None)
+    losses, _ = train_local(
+        model, x, y, settings, epochs=epochs, seed=seed, device=device or torch.device("cpu")
+    )
+    model.to(home)
+    logger.info("pre-trained base model for %d epochs: loss %s", epochs, losses)
+    return losses

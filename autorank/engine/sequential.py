@@ -18,7 +18,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit, substreams
+from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit, substreams
+from autorank.engine.local import LocalResult, StopSignal, TrainSettings, train_local
 from autorank.lora.adapters import AdapterState
 from autorank.lora.peft import (
     get_adapter_state,
@@ -29,7 +30,6 @@ from autorank.lora.peft import (
 )
 from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import EvalResult, evaluate
-from autorank.training import LocalResult, StopSignal, TrainSettings, train_local
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The client-training boundary: ``train_clients(jobs, tests) -> outcomes``.
 
 Flows and aggregation see only ``ClientJob`` in and ``ClientOutcome`` out. A backend is built
-once per cohort slot and kept for the whole run: ``SequentialBackend`` (``autorank.sequential``)
+once per cohort slot and kept for the whole run: ``SequentialBackend`` (``engine.sequential``)
 trains the cohort's clients one after another on persistent peft models, ``BatchedBackend``
-(``autorank.batched``) trains them together in one forward/backward per local step. Nothing here
+(``engine.batched``) trains them together in one forward/backward per local step. Nothing here
 imports peft.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from autorank.engine.local import LocalResult, StopSignal, client_seed
 from autorank.lora.adapters import AdapterState
 from autorank.models.evaluation import EvalResult
-from autorank.training import LocalResult, StopSignal, client_seed
 
 logger = logging.getLogger(__name__)
 

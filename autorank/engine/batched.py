@@ -28,7 +28,9 @@ from torch import nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from autorank.backend import ClientJob, ClientOutcome, LocalSplit, substreams
+from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit, substreams
+from autorank.engine.local import LocalResult, StopSignal, TrainSettings
+from autorank.engine.optim import ClientOptimizer
 from autorank.lora.adapters import AdapterState, LoraFactors
 from autorank.lora.functional import LoraTemplate, Params, check_state
 from autorank.lora.settings import LoraSettings
@@ -36,8 +38,6 @@ from autorank.lora.targets import (
     fresh_down_projections,
 )
 from autorank.models.evaluation import EvalResult
-from autorank.optim import ClientOptimizer
-from autorank.training import LocalResult, StopSignal, TrainSettings
 
 
 def job_start(
