@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.aggregation import aggregate
 from autorank.config import AggregatorName
 from autorank.data.federation import Federation
 from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit
@@ -44,6 +43,7 @@ from autorank.lora.targets import (
     merge_base_delta,
     target_dims,
 )
+from autorank.merge.aggregators import aggregate
 from autorank.models.evaluation import EvalResult
 from autorank.ranking.assignment import max_ranks
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from autorank.aggregation import LabelGap, tier_label_gap
 from autorank.cohorts import sample_clients
 from autorank.config import AggregationConfig, ExperimentConfig
 from autorank.data.federation import Federation
+from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment
 
 

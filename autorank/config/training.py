@@ -64,7 +64,7 @@ class TrainingConfig(Section):
 
 
 class AggregationConfig(Section):
-    """How the server merges heterogeneous-rank adapters (see autorank.aggregation)."""
+    """How the server merges heterogeneous-rank adapters (see autorank.merge.aggregators)."""
 
     method: AggregatorName = Field(
         "rbla",

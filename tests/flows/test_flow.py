@@ -223,7 +223,7 @@ def test_a_capped_client_warms_up_at_its_cap(
 def server_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of the merge the server runs, round by round."""
     import autorank.rounds
-    from autorank.aggregation import aggregate
+    from autorank.merge.aggregators import aggregate
 
     merges: list[str] = []
 

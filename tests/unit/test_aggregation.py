@@ -9,16 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from autorank.aggregation import (
-    AGGREGATORS,
-    INIT_ROW_NORM,
-    LabelGap,
-    aggregate,
-    fedavg_extra,
-    tier_label_gap,
-)
 from autorank.config import AggregatorName
 from autorank.lora.adapters import AdapterState, AggregationResult, ClientUpdate, LoraFactors
+from autorank.merge.aggregators import AGGREGATORS, aggregate, fedavg_extra
+from autorank.merge.rules import INIT_ROW_NORM
+from autorank.merge.tiers import LabelGap, tier_label_gap
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 TIGHT = {"rtol": 0.0, "atol": 1e-12}

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from autorank.aggregation import AGGREGATORS
 from autorank.engine.batched import BatchedBackend
 from autorank.engine.factory import why_not_batched
 from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit
@@ -20,6 +19,7 @@ from autorank.lora.adapters import AdapterState
 from autorank.lora.functional import LoraTemplate, evaluate_state
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import AlphaPolicy, expand_ranks
+from autorank.merge.aggregators import AGGREGATORS
 from autorank.models.evaluation import evaluate
 from autorank.models.zoo import build_model
 from autorank.rounds import (
