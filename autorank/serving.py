@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autorank.checkpoint import load_adapter
+from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state
 from autorank.models.zoo import MODEL_NAMES, ModelName, build_model, load_base_weights
 

@@ -29,7 +29,7 @@ from autorank.engine.sequential import SequentialBackend
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import expand_ranks
 from autorank.models.zoo import build_model, default_targets
-from autorank.rounds import initial_state, start_state
+from autorank.rounds.steps import initial_state, start_state
 
 LORA = LoraSettings("proportional", 16.0, 2.0, 0.0, ("head",))
 TRAIN = TrainSettings("sgd", 0.05, 0.0, 0.0, 64, None)

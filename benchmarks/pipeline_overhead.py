@@ -108,11 +108,11 @@ class _Interleaved:
     def _prepare(self) -> None:
         import torch
 
-        from autorank.checkpoint import DECISION_FILE
         from autorank.engine.batched import BatchedBackend
         from autorank.engine.local import TrainSettings
         from autorank.engine.sequential import SequentialBackend
         from autorank.recipe import layer_ranges, lora_settings
+        from autorank.rounds.checkpoint import DECISION_FILE
 
         config = self.config
         (decision,) = config.runtime.checkpoint_dir.glob(f"*/{DECISION_FILE}")
@@ -200,11 +200,11 @@ def _bare_jobs(config, decision: Path, rounds: range):  # type: ignore[no-untype
     """The measured rounds' jobs, rebuilt from the run's rank decision and seeds."""
     import json
 
-    from autorank.cohorts import sample_clients
     from autorank.lora.targets import expand_ranks
     from autorank.ranking.assignment import RankAssignment
     from autorank.recipe import federation_for, lora_settings, make_base
-    from autorank.rounds import client_data, initial_state, round_jobs
+    from autorank.rounds.cohorts import sample_clients
+    from autorank.rounds.steps import client_data, initial_state, round_jobs
 
     federation = federation_for(config)
     base = make_base(
@@ -301,7 +301,7 @@ import torch
 from autorank.engine.jobs import warmup_jobs
 from autorank.recipe import make_base
 from autorank.config import load_config
-from autorank.rounds import client_data, initial_state, round_jobs, test_data
+from autorank.rounds.steps import client_data, initial_state, round_jobs, test_data
 from autorank.engine.sequential import SequentialBackend
 from autorank.engine.batched import LoraTemplate, evaluate_state
 from autorank.engine.local import TrainSettings
@@ -361,8 +361,8 @@ def process_mode(args: argparse.Namespace) -> None:
     # The first run creates the MLflow and Prefect stores (a fresh machine), the second reuses
     # them; a bare process runs after each, and both are compared with the mean of the two bare
     # runs (one bare run alone swung by up to 30 % between calls).
-    from autorank.checkpoint import DECISION_FILE
     from autorank.config import load_config
+    from autorank.rounds.checkpoint import DECISION_FILE
 
     checkpoints = load_config(None, sets).runtime.checkpoint_dir
     runs: list[tuple[str, float, float]] = []

@@ -463,7 +463,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _one_line(args: argparse.Namespace, err: Exception) -> int:
     """``err`` as one line and an exit code (2: input the user can fix); the traceback with
     ``--verbose`` for a failure inside a run."""
-    from autorank.rounds import DivergenceError
+    from autorank.rounds.steps import DivergenceError
     from flows.orchestrator import OrchestratorError
 
     first = _first_line(err)

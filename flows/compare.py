@@ -27,7 +27,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
-from autorank.checkpoint import DECISION_FILE
 from autorank.comparison import (
     BUDGET_AUTORANK,
     MEAN_AUTORANK,
@@ -45,7 +44,8 @@ from autorank.config import ConfigError, ExperimentConfig, config_digest, flatte
 from autorank.lora.targets import target_sizes
 from autorank.plots import accuracy_curves, ranks_per_client
 from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
-from autorank.rounds import DivergenceError
+from autorank.rounds.checkpoint import DECISION_FILE
+from autorank.rounds.steps import DivergenceError
 from autorank.summary import (
     CellResult,
     markdown_table,

@@ -14,7 +14,6 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.cohorts import participants
 from autorank.config import ExperimentConfig
 from autorank.engine.factory import cohort_count, make_backend, why_not_batched
 from autorank.engine.jobs import ClientBackend, pick_device
@@ -22,7 +21,8 @@ from autorank.engine.local import TrainingStoppedError
 from autorank.lora.functional import LoraTemplate
 from autorank.lora.targets import expand_ranks
 from autorank.recipe import layer_ranges, lora_settings, train_settings
-from autorank.rounds import ClientData
+from autorank.rounds.cohorts import participants
+from autorank.rounds.steps import ClientData
 
 progress = logging.getLogger("autorank.progress")
 

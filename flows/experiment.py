@@ -19,15 +19,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.checkpoint import (
-    DECISION_FILE,
-    Checkpoint,
-    decision_file_of,
-    load_decision,
-    run_lock,
-    save_decision,
-)
-from autorank.cohorts import sample_clients, split_cohorts
 from autorank.config import AggregatorName, ExperimentConfig, config_digest
 from autorank.data.federation import Federation
 from autorank.engine.jobs import ClientJob, ClientOutcome, limit_threads, warmup_jobs
@@ -38,11 +29,20 @@ from autorank.ranking.budget import draw_caps
 from autorank.ranking.profiling import ClientProfile, profile_clients
 from autorank.ranking.reranking import remeasured_profiles, rerank_due
 from autorank.recipe import layer_ranges, lora_settings, public_fraction
-from autorank.rounds import (
+from autorank.rounds.checkpoint import (
+    DECISION_FILE,
+    Checkpoint,
+    decision_file_of,
+    load_decision,
+    run_lock,
+    save_decision,
+)
+from autorank.rounds.cohorts import sample_clients, split_cohorts
+from autorank.rounds.growth import fit_global
+from autorank.rounds.steps import (
     ClientData,
     check_finite,
     client_data,
-    fit_global,
     initial_state,
     round_jobs,
     test_data,

@@ -17,15 +17,15 @@ from typing import Any
 
 from torch import nn
 
-from autorank.checkpoint import save_adapter
 from autorank.config import ExperimentConfig, config_digest
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation, partition_params
 from autorank.lora.adapters import AdapterState
 from autorank.lora.export import merged_away, peft_layout
+from autorank.lora.files import save_adapter
 from autorank.models.zoo import head_modules, save_base_weights
 from autorank.recipe import lora_settings
-from autorank.rounds import download
+from autorank.rounds.steps import download
 from autorank.serving import ModelSpec
 from tasks import model_tracking, tracking
 from tasks.model_tracking import DataInput

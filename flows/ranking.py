@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from autorank.cohorts import sample_clients
 from autorank.config import AggregationConfig, ExperimentConfig
 from autorank.data.federation import Federation
 from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment
+from autorank.rounds.cohorts import sample_clients
 
 
 def first_rounds(n: int) -> str:

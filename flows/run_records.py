@@ -11,15 +11,16 @@ from prefect.exceptions import TerminationSignal
 from torch import nn
 
 import flows
-from autorank.checkpoint import Checkpoint, CheckpointError, decision_file
 from autorank.config import ExperimentConfig, config_digest, flatten, to_yaml
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.adapters import AdapterState
+from autorank.lora.files import CheckpointError
 from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranking.assignment import RankAssignment
-from autorank.rounds import client_parameters
+from autorank.rounds.checkpoint import Checkpoint, decision_file
+from autorank.rounds.steps import client_parameters
 from flows.model_records import FinalModel, record_model
 from tasks import tracking
 

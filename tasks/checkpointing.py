@@ -12,8 +12,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.checkpoint import DECISION_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from autorank.lora.adapters import AdapterState
+from autorank.rounds.checkpoint import DECISION_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from tasks import tracking
 
 

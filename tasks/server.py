@@ -13,12 +13,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from autorank.checkpoint import DECISION_FILE
 from autorank.config import AggregatorName
 from autorank.engine.jobs import ClientOutcome, limit_threads
 from autorank.lora.adapters import AdapterState
 from autorank.lora.functional import LoraTemplate
-from autorank.rounds import ServerStep, server_step
+from autorank.rounds.checkpoint import DECISION_FILE
+from autorank.rounds.steps import ServerStep, server_step
 from tasks.checkpointing import RoundRecord, write_record
 
 

@@ -7,11 +7,8 @@ last): each client trained in that round gets its learning difficulty from that 
 curve over its local epochs; a client not sampled keeps the value of the decision in force. The
 other criteria (label entropy, Gini-Simpson, size) depend only on the partition and do not move.
 
-The new ranks take effect from the next round. Clients download the first ``r`` components of
-the global adapter, so a client that now holds a rank above the global adapter's would find zero
-components there, which never learn (``A = 0`` and ``B = 0`` give both factors zero gradients).
-``fit_global`` therefore grows the global adapter with fresh down-projections and zero
-up-projections, which leaves its product unchanged.
+The new ranks take effect from the next round; ``autorank.rounds.growth.fit_global`` grows the
+global adapter for ranks above its own.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_ranks_plans_the_early_merge_round_by_round_with_partial_participation(
 ) -> None:
     # Prepare: 3 of the 10 clients a round; under the double imbalance only client 9, the top
     # rank, holds all ten labels, so a round's tiers hold them all exactly when it trains
-    from autorank.cohorts import sample_clients
+    from autorank.rounds.cohorts import sample_clients
 
     settings = [
         "training.clients_per_round=3",

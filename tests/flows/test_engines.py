@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from autorank.models.zoo import build_model
 
-from autorank.rounds import ClientData
+from autorank.models.zoo import build_model
+from autorank.rounds.steps import ClientData
 from flows.engines import backend_kind
 from tests.flows.conftest import tiny_config
 

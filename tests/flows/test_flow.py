@@ -179,7 +179,7 @@ def test_summary_counts_every_clients_trainable_parameters(finished_run) -> None
 def test_divergence_stops_the_run_with_a_clear_error_and_marks_it_failed(
     prefect_harness: None, tmp_path: Path
 ) -> None:
-    from autorank.rounds import DivergenceError
+    from autorank.rounds.steps import DivergenceError
 
     config = tiny_config(
         tmp_path,
@@ -222,7 +222,7 @@ def test_a_capped_client_warms_up_at_its_cap(
 @pytest.fixture
 def server_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of the merge the server runs, round by round."""
-    import autorank.rounds
+    import autorank.rounds.steps
     from autorank.merge.aggregators import aggregate
 
     merges: list[str] = []
@@ -231,7 +231,7 @@ def server_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         merges.append(method)
         return aggregate(method, updates)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(autorank.rounds, "aggregate", spy)
+    monkeypatch.setattr(autorank.rounds.steps, "aggregate", spy)
     return merges
 
 

@@ -16,14 +16,14 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from autorank.checkpoint import load_adapter
 from autorank.config import ConfigError, ExperimentConfig
 from autorank.lora.adapters import AdapterState
+from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state, evaluate_state
 from autorank.lora.targets import expand_ranks, merge_base_delta
 from autorank.models.zoo import load_base_weights
 from autorank.recipe import federation_for, lora_settings
-from autorank.rounds import download, initial_state
+from autorank.rounds.steps import download, initial_state
 from autorank.serving import ModelSpec, load_classifier
 from flows.experiment import federated_training
 from flows.model_records import FinalModel, record_data, write_adapters

@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import flows.experiment
-from autorank.checkpoint import load_checkpoint
 from autorank.config import ExperimentConfig, config_digest
+from autorank.rounds.checkpoint import load_checkpoint
 from flows.experiment import federated_training
 from tests.flows.conftest import tiny_config
 

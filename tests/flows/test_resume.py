@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from autorank.checkpoint import CheckpointError, load_checkpoint
 from autorank.config import ExperimentConfig, config_digest, to_yaml
+from autorank.lora.files import CheckpointError
+from autorank.rounds.checkpoint import load_checkpoint
 from flows.cli import main
 from flows.experiment import federated_training
 from flows.run_records import CONFIG_FILE
@@ -317,7 +318,7 @@ def test_ctrl_c_while_a_cohort_thread_starts_leaves_no_cohort_running(
 def test_a_tampered_checkpoint_is_refused_in_one_line_and_nothing_changes(
     finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from autorank.checkpoint import latest_round_dir
+    from autorank.rounds.checkpoint import latest_round_dir
     from tests.flows.conftest import cli_error
 
     config, run_id = _copy_of(finished_run, tmp_path)

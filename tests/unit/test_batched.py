@@ -22,7 +22,7 @@ from autorank.lora.targets import AlphaPolicy, expand_ranks
 from autorank.merge.aggregators import AGGREGATORS
 from autorank.models.evaluation import evaluate
 from autorank.models.zoo import build_model
-from autorank.rounds import (
+from autorank.rounds.steps import (
     ClientData,
     client_parameters,
     initial_state,

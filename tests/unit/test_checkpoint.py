@@ -7,15 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autorank.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    base_digest,
-    load_checkpoint,
-    save_checkpoint,
-    state_tensors,
-)
 from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.files import CheckpointError, state_tensors
+from autorank.rounds.checkpoint import Checkpoint, base_digest, load_checkpoint, save_checkpoint
 
 RUN = "run0"
 DIGEST = "cfg"
@@ -208,7 +202,7 @@ def test_a_state_file_from_another_round_or_run_is_refused(tmp_path: Path) -> No
 
 
 def test_an_edited_rank_decision_is_refused(tmp_path: Path) -> None:
-    from autorank.checkpoint import save_decision
+    from autorank.rounds.checkpoint import save_decision
 
     save_decision(tmp_path, RUN, {"ranks": [2, 4]})
     save_checkpoint(tmp_path, _ckpt(1, _base(0.5)))
@@ -224,7 +218,7 @@ def test_a_checkpoint_names_and_binds_the_decision_its_next_round_trains_under(
 ) -> None:
     from dataclasses import replace
 
-    from autorank.checkpoint import load_decision, save_decision
+    from autorank.rounds.checkpoint import load_decision, save_decision
 
     # Prepare: the first decision, then one taken again after round 2
     assert save_decision(tmp_path, RUN, {"ranks": [2, 4]}) == "rank_decision.json"
@@ -274,14 +268,14 @@ def test_a_run_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
     import sys
     import textwrap
 
-    from autorank.checkpoint import run_lock
+    from autorank.rounds.checkpoint import run_lock
 
     (tmp_path / RUN).mkdir()
     holder = textwrap.dedent(
         f"""
         import sys, time
         from pathlib import Path
-        from autorank.checkpoint import run_lock
+        from autorank.rounds.checkpoint import run_lock
         with run_lock(Path({str(tmp_path)!r}), {RUN!r}):
             print("held", flush=True)
             sys.stdin.readline()

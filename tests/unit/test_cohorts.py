@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autorank.cohorts import participants, sample_clients, split_cohorts
 from autorank.engine.factory import CPU_BATCHED_GRAIN, cohort_count
+from autorank.rounds.cohorts import participants, sample_clients, split_cohorts
 
 
 def test_participants_from_a_count_a_fraction_or_everyone() -> None:

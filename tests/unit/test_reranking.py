@@ -12,7 +12,8 @@ from autorank.models.zoo import build_model
 from autorank.ranking.assignment import RankAssignment, RankDecision
 from autorank.ranking.profiling import ClientProfile
 from autorank.ranking.reranking import remeasured_profiles, rerank_due
-from autorank.rounds import fit_global, initial_state
+from autorank.rounds.growth import fit_global
+from autorank.rounds.steps import initial_state
 
 FIXED = LoraSettings(policy="fixed", alpha=8.0, alpha_ratio=2.0, dropout=0.0, head=("head",))
 

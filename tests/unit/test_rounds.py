@@ -14,7 +14,7 @@ from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import EvalResult
 from autorank.models.zoo import build_model
 from autorank.ranking.assignment import max_ranks
-from autorank.rounds import (
+from autorank.rounds.steps import (
     DivergenceError,
     RoundReport,
     check_finite,

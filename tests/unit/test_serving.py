@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from autorank.checkpoint import save_adapter
 from autorank.lora.adapters import AdapterState
+from autorank.lora.files import save_adapter
 from autorank.lora.functional import LoraTemplate, evaluate_state
 from autorank.lora.settings import LoraSettings
 from autorank.models.zoo import save_base_weights
-from autorank.rounds import initial_state
+from autorank.rounds.steps import initial_state
 from autorank.serving import ModelSpec, load_classifier
 
 CPU = torch.device("cpu")

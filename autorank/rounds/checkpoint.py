@@ -18,8 +18,8 @@ sha256 of that meta. A file copied from another round or run, a symlink, or an e
 refused with one line instead of resuming into wrong numbers.
 
 Clients keep no state of their own between rounds (each sampled client downloads the global
-adapter at its ranks, see ``autorank.rounds``), so a checkpoint does not grow with the number of
-clients. Formats 1 and 2 also stored every client's download; they still load.
+adapter at its ranks, see ``autorank.rounds.steps``), so a checkpoint does not grow with the
+number of clients. Formats 1 and 2 also stored every client's download; they still load.
 
 The base is frozen except under FLoRA, which merges each round's update into it, so it is written
 once and shared by the rounds that used it instead of being copied into every round (a large
@@ -47,9 +47,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
-from autorank.lora.adapters import AdapterState, LoraFactors
+from autorank.lora.adapters import AdapterState
+from autorank.lora.files import CheckpointError, state_from_tensors, state_tensors
 
 FORMAT_VERSION = 4
 # 1 kept the base inside each round's state; 1 and 2 kept client states; 1-3 bound no file hashes
@@ -59,10 +60,6 @@ _ROUND = re.compile(r"round_(\d{4,})")
 _DECISION = re.compile(r"rank_decision(_round_\d{4,})?\.json")
 DECISION_FILE = "rank_decision.json"
 _TEMPORARY = (".incomplete-", ".base-", ".LATEST.", ".rank_decision")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or written for another experiment."""
 
 
 @dataclass(frozen=True)
@@ -86,42 +83,6 @@ class Checkpoint:
     global_state: AdapterState
     fresh: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-def state_tensors(prefix: str, state: AdapterState) -> dict[str, torch.Tensor]:
-    """Flatten an adapter state into named tensors (``prefix/lora/<layer>/A`` ...)."""
-    out: dict[str, torch.Tensor] = {}
-    for layer, f in state.lora.items():
-        out[f"{prefix}/lora/{layer}/A"] = f.A.detach().cpu().clone().contiguous()
-        out[f"{prefix}/lora/{layer}/B"] = f.B.detach().cpu().clone().contiguous()
-        out[f"{prefix}/lora/{layer}/scale"] = torch.tensor(f.scale, dtype=torch.float64)
-    for name, t in state.extra.items():
-        out[f"{prefix}/extra/{name}"] = t.detach().cpu().clone().contiguous()
-    return out
-
-
-def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> AdapterState:
-    """Rebuild the adapter state written by ``state_tensors`` under ``prefix``."""
-    lora_parts: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        head, _, rest = key.partition("/")
-        if head != prefix:
-            continue
-        kind, _, name = rest.partition("/")
-        if kind == "extra":
-            extra[name] = t
-        elif kind == "lora":
-            layer, _, part = name.rpartition("/")
-            lora_parts.setdefault(layer, {})[part] = t
-    lora = {}
-    for layer, parts in lora_parts.items():
-        if set(parts) != {"A", "B", "scale"}:
-            raise CheckpointError(
-                f"adapter {prefix!r} layer {layer!r} is incomplete: {sorted(parts)}"
-            )
-        lora[layer] = LoraFactors(parts["A"], parts["B"], float(parts["scale"]))
-    return AdapterState(lora, extra)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -369,20 +330,6 @@ def load_checkpoint(root: Path, run_id: str, *, config_digest: str) -> Checkpoin
         fresh=fresh,
         meta=extras,
     )
-
-
-def save_adapter(path: Path, state: AdapterState, metadata: Mapping[str, str]) -> None:
-    """Write one adapter state (LoRA factors, scales, head) as a standalone safetensors file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_tensors("adapter", state), str(path), metadata=dict(metadata))
-
-
-def load_adapter(path: Path) -> AdapterState:
-    """Read an adapter written by ``save_adapter``."""
-    try:
-        return state_from_tensors("adapter", load_file(str(path)))
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"adapter file {str(path)!r} is unreadable: {err}") from None
 
 
 def decision_file(after_round: int) -> str:
