@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 
 from autorank.config import TrackingConfig
-from autorank.plots import accuracy_curves
-from autorank.summary import mean_curve
+from autorank.reporting.plots import accuracy_curves
+from autorank.reporting.summary import mean_curve
 from tasks import tracking
 
 _SEED = re.compile(r"-s\d+$")

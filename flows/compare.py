@@ -27,7 +27,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
-from autorank.comparison import (
+from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
+from autorank.lora.targets import target_sizes
+from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
+from autorank.reporting.grid import (
     BUDGET_AUTORANK,
     MEAN_AUTORANK,
     Cell,
@@ -40,13 +43,8 @@ from autorank.comparison import (
     with_budget,
     with_uniform_rank,
 )
-from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
-from autorank.lora.targets import target_sizes
-from autorank.plots import accuracy_curves, ranks_per_client
-from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
-from autorank.rounds.checkpoint import DECISION_FILE
-from autorank.rounds.steps import DivergenceError
-from autorank.summary import (
+from autorank.reporting.plots import accuracy_curves, ranks_per_client
+from autorank.reporting.summary import (
     CellResult,
     markdown_table,
     mean_curves,
@@ -57,6 +55,8 @@ from autorank.summary import (
     summary_metrics,
     terminal_table,
 )
+from autorank.rounds.checkpoint import DECISION_FILE
+from autorank.rounds.steps import DivergenceError
 from flows import run_views
 from flows.engines import runs_ending
 from flows.experiment import federated_training

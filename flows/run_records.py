@@ -17,8 +17,8 @@ from autorank.data.federation import Federation
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.adapters import AdapterState
 from autorank.lora.files import CheckpointError
-from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.ranking.assignment import RankAssignment
+from autorank.reporting.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.rounds.checkpoint import Checkpoint, decision_file
 from autorank.rounds.steps import client_parameters
 from flows.model_records import FinalModel, record_model

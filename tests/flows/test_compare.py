@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from autorank.comparison import load_grid
 from autorank.recipe import rank_table
+from autorank.reporting.grid import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
 from tests.flows.conftest import cli_error, spawn_cli, store_args, watch_output

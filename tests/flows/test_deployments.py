@@ -18,8 +18,8 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
-from autorank.comparison import GridConfig, load_grid, parse_grid
 from autorank.config import ExperimentConfig, load_config
+from autorank.reporting.grid import GridConfig, load_grid, parse_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "autorank-pool"  # what scripts/deploy_smoke.sh (and the docs) create

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from autorank.comparison import (
+from autorank.config import ConfigError, config_digest
+from autorank.reporting.grid import (
     SkippedCell,
     expand_grid,
     grid_digest,
@@ -18,9 +19,8 @@ from autorank.comparison import (
     with_budget,
     with_uniform_rank,
 )
-from autorank.config import ConfigError, config_digest
-from autorank.paired import mean_std
-from autorank.summary import (
+from autorank.reporting.paired import mean_std
+from autorank.reporting.summary import (
     CellResult,
     markdown_table,
     mean_curves,
@@ -131,7 +131,7 @@ def test_grid_digest_changes_only_with_what_decides_results(
 def test_invalid_combinations_are_skipped_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
     grid = parse_grid(_grid(aggregators=["fedavg", "rbla"], seeds=[0]))
 
-    with caplog.at_level(logging.WARNING, logger="autorank.comparison"):
+    with caplog.at_level(logging.WARNING, logger="autorank.reporting.grid"):
         cells, skipped = expand_grid(grid)
 
     names = [c.run_name for c in cells]

@@ -5,7 +5,6 @@ from typing import Any, get_args
 import pytest
 from pydantic import BaseModel
 
-from autorank.comparison import GridConfig
 from autorank.config import (
     ConfigError,
     ExperimentConfig,
@@ -18,6 +17,7 @@ from autorank.config import (
     parse_config,
     to_yaml,
 )
+from autorank.reporting.grid import GridConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from autorank.paired import paired_difference, paired_on_seeds, t_two_sided_p
+from autorank.reporting.paired import paired_difference, paired_on_seeds, t_two_sided_p
 
 stats = pytest.importorskip("scipy.stats")  # scikit-learn's dependency: the independent route
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from autorank.plots import accuracy_curves, closeness_vs_rank, label_distribution, ranks_per_client
+from autorank.reporting.plots import (
+    accuracy_curves,
+    closeness_vs_rank,
+    label_distribution,
+    ranks_per_client,
+)
 
 
 def _png(fig: Figure) -> bytes:

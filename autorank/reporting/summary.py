@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from autorank.comparison import SkippedCell
-from autorank.paired import (
+from autorank.reporting.grid import SkippedCell
+from autorank.reporting.paired import (
     PairedComparison,
     PairedDiff,
     PairedSummary,
@@ -136,7 +136,7 @@ def paired_against(results: Sequence[CellResult], reference: str) -> PairedCompa
 
     Cells of one seed share partitions and initial weights, so for a method ``M`` and the
     reference ``R`` the differences ``d_s = best_M,s - best_R,s`` (and the same for final
-    accuracy) over the seeds both ran are paired samples (``autorank.paired``). Methods that
+    accuracy) over the seeds both ran are paired samples (``reporting.paired``). Methods that
     share no seed with the reference, and every method when it has no result, are left out.
     """
     groups = _by_method(results)

@@ -2,7 +2,7 @@
 
 A grid crosses rank assigners with aggregators and seeds over one shared experiment (``base``),
 so every method sees the same partitions, base model and seeds. ``expand_grid`` turns a grid
-into one ``ExperimentConfig`` per cell; ``autorank.summary`` reduces the cells' histories to one
+into one ``ExperimentConfig`` per cell; ``reporting.summary`` reduces the cells' histories to one
 row per method.
 """
 
