@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -16,15 +16,22 @@ from torch import nn
 
 from autorank.config import ExperimentConfig
 from autorank.engine.factory import cohort_count, make_backend, why_not_batched
-from autorank.engine.jobs import ClientBackend, pick_device
+from autorank.engine.jobs import ClientBackend, ClientJob, ClientOutcome, pick_device
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.functional import LoraTemplate
 from autorank.lora.targets import expand_ranks
 from autorank.recipe import layer_ranges, lora_settings, train_settings
-from autorank.rounds.cohorts import participants
+from autorank.rounds.cohorts import participants, split_cohorts
 from autorank.rounds.steps import ClientData
+from flows.runners import client_task_resources, opaque, signals_deferred
+from tasks.clients import train_cohort
 
 progress = logging.getLogger("autorank.progress")
+T = TypeVar("T")
+
+
+def _same(value: T) -> T:
+    return value
 
 
 @dataclass(eq=False)  # one run's engines: hashable by identity (runs_ending's set)
@@ -60,6 +67,46 @@ class Engines:
         """Every engine stops at its next local step (nothing is waited for)."""
         for engine in self.backends:
             engine.stop.set()
+
+    def train(
+        self,
+        config: ExperimentConfig,
+        jobs: Sequence[ClientJob],
+        data: Sequence[ClientData] | None,
+        base: nn.Module,
+        base_version: int,
+        label: str,
+    ) -> list[ClientOutcome]:
+        """Split the jobs into cohorts, one task each on the configured runner; outcomes in order.
+
+        With ``data`` each client is also evaluated on its local split (not in the warm-up).
+        """
+        # Balanced by local steps, so that parallel cohorts finish together.
+        steps = [j.epochs * -(-int(j.x.shape[0]) // config.training.batch_size) for j in jobs]
+        chunks = split_cohorts(jobs, len(self.backends), steps)
+        # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
+        wrap = opaque if config.runtime.task_runner == "threads" else _same
+        futures = self.in_flight  # what Engines.stop waits for if the run is interrupted
+        with client_task_resources(config.runtime):
+            for i, chunk in enumerate(chunks):
+                parameters = {
+                    "engine": self.backends[i],
+                    "jobs": wrap(chunk),
+                    "tests": wrap(
+                        None if data is None else [data[j.client].local_split() for j in chunk]
+                    ),
+                    "base": base,
+                    "base_version": base_version,
+                    "threads": config.runtime.threads_per_client,
+                    "label": f"{label}-cohort-{i}",
+                }
+                # Whole or not at all: a signal inside a submission could leave a cohort running
+                # that nothing waits for (the executor starts its thread, then records it).
+                with signals_deferred():
+                    futures.append(self.runner.submit(train_cohort, parameters))
+        done = {o.result.client: o for f in futures for o in f.result()}
+        futures.clear()
+        return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were
 
     def set_ranks(self, ranks: Sequence[Mapping[str, int]]) -> None:
         """Expand every client's target ranks to module paths (once per distinct pattern)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -19,16 +18,13 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
-from autorank.config import AggregatorName, ExperimentConfig, config_digest
+from autorank.config import ExperimentConfig, config_digest
 from autorank.data.federation import Federation
-from autorank.engine.jobs import ClientJob, ClientOutcome, limit_threads, warmup_jobs
+from autorank.engine.jobs import limit_threads
 from autorank.lora.adapters import AdapterState
-from autorank.lora.targets import target_sizes
 from autorank.ranking.assignment import RankAssignment
-from autorank.ranking.budget import draw_caps
-from autorank.ranking.profiling import ClientProfile, profile_clients
-from autorank.ranking.reranking import remeasured_profiles, rerank_due
-from autorank.recipe import layer_ranges, lora_settings, public_fraction
+from autorank.ranking.reranking import rerank_due
+from autorank.recipe import lora_settings, public_fraction
 from autorank.rounds.checkpoint import (
     DECISION_FILE,
     Checkpoint,
@@ -37,11 +33,10 @@ from autorank.rounds.checkpoint import (
     run_lock,
     save_decision,
 )
-from autorank.rounds.cohorts import sample_clients, split_cohorts
+from autorank.rounds.cohorts import sample_clients
 from autorank.rounds.growth import fit_global
 from autorank.rounds.steps import (
     ClientData,
-    check_finite,
     client_data,
     initial_state,
     round_jobs,
@@ -51,22 +46,19 @@ from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record
 from flows.model_records import record_data
-from flows.ranking import early_gaps, early_plan, first_rounds
+from flows.ranking import first_rounds, rerank, round_merge, warm_up_and_rank
 from flows.run_records import (
     close_interrupted_or_failed,
     finish_run,
     open_run,
     record_decision,
-    record_early_merge,
     relog_checkpoint_round,
     run_finished,
     run_name,
 )
 from flows.run_views import progress_in_run_log
-from flows.runners import client_task_resources, opaque, signals_deferred, task_runner_for
-from tasks.checkpointing import load_round
-from tasks.clients import train_cohort
-from tasks.ranking import rank_clients
+from flows.runners import opaque, signals_deferred, task_runner_for
+from tasks.checkpointing import RunTarget, load_round
 from tasks.server import ClosedRound, RoundClose, close_round
 from tasks.setup import build_base, load_federation
 
@@ -93,87 +85,6 @@ class RunState:
     decision_file: str = DECISION_FILE
 
 
-def _same(value: T) -> T:
-    return value
-
-
-def _run_cohorts(
-    config: ExperimentConfig,
-    engines: Engines,
-    jobs: Sequence[ClientJob],
-    data: Sequence[ClientData] | None,
-    base: nn.Module,
-    base_version: int,
-    label: str,
-) -> list[ClientOutcome]:
-    """Split the jobs into cohorts, one task each on the configured runner; outcomes in order.
-
-    With ``data`` each client is also evaluated on its local split (not in the warm-up).
-    """
-    # Balanced by local steps, so that parallel cohorts finish together.
-    steps = [j.epochs * -(-int(j.x.shape[0]) // config.training.batch_size) for j in jobs]
-    chunks = split_cohorts(jobs, len(engines.backends), steps)
-    # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
-    wrap = opaque if config.runtime.task_runner == "threads" else _same
-    futures = engines.in_flight  # what Engines.stop waits for if the run is interrupted
-    with client_task_resources(config.runtime):
-        for i, chunk in enumerate(chunks):
-            parameters = {
-                "engine": engines.backends[i],
-                "jobs": wrap(chunk),
-                "tests": wrap(
-                    None if data is None else [data[j.client].local_split() for j in chunk]
-                ),
-                "base": base,
-                "base_version": base_version,
-                "threads": config.runtime.threads_per_client,
-                "label": f"{label}-cohort-{i}",
-            }
-            # Whole or not at all: a signal inside a submission could leave a cohort running
-            # that nothing waits for (the executor starts its thread, then records it).
-            with signals_deferred():
-                futures.append(engines.runner.submit(train_cohort, parameters))
-    done = {o.result.client: o for f in futures for o in f.result()}
-    futures.clear()
-    return [done[j.client] for j in jobs]  # the jobs' order, whatever the cohorts were
-
-
-def _warm_up_and_rank(
-    config: ExperimentConfig,
-    base: nn.Module,
-    federation: Federation,
-    data: list[ClientData],
-    engines: Engines,
-) -> RankAssignment:
-    """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
-    layers = layer_ranges(config)
-    profiles = profile_clients(federation.histogram)
-    if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
-        r = config.ranking
-        caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
-        jobs = warmup_jobs(
-            [d.x for d in data],
-            [d.y for d in data],
-            ranks={k: hi for k, (_, hi) in layers.items()},
-            epochs=config.training.warmup_epochs,
-            seed=config.seed,
-            caps=caps,
-        )
-        capped = sum(cap is not None for cap in caps)
-        progress.info(
-            "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
-            len(jobs),
-            config.training.warmup_epochs,
-            f", {capped} at its device's cap" if capped else "",
-        )
-        outcomes = _run_cohorts(config, engines, jobs, None, base, 0, "warm-up")
-        check_finite(0, [o.result for o in outcomes])
-        curves = [list(o.result.epoch_losses) for o in outcomes]
-        profiles = profile_clients(federation.histogram, curves)
-        progress.info("warm-up done: %d loss curves", len(curves))
-    return _decide(config, profiles, federation, base)
-
-
 def _fresh_state(
     config: ExperimentConfig,
     run_id: str,
@@ -182,7 +93,7 @@ def _fresh_state(
     data: list[ClientData],
     engines: Engines,
 ) -> RunState:
-    assignment = _warm_up_and_rank(config, base, federation, data, engines)
+    assignment = warm_up_and_rank(config, base, federation, data, engines)
     # Once per run, not in every round's checkpoint: it grows with the number of clients.
     save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
     record_decision(config, run_id, federation, assignment)
@@ -192,7 +103,7 @@ def _fresh_state(
 
 def _run_round(
     config: ExperimentConfig,
-    run_id: str,
+    target: RunTarget,
     state: RunState,
     federation: Federation,
     data: list[ClientData],
@@ -200,7 +111,7 @@ def _run_round(
     round_idx: int,
     engines: Engines,
 ) -> RunState:
-    start = time.perf_counter()
+    start, run_id = time.perf_counter(), target.run_id
     if config.ranking.rerank_every:  # a new decision may hold ranks above the global adapter's
         grown = fit_global(
             state.global_state,
@@ -225,17 +136,19 @@ def _run_round(
         seed=config.seed,
         round_idx=round_idx,
     )
-    outcomes = _run_cohorts(
-        config, engines, jobs, data, state.base, state.base_version, f"round-{round_idx}"
+    outcomes = engines.train(
+        config, jobs, data, state.base, state.base_version, f"round-{round_idx}"
     )
     trained = time.perf_counter()
     assignment, decision_file = state.assignment, state.decision_file
     if rerank_due(round_idx, config.ranking.rerank_every, config.training.rounds):
-        assignment = _rerank(config, run_id, state, federation, outcomes, round_idx)
+        assignment = rerank(
+            config, run_id, state.assignment, state.base, federation, outcomes, round_idx
+        )
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
-    method, whole_early = _round_merge(
+    method, whole_early = round_merge(
         config,
         run_id,
         state.assignment,
@@ -257,17 +170,11 @@ def _run_round(
                     round_idx=round_idx,
                     started=start,
                     train_seconds=trained - start,
-                    n_clients=len(data),
-                    keyed_clients=len(data) <= config.tracking.keyed_clients_max,
                     table_due=round_idx % config.tracking.client_table_every == 0
                     or round_idx == config.training.rounds,
                     history=state.history,
                     sampled=sampled,
-                    root=config.runtime.checkpoint_dir,
-                    uri=config.tracking.uri,
-                    run_id=run_id,
-                    digest=config_digest(config),
-                    threads=config.runtime.threads_per_client,
+                    target=target,
                     decision_file=decision_file,
                 )
             )
@@ -305,74 +212,6 @@ def _run_round(
             round_idx + 1,
         )
     return new
-
-
-def _round_merge(
-    config: ExperimentConfig,
-    run_id: str,
-    assignment: RankAssignment,
-    federation: Federation,
-    round_idx: int,
-    *,
-    announce: bool,
-) -> tuple[AggregatorName, bool]:
-    """The merge of the round, and whether the early merge ran in every early round.
-
-    With ``early_when: all_labels`` the early merge runs in the early rounds whose clients, in
-    every rank tier, hold every label. With ``announce`` (the first round this process runs:
-    round 1, or a resume's first) the plan is logged and recorded as a tag (the same plan
-    again on a resume: sampling and ranks are those of the interrupted run).
-    """
-    agg = config.aggregation
-    if agg.early_method is None or agg.early_when == "always" or round_idx > agg.early_rounds:
-        return agg.method_at(round_idx), True
-    gaps = early_gaps(config, assignment, federation)
-    if announce:
-        plan = early_plan(agg, gaps)
-        progress.info("early merge %s", plan)
-        record_early_merge(config.tracking.uri, run_id, plan)
-    covered = gaps[round_idx - 1] is None
-    return agg.method_at(round_idx, labels_covered=covered), all(g is None for g in gaps)
-
-
-def _decide(
-    config: ExperimentConfig,
-    profiles: Sequence[ClientProfile],
-    federation: Federation,
-    base: nn.Module,
-) -> RankAssignment:
-    """The configured assigner over the clients' profiles (with the rank budget, if any)."""
-    sizes = target_sizes(base, list(layer_ranges(config)))
-    return rank_clients(config, profiles, n_classes=federation.data.n_classes, layer_sizes=sizes)
-
-
-def _rerank(
-    config: ExperimentConfig,
-    run_id: str,
-    state: RunState,
-    federation: Federation,
-    outcomes: Sequence[ClientOutcome],
-    round_idx: int,
-) -> RankAssignment:
-    """Decide the ranks again from this round's loss curves (``ranking.rerank_every``) and log the
-    decision as the first one was, at this round's step; it holds from the next round on."""
-    in_force = state.assignment
-    curves = {o.result.client: list(o.result.epoch_losses) for o in outcomes}
-    profiles = remeasured_profiles(profile_clients(federation.histogram), in_force, curves)
-    assignment = _decide(config, profiles, federation, state.base)
-    record_decision(config, run_id, federation, assignment, step=round_idx)
-    before = {d.client: d.rank for d in in_force.decisions}
-    changed = sum(before[d.client] != d.rank for d in assignment.decisions)
-    progress.info(
-        "round %d: ranks decided again from its loss curves: %d of %d clients changed rank, "
-        "mean rank %.1f (was %.1f)",
-        round_idx,
-        changed,
-        len(assignment.decisions),
-        sum(d.rank for d in assignment.decisions) / len(assignment.decisions),
-        sum(before.values()) / len(before),
-    )
-    return assignment
 
 
 def _flow_run_name() -> str:
@@ -450,9 +289,10 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
                 progress.debug(  # starts the terminal's progress bar
                     "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
                 )
+                target = run_target(config, run_id, n_clients=len(data))
                 for round_idx in range(first, rounds + 1):
                     state = _run_round(
-                        config, run_id, state, federation, data, test, round_idx, engines
+                        config, target, state, federation, data, test, round_idx, engines
                     )
             except BaseException:
                 # Ctrl-C, SIGTERM or a failed cohort, wherever it lands (a submission too):
@@ -476,6 +316,19 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
         err.add_note(RESUME_NOTE + hint)
         raise
     return run_id
+
+
+def run_target(config: ExperimentConfig, run_id: str, *, n_clients: int) -> RunTarget:
+    """Where this run's rounds are recorded, and the config digest they bind to (once)."""
+    return RunTarget(
+        root=config.runtime.checkpoint_dir,
+        uri=config.tracking.uri,
+        run_id=run_id,
+        digest=config_digest(config),
+        n_clients=n_clients,
+        keyed_clients=n_clients <= config.tracking.keyed_clients_max,
+        threads=config.runtime.threads_per_client,
+    )
 
 
 def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Checkpoint) -> RunState:

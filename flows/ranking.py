@@ -1,14 +1,30 @@
-"""The ranking phase's plans: the early merge that waits for the labels, per early round."""
+"""The ranking phase of a run: the warm-up and the rank decision, the re-ranking during training,
+and the plan of an early merge that waits for the labels."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
-from autorank.config import AggregationConfig, ExperimentConfig
+from torch import nn
+
+from autorank.config import AggregationConfig, AggregatorName, ExperimentConfig
 from autorank.data.federation import Federation
+from autorank.engine.jobs import ClientOutcome, warmup_jobs
+from autorank.lora.targets import target_sizes
 from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.budget import draw_caps
+from autorank.ranking.profiling import ClientProfile, profile_clients
+from autorank.ranking.reranking import remeasured_profiles
+from autorank.recipe import layer_ranges
 from autorank.rounds.cohorts import sample_clients
+from autorank.rounds.steps import ClientData, check_finite
+from flows.engines import Engines
+from flows.run_records import record_decision, record_early_merge
+from tasks.ranking import rank_clients
+
+progress = logging.getLogger("autorank.progress")
 
 
 def first_rounds(n: int) -> str:
@@ -48,3 +64,107 @@ def early_plan(agg: AggregationConfig, gaps: Sequence[LabelGap | None]) -> str:
         f"{agg.method} in the others, where a rank tier lacks labels (round {first}: "
         f"{gaps[first - 1]})"
     )
+
+
+def warm_up_and_rank(
+    config: ExperimentConfig,
+    base: nn.Module,
+    federation: Federation,
+    data: list[ClientData],
+    engines: Engines,
+) -> RankAssignment:
+    """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
+    layers = layer_ranges(config)
+    profiles = profile_clients(federation.histogram)
+    if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
+        r = config.ranking
+        caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
+        jobs = warmup_jobs(
+            [d.x for d in data],
+            [d.y for d in data],
+            ranks={k: hi for k, (_, hi) in layers.items()},
+            epochs=config.training.warmup_epochs,
+            seed=config.seed,
+            caps=caps,
+        )
+        capped = sum(cap is not None for cap in caps)
+        progress.info(
+            "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
+            len(jobs),
+            config.training.warmup_epochs,
+            f", {capped} at its device's cap" if capped else "",
+        )
+        outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
+        check_finite(0, [o.result for o in outcomes])
+        curves = [list(o.result.epoch_losses) for o in outcomes]
+        profiles = profile_clients(federation.histogram, curves)
+        progress.info("warm-up done: %d loss curves", len(curves))
+    return decide(config, profiles, federation, base)
+
+
+def decide(
+    config: ExperimentConfig,
+    profiles: Sequence[ClientProfile],
+    federation: Federation,
+    base: nn.Module,
+) -> RankAssignment:
+    """The configured assigner over the clients' profiles (with the rank budget, if any)."""
+    sizes = target_sizes(base, list(layer_ranges(config)))
+    return rank_clients(config, profiles, n_classes=federation.data.n_classes, layer_sizes=sizes)
+
+
+def rerank(
+    config: ExperimentConfig,
+    run_id: str,
+    in_force: RankAssignment,
+    base: nn.Module,
+    federation: Federation,
+    outcomes: Sequence[ClientOutcome],
+    round_idx: int,
+) -> RankAssignment:
+    """Decide the ranks again from this round's loss curves (``ranking.rerank_every``) and log the
+    decision as the first one was, at this round's step; it holds from the next round on."""
+    curves = {o.result.client: list(o.result.epoch_losses) for o in outcomes}
+    profiles = remeasured_profiles(profile_clients(federation.histogram), in_force, curves)
+    assignment = decide(config, profiles, federation, base)
+    record_decision(config, run_id, federation, assignment, step=round_idx)
+    before = {d.client: d.rank for d in in_force.decisions}
+    changed = sum(before[d.client] != d.rank for d in assignment.decisions)
+    progress.info(
+        "round %d: ranks decided again from its loss curves: %d of %d clients changed rank, "
+        "mean rank %.1f (was %.1f)",
+        round_idx,
+        changed,
+        len(assignment.decisions),
+        sum(d.rank for d in assignment.decisions) / len(assignment.decisions),
+        sum(before.values()) / len(before),
+    )
+    return assignment
+
+
+def round_merge(
+    config: ExperimentConfig,
+    run_id: str,
+    assignment: RankAssignment,
+    federation: Federation,
+    round_idx: int,
+    *,
+    announce: bool,
+) -> tuple[AggregatorName, bool]:
+    """The merge of the round, and whether the early merge ran in every early round.
+
+    With ``early_when: all_labels`` the early merge runs in the early rounds whose clients, in
+    every rank tier, hold every label. With ``announce`` (the first round this process runs:
+    round 1, or a resume's first) the plan is logged and recorded as a tag (the same plan
+    again on a resume: sampling and ranks are those of the interrupted run).
+    """
+    agg = config.aggregation
+    if agg.early_method is None or agg.early_when == "always" or round_idx > agg.early_rounds:
+        return agg.method_at(round_idx), True
+    gaps = early_gaps(config, assignment, federation)
+    if announce:
+        plan = early_plan(agg, gaps)
+        progress.info("early merge %s", plan)
+        record_early_merge(config.tracking.uri, run_id, plan)
+    covered = gaps[round_idx - 1] is None
+    return agg.method_at(round_idx, labels_covered=covered), all(g is None for g in gaps)

@@ -22,7 +22,7 @@ from autorank.reporting.plots import accuracy_curves, closeness_vs_rank, label_d
 from autorank.rounds.checkpoint import Checkpoint, decision_file
 from autorank.rounds.steps import client_parameters
 from flows.model_records import FinalModel, record_model
-from tasks import tracking
+from tasks import round_writer, tracking
 
 CONFIG_FILE = "config.yaml"
 progress = logging.getLogger("autorank.progress")
@@ -41,7 +41,7 @@ def close_interrupted_or_failed(
     interrupted = isinstance(err, KeyboardInterrupt | TerminationSignal | TrainingStoppedError)
     flows.stopped.append(resume_hint)
     with contextlib.suppress(Exception):  # else they are logged again from the checkpoint
-        tracking.settle(run_id)
+        round_writer.settle(run_id)
     tracking.end_run(uri, run_id, "KILLED" if interrupted else "FAILED")
     if interrupted:
         progress.info("run %s stopped; %s continues it", run_id, resume_hint)
@@ -163,7 +163,7 @@ def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
     """Log the checkpointed round's metrics and table if the crash came before they reached
     MLflow (they are written in the background while the next round trains)."""
     table = ckpt.meta.get("table")  # checkpoints before format 4 hold no table
-    tracking.log_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx, table=table)
+    round_writer.log_round(uri, run_id, dict(ckpt.meta["metrics"]), ckpt.round_idx, table=table)
 
 
 def finish_run(
@@ -186,7 +186,7 @@ def finish_run(
     controls.
     """
     uri = config.tracking.uri
-    tracking.settle(run_id)  # the last round's metrics, written in the background
+    round_writer.settle(run_id)  # the last round's metrics, written in the background
     final = FinalModel(base, global_state, merged, paths)
     record_model(config, run_id, final, data, step=len(history))
     tracking.track_figure(

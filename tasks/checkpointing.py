@@ -14,7 +14,28 @@ from torch import nn
 
 from autorank.lora.adapters import AdapterState
 from autorank.rounds.checkpoint import DECISION_FILE, Checkpoint, load_checkpoint, save_checkpoint
-from tasks import tracking
+from tasks import round_writer
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a run's rounds are recorded, and what binds them: built once per run.
+
+    Attributes:
+        root: the checkpoint directory; uri, run_id: the MLflow run.
+        digest: the config digest the checkpoints are bound to.
+        n_clients: the run's registered clients; keyed_clients: whether round metrics are
+            keyed per client (``tracking.keyed_clients_max``).
+        threads: torch threads of the server's task.
+    """
+
+    root: Path
+    uri: str
+    run_id: str
+    digest: str
+    n_clients: int
+    keyed_clients: bool
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -22,8 +43,7 @@ class RoundRecord:
     """Everything one completed round leaves behind.
 
     Attributes:
-        root: the checkpoint directory; uri, run_id: the MLflow run.
-        digest: the config digest the checkpoint is bound to.
+        target: the run's checkpoint directory, MLflow run and config digest.
         base, global_state, fresh: the state the next round starts from.
         metrics: the round's metrics (one MLflow batch at step ``round_idx``; the checkpoint
             keeps them too, to log them on resume if the crash came first).
@@ -32,10 +52,7 @@ class RoundRecord:
         decision_file: the rank decision the next round trains under (``checkpoint.save_decision``).
     """
 
-    root: Path
-    uri: str
-    run_id: str
-    digest: str
+    target: RunTarget
     round_idx: int
     base: nn.Module
     global_state: AdapterState
@@ -54,10 +71,11 @@ def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0
     I/O errors are retried (``attempts`` in all); a retry writes the same files again and the
     tracking writer takes each round once.
     """
+    run = record.target
     ckpt = Checkpoint(
         record.round_idx,
-        record.run_id,
-        record.digest,
+        run.run_id,
+        run.digest,
         record.base.state_dict(),
         record.global_state,
         record.fresh,
@@ -71,10 +89,10 @@ def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0
     )
     for attempt in range(1, attempts + 1):
         try:
-            save_checkpoint(record.root, ckpt)
-            tracking.log_round(
-                record.uri,
-                record.run_id,
+            save_checkpoint(run.root, ckpt)
+            round_writer.log_round(
+                run.uri,
+                run.run_id,
                 record.metrics,
                 record.round_idx,
                 table=record.table,

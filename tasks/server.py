@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from autorank.lora.adapters import AdapterState
 from autorank.lora.functional import LoraTemplate
 from autorank.rounds.checkpoint import DECISION_FILE
 from autorank.rounds.steps import ServerStep, server_step
-from tasks.checkpointing import RoundRecord, write_record
+from tasks.checkpointing import RoundRecord, RunTarget, write_record
 
 
 @dataclass(frozen=True)
@@ -34,11 +33,9 @@ class RoundClose:
         round_idx: this round.
         started, train_seconds: when the round began (``time.perf_counter``) and how long its
             cohorts took.
-        n_clients, keyed_clients: the run's clients; whether metrics are keyed per client.
         table_due: whether this round writes its per-client table.
         history: global accuracy of the rounds before; sampled: this round's clients.
-        root, uri, run_id, digest: where the record goes and the config it is bound to.
-        threads: torch threads of the task.
+        target: where the record goes and the config it is bound to (built once per run).
         decision_file: the rank decision the next round trains under.
     """
 
@@ -52,16 +49,10 @@ class RoundClose:
     round_idx: int
     started: float
     train_seconds: float
-    n_clients: int
-    keyed_clients: bool
     table_due: bool
     history: Sequence[float]
     sampled: Sequence[int]
-    root: Path
-    uri: str
-    run_id: str
-    digest: str
-    threads: int
+    target: RunTarget
     decision_file: str = DECISION_FILE
 
 
@@ -85,8 +76,8 @@ def close_round(closing: RoundClose) -> ClosedRound:
 
     Not retried as a whole (a FLoRA merge must happen once); the record retries its own I/O.
     """
-    c = closing
-    limit_threads(c.threads)
+    c, run = closing, closing.target
+    limit_threads(run.threads)
     step = server_step(
         c.method,
         c.outcomes,
@@ -100,18 +91,15 @@ def close_round(closing: RoundClose) -> ClosedRound:
     report = step.report(
         c.round_idx,
         c.outcomes,
-        n_clients=c.n_clients,
+        n_clients=run.n_clients,
         seconds=time.perf_counter() - c.started,
         train_seconds=c.train_seconds,
     )
-    metrics = report.metrics(keyed_clients=c.keyed_clients)
+    metrics = report.metrics(keyed_clients=run.keyed_clients)
     table: dict[str, list[Any]] | None = dict(report.client_table()) if c.table_due else None
     write_record(
         RoundRecord(
-            root=c.root,
-            uri=c.uri,
-            run_id=c.run_id,
-            digest=c.digest,
+            target=run,
             round_idx=c.round_idx,
             base=c.base,
             global_state=step.global_state,

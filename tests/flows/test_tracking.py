@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tasks import tracking
+from tasks import round_writer, tracking
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +31,19 @@ def test_background_rounds_land_once_each_after_settle(run: tuple[str, str]) -> 
     uri, run_id = run
     for step in (1, 2, 3):
         metrics = {"global/accuracy": step / 10, "global/loss": 1.0 / step}
-        tracking.log_round(uri, run_id, metrics, step, background=True)
-    tracking.log_round(
+        round_writer.log_round(uri, run_id, metrics, step, background=True)
+    round_writer.log_round(
         uri, run_id, {"global/accuracy": 0.3, "global/loss": 0.5}, 3, background=True
     )
-    tracking.settle(run_id)
+    round_writer.settle(run_id)
     assert _history(uri, run_id, "global/accuracy") == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert _history(uri, run_id, "global/loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
 
 
 def test_synchronous_round_is_not_logged_twice(run: tuple[str, str]) -> None:
     uri, run_id = run
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, background=True)
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1)  # a resume re-logging it
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, background=True)
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.5}, 1)  # a resume re-logging it
     assert _history(uri, run_id, "global/accuracy") == [(1, 0.5)]
 
 
@@ -56,11 +56,11 @@ def test_failed_background_write_is_written_again_on_settle(
 ) -> None:
     uri, run_id = run
     monkeypatch.setattr(tracking, "log_metrics", _store_away)
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.7}, 4, background=True)
-    tracking._writer.submit(lambda: None).result()  # the failed write is done
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.7}, 4, background=True)
+    round_writer._writer.submit(lambda: None).result()  # the failed write is done
     monkeypatch.undo()
     assert _history(uri, run_id, "global/accuracy") == []
-    tracking.settle(run_id)
+    round_writer.settle(run_id)
     assert _history(uri, run_id, "global/accuracy") == [(4, 0.7)]
 
 
@@ -69,11 +69,11 @@ def test_a_rewrite_that_fails_stays_pending(
 ) -> None:
     uri, run_id = run
     monkeypatch.setattr(tracking, "log_metrics", _store_away)
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.7}, 5, background=True)
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.7}, 5, background=True)
     with pytest.raises(MlflowException, match="the store went away"):
-        tracking.settle(run_id)
+        round_writer.settle(run_id)
     monkeypatch.undo()
-    tracking.settle(run_id)  # the store is back: the pending round is written now
+    round_writer.settle(run_id)  # the store is back: the pending round is written now
     assert _history(uri, run_id, "global/accuracy") == [(5, 0.7)]
 
 
@@ -82,8 +82,8 @@ def test_a_round_table_is_written_with_its_metrics_and_once(
 ) -> None:
     uri, run_id = run
     table = {"client": [0, 3], "accuracy": [0.5, None]}
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table, background=True)
-    tracking.settle(run_id)
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table, background=True)
+    round_writer.settle(run_id)
     assert tracking.has_artifact(uri, run_id, "clients/round_0001.json")
 
     def twice(*args: object, **kwargs: object) -> None:
@@ -91,7 +91,7 @@ def test_a_round_table_is_written_with_its_metrics_and_once(
 
     monkeypatch.setattr(tracking, "log_client_table", twice)
     monkeypatch.setattr(tracking, "log_metrics", twice)
-    tracking.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table)  # a resume
+    round_writer.log_round(uri, run_id, {"global/accuracy": 0.5}, 1, table=table)  # a resume
     text = tracking.client_for(uri).download_artifacts(run_id, "clients/round_0001.json")
     import json
     from pathlib import Path
