@@ -167,20 +167,11 @@ def _read_source(name: str, path: Path | None) -> _Source:
                 f"dataset {name!r} names no Hub dataset; expected e.g. 'hf:ylecun/mnist'"
             )
         return _load_hub(hub_name)
-    loaders: dict[str, Callable[[Path | None], _Source]] = {
-        "digits": _load_digits,
-        "mnist5k": _load_mnist5k,
-        "mnist": lambda p: _load_idx("mnist", p, MNIST_NORM),
-        "fashion_mnist": lambda p: _load_idx(
-            "fashion_mnist", p or FASHION_MNIST_DIR, FASHION_MNIST_NORM
-        ),
-        "parquet": _load_parquet,
-    }
-    if name not in loaders:
+    if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(KNOWN)}")
     if path is not None and name in ("digits", "mnist5k"):
         logger.warning("%s is embedded in its package; path %s is ignored", name, path)
-    return loaders[name](path)
+    return SOURCES[name](path)
 
 
 def _load_digits(_: Path | None) -> _Source:
@@ -285,6 +276,24 @@ def _load_parquet(path: Path | None) -> _Source:
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise DataError(f"parquet: could not read {str(path)!r} ({type(err).__name__})") from None
     return _from_dataset_dict(loaded, None, f"parquet {str(path)!r}")
+
+
+def _load_mnist(path: Path | None) -> _Source:
+    return _load_idx("mnist", path, MNIST_NORM)
+
+
+def _load_fashion_mnist(path: Path | None) -> _Source:
+    return _load_idx("fashion_mnist", path or FASHION_MNIST_DIR, FASHION_MNIST_NORM)
+
+
+# ``data.name`` -> its reader (``hf:<hub name>`` is read from the Hub).
+SOURCES: dict[str, Callable[[Path | None], _Source]] = {
+    "digits": _load_digits,
+    "mnist5k": _load_mnist5k,
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "parquet": _load_parquet,
+}
 
 
 def _load_hub(name: str) -> _Source:

@@ -19,9 +19,9 @@ Schemes and their parameters:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, get_args
 
 import numpy as np
@@ -235,50 +235,58 @@ def _double_imbalance(labels: np.ndarray, n_clients: int, rng: np.random.Generat
     return _merge(pieces, n_clients)
 
 
-@dataclass(frozen=True)
-class _SchemeSpec:
-    split: Callable[..., Parts]
-    params: tuple[str, ...]
-    required: tuple[str, ...]
-    empty_hint: str
+Split = Callable[..., Parts]  # (labels [N], n_clients, rng, **params) -> K index arrays
 
-
-_SCHEMES: dict[str, _SchemeSpec] = {
-    "iid": _SchemeSpec(_iid, (), (), "lower n_clients"),
-    "dirichlet": _SchemeSpec(
-        _dirichlet, ("alpha", "min_size"), ("alpha",), "raise alpha or min_size, or lower n_clients"
-    ),
-    "shards": _SchemeSpec(_shards, ("shards_per_client",), (), "lower n_clients"),
-    "quantity_skew": _SchemeSpec(_quantity_skew, ("sigma",), (), "lower sigma or n_clients"),
-    "double_imbalance": _SchemeSpec(
-        _double_imbalance, (), (), "lower n_clients or use more samples per class"
-    ),
+# ``partition.scheme`` -> its split (the names are ``config.Scheme``); a split's keyword-only
+# parameters are the scheme's settings, those without a default required.
+SCHEMES: dict[str, Split] = {
+    "iid": _iid,
+    "dirichlet": _dirichlet,
+    "shards": _shards,
+    "quantity_skew": _quantity_skew,
+    "double_imbalance": _double_imbalance,
+}
+# What to change when a split leaves a client without samples.
+_EMPTY_HINTS = {
+    "dirichlet": "raise alpha or min_size, or lower n_clients",
+    "quantity_skew": "lower sigma or n_clients",
+    "double_imbalance": "lower n_clients or use more samples per class",
 }
 
 
 def scheme_params(scheme: Scheme) -> tuple[str, ...]:
     """The keyword parameters ``partition`` accepts for ``scheme``."""
-    return _spec(scheme).params
+    return tuple(_keywords(_split(scheme)))
 
 
-def _spec(scheme: str) -> _SchemeSpec:
-    if scheme not in _SCHEMES:
+def _split(scheme: str) -> Split:
+    if scheme not in SCHEMES:
         raise ValueError(f"scheme: unknown scheme {scheme!r}; expected one of {get_args(Scheme)}")
-    return _SCHEMES[scheme]
+    return SCHEMES[scheme]
 
 
-def _check_params(scheme: str, spec: _SchemeSpec, params: dict[str, Any]) -> None:
-    unknown = sorted(set(params) - set(spec.params))
+def _keywords(split: Split) -> dict[str, bool]:
+    """A split's keyword-only parameters -> whether each is required (has no default)."""
+    return {
+        name: p.default is inspect.Parameter.empty
+        for name, p in inspect.signature(split).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _check_params(scheme: str, split: Split, params: dict[str, Any]) -> None:
+    accepted = _keywords(split)
+    unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(
             f"partition: unknown parameter(s) {unknown} for scheme {scheme!r}; "
-            f"it accepts {list(spec.params) or 'none'}"
+            f"it accepts {list(accepted) or 'none'}"
         )
-    missing = [name for name in spec.required if name not in params]
+    missing = [name for name, required in accepted.items() if required and name not in params]
     if missing:
         raise ValueError(
             f"partition: scheme {scheme!r} needs parameter(s) {missing}; "
-            f"it accepts {list(spec.params)}"
+            f"it accepts {list(accepted)}"
         )
 
 
@@ -302,20 +310,21 @@ def partition(
             a client without samples (the message says which parameters to change).
     """
     labels = _check_labels(labels)
-    spec = _spec(scheme)
+    split = _split(scheme)
     n_clients = _check_int("n_clients", n_clients, 1)
     if n_clients > labels.size:
         raise ValueError(
             f"n_clients: expected at most {labels.size} (the samples), got {n_clients}"
         )
     seed = _check_int("seed", seed, 0)
-    _check_params(scheme, spec, params)
-    parts = spec.split(labels, n_clients, np.random.default_rng(seed), **params)
+    _check_params(scheme, split, params)
+    parts = split(labels, n_clients, np.random.default_rng(seed), **params)
     empty = [k for k, p in enumerate(parts) if p.size == 0]
     if empty:
         raise ValueError(
             f"partition: scheme {scheme!r} left client(s) {empty} without samples "
-            f"(n_clients={n_clients}, N={labels.size}); {spec.empty_hint}"
+            f"(n_clients={n_clients}, N={labels.size}); "
+            f"{_EMPTY_HINTS.get(scheme, 'lower n_clients')}"
         )
     logger.debug("partition %s K=%d sizes=%s", scheme, n_clients, [p.size for p in parts])
     return parts

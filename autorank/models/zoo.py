@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -179,16 +179,35 @@ def build_model(
     if not hidden or min(hidden) < 1:
         raise ValueError(f"hidden must be non-empty positive widths, got {tuple(hidden)}")
     with _seeded_cpu_rng(seed):
-        if name == "mlp":
-            return MLP(math.prod(input_shape), hidden, n_classes)
-        if name == "cnn":
-            shape = _image_shape(input_shape, name)
-            if min(shape[1:]) < 4:
-                raise ValueError(f"model 'cnn' needs H, W >= 4, got input_shape {input_shape}")
-            return SmallCNN(shape, n_classes, hidden[0])
-        if not hf_name_or_path:
-            raise ValueError("model 'hf' needs hf_name_or_path (a local folder or Hub name)")
-        return _build_hf(hf_name_or_path, _image_shape(input_shape, name), n_classes)
+        return BUILDERS[name](input_shape, n_classes, hidden, hf_name_or_path)
+
+
+def _mlp(
+    input_shape: tuple[int, ...], n_classes: int, hidden: Sequence[int], _: str | None
+) -> nn.Module:
+    return MLP(math.prod(input_shape), hidden, n_classes)
+
+
+def _cnn(
+    input_shape: tuple[int, ...], n_classes: int, hidden: Sequence[int], _: str | None
+) -> nn.Module:
+    shape = _image_shape(input_shape, "cnn")
+    if min(shape[1:]) < 4:
+        raise ValueError(f"model 'cnn' needs H, W >= 4, got input_shape {input_shape}")
+    return SmallCNN(shape, n_classes, hidden[0])
+
+
+def _hf(
+    input_shape: tuple[int, ...], n_classes: int, _: Sequence[int], hf_name_or_path: str | None
+) -> nn.Module:
+    if not hf_name_or_path:
+        raise ValueError("model 'hf' needs hf_name_or_path (a local folder or Hub name)")
+    return _build_hf(hf_name_or_path, _image_shape(input_shape, "hf"), n_classes)
+
+
+# ``model.name`` -> (input_shape, n_classes, hidden, hf_name_or_path) -> an initialised model.
+Builder = Callable[[tuple[int, ...], int, Sequence[int], str | None], nn.Module]
+BUILDERS: dict[str, Builder] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf}
 
 
 _HF_ATTENTION_TARGETS: tuple[tuple[str, str], ...] = (

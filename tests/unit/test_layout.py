@@ -10,6 +10,7 @@ import ast
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 
@@ -201,3 +202,26 @@ def top_level_imports_of(module: str) -> set[str]:
     path = ROOT / Path(*module.split("."))
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     return {m.split(".")[0] for m in imported(path)}
+
+
+def _names(literal: Any) -> set[str]:
+    return set(get_args(literal))
+
+
+def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
+    from autorank.config import AggregatorName, AssignerName, ModelConfig, RuntimeConfig, Scheme
+    from autorank.data.datasets import KNOWN, SOURCES
+    from autorank.data.partition import SCHEMES
+    from autorank.engine.factory import ENGINES
+    from autorank.merge.aggregators import AGGREGATORS
+    from autorank.models.zoo import BUILDERS, MODEL_NAMES
+    from autorank.ranking.assigners import ASSIGNERS
+
+    backends = _names(RuntimeConfig.model_fields["backend"].annotation) - {"auto"}
+
+    assert set(ASSIGNERS) == _names(AssignerName)
+    assert set(AGGREGATORS) == _names(AggregatorName)
+    assert set(SCHEMES) == _names(Scheme)
+    assert set(BUILDERS) == _names(ModelConfig.model_fields["name"].annotation) == set(MODEL_NAMES)
+    assert set(ENGINES) == backends
+    assert set(SOURCES) == {name for name in KNOWN if not name.startswith("hf:")}
