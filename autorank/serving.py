@@ -2,7 +2,7 @@
 
 The architecture comes from a JSON description (``ModelSpec``), the weights from safetensors
 files (never from a pickle), and the LoRA update is applied as the server's evaluation applies it
-(``batched.bind_state`` over the final base), so predictions equal those behind the run's
+(``lora.functional.bind_state`` over the final base), so predictions equal those behind the run's
 ``global/accuracy``. Inputs are samples as ``autorank.data.datasets`` stores them: flattened and
 normalised, ``x [n, C*H*W]`` (or ``[n, C, H, W]``).
 """

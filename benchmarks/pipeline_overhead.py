@@ -109,15 +109,14 @@ class _Interleaved:
         import torch
 
         from autorank.engine.batched import BatchedBackend
-        from autorank.engine.local import TrainSettings
         from autorank.engine.sequential import SequentialBackend
-        from autorank.recipe import layer_ranges, lora_settings
+        from autorank.recipe import layer_ranges, lora_settings, train_settings
         from autorank.rounds.checkpoint import DECISION_FILE
 
         config = self.config
         (decision,) = config.runtime.checkpoint_dir.glob(f"*/{DECISION_FILE}")
         base, self.jobs = _bare_jobs(config, decision, range(2, 2 + self.rounds))
-        lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+        lora, train = lora_settings(config), train_settings(config)
         cpu_dev = torch.device("cpu")
         self.engines = {
             "sequential": SequentialBackend(base, lora, train, cpu_dev),
@@ -298,17 +297,14 @@ BARE = """
 import sys, time
 start = time.perf_counter()
 import torch
-from autorank.engine.jobs import warmup_jobs
-from autorank.recipe import make_base
 from autorank.config import load_config
-from autorank.rounds.steps import client_data, initial_state, round_jobs, test_data
+from autorank.engine.jobs import warmup_jobs
 from autorank.engine.sequential import SequentialBackend
-from autorank.engine.batched import LoraTemplate, evaluate_state
-from autorank.engine.local import TrainSettings
+from autorank.lora.functional import LoraTemplate, evaluate_state
 from autorank.lora.targets import expand_ranks
-from autorank.ranking.assigners import RankAssignment
-from flows.engines import lora_settings
-from flows.ranking import federation_for, layer_ranges
+from autorank.ranking.assignment import RankAssignment
+from autorank.recipe import federation_for, layer_ranges, lora_settings, make_base, train_settings
+from autorank.rounds.steps import client_data, initial_state, round_jobs, test_data
 import json
 torch.set_num_threads(1)
 config = load_config(None, sys.argv[2:])
@@ -316,7 +312,7 @@ ranks = RankAssignment.from_json(json.loads(open(sys.argv[1]).read())).ranks()
 federation = federation_for(config)
 base = make_base(config.model, federation.data, federation.public, lr=config.training.lr,
                  batch_size=config.training.batch_size, seed=config.seed)
-lora, train = lora_settings(config), TrainSettings.from_config(config.training)
+lora, train = lora_settings(config), train_settings(config)
 engine = SequentialBackend(base, lora, train, torch.device("cpu"))
 data = client_data(federation)
 layers = layer_ranges(config)

@@ -52,7 +52,7 @@ class Engines:
     in_flight: list[PrefectFuture[Any]] = field(default_factory=list)
 
     def stop(self, wait_s: float = 60) -> None:
-        """Every engine stops at its next local step (``autorank.training.StopSignal``); the
+        """Every engine stops at its next local step (``autorank.engine.local.StopSignal``); the
         cohort tasks in flight in this process are then waited for (up to ``wait_s`` each), so
         that Prefect records their end while the flow run still stands (a task ending after it
         printed a traceback). A Dask worker holds a copy of its engine, which no flag reaches:

@@ -153,7 +153,7 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class BatchedBackend:
-    """Trains a cohort's clients together on one device (``autorank.backend.ClientBackend``).
+    """Trains a cohort's clients together on one device (``autorank.engine.jobs.ClientBackend``).
 
     Args:
         base: the frozen base model.

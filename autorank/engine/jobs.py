@@ -132,7 +132,7 @@ def warmup_jobs(
         ranks: the maximum rank of each target.
         epochs: local epochs ``E >= 2`` (learning difficulty needs a loss curve).
         seed: the experiment seed; round ``round_idx`` (keep it distinct from training rounds).
-        caps: each client's rank cap (None: uncapped), as ``autorank.rank_budget.draw_caps``
+        caps: each client's rank cap (None: uncapped), as ``autorank.ranking.budget.draw_caps``
             gives them: a device that holds at most rank r warms up at rank r too.
     """
     if epochs < 2:

@@ -26,7 +26,7 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 
 class OptimSettings(Protocol):
     """What the optimiser reads of the local training settings
-    (``autorank.training.TrainSettings`` is one)."""
+    (``autorank.engine.local.TrainSettings`` is one)."""
 
     @property
     def optimizer(self) -> str: ...

@@ -99,7 +99,7 @@ def run_client_job(
 
 
 class SequentialBackend:
-    """Runs a cohort's jobs one after another on one device (``autorank.backend.ClientBackend``).
+    """Runs a cohort's jobs one after another on one device (``engine.jobs.ClientBackend``).
 
     Args:
         base: the frozen base model.

@@ -11,7 +11,7 @@ from autorank.lora.targets import AlphaPolicy, scale_for
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """How clients' adapters are built (see ``autorank.lora.wrap_lora``)."""
+    """How clients' adapters are built (see ``autorank.lora.peft.wrap_lora``)."""
 
     policy: AlphaPolicy
     alpha: float

@@ -217,7 +217,7 @@ def _svd_of_product(
 
 # Row norm of LoRA's initial down-projection: Kaiming-uniform with a = sqrt(5) draws from
 # U(-1/sqrt(d_in), 1/sqrt(d_in)), variance 1/(3 d_in), so a row's expected squared norm is 1/3
-# whatever d_in is (autorank.targets.fresh_down_projections, peft's default).
+# whatever d_in is (autorank.lora.targets.fresh_down_projections, peft's default).
 INIT_ROW_NORM = 3**-0.5
 
 

@@ -154,7 +154,7 @@ def profile_clients(
 
     Args:
         histogram: integer samples per class per client, ``[n_clients, n_classes]``; every row
-            sum > 0 (see ``autorank.partition.label_histogram``).
+            sum > 0 (see ``autorank.data.partition.label_histogram``).
         epoch_losses: per client, its ``[E]`` warm-up epoch losses, or None before warm-up (the
             profiles then carry ``learning_difficulty=None``).
 

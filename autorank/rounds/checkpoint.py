@@ -27,7 +27,7 @@ transformers base would otherwise dominate the checkpoint I/O). Every file is wr
 temporary name and renamed into place, the base before the round that names it, then ``LATEST`` is
 replaced atomically, so a crash at any moment leaves the previous round intact: a run loses at
 most the round in flight. No RNG state needs saving: every random stream is derived from
-``(seed, round, client)`` (see ``autorank.training.client_seed``).
+``(seed, round, client)`` (see ``autorank.engine.local.client_seed``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cohorts: which clients train in a round, how they are split, and the engine each chunk uses.
+"""Cohorts: which clients train in a round, and how they are split into cohorts.
 
 The unit of orchestration is a cohort (a chunk of a round's sampled clients), not a client: a
 round is a handful of tasks whatever the number of clients. Sampling is seeded per round, so a

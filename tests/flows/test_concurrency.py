@@ -1,5 +1,5 @@
 """Runs started at once in one fresh folder all succeed (a run is resumed by one process only:
-tests/unit/test_checkpoint.py)."""
+tests/unit/rounds/test_checkpoint.py)."""
 
 import os
 import subprocess

@@ -21,10 +21,10 @@ from autorank.lora.targets import target_sizes
 from autorank.models.zoo import build_model
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.budget import draw_caps
-from tests.unit.test_ranks import PROFILES, _profile
-from tests.unit.test_ranks import _assign as _assign_unsized
+from tests.unit.ranking.test_assigners import PROFILES, _profile
+from tests.unit.ranking.test_assigners import _assign as _assign_unsized
 
-# On the layers of tests/unit/test_ranks.py, fc1 (2, 10) and fc2 (1, 5) with global range
+# On the layers of ranking/test_assigners.py, fc1 (2, 10) and fc2 (1, 5) with global range
 # [2, 10], a rank-r adapter trains 100 r (fc1) or 50 r (fc2) parameters.
 SIZES = {"fc1": 100, "fc2": 50}
 ONE_LAYER = {"fc1": (1, 10)}  # with r_min 1 and 10 parameters per rank

@@ -19,7 +19,7 @@ from autorank.config import (
 )
 from autorank.reporting.grid import GridConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_defaults_are_the_quickstart_experiment() -> None:

@@ -33,7 +33,7 @@ from autorank.reporting.summary import (
     terminal_table,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GRIDS = sorted((ROOT / "configs" / "grids").glob("*.yaml"))
 
 
