@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -62,39 +63,35 @@ def why_not_batched(
     return None
 
 
-EngineMaker = Callable[..., ClientBackend]
+@dataclass(frozen=True)
+class EngineRequest:
+    """What an engine of one cohort slot is built from."""
+
+    base: nn.Module
+    targets: Sequence[str]
+    lora: LoraSettings
+    train: TrainSettings
+    device: torch.device
+    max_clients: int
 
 
-def _sequential(
-    base: nn.Module,
-    targets: Sequence[str],
-    lora: LoraSettings,
-    train: TrainSettings,
-    device: torch.device,
-    *,
-    max_clients: int,
-) -> ClientBackend:
+def _sequential(r: EngineRequest) -> ClientBackend:
     from autorank.engine.sequential import SequentialBackend  # peft's import costs seconds
 
-    return SequentialBackend(base, lora, train, device)
+    return SequentialBackend(r.base, r.lora, r.train, r.device)
 
 
-def _batched(
-    base: nn.Module,
-    targets: Sequence[str],
-    lora: LoraSettings,
-    train: TrainSettings,
-    device: torch.device,
-    *,
-    max_clients: int,
-) -> ClientBackend:
+def _batched(r: EngineRequest) -> ClientBackend:
     from autorank.engine.batched import BatchedBackend
 
-    return BatchedBackend(base, targets, lora, train, device, max_clients=max_clients)
+    return BatchedBackend(r.base, r.targets, r.lora, r.train, r.device, max_clients=r.max_clients)
 
 
 # ``runtime.backend`` (once ``auto`` is resolved) -> the engine of one cohort slot.
-ENGINES: dict[str, EngineMaker] = {"sequential": _sequential, "batched": _batched}
+ENGINES: dict[str, Callable[[EngineRequest], ClientBackend]] = {
+    "sequential": _sequential,
+    "batched": _batched,
+}
 
 
 def make_backend(
@@ -110,4 +107,4 @@ def make_backend(
     """The engine of one cohort slot, of a kind already resolved from ``runtime.backend``."""
     if kind not in ENGINES:
         raise ValueError(f"backend must be one of {sorted(ENGINES)}, got {kind!r}")
-    return ENGINES[kind](base, targets, lora, train, device, max_clients=max_clients)
+    return ENGINES[kind](EngineRequest(base, targets, lora, train, device, max_clients))
