@@ -20,9 +20,11 @@ from torch import nn
 from autorank.config import ExperimentConfig, ModelConfig
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation, federation_from_config
+from autorank.data.text import TEXT_SOURCES, TextOptions
 from autorank.engine.local import TrainSettings, pretrain
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import target_sizes
+from autorank.models.packaged import pretrained_folder
 from autorank.models.zoo import build_model, default_targets, head_modules, load_base_weights
 from autorank.ranking.assigners import assign_ranks
 from autorank.ranking.assignment import RankAssignment
@@ -82,7 +84,9 @@ def make_base(
 def layer_ranges(config: ExperimentConfig) -> dict[str, tuple[int, int]]:
     """Each adapted layer's [r_min, r_max]: the configured targets, else the model's default."""
     targets = config.lora.target_modules or default_targets(
-        config.model.name, n_hidden=len(config.model.hidden)
+        config.model.name,
+        n_hidden=len(config.model.hidden),
+        hf_name_or_path=config.model.hf_name_or_path,
     )
     return {layer: config.lora.range_of(layer) for layer in targets}
 
@@ -102,10 +106,32 @@ def public_fraction(config: ExperimentConfig) -> float:
     return config.model.pretrain_fraction if config.model.init == "pretrain" else 0.0
 
 
+def text_options(config: ExperimentConfig) -> TextOptions | None:
+    """How texts become samples (the model's tokenizer, ``data.max_length``), for text data."""
+    if config.data.name not in TEXT_SOURCES:
+        return None
+    if not config.model.hf_name_or_path:
+        raise ValueError(
+            f"data.name {config.data.name!r} is text; expected model.name text_classifier "
+            "with model.hf_name_or_path (its tokenizer reads the texts)"
+        )
+    return TextOptions(
+        tokenizer=pretrained_folder(config.model.hf_name_or_path),
+        max_length=config.data.max_length,
+        text_column=config.data.text_column,
+        label_column=config.data.label_column,
+        cache_dir=config.data.cache_dir,
+    )
+
+
 def federation_for(config: ExperimentConfig) -> Federation:
     """Load the data and lay it out over the clients exactly as a run of this config does."""
     return federation_from_config(
-        config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
+        config.data,
+        config.partition,
+        public_fraction=public_fraction(config),
+        seed=config.seed,
+        text=text_options(config),
     )
 
 

@@ -20,6 +20,7 @@ from autorank.engine.jobs import ClientBackend, ClientJob, ClientOutcome, pick_d
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.functional import LoraTemplate
 from autorank.lora.targets import expand_ranks
+from autorank.models.text import TextClassifier
 from autorank.recipe import layer_ranges, lora_settings, train_settings
 from autorank.rounds.cohorts import participants, split_cohorts
 from autorank.rounds.steps import ClientData
@@ -82,7 +83,7 @@ class Engines:
         With ``data`` each client is also evaluated on its local split (not in the warm-up).
         """
         # Balanced by local steps, so that parallel cohorts finish together.
-        steps = [j.epochs * -(-int(j.x.shape[0]) // config.training.batch_size) for j in jobs]
+        steps = [j.epochs * j.steps_per_epoch(config.training.batch_size) for j in jobs]
         chunks = split_cohorts(jobs, len(self.backends), steps)
         # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
         wrap = opaque if config.runtime.task_runner == "threads" else _same
@@ -128,11 +129,18 @@ def backend_kind(
     targets = list(layer_ranges(config))
     convs = [p for p in expand_ranks(base, dict.fromkeys(targets, 1))
              if isinstance(base.get_submodule(p), nn.Conv2d)]  # fmt: skip
-    if asked == "auto" and convs and pick_device(config.runtime.device).type == "cpu":
+    on_cpu = pick_device(config.runtime.device).type == "cpu"
+    if asked == "auto" and convs and on_cpu:
         progress.info(
             "runtime.backend auto: training sequentially (LoRA on convolutions %s batches "
             "slower than sequentially on a CPU)",
             ", ".join(convs),
+        )
+        return "sequential"
+    if asked == "auto" and isinstance(base, TextClassifier) and on_cpu:
+        progress.info(
+            "runtime.backend auto: training sequentially (a transformer's attention runs "
+            "example by example under the batched engine's vmap on a CPU)"
         )
         return "sequential"
     reason = why_not_batched(base, targets, lora_settings(config), data[0].x)

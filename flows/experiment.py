@@ -24,7 +24,7 @@ from autorank.engine.jobs import limit_threads
 from autorank.lora.adapters import AdapterState
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.reranking import rerank_due
-from autorank.recipe import lora_settings, public_fraction
+from autorank.recipe import lora_settings, public_fraction, text_options
 from autorank.rounds.checkpoint import (
     DECISION_FILE,
     Checkpoint,
@@ -135,6 +135,7 @@ def _run_round(
         epochs=config.training.local_epochs,
         seed=config.seed,
         round_idx=round_idx,
+        max_steps=config.training.local_steps,
     )
     outcomes = engines.train(
         config, jobs, data, state.base, state.base_version, f"round-{round_idx}"
@@ -263,7 +264,11 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
     """The run's body, between opening its MLflow run and marking it finished (or stopped)."""
     try:
         federation = load_federation(
-            config.data, config.partition, public_fraction=public_fraction(config), seed=config.seed
+            config.data,
+            config.partition,
+            public_fraction=public_fraction(config),
+            seed=config.seed,
+            text=text_options(config),
         )
         record_data(config, run_id, federation)  # once: a resumed run logs nothing twice
         if config.model.init == "pretrain" and ckpt is None:

@@ -86,6 +86,7 @@ def warm_up_and_rank(
             epochs=config.training.warmup_epochs,
             seed=config.seed,
             caps=caps,
+            max_steps=config.training.local_steps,
         )
         capped = sum(cap is not None for cap in caps)
         progress.info(

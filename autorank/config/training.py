@@ -22,6 +22,14 @@ class TrainingConfig(Section):
     local_epochs: int = Field(
         5, ge=1, le=10_000, description="passes over its own data each sampled client makes a round"
     )
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="at most this many optimiser steps per local epoch, the warm-up's too (each "
+        "epoch a fresh order of the client's data); with local_epochs 1, the steps of a round, "
+        "as federated fine-tuning of language models counts them; null: every batch",
+    )
     warmup_epochs: int = Field(
         5,
         ge=2,

@@ -41,13 +41,22 @@ from autorank.data.normalisation import (
     standardise,
     train_statistics,
 )
+from autorank.data.text import TEXT_SOURCES, TextOptions, tokenize
 
 if TYPE_CHECKING:  # imported where used: the engines' imports reach this module
     import datasets
 
 logger = logging.getLogger(__name__)
 
-KNOWN = ("digits", "mnist5k", "mnist", "fashion_mnist", "parquet", "hf:<hub name>")
+KNOWN = (
+    "digits",
+    "mnist5k",
+    "mnist",
+    "fashion_mnist",
+    "parquet",
+    *TEXT_SOURCES,
+    "hf:<hub name>",
+)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -75,7 +84,10 @@ class DatasetSplits:
         train: columns ``x`` (``[d]`` float32, flattened and normalised) and ``label`` (int64).
         test: same columns.
         n_classes: number of classes; labels lie in ``[0, n_classes)``.
-        input_shape: one sample's shape, ``(C, H, W)`` for images, ``(d,)`` for vectors.
+        input_shape: one sample's shape, ``(C, H, W)`` for images, ``(d,)`` for vectors,
+            ``(2, L)`` for tokens (ids, then the attention mask; ``autorank.data.text``).
+        tokens: x holds token ids and masks (int64), not features (float32).
+        label_names: the classes' names, where the source has them.
     """
 
     name: str
@@ -83,14 +95,17 @@ class DatasetSplits:
     test: datasets.Dataset
     n_classes: int
     input_shape: tuple[int, ...]
+    tokens: bool = False
+    label_names: tuple[str, ...] = ()
 
     def arrays(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        """One split as arrays: x ``[n, *input_shape]`` float32, y ``[n]`` int64."""
+        """One split as arrays: x ``[n, *input_shape]`` float32 (int64 tokens), y ``[n]`` int64."""
         if split not in ("train", "test"):
             raise DataError(f"split {split!r} is unknown; expected 'train' or 'test'")
         ds = self.train if split == "train" else self.test
         columns = ds.with_format("numpy")[:]
-        x = np.asarray(columns["x"], dtype=np.float32).reshape(len(ds), *self.input_shape)
+        dtype = np.int64 if self.tokens else np.float32
+        x = np.asarray(columns["x"], dtype=dtype).reshape(len(ds), *self.input_shape)
         return x, np.asarray(columns["label"], dtype=np.int64)
 
     def digest(self, split: Split) -> str:
@@ -107,6 +122,8 @@ class _Source:
     test: tuple[np.ndarray, np.ndarray] | None
     norm: Normalisation | None
     n_classes: int | None = None
+    tokens: bool = False
+    label_names: tuple[str, ...] = ()
 
 
 def load_data(
@@ -116,6 +133,7 @@ def load_data(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_train_samples: int | None = None,
+    text: TextOptions | None = None,
 ) -> DatasetSplits:
     """Load a dataset by name into normalised train/test ``datasets.Dataset`` splits.
 
@@ -125,6 +143,7 @@ def load_data(
         test_fraction: share held out, stratified, when the source ships no test split.
         seed: seed of the held-out split and of the train subsample.
         max_train_samples: keep a stratified subsample of this many training samples.
+        text: for text sources, the tokenizer and sample length.
 
     Raises:
         DataError: unknown name, missing files, malformed data or bad arguments.
@@ -135,7 +154,7 @@ def load_data(
         isinstance(max_train_samples, bool) or int(max_train_samples) < 1
     ):
         raise DataError(f"max_train_samples must be a positive integer, got {max_train_samples!r}")
-    source = _read_source(name, path)
+    source = _read_source(name, path, text)
     split_seed, sample_seed = np.random.SeedSequence(seed).spawn(2)
     x_train, y_train = _check_pair(source.x_train, source.y_train, f"{name} train")
     if source.test is None:  # stratified hold-out, as the source ships no test split
@@ -150,16 +169,27 @@ def load_data(
         keep, _ = _stratified_take(y_train, max_train_samples, np.random.default_rng(sample_seed))
         x_train, y_train = x_train[keep], y_train[keep]
     n_classes = _count_classes(source.n_classes, y_train, y_test, name)
-    norm = source.norm or train_statistics(x_train)
     shape = tuple(int(s) for s in x_train.shape[1:])
     logger.info("%s: %d train, %d test, %d classes", name, len(y_train), len(y_test), n_classes)
-    train, test = (
-        _to_dataset(standardise(x, norm), y) for x, y in ((x_train, y_train), (x_test, y_test))
+    pairs = ((x_train, y_train), (x_test, y_test))
+    if source.tokens:
+        train, test = (_to_dataset(x, y, np.int64) for x, y in pairs)
+    else:
+        norm = source.norm or train_statistics(x_train)
+        train, test = (_to_dataset(standardise(x, norm), y) for x, y in pairs)
+    return DatasetSplits(
+        name, train, test, n_classes, shape, tokens=source.tokens, label_names=source.label_names
     )
-    return DatasetSplits(name, train, test, n_classes, shape)
 
 
-def _read_source(name: str, path: Path | None) -> _Source:
+def _read_source(name: str, path: Path | None, text: TextOptions | None) -> _Source:
+    if name in TEXT_SOURCES:
+        if text is None:
+            raise DataError(f"dataset {name!r} is text; expected the model's tokenizer with it")
+        table = TEXT_SOURCES[name](path, text)
+        x = tokenize(table.texts, text)
+        n = len(table.label_names)
+        return _Source(x, table.labels, None, None, n, tokens=True, label_names=table.label_names)
     if name.startswith("hf:"):
         hub_name = name[3:].strip()
         if not hub_name:
@@ -428,9 +458,11 @@ def _stratified_take(
     return picked, np.flatnonzero(~mask)
 
 
-def _to_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
+def _to_dataset(
+    x: np.ndarray, y: np.ndarray, dtype: type[np.generic] = np.float32
+) -> datasets.Dataset:
     """A Dataset over Arrow buffers of x ``[n, *shape]`` and y ``[n]``, without per-row copies."""
-    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
+    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=dtype)
     labels = np.ascontiguousarray(y, dtype=np.int64)
     column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     table = pa.table({"x": column, "label": pa.array(labels)})

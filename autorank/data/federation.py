@@ -22,6 +22,7 @@ from autorank.data.partition import (
     split_local,
     split_public,
 )
+from autorank.data.text import TextOptions
 
 # Config field names that differ from the parameter names ``partition`` takes.
 _CONFIG_FIELD = {"sigma": "quantity_sigma"}
@@ -120,12 +121,18 @@ def build_federation(
 
 @functools.lru_cache(maxsize=1)
 def federation_from_config(
-    data: DataConfig, partition: PartitionConfig, *, public_fraction: float, seed: int
+    data: DataConfig,
+    partition: PartitionConfig,
+    *,
+    public_fraction: float,
+    seed: int,
+    text: TextOptions | None = None,
 ) -> Federation:
     """Load the data and lay it out over the clients as a run of these settings does.
 
     The last layout is kept, so the checks before a run, the rank preview and the flow in one
-    process load and partition the data once. Treat the result as read-only.
+    process load and partition the data once. Treat the result as read-only. ``text``: the
+    tokenizer and sample length, for text data.
     """
     splits = load_data(
         data.name,
@@ -133,5 +140,6 @@ def federation_from_config(
         test_fraction=data.test_fraction,
         seed=seed,
         max_train_samples=data.max_train_samples,
+        text=text,
     )
     return build_federation(splits, partition, public_fraction=public_fraction, seed=seed)

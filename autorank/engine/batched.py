@@ -127,13 +127,13 @@ def _schedule(jobs: Sequence[ClientJob], batch_size: int, offsets: Sequence[int]
     per_client = []
     for job, offset in zip(jobs, offsets, strict=True):
         n = int(job.x.shape[0])
-        nb = math.ceil(n / b)
+        nb, used = math.ceil(n / b), job.steps_per_epoch(b)
         gen = torch.Generator().manual_seed(substreams(job.seed)[1])
         rows = []
         for _ in range(job.epochs):
             order = torch.randperm(n, generator=gen) + offset
-            rows.append(F.pad(order, (0, nb * b - n), value=-1).reshape(nb, b))
-        per_client.append((torch.cat(rows), nb))
+            rows.append(F.pad(order, (0, nb * b - n), value=-1).reshape(nb, b)[:used])
+        per_client.append((torch.cat(rows), used))
     T = max(r.shape[0] for r, _ in per_client)
     idx = torch.full((len(jobs), T, b), -1, dtype=torch.long)
     epoch = torch.zeros(len(jobs), T, dtype=torch.long)
@@ -227,7 +227,7 @@ class BatchedBackend:
                     f"samples and epochs must be >= 1, got {job.x.shape[0]}, {job.y.shape[0]}, "
                     f"{job.epochs}"
                 )
-        steps = [job.epochs * math.ceil(job.x.shape[0] / b) for job in jobs]
+        steps = [job.epochs * job.steps_per_epoch(b) for job in jobs]
         order = sorted(range(len(jobs)), key=lambda i: -steps[i])  # stable: ties keep job order
         sorted_jobs = [jobs[i] for i in order]
         stack = _stack(
@@ -277,7 +277,9 @@ class BatchedBackend:
             opt.step(k)
             ep = epoch[:k, t]
             totals[torch.arange(k, device=dev), ep] += loss.detach() * count
-        n = torch.tensor(sizes, device=dev, dtype=torch.float32)
+        b = self.train_settings.batch_size
+        seen = [min(n, j.steps_per_epoch(b) * b) for n, j in zip(sizes, jobs, strict=True)]
+        n = torch.tensor(seen, device=dev, dtype=torch.float32)
         per_epoch = (totals / n[:, None]).cpu()
         return [per_epoch[i, : j.epochs].tolist() for i, j in enumerate(jobs)]
 

@@ -10,6 +10,7 @@ imports peft.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -39,6 +40,8 @@ class ClientJob:
         x: the client's training inputs ``[n, ...]``; y: labels ``[n]``.
         epochs: local epochs.
         seed: the job's seed (``client_seed(seed, round, client)``).
+        max_steps: at most this many steps per epoch (``training.local_steps``), each epoch a
+            fresh order of the client's data; None: every batch.
     """
 
     client: int
@@ -48,6 +51,12 @@ class ClientJob:
     y: torch.Tensor
     epochs: int
     seed: int
+    max_steps: int | None = None
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimiser steps of one local epoch at ``batch_size``."""
+        batches = math.ceil(int(self.x.shape[0]) / batch_size)
+        return batches if self.max_steps is None else min(batches, self.max_steps)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ def warmup_jobs(
     seed: int,
     round_idx: int = 0,
     caps: Sequence[int | None] | None = None,
+    max_steps: int | None = None,
 ) -> list[ClientJob]:
     """The warm-up round: every client at the maximum ranks (or at its device's cap, if lower),
     fresh LoRA from the common base.
@@ -134,6 +144,7 @@ def warmup_jobs(
         seed: the experiment seed; round ``round_idx`` (keep it distinct from training rounds).
         caps: each client's rank cap (None: uncapped), as ``autorank.ranking.budget.draw_caps``
             gives them: a device that holds at most rank r warms up at rank r too.
+        max_steps: at most this many steps per epoch (None: every batch).
     """
     if epochs < 2:
         raise ValueError(f"warm-up epochs must be >= 2 for learning difficulty, got {epochs}")
@@ -151,6 +162,7 @@ def warmup_jobs(
             y,
             epochs,
             client_seed(seed, round_idx, i),
+            max_steps,
         )
         for i, (x, y, cap) in enumerate(zip(xs, ys, caps, strict=True))
     ]

@@ -127,6 +127,7 @@ def train_local(
     seed: int,
     device: torch.device,
     stop: StopSignal | None = None,
+    max_steps: int | None = None,
 ) -> tuple[list[float], int]:
     """Train the parameters of ``model`` that require grad with cross-entropy, in place.
 
@@ -142,9 +143,12 @@ def train_local(
         seed: data-order seed.
         device: where to train.
         stop: checked before every step; ``TrainingStoppedError`` is raised once it is set.
+        max_steps: at most this many steps per epoch (the first batches of its order); None:
+            every batch.
 
     Returns:
-        The sample-weighted mean loss of each epoch, and the number of optimiser steps.
+        The sample-weighted mean loss of each epoch (over the samples it saw), and the number
+        of optimiser steps.
     """
     batch_size = settings.batch_size
     _check_data(x, y, batch_size, epochs)
@@ -157,12 +161,13 @@ def train_local(
     opt = ClientOptimizer(params, settings)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
+    seen = n if max_steps is None else min(n, max_steps * batch_size)
     losses: list[float] = []
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)  # summed on device: no host sync per step
-        for start in range(0, n, batch_size):
+        for start in range(0, seen, batch_size):
             if stop is not None:
                 stop.check()
             idx = order[start : start + batch_size]
@@ -174,7 +179,7 @@ def train_local(
             opt.step()
             total += loss.detach() * idx.shape[0]
             steps += 1
-        losses.append(float(total) / n)
+        losses.append(float(total) / seen)
     logger.debug("trained %d steps, epoch losses %s", steps, losses)
     return losses, steps
 

@@ -82,7 +82,15 @@ def _train_job(
     init_seed, order_seed = substreams(job.seed)
     _load_job(model, job, init_seed)
     losses, steps = train_local(
-        model, job.x, job.y, train, epochs=job.epochs, seed=order_seed, device=device, stop=stop
+        model,
+        job.x,
+        job.y,
+        train,
+        epochs=job.epochs,
+        seed=order_seed,
+        device=device,
+        stop=stop,
+        max_steps=job.max_steps,
     )
     state = get_adapter_state(model)
     seconds = time.perf_counter() - start

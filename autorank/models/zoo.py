@@ -21,10 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from autorank.models.packaged import pretrained_folder, text_targets
+from autorank.models.text import build_text_classifier
+
 logger = logging.getLogger(__name__)
 
-ModelName = Literal["mlp", "cnn", "hf"]
-MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn", "hf")
+ModelName = Literal["mlp", "cnn", "hf", "text_classifier"]
+MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn", "hf", "text_classifier")
 
 
 class MLP(nn.Module):
@@ -205,9 +208,26 @@ def _hf(
     return _build_hf(hf_name_or_path, _image_shape(input_shape, "hf"), n_classes)
 
 
+def _text_classifier(
+    input_shape: tuple[int, ...], n_classes: int, _: Sequence[int], hf_name_or_path: str | None
+) -> nn.Module:
+    if not hf_name_or_path:
+        raise ValueError("model 'text_classifier' needs hf_name_or_path (a folder or a name)")
+    if len(input_shape) != 2 or input_shape[0] != 2:
+        raise ValueError(
+            f"model 'text_classifier' needs token samples (2, L), got input_shape {input_shape}"
+        )
+    return build_text_classifier(hf_name_or_path, n_classes, input_shape[1])
+
+
 # ``model.name`` -> (input_shape, n_classes, hidden, hf_name_or_path) -> an initialised model.
 Builder = Callable[[tuple[int, ...], int, Sequence[int], str | None], nn.Module]
-BUILDERS: dict[str, Builder] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf}
+BUILDERS: dict[str, Builder] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "hf": _hf,
+    "text_classifier": _text_classifier,
+}
 
 
 _HF_ATTENTION_TARGETS: tuple[tuple[str, str], ...] = (
@@ -218,7 +238,11 @@ _HF_ATTENTION_TARGETS: tuple[tuple[str, str], ...] = (
 
 
 def default_targets(
-    name: ModelName, *, n_hidden: int = 2, model: nn.Module | None = None
+    name: ModelName,
+    *,
+    n_hidden: int = 2,
+    model: nn.Module | None = None,
+    hf_name_or_path: str | None = None,
 ) -> tuple[str, ...]:
     """LoRA target module names of a model kind.
 
@@ -226,6 +250,8 @@ def default_targets(
         name: the model kind.
         n_hidden: number of hidden layers of the ``mlp``.
         model: for ``hf``, the built model, searched for its attention projections' names.
+        hf_name_or_path: for ``text_classifier``, the pretrained model (its architecture's
+            defaults: ``models.packaged.text_targets``).
 
     Returns:
         ``mlp``: ``fc1..fcN``; ``cnn``: ``conv1, conv2, fc1``; ``hf``: the query and value
@@ -235,6 +261,10 @@ def default_targets(
         return tuple(f"fc{i + 1}" for i in range(n_hidden))
     if name == "cnn":
         return ("conv1", "conv2", "fc1")
+    if name == "text_classifier":
+        if not hf_name_or_path:
+            raise ValueError("model 'text_classifier' needs hf_name_or_path for its targets")
+        return text_targets(pretrained_folder(hf_name_or_path))
     if name != "hf":
         raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
     if model is None:
@@ -253,7 +283,7 @@ def head_modules(name: ModelName) -> tuple[str, ...]:
     """Modules trained in full next to LoRA (the classifier): ``head``, or ``classifier`` for hf."""
     if name in ("mlp", "cnn"):
         return ("head",)
-    if name == "hf":
+    if name in ("hf", "text_classifier"):
         return ("classifier",)
     raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
 

@@ -138,6 +138,7 @@ def round_jobs(
     epochs: int,
     seed: int,
     round_idx: int,
+    max_steps: int | None = None,
 ) -> list[ClientJob]:
     """One training job for each of ``clients`` in round ``round_idx`` (1-based).
 
@@ -146,6 +147,7 @@ def round_jobs(
             (``expand_ranks``), indexed by client.
         clients: the clients training this round; each starts from ``start_state``.
         fresh: the last update was merged into the base (FLoRA).
+        max_steps: at most this many steps per local epoch (None: every batch).
     """
     return [
         ClientJob(
@@ -156,6 +158,7 @@ def round_jobs(
             data[c].y,
             epochs,
             client_seed(seed, round_idx, c),
+            max_steps,
         )
         for c in clients
     ]

@@ -26,3 +26,81 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(0)
         ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+TEXT_WORDS = [
+    "good",
+    "bad",
+    "fine",
+    "awful",
+    "great",
+    "terrible",
+    "okay",
+    "lovely",
+    "day",
+    "night",
+    "food",
+    "film",
+    "song",
+    "game",
+    "team",
+    "city",
+    "the",
+    "a",
+    "is",
+    "was",
+    "very",
+    "not",
+    "so",
+    "really",
+    "quite",
+]
+
+
+def tiny_text_corpus(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` short texts over ``TEXT_WORDS`` and labels 0/1/2 that the words give away."""
+    gen = torch.Generator().manual_seed(seed)
+    cues = (("bad", "awful", "terrible"), ("okay", "fine", "day"), ("good", "great", "lovely"))
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 3
+        words = [TEXT_WORDS[int(j)] for j in torch.randint(len(TEXT_WORDS), (3,), generator=gen)]
+        words.insert(int(torch.randint(4, (1,), generator=gen)), cues[label][i % 3])
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT sequence classifier (hidden 32, 2 layers) and a word-level tokenizer, built
+    in memory and saved as a transformers folder: ``model.hf_name_or_path`` for tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate([*special, *TEXT_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -212,6 +212,7 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     from autorank.config import AggregatorName, AssignerName, ModelConfig, RuntimeConfig, Scheme
     from autorank.data.datasets import KNOWN, SOURCES
     from autorank.data.partition import SCHEMES
+    from autorank.data.text import TEXT_SOURCES
     from autorank.engine.factory import ENGINES
     from autorank.merge.aggregators import AGGREGATORS
     from autorank.models.zoo import BUILDERS, MODEL_NAMES
@@ -224,4 +225,5 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     assert set(SCHEMES) == _names(Scheme)
     assert set(BUILDERS) == _names(ModelConfig.model_fields["name"].annotation) == set(MODEL_NAMES)
     assert set(ENGINES) == backends
-    assert set(SOURCES) == {name for name in KNOWN if not name.startswith("hf:")}
+    assert set(SOURCES) | set(TEXT_SOURCES) == {n for n in KNOWN if not n.startswith("hf:")}
+    assert not set(SOURCES) & set(TEXT_SOURCES)

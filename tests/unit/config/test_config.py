@@ -138,8 +138,11 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     config = load_config(None, [])
     payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
     del payload["training"]["clients_per_round"]
+    del payload["training"]["local_steps"]
     for name in ("budget_params", "rank_caps", "cap_tiers"):
         del payload["ranking"][name]
+    for name in ("max_length", "text_column", "label_column", "cache_dir"):
+        del payload["data"][name]  # the text settings came later still
     payload["aggregation"] = {"method": config.aggregation.method}
 
     # Execute / Assert: a checkpoint written before the setting resumes

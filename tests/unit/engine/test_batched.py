@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,22 @@ def test_per_client_gradient_clipping_matches(optimizer: str) -> None:
     sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
     batched = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs)
 
+    _assert_same(batched, sequential)
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3])
+def test_local_steps_cap_each_epoch_in_both_engines(max_steps: int) -> None:
+    # Prepare: sizes 5, 19, 8, 33 at batch 8 are 1, 3, 1 and 5 batches an epoch
+    base, lora, train = _mlp(), _lora(), _train("adam")
+    jobs = [replace(j, max_steps=max_steps) for j in _jobs(base, lora, "download")]
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs, _tests())
+    batched = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs, _tests())
+
+    # Assert: 2 epochs of at most max_steps batches each, the same in both engines
+    want = [2 * min(-(-n // 8), max_steps) for n in SIZES]
+    assert [o.result.steps for o in sequential] == want
     _assert_same(batched, sequential)
 
 

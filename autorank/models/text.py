@@ -1,0 +1,91 @@
+"""Pretrained transformers for text, behind the plain ``x -> logits`` interface of every base.
+
+A sample is the packed ``[2, L]`` int64 row of ``autorank.data.text``: token ids, then the
+attention mask. ``TextClassifier`` unpacks it and builds the additive 4-D attention mask itself,
+``[n, 1, 1, L]`` (0 where attended, the dtype's minimum elsewhere): given a 2-D mask,
+transformers 5 inspects it with ``mask.all()``, a data-dependent branch that ``torch.func.vmap``
+(the batched engine) refuses; a 4-D float mask is passed through as it is, with the same
+logits. Dropout inside the pretrained model is switched off, as in the image bases: the
+sequential engine trains in ``train()`` mode and the batched one in ``eval()``, and both must
+compute the same function (LoRA's own dropout is ``lora.dropout``).
+
+Models come from a local transformers folder, or by the name of a model that a registry
+package ships (``models.packaged``), so that runs need no network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from autorank.models.packaged import max_positions, pretrained_folder
+
+_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")
+
+
+class TextClassifier(nn.Module):
+    """A transformers sequence classifier over packed samples ``x [n, 2, L]`` -> ``[n, C]``.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` instance, kept as ``self.model`` (its
+            classification head is ``model.classifier``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        dtype = next(self.model.parameters()).dtype
+        logits: torch.Tensor = self.model(
+            input_ids=ids, attention_mask=additive_mask(mask, dtype)
+        ).logits
+        return logits
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, L]`` 0/1 attention mask -> ``[n, 1, 1, L]`` additive: 0 kept, dtype's min masked."""
+    keep = mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+def build_text_classifier(name_or_path: str, n_classes: int, max_length: int) -> TextClassifier:
+    """The pretrained model with a fresh ``n_classes`` head (seeded by the caller), dropout off.
+
+    Raises:
+        ValueError: not a model folder, or ``max_length`` above the model's positions.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    folder = pretrained_folder(name_or_path)
+    longest = max_positions(folder)
+    if longest is not None and max_length > longest:
+        raise ValueError(
+            f"data.max_length {max_length} exceeds {name_or_path}'s {longest} positions; "
+            f"expected at most {longest}"
+        )
+    config = AutoConfig.from_pretrained(str(folder), num_labels=n_classes)
+    for field in _DROPOUT_FIELDS:
+        if hasattr(config, field):
+            setattr(config, field, 0.0)
+    with _quiet_transformers():  # its load report lists the new head as "missing"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), config=config, ignore_mismatched_sizes=True
+        )
+    return TextClassifier(model.float())
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

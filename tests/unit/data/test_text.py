@@ -1,0 +1,116 @@
+"""Text sources and tokenisation, on small files written here and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autorank.data.datasets import load_data
+from autorank.data.text import TextDataError, TextOptions, read_text_file, tokenize
+from tests.unit.conftest import TEXT_WORDS, tiny_text_corpus
+
+
+def _csv(path: Path, texts: list[str], labels: list[object], header: str = "text,label") -> Path:
+    rows = [header, *(f'"{t}",{label}' for t, label in zip(texts, labels, strict=True))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _options(folder: Path, tmp_path: Path, **kw: object) -> TextOptions:
+    return TextOptions(tokenizer=folder, max_length=8, cache_dir=tmp_path / "cache", **kw)  # type: ignore[arg-type]
+
+
+def test_string_labels_are_numbered_in_sorted_order(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    file = _csv(tmp_path / "d.csv", ["good day", "bad night", "okay film"], ["pos", "neg", "neu"])
+
+    table = read_text_file(file, _options(tiny_bert_dir, tmp_path))
+
+    assert table.label_names == ("neg", "neu", "pos")
+    assert table.labels.tolist() == [2, 0, 1]
+    assert table.texts == ["good day", "bad night", "okay film"]
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_json_lines_and_parquet_files_read_like_csv(
+    kind: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    rows = [{"body": "good day", "y": 1}, {"body": "bad night", "y": 0}]
+    if kind == "json":
+        file = tmp_path / "d.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        file = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), file)
+    options = _options(tiny_bert_dir, tmp_path, text_column="body", label_column="y")
+
+    table = read_text_file(file, options)
+
+    assert table.texts == ["good day", "bad night"]
+    assert table.labels.tolist() == [1, 0]
+    assert table.label_names == ("0", "1")
+
+
+@pytest.mark.parametrize(
+    ("header", "texts", "expected"),
+    [
+        ("body,label", ["good", "bad"], "no text column 'text' (data.text_column)"),
+        ("text,y", ["good", "bad"], "no label column 'label' (data.label_column)"),
+        ("text,label", ["good", " "], "1 empty texts (first at row 1)"),
+    ],
+)
+def test_bad_text_files_are_refused_naming_the_column_or_row(
+    header: str, texts: list[str], expected: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    file = _csv(tmp_path / "d.csv", texts, [0, 1], header=header)
+
+    with pytest.raises(TextDataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        read_text_file(file, _options(tiny_bert_dir, tmp_path))
+
+
+def test_a_missing_file_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TextDataError, match="is not a file"):
+        read_text_file(tmp_path / "absent.csv", _options(tiny_bert_dir, tmp_path))
+
+
+def test_tokens_pack_ids_then_the_mask_and_are_cached(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    options = _options(tiny_bert_dir, tmp_path)
+    texts = ["good day", "the film was very very very not so good at all"]
+
+    first = tokenize(texts, options)
+    cached = sorted((tmp_path / "cache").glob("tokens-*.arrow"))
+    again = tokenize(texts, options)
+
+    assert first.shape == (2, 2, 8) and first.dtype == np.int64
+    # [CLS] good day [SEP], then padding (id 0) with mask 0
+    good, day = (4 + TEXT_WORDS.index(w) for w in ("good", "day"))
+    assert first[0, 0, :4].tolist() == [2, good, day, 3] and first[0, 0, 4:].tolist() == [0] * 4
+    assert first[0, 1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert first[1, 1].tolist() == [1] * 8  # truncated to max_length
+    assert len(cached) == 1
+    np.testing.assert_array_equal(again, first)
+
+
+def test_load_data_gives_token_splits(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    texts, labels = tiny_text_corpus(60)
+    file = _csv(tmp_path / "d.csv", texts, labels)
+
+    data = load_data(
+        "text", path=file, test_fraction=0.2, seed=0, text=_options(tiny_bert_dir, tmp_path)
+    )
+    x, y = data.arrays("train")
+
+    assert data.tokens and data.input_shape == (2, 8) and data.n_classes == 3
+    assert data.label_names == ("0", "1", "2")
+    assert x.dtype == np.int64 and x.shape == (48, 2, 8)
+    assert sorted(np.bincount(y).tolist()) == [16, 16, 16]  # stratified hold-out of 12
+
+
+def test_text_data_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is text; expected the model's tokenizer"):
+        load_data("text", path=tmp_path / "d.csv")

@@ -1,0 +1,109 @@
+"""Pretrained text classifiers behind ``x -> logits``, on a tiny BERT built in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from autorank.data.text import TextOptions, tokenize
+from autorank.engine.batched import BatchedBackend
+from autorank.engine.factory import why_not_batched
+from autorank.engine.jobs import ClientJob
+from autorank.engine.local import TrainSettings, client_seed
+from autorank.engine.sequential import SequentialBackend
+from autorank.lora.settings import LoraSettings
+from autorank.models.packaged import pretrained_folder, text_targets
+from autorank.models.zoo import build_model, default_targets, head_modules
+from tests.unit.conftest import tiny_text_corpus
+from tests.unit.engine.test_batched import _assert_same
+
+CPU = torch.device("cpu")
+L = 12
+
+
+def _packed(folder: Path, texts: list[str]) -> torch.Tensor:
+    return torch.from_numpy(tokenize(texts, TextOptions(tokenizer=folder, max_length=L)))
+
+
+def _classifier(folder: Path, seed: int = 0) -> torch.nn.Module:
+    return build_model(
+        "text_classifier", input_shape=(2, L), n_classes=3, hf_name_or_path=str(folder), seed=seed
+    )
+
+
+def test_logits_equal_the_transformers_model_with_its_own_mask(tiny_bert_dir: Path) -> None:
+    model = _classifier(tiny_bert_dir).eval()
+    x = _packed(tiny_bert_dir, ["good day", "the film was not so great"])
+
+    with torch.no_grad():
+        ours = model(x)
+        theirs = model.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+    assert ours.shape == (2, 3)
+    assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_new_head_is_seeded_and_dropout_is_off(tiny_bert_dir: Path) -> None:
+    a, b = _classifier(tiny_bert_dir, seed=3), _classifier(tiny_bert_dir, seed=3)
+    x = _packed(tiny_bert_dir, ["good day"])
+
+    a.train()  # dropout off: train mode computes what eval mode does
+    with torch.no_grad():
+        assert torch.equal(a(x), b.eval()(x))
+    assert a.model.config.hidden_dropout_prob == 0.0
+
+
+def test_targets_and_head_follow_the_architecture(tiny_bert_dir: Path) -> None:
+    assert text_targets(tiny_bert_dir) == ("query", "value")
+    assert default_targets("text_classifier", hf_name_or_path=str(tiny_bert_dir)) == (
+        "query",
+        "value",
+    )
+    assert head_modules("text_classifier") == ("classifier",)
+
+
+def test_a_folder_without_a_model_and_a_too_long_sample_are_refused(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="is not a transformers model folder"):
+        pretrained_folder(str(tmp_path))
+    with pytest.raises(ValueError, match=r"data.max_length 64 exceeds .* 32 positions"):
+        build_model(
+            "text_classifier",
+            input_shape=(2, 64),
+            n_classes=3,
+            hf_name_or_path=str(tiny_bert_dir),
+            seed=0,
+        )
+
+
+def test_an_unknown_architecture_has_no_default_targets(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+
+    with pytest.raises(ValueError, match="no default LoRA targets for model_type 't5'"):
+        text_targets(tmp_path)
+
+
+def test_both_engines_train_text_clients_alike(tiny_bert_dir: Path) -> None:
+    # Prepare: three clients of unequal size, ranks 1-4 on query and value, the head trained
+    base = _classifier(tiny_bert_dir).requires_grad_(False).eval()
+    lora = LoraSettings("proportional", 8.0, 2.0, 0.0, ("classifier",))
+    train = TrainSettings("adam", 0.01, 0.0, 0.0, 4, None)
+    jobs = []
+    for i, (n, r) in enumerate([(6, 1), (9, 4), (5, 2)]):
+        texts, labels = tiny_text_corpus(n, seed=i)
+        x, y = _packed(tiny_bert_dir, texts), torch.tensor(labels)
+        jobs.append(ClientJob(i, {"query": r, "value": r}, None, x, y, 2, client_seed(0, 1, i), 2))
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
+    batched = BatchedBackend(base, ["query", "value"], lora, train, CPU).train_clients(jobs)
+
+    # Assert: the 4-D mask lets vmap trace the model, and the results agree
+    assert why_not_batched(base, ["query", "value"], lora, jobs[0].x) is None
+    assert [o.result.steps for o in sequential] == [4, 4, 4]
+    _assert_same(batched, sequential)
