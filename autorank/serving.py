@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from autorank.data.text import TextEncoder
 from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state
+from autorank.models.packaged import pretrained_folder
 from autorank.models.zoo import MODEL_NAMES, ModelName, build_model, load_base_weights
 
 SPEC_FORMAT = 1
@@ -37,7 +39,11 @@ class ModelSpec:
         n_classes: number of logits.
         hidden: hidden widths (``mlp``), ``fc1`` width (``cnn``).
         head: modules trained in full next to LoRA (``models.head_modules``).
-        hf_name_or_path: the transformers model (``hf``); its config is read from there.
+        hf_name_or_path: the transformers model (``hf``, ``text_classifier``); its config (and
+            a text model's tokenizer) is read from there.
+        label_names: the classes' names, which a text classifier predicts.
+        base_file: whether the base's weights are a file of the run (``True``), or the
+            pretrained model's own (a text model that the run did not change: no copy).
     """
 
     name: ModelName
@@ -46,6 +52,8 @@ class ModelSpec:
     hidden: tuple[int, ...]
     head: tuple[str, ...]
     hf_name_or_path: str | None = None
+    label_names: tuple[str, ...] = ()
+    base_file: bool = True
 
     def to_json(self) -> str:
         """The description as JSON text (``from_json`` reads it back)."""
@@ -74,6 +82,7 @@ class ModelSpec:
                 hidden=tuple(raw.pop("hidden")),
                 head=tuple(raw.pop("head")),
                 hf_name_or_path=raw.pop("hf_name_or_path", None),
+                label_names=tuple(raw.pop("label_names", ())),
                 **raw,  # an unknown field is refused by the constructor
             )
         except (KeyError, TypeError) as err:
@@ -93,10 +102,14 @@ class ModelSpec:
         )
 
 
-def load_base(spec: ModelSpec, weights: Path) -> nn.Module:
-    """The frozen base: ``spec``'s architecture with the weights of a safetensors file."""
+def load_base(spec: ModelSpec, weights: Path | None) -> nn.Module:
+    """The frozen base: ``spec``'s architecture with the weights of a safetensors file (None:
+    the pretrained model's own, where ``spec.base_file`` is false)."""
     base = spec.build()
-    load_base_weights(base, weights)
+    if weights is not None:
+        load_base_weights(base, weights)
+    elif spec.base_file:
+        raise ValueError(f"model {spec.name!r} needs its base weights file; none was given")
     base.requires_grad_(False)
     return base.eval()
 
@@ -108,26 +121,32 @@ class Classifier:
     Attributes:
         module: ``x -> logits [n, n_classes]``.
         device: where ``module`` runs.
+        encoder: a text model's tokenizer (raw strings in), None for features.
+        label_names: what a text model's ``class`` output names.
     """
 
     module: nn.Module
     device: torch.device
+    encoder: TextEncoder | None = None
+    label_names: tuple[str, ...] = ()
 
-    def predict(
-        self, x: np.ndarray, *, output: str = "class", batch_size: int = 1024
-    ) -> np.ndarray:
-        """Class predictions ``[n]`` (int64), or class probabilities ``[n, n_classes]`` (float32).
+    def predict(self, x: Any, *, output: str = "class", batch_size: int = 1024) -> np.ndarray:
+        """Class predictions ``[n]``, or class probabilities ``[n, n_classes]`` (float32).
 
         Args:
-            x: samples ``[n, C*H*W]`` or ``[n, C, H, W]``, normalised as ``autorank.data`` does.
-            output: ``class`` or ``probabilities``.
+            x: samples ``[n, C*H*W]`` or ``[n, C, H, W]``, normalised as ``autorank.data`` does;
+                for a text model, ``n`` raw strings (a sequence, or a table's first column).
+            output: ``class`` (int64 classes; a text model's label names) or ``probabilities``.
             batch_size: samples per forward pass.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.encoder is not None:
+            inputs = torch.from_numpy(self.encoder(_texts(x)))
+        else:
+            inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         with torch.no_grad():
             logits = torch.cat(
                 [
@@ -135,19 +154,39 @@ class Classifier:
                     for i in range(0, len(inputs), batch_size)
                 ]
             )
+        if output == "class" and self.encoder is not None and self.label_names:
+            return np.asarray(self.label_names, dtype=object)[logits.argmax(dim=1).numpy()]
         if output == "class":
             return logits.argmax(dim=1).numpy()
         return torch.softmax(logits, dim=1).numpy()
 
 
+def _texts(x: Any) -> list[str]:
+    """Raw strings from a sequence, an array or a table (its first column)."""
+    columns = getattr(x, "columns", None)
+    if columns is not None:  # a pandas DataFrame, as MLflow hands a column of strings over
+        x = x["text"] if "text" in columns else x[columns[0]]
+    rows = x.tolist() if hasattr(x, "tolist") else list(x)
+    if len(rows) == 1 and isinstance(rows[0], list | tuple):  # one record holding every text
+        rows = list(rows[0])
+    texts = [str(t) for t in rows]
+    if not texts:
+        raise ValueError("no texts to classify; expected one string per sample")
+    return texts
+
+
 def load_classifier(
-    spec_file: Path, base_file: Path, adapter_file: Path, device: torch.device | None = None
+    spec_file: Path,
+    base_file: Path | None,
+    adapter_file: Path,
+    device: torch.device | None = None,
 ) -> Classifier:
     """The global model from its description, base and adapter files.
 
     Args:
         spec_file: ``ModelSpec`` JSON.
-        base_file: the final base weights (safetensors; FLoRA's merges included).
+        base_file: the final base weights (safetensors; FLoRA's merges included), or None for
+            a text model's pretrained base (``ModelSpec.base_file`` false).
         adapter_file: the served adapter (``checkpoint.save_adapter``).
         device: where to run (default CPU).
     """
@@ -155,4 +194,7 @@ def load_classifier(
     state = load_adapter(adapter_file)
     where = device or torch.device("cpu")
     template = LoraTemplate(load_base(spec, base_file), sorted(state.lora), spec.head, where)
-    return Classifier(bind_state(template, state), where)
+    encoder = None
+    if spec.name == "text_classifier" and spec.hf_name_or_path:
+        encoder = TextEncoder(pretrained_folder(spec.hf_name_or_path), spec.input_shape[-1])
+    return Classifier(bind_state(template, state), where, encoder, spec.label_names)

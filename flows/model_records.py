@@ -15,16 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from torch import nn
 
 from autorank.config import ExperimentConfig, config_digest
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation, partition_params
+from autorank.data.text import TextEncoder
 from autorank.lora.adapters import AdapterState
-from autorank.lora.export import merged_away, peft_layout
+from autorank.lora.export import merged_away, peft_layout, relative_to
 from autorank.lora.files import save_adapter
 from autorank.models.zoo import head_modules, save_base_weights
-from autorank.recipe import lora_settings
+from autorank.recipe import lora_settings, text_options
 from autorank.rounds.steps import download
 from autorank.serving import ModelSpec
 from tasks import model_tracking, tracking
@@ -84,7 +86,7 @@ def record_data(config: ExperimentConfig, run_id: str, federation: Federation) -
     model_tracking.track_data_inputs(uri, run_id, inputs)
 
 
-def _spec(config: ExperimentConfig, data: DatasetSplits) -> ModelSpec:
+def _spec(config: ExperimentConfig, data: DatasetSplits, *, base_file: bool) -> ModelSpec:
     return ModelSpec(
         name=config.model.name,
         input_shape=data.input_shape,
@@ -92,7 +94,28 @@ def _spec(config: ExperimentConfig, data: DatasetSplits) -> ModelSpec:
         hidden=config.model.hidden,
         head=head_modules(config.model.name),
         hf_name_or_path=config.model.hf_name_or_path,
+        label_names=data.label_names,
+        base_file=base_file,
     )
+
+
+def _pretrained_base(config: ExperimentConfig, final: FinalModel) -> bool:
+    """Whether the final base is a packaged or local text model as it was loaded: served from
+    there, not copied into every run (hundreds of MB)."""
+    return (
+        config.model.name == "text_classifier"
+        and config.model.init == "random"
+        and not (final.merged)
+    )
+
+
+def _peft_root(base: nn.Module, state: AdapterState, text: bool) -> tuple[nn.Module, AdapterState]:
+    """For a text model, the transformers model inside the wrapper and the state's paths
+    relative to it: ``PeftModel.from_pretrained`` then takes the pretrained model as loaded
+    from its folder or package."""
+    if not text:
+        return base, state
+    return base.get_submodule("model"), relative_to(state, "model.")
 
 
 def write_adapters(
@@ -115,19 +138,22 @@ def write_adapters(
         state = merged_away(state)
         served = root / "served_adapter.safetensors"
         save_adapter(served, state, meta)
-    peft_layout(final.base, state, lora, base_name_or_path=hf_name).save(folder / "peft")
+    text = config.model.name == "text_classifier"
+    module, rooted = _peft_root(final.base, state, text)
+    peft_layout(module, rooted, lora, base_name_or_path=hf_name).save(folder / "peft")
     if not final.merged and len(final.paths) <= config.tracking.keyed_clients_max:
         for client, own in enumerate(final.paths):
-            mine = download(state, own, lora)
-            adapter = peft_layout(final.base, mine, lora, base_name_or_path=hf_name)
+            module, mine = _peft_root(final.base, download(state, own, lora), text)
+            adapter = peft_layout(module, mine, lora, base_name_or_path=hf_name)
             adapter.save(folder / "clients" / f"c{client:02d}")
-    save_base_weights(final.base, folder / "base" / "model.safetensors")
-    (folder / "base" / "model.json").write_text(_spec(config, data).to_json())
-    return {
-        "spec": folder / "base" / "model.json",
-        "base": folder / "base" / "model.safetensors",
-        "adapter": served,
-    }
+    files = {"spec": folder / "base" / "model.json", "adapter": served}
+    base_file = not _pretrained_base(config, final)
+    if base_file:
+        files["base"] = folder / "base" / "model.safetensors"
+        save_base_weights(final.base, files["base"])
+    files["spec"].parent.mkdir(parents=True, exist_ok=True)
+    files["spec"].write_text(_spec(config, data, base_file=base_file).to_json())
+    return files
 
 
 def record_model(
@@ -142,7 +168,11 @@ def record_model(
         if not config.tracking.log_model:
             return
         x, _ = data.arrays("test")
-        example = x[:_EXAMPLE_ROWS].reshape(min(len(x), _EXAMPLE_ROWS), -1)
+        example: Any = x[:_EXAMPLE_ROWS].reshape(min(len(x), _EXAMPLE_ROWS), -1)
+        options = text_options(config)
+        if options is not None:  # raw strings in: a few test samples, decoded
+            texts = TextEncoder(options.tokenizer, options.max_length).decode(x[:_EXAMPLE_ROWS])
+            example = pd.DataFrame({"text": texts})
         model_tracking.track_model(
             uri, run_id, artifacts, example, step=step, register_as=config.tracking.register_as
         )

@@ -8,8 +8,9 @@ pickled, the architecture is rebuilt from ``model.json`` and the weights are rea
 model's safetensors artifacts (``autorank.serving``). Loading needs ``autorank`` importable.
 
 ``predict(x)``: class predictions ``[n]`` (int64) for samples ``x [n, d]`` (float32, flattened
-and normalised as ``autorank.data.datasets`` stores them). ``predict(x, params={"output":
-"probabilities"})``: class probabilities ``[n, n_classes]``.
+and normalised as ``autorank.data`` stores them); a text model takes a ``text`` column of raw
+strings and predicts label names. ``predict(x, params={"output": "probabilities"})``: class
+probabilities ``[n, n_classes]``.
 """
 
 from pathlib import Path
@@ -30,19 +31,21 @@ class AutoRankClassifier(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the model from the artifacts ``spec``, ``base`` and ``adapter``."""
         files = {name: Path(path) for name, path in context.artifacts.items()}
-        self.classifier = load_classifier(files["spec"], files["base"], files["adapter"])
+        self.classifier = load_classifier(files["spec"], files.get("base"), files["adapter"])
 
     def predict(
         self,
         context: PythonModelContext,
-        model_input: np.ndarray,  # MLflow validates no input by this hint; the signature does
+        model_input: Any,  # MLflow validates no input by this hint; the signature does
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
         """Classes ``[n]``, or probabilities ``[n, n_classes]`` with ``output=probabilities``."""
         if self.classifier is None:
             raise RuntimeError("the model is not loaded: MLflow calls load_context first")
         output = str((params or {}).get("output", "class"))
-        return self.classifier.predict(np.asarray(model_input), output=output)
+        text = self.classifier.encoder is not None  # a table of raw strings
+        x = model_input if text else np.asarray(model_input)
+        return self.classifier.predict(x, output=output)
 
 
 mlflow.models.set_model(AutoRankClassifier())

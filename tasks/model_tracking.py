@@ -79,15 +79,21 @@ def log_data_inputs(uri: str, run_id: str, inputs: Sequence[DataInput]) -> int:
     return len(new)
 
 
-def _signature(n_features: int) -> Any:
-    """Samples ``[n, d]`` (float32) -> classes ``[n]``; param ``output`` (class|probabilities)."""
+def _signature(example: Any) -> Any:
+    """Samples ``[n, d]`` (float32) -> classes ``[n]``, or a ``text`` column of raw strings ->
+    label names; param ``output`` (class|probabilities)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    params = ParamSchema([ParamSpec("output", "string", "class")])
+    if hasattr(example, "columns"):  # a table of texts
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", "text")]), outputs=None, params=params
+        )
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_features))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(example.shape[1])))]),
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-        params=ParamSchema([ParamSpec("output", "string", "class")]),
+        params=params,
     )
 
 
@@ -115,13 +121,13 @@ def run_model_id(uri: str, run_id: str) -> str | None:
 
 
 def log_model(
-    uri: str, run_id: str, artifacts: Mapping[str, Path], example: np.ndarray, *, step: int
+    uri: str, run_id: str, artifacts: Mapping[str, Path], example: Any, *, step: int
 ) -> str:
     """Log the run's model (pyfunc from ``CODE_FILE`` over ``artifacts``) unless it has one.
 
     Args:
         artifacts: the files ``tasks.mlflow_model`` loads: ``spec``, ``base``, ``adapter``.
-        example: a few samples ``[k, d]``, the model's input example.
+        example: a few samples ``[k, d]``, or a table with a ``text`` column of raw strings.
         step: the step the model is linked to the run at (the last round).
 
     Returns:
@@ -150,7 +156,7 @@ def log_model(
                 str(local),
                 python_model=str(CODE_FILE),
                 artifacts={name: str(path) for name, path in artifacts.items()},
-                signature=_signature(int(example.shape[1])),
+                signature=_signature(example),
                 input_example=example,
                 pip_requirements=[f"{p}=={version(p)}" for p in _REQUIREMENTS],
                 mlflow_model=meta,
@@ -192,7 +198,7 @@ def track_model(
     uri: str,
     run_id: str,
     artifacts: Mapping[str, Path],
-    example: np.ndarray,
+    example: Any,
     *,
     step: int,
     register_as: str | None,

@@ -37,6 +37,12 @@ class DataConfig(Section):
         description="keep a stratified subsample of this many training samples (before the "
         "server's pre-training share and the partition), for quick runs; null: all",
     )
+    max_test_samples: int | None = Field(
+        None,
+        gt=0,
+        description="keep a stratified subsample of this many test samples for the global "
+        "evaluation of every round; null: all",
+    )
     max_length: int = Field(
         64,
         ge=2,

@@ -47,7 +47,12 @@ def config_digest(config: ExperimentConfig) -> str:
     if payload["training"]["clients_per_round"] is None:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
     unset: dict[str, dict[str, Any]] = {
-        "data": {"max_length": 64, "text_column": "text", "label_column": "label"},
+        "data": {
+            "max_test_samples": None,
+            "max_length": 64,
+            "text_column": "text",
+            "label_column": "label",
+        },
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
     }

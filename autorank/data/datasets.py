@@ -134,6 +134,7 @@ def load_data(
     seed: int = 0,
     max_train_samples: int | None = None,
     text: TextOptions | None = None,
+    max_test_samples: int | None = None,
 ) -> DatasetSplits:
     """Load a dataset by name into normalised train/test ``datasets.Dataset`` splits.
 
@@ -144,6 +145,8 @@ def load_data(
         seed: seed of the held-out split and of the train subsample.
         max_train_samples: keep a stratified subsample of this many training samples.
         text: for text sources, the tokenizer and sample length.
+        max_test_samples: keep a stratified subsample of this many test samples (the global
+            evaluation runs every round).
 
     Raises:
         DataError: unknown name, missing files, malformed data or bad arguments.
@@ -155,7 +158,7 @@ def load_data(
     ):
         raise DataError(f"max_train_samples must be a positive integer, got {max_train_samples!r}")
     source = _read_source(name, path, text)
-    split_seed, sample_seed = np.random.SeedSequence(seed).spawn(2)
+    split_seed, sample_seed, test_seed = np.random.SeedSequence(seed).spawn(3)
     x_train, y_train = _check_pair(source.x_train, source.y_train, f"{name} train")
     if source.test is None:  # stratified hold-out, as the source ships no test split
         test_idx, train_idx = _stratified_take(
@@ -168,6 +171,9 @@ def load_data(
     if max_train_samples is not None and max_train_samples < len(y_train):
         keep, _ = _stratified_take(y_train, max_train_samples, np.random.default_rng(sample_seed))
         x_train, y_train = x_train[keep], y_train[keep]
+    if max_test_samples is not None and max_test_samples < len(y_test):
+        keep, _ = _stratified_take(y_test, max_test_samples, np.random.default_rng(test_seed))
+        x_test, y_test = x_test[keep], y_test[keep]
     n_classes = _count_classes(source.n_classes, y_train, y_test, name)
     shape = tuple(int(s) for s in x_train.shape[1:])
     logger.info("%s: %d train, %d test, %d classes", name, len(y_train), len(y_test), n_classes)

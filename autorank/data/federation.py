@@ -141,5 +141,6 @@ def federation_from_config(
         seed=seed,
         max_train_samples=data.max_train_samples,
         text=text,
+        max_test_samples=data.max_test_samples,
     )
     return build_federation(splits, partition, public_fraction=public_fraction, seed=seed)

@@ -19,9 +19,10 @@ texts, the tokenizer and ``L``; a second run reads the cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -141,6 +142,30 @@ TextSource = Callable[[Path | None, TextOptions], TextTable]
 TEXT_SOURCES: dict[str, TextSource] = {"tweets": read_tweets, "text": read_text_file}
 
 
+class TextEncoder:
+    """Raw strings -> packed samples ``[n, 2, L]`` int64 with a model's own tokenizer."""
+
+    def __init__(self, tokenizer: Path, max_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        self.max_length = max_length
+
+    def ids(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
+        """Token ids and attention masks, truncated and right-padded to ``max_length``."""
+        out = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding="max_length"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return _packed(self.ids(texts), len(texts), self.max_length)
+
+    def decode(self, x: np.ndarray) -> list[str]:
+        """Packed samples back to text (special tokens dropped): readable examples."""
+        return list(self.tokenizer.batch_decode(x[:, 0].tolist(), skip_special_tokens=True))
+
+
 def tokenize(texts: Sequence[str], options: TextOptions) -> np.ndarray:
     """``texts`` as packed samples ``[n, 2, L]`` int64: token ids, then the attention mask.
 
@@ -148,25 +173,28 @@ def tokenize(texts: Sequence[str], options: TextOptions) -> np.ndarray:
     result is written there once, under a key of the texts, the tokenizer files and ``L``.
     """
     import datasets
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(options.tokenizer))
-    L = options.max_length
-
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        out = tokenizer(batch["text"], truncation=True, max_length=L, padding="max_length")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
-
+    encoder = TextEncoder(options.tokenizer, options.max_length)
     table = datasets.Dataset.from_dict({"text": list(texts)})
-    cache = None
+    key, cache = _cache_key(texts, options), None
     if options.cache_dir is not None:
         options.cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = str(options.cache_dir / f"tokens-{_cache_key(texts, options)}.arrow")
+        cache = str(options.cache_dir / f"tokens-{key}.arrow")
     mapped = table.map(
-        encode, batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache
+        lambda batch: encoder.ids(batch["text"]),
+        batched=True,
+        batch_size=1000,
+        remove_columns=["text"],
+        cache_file_name=cache,
+        new_fingerprint=key,  # the key says what the result is: datasets need not hash the code
     ).with_format("numpy")
-    ids = np.asarray(mapped["input_ids"], dtype=np.int64).reshape(len(texts), L)
-    mask = np.asarray(mapped["attention_mask"], dtype=np.int64).reshape(len(texts), L)
+    columns = {name: mapped[name] for name in ("input_ids", "attention_mask")}
+    return _packed(columns, len(texts), options.max_length)
+
+
+def _packed(columns: Mapping[str, Any], n: int, L: int) -> np.ndarray:
+    ids = np.asarray(columns["input_ids"], dtype=np.int64).reshape(n, L)
+    mask = np.asarray(columns["attention_mask"], dtype=np.int64).reshape(n, L)
     return np.stack([ids, mask], axis=1)
 
 

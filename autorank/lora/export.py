@@ -146,6 +146,19 @@ def peft_layout(
     return PeftAdapter(config, tensors)
 
 
+def relative_to(state: AdapterState, prefix: str) -> AdapterState:
+    """The state with ``prefix`` taken off every path: the adapter of a submodule (a wrapper's
+    ``model.``), all of whose paths must start with it."""
+    names = [*state.lora, *state.extra]
+    outside = [n for n in names if not n.startswith(prefix)]
+    if outside:
+        raise ValueError(f"adapter paths {outside} are not under {prefix!r}")
+    cut = len(prefix)
+    return AdapterState(
+        {p[cut:]: f for p, f in state.lora.items()}, {n[cut:]: t for n, t in state.extra.items()}
+    )
+
+
 def merged_away(state: AdapterState) -> AdapterState:
     """The adapter after its update was merged into the base (FLoRA): same ranks, ``B = 0``.
 

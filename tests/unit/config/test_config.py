@@ -141,7 +141,7 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     del payload["training"]["local_steps"]
     for name in ("budget_params", "rank_caps", "cap_tiers"):
         del payload["ranking"][name]
-    for name in ("max_length", "text_column", "label_column", "cache_dir"):
+    for name in ("max_test_samples", "max_length", "text_column", "label_column", "cache_dir"):
         del payload["data"][name]  # the text settings came later still
     payload["aggregation"] = {"method": config.aggregation.method}
 

@@ -111,6 +111,18 @@ def test_load_data_gives_token_splits(tiny_bert_dir: Path, tmp_path: Path) -> No
     assert sorted(np.bincount(y).tolist()) == [16, 16, 16]  # stratified hold-out of 12
 
 
+def test_the_test_split_can_be_subsampled_stratified(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    texts, labels = tiny_text_corpus(60)
+    file = _csv(tmp_path / "d.csv", texts, labels)
+    options = _options(tiny_bert_dir, tmp_path)
+
+    full = load_data("text", path=file, seed=0, text=options)
+    small = load_data("text", path=file, seed=0, text=options, max_test_samples=6)
+
+    assert np.bincount(small.arrays("test")[1]).tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(small.arrays("train")[0], full.arrays("train")[0])
+
+
 def test_text_data_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is text; expected the model's tokenizer"):
         load_data("text", path=tmp_path / "d.csv")
