@@ -201,6 +201,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from autorank.config import load_config
     from flows.local import run_locally
+    from flows.places import check_prefect_api
+    from flows.resumes import resumable
     from flows.run_records import CONFIG_FILE
 
     saved = args.checkpoint_dir / args.run_id / CONFIG_FILE
@@ -210,6 +212,10 @@ def _cmd_resume(args: argparse.Namespace) -> int:
             "pass --checkpoint-dir if the run used another runtime.checkpoint_dir"
         )
     config = load_config(saved)
+    check_prefect_api()
+    if not resumable(config, args.run_id):
+        _say(f"autorank: run {args.run_id} already finished; nothing to resume")
+        return 0
     run_locally(config, resume_run_id=args.run_id, verbose=args.verbose)
     return 0
 
@@ -225,6 +231,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         local_orchestration,
         no_failure_records,
     )
+    from flows.places import check_places, check_prefect_api
+    from flows.resumes import check_parent
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
@@ -238,6 +246,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(grid_plan(grid, cells, skipped))
         check_runnable(grid, cells)  # a grid the run would refuse exits as the run would
         return 0
+    check_prefect_api()  # what a refusal leaves untouched: before Prefect's server starts
+    check_places(grid.base)
+    if args.resume is not None:
+        check_parent(grid, args.resume)
     # Before Prefect is imported, so that its home, log level and API server apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     configure_logging(args.verbose)
@@ -245,7 +257,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     def check() -> None:
         from flows.compare import preflight_grid
 
-        preflight_grid(grid, args.resume)
+        preflight_grid(grid)
 
     uri = grid.base.tracking.uri
     with local_orchestration(check, "flows.compare", uri), no_failure_records():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import yaml
 from prefect import flow, task
@@ -61,7 +60,8 @@ from flows import run_views
 from flows.engines import runs_ending
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
-from flows.local import preflight
+from flows.local import check_inputs
+from flows.resumes import GRID_DIGEST_TAG, GRID_FILE, check_parent
 from flows.run_records import close_interrupted_or_failed
 from flows.run_views import progress_in_run_log
 from flows.runners import signals_deferred
@@ -72,27 +72,6 @@ progress = logging.getLogger("autorank.progress")
 SUMMARY_FILE = "summary.md"
 TERMINAL_FILE = "summary.txt"
 TABLE_FILE = "summary.json"
-GRID_FILE = "grid.yaml"
-GRID_DIGEST_TAG = "grid_digest"
-
-
-def check_parent(grid: GridConfig, run_id: str) -> None:
-    """Refuse a resume target that is missing, not a comparison run, or ran another grid."""
-    uri = grid.base.tracking.uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"run {run_id!r} not found: no tracking store at {uri}")
-    tags = tracking.find_run_tags(uri, run_id)
-    if tags is None:
-        raise ConfigError(f"run {run_id!r} not found in the tracking store {uri}")
-    if tags.get("kind") != "comparison":
-        raise ConfigError(f"run {run_id!r} is not a comparison (tag kind={tags.get('kind')!r})")
-    logged = tags.get(GRID_DIGEST_TAG)
-    if logged is not None and logged != grid_digest(grid):
-        raise ConfigError(
-            f"comparison {run_id} ran another grid (its assigners, aggregators, seeds, "
-            "target_accuracy or base settings differ from these); resume it with its own "
-            f"{GRID_FILE} or start a new comparison"
-        )
 
 
 def _flow_run_id() -> str:
@@ -415,12 +394,11 @@ def _compare(
     run_views.summary_of_comparison(table, parent)
 
 
-def preflight_grid(grid: GridConfig, resume_parent_run_id: str | None) -> None:
-    """Fail on bad input before anything is written: the grid, each seed's data, each assigner."""
+def preflight_grid(grid: GridConfig) -> None:
+    """Fail on bad input before anything is written: the grid, each seed's data, each assigner
+    (the places and a resumed parent run are checked before, ``autorank compare``)."""
     cells, _ = runnable_cells(grid)
-    if resume_parent_run_id is not None:
-        check_parent(grid, resume_parent_run_id)
-    preflight(cells[0].config)
+    check_inputs(cells[0].config)
     for seed in grid.seeds:
         mine = [c for c in cells if c.seed == seed]
         if not mine:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from autorank.config import ExperimentConfig
+from flows.places import check_places, check_prefect_api
 
 
 class ProgressHandler(logging.StreamHandler):
@@ -99,111 +100,17 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
 
-def _check_writable(path: Path, setting: str) -> None:
-    """``path`` is a writable folder, or can be created as one (nothing is created here)."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ValueError(f"{setting}: {str(probe)!r} is a file; expected a folder")
-    import tempfile
-
-    try:  # an unnamed file (O_TMPFILE), gone when closed: access() says yes to root everywhere
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError:
-        raise ValueError(f"{setting}: {str(probe)!r} is not writable") from None
-
-
-def _check_reachable(host: str, port: int, what: str, timeout: float = 5.0) -> None:
-    """Something accepts TCP connections at ``host:port`` within ``timeout`` seconds."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise ValueError(f"{what}: nothing answers at {host}:{port} ({reason})") from None
-
-
-def _check_mlflow_server(uri: str, timeout: float = 5.0) -> None:
-    """The server at ``uri`` answers MLflow's REST API (an experiments search), with the
-    credentials MLflow's client would send (``MLFLOW_TRACKING_TOKEN``, or ``_USERNAME`` and
-    ``_PASSWORD``)."""
-    import base64
-    import json
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {token}")
-    elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
-    what = f"tracking.uri {uri}"
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            body = json.loads(answer.read(1 << 20) or b"{}")
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            raise ValueError(
-                f"{what}: the server refused access (HTTP {err.code}); set "
-                "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            ) from None
-        raise ValueError(
-            f"{what}: answers, but not as an MLflow tracking server (HTTP {err.code} for "
-            "/api/2.0/mlflow/experiments/search); expected the address of `mlflow server`"
-        ) from None
-    except (OSError, ValueError) as err:  # timeouts, resets, a body that is not JSON
-        reason = getattr(err, "reason", None) or type(err).__name__
-        raise ValueError(
-            f"{what}: no MLflow answer from /api/2.0/mlflow/experiments/search ({reason}); "
-            "expected the address of `mlflow server`"
-        ) from None
-    if not isinstance(body, dict):
-        raise ValueError(f"{what}: answers, but not as an MLflow tracking server")
-
-
-def check_places(config: ExperimentConfig) -> None:
-    """Where the run writes and what it talks to, checked in seconds, before it starts.
-
-    The tracking store (a sqlite folder that can be written, or a server that answers), the
-    checkpoint folder, and the Dask scheduler.
-    """
-    from urllib.parse import urlsplit
-
-    uri = config.tracking.uri
-    if uri.startswith("sqlite:///"):
-        _check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking.uri")
-    elif uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        default = 443 if parts.scheme == "https" else 80
-        if not parts.hostname:
-            raise ValueError(f"tracking.uri: {uri!r} names no host")
-        _check_reachable(parts.hostname, parts.port or default, f"tracking.uri {uri}")
-        _check_mlflow_server(uri)
-    _check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
-    address = config.runtime.dask_address
-    if config.runtime.task_runner == "dask" and address:
-        parts = urlsplit(address if "://" in address else f"tcp://{address}")
-        if not parts.hostname or not parts.port:
-            raise ValueError(
-                f"runtime.dask_address: {address!r}; expected tcp://host:port of a scheduler"
-            )
-        _check_reachable(parts.hostname, parts.port, "runtime.dask_address")
-
-
 def preflight(config: ExperimentConfig) -> None:
     """Fail on bad input before anything is started or written: places, data, partition, model,
     targets, sizes."""
-    from autorank.engine.jobs import pick_device
-
     check_places(config)
+    check_inputs(config)
+
+
+def check_inputs(config: ExperimentConfig) -> None:
+    """The data, partition, model, targets and sizes a run would use (seconds: loads the data
+    and imports torch)."""
+    from autorank.engine.jobs import pick_device
     from autorank.lora.targets import expand_ranks, layer_dims, target_sizes
     from autorank.models.zoo import load_base_weights
     from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
@@ -330,10 +237,15 @@ def no_failure_records() -> Iterator[None]:
 
 
 def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose: bool) -> str:
-    """Run (or resume) the flow here and print where to find the results."""
+    """Run (or resume) the flow here and print where to find the results.
+
+    What a refusal should leave untouched is checked before Prefect's server starts.
+    """
+    check_prefect_api()
+    check_places(config)
     configure_logging(verbose)
     with (
-        local_orchestration(lambda: preflight(config), "flows.experiment", config.tracking.uri),
+        local_orchestration(lambda: check_inputs(config), "flows.experiment", config.tracking.uri),
         no_failure_records(),
     ):
         from flows.experiment import federated_training

@@ -397,13 +397,38 @@ def run_lock(root: Path, run_id: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            by = f" (pid {holder})" if holder.isdigit() else ""
-            raise CheckpointError(
-                f"run {run_id} is being run by another process{by}; wait for it to end or stop it"
-            ) from None
+            raise CheckpointError(_held(run_id, fd)) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def check_unheld(root: Path, run_id: str) -> None:
+    """Refuse a run another process holds, leaving its lock file as it is (only read: never
+    created, written or taken for longer than the check), so a refused resume changes nothing.
+
+    Raises:
+        CheckpointError: another process holds the run.
+    """
+    try:
+        fd = os.open(root / run_id / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # never run here
+    except OSError as err:
+        raise CheckpointError(f"run {run_id}: its lock file is unusable ({err.strerror})") from None
+    try:
+        try:  # shared: two checks at once do not refuse each other
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(_held(run_id, fd)) from None
+    finally:
+        os.close(fd)  # releases the shared lock
+
+
+def _held(run_id: str, fd: int) -> str:
+    """The refusal of a run that the process whose pid is in the lock file ``fd`` holds."""
+    holder = os.read(fd, 32).decode(errors="replace").strip()
+    by = f" (pid {holder})" if holder.isdigit() else ""
+    return f"run {run_id} is being run by another process{by}; wait for it to end or stop it"

@@ -1,5 +1,6 @@
 """Flow tests run the real flow under Prefect's test harness (one ephemeral API per session)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -151,3 +152,38 @@ def watch_output(
 
     threading.Thread(target=read, daemon=True).start()
     return lines, seen
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file and folder under ``folder`` (hidden ones too: ``.prefect``, ``.lock``): its
+    mode, modification time and, for a file, its bytes."""
+    state = {}
+    for path in [folder, *sorted(folder.rglob("*"))]:  # the folder's own time: an entry came
+        info = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        state[str(path.relative_to(folder))] = (info.st_mode, info.st_mtime_ns, data)
+    return state
+
+
+def refused_in(
+    folder: Path, args: list[str], env: dict[str, str] | None = None, code: int = 2
+) -> str:
+    """``autorank ARGS`` in a fresh process working in ``folder``, with no Prefect or MLflow
+    setting of the test session (``env`` adds some): it ends with ``code`` and one stderr line
+    (returned), and leaves ``folder`` as it was (no ``.prefect``, no lock touched)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    root = str(Path(__file__).resolve().parents[2])
+    before = folder_state(folder)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=folder,
+        env=clean | {"PYTHONPATH": root} | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == code, done.stderr[-3000:]
+    assert not done.stdout, done.stdout[-3000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert folder_state(folder) == before
+    return done.stderr

@@ -353,7 +353,7 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 def test_an_http_tracking_uri_must_answer_mlflow_s_api(
     status: int, body: bytes, expected: str | None, tmp_path: Path
 ) -> None:
-    from flows.local import check_places
+    from flows.places import check_places
 
     handler = type("Handler", (_Answer,), {"status": status, "body": body})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

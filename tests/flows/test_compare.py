@@ -17,7 +17,7 @@ from autorank.recipe import rank_table
 from autorank.reporting.grid import load_grid
 from flows.cli import main
 from flows.compare import compare_methods
-from tests.flows.conftest import cli_error, spawn_cli, store_args, watch_output
+from tests.flows.conftest import cli_error, refused_in, spawn_cli, store_args, watch_output
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = str(ROOT / "configs/grids/digits_small.yaml")
@@ -283,6 +283,22 @@ def test_bad_compare_input_is_one_line_exit_2_nothing_written(
 
     assert expected in err
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("store", ["missing", "empty"])
+def test_a_refused_compare_resume_starts_no_server_and_writes_nothing(
+    store: str, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    if store == "empty":  # an MLflow store that does not hold the parent
+        MlflowClient(tracking_uri=uri).search_experiments()
+    args = ["compare", "--config", GRID, "--set", f"base.tracking.uri={uri}"]
+    args += ["--set", f"base.runtime.checkpoint_dir={tmp_path}/ckpt", "--resume", "nope"]
+
+    err = refused_in(tmp_path, args)
+
+    where = "no tracking store at" if store == "missing" else "not found in the tracking store"
+    assert err.startswith("autorank: error: run 'nope' not found") and where in err, err
 
 
 def test_cli_resume_prints_the_table_and_refuses_other_runs(

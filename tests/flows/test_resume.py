@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from autorank.config import ExperimentConfig, config_digest, to_yaml
@@ -383,3 +384,73 @@ def test_a_crash_before_the_first_checkpoint_logs_the_rank_decision_once(
     for key in ("ranks/mean", "per_client/c00/rank", "per_client/c03/rank"):
         assert _history(client, run.info.run_id, key) == [(0, run.data.metrics[key])], key
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _tamper(root: Path, run_id: str) -> None:
+    from autorank.rounds.checkpoint import latest_round_dir
+
+    meta = (latest_round_dir(root, run_id) or root) / "meta.json"
+    meta.write_text(meta.read_text().replace('"round": 2', '"round": 999'))
+
+
+def _move_store(root: Path, run_id: str) -> None:
+    saved = root / run_id / CONFIG_FILE
+    uri = yaml.safe_load(saved.read_text())["tracking"]["uri"]
+    saved.write_text(saved.read_text().replace(uri, f"{uri.removesuffix('.db')}-elsewhere.db"))
+
+
+def _delete_store(root: Path, run_id: str) -> None:
+    (root.parent / "mlflow.db").unlink()
+
+
+SPOILED = [
+    (_tamper, "meta.json does not match the sha256 in LATEST"),
+    (_move_store, "not found: no tracking store at sqlite:///"),
+    (_delete_store, "not found: no tracking store at sqlite:///"),
+]
+
+
+@pytest.mark.parametrize(("spoil", "expected"), SPOILED, ids=[f.__name__ for f, _ in SPOILED])
+def test_a_refused_resume_starts_no_server_and_writes_nothing(
+    spoil: Any, expected: str, finished_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    from tests.flows.conftest import refused_in
+
+    config, run_id = _copy_of(finished_run, tmp_path)
+    MlflowClient(tracking_uri=config.tracking.uri).set_terminated(run_id, "KILLED")
+    root = config.runtime.checkpoint_dir
+    spoil(root, run_id)
+
+    err = refused_in(tmp_path, ["resume", run_id, "--checkpoint-dir", str(root)])
+
+    assert err.startswith("autorank: error: ") and expected in err, err
+    assert not (tmp_path / ".prefect").exists()
+
+
+def test_resuming_a_run_another_process_holds_is_refused_before_anything(
+    finished_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    from autorank.rounds.checkpoint import run_lock
+    from tests.flows.conftest import refused_in
+
+    config, run_id = _copy_of(finished_run, tmp_path)
+    MlflowClient(tracking_uri=config.tracking.uri).set_terminated(run_id, "KILLED")
+    root = config.runtime.checkpoint_dir
+
+    with run_lock(root, run_id):
+        err = refused_in(tmp_path, ["resume", run_id, "--checkpoint-dir", str(root)])
+
+    assert f"run {run_id} is being run by another process (pid {os.getpid()})" in err
+
+
+def test_resuming_a_finished_run_writes_nothing(
+    finished_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    from tests.flows.conftest import refused_in
+
+    config, run_id = _copy_of(finished_run, tmp_path)
+    root = config.runtime.checkpoint_dir
+
+    said = refused_in(tmp_path, ["resume", run_id, "--checkpoint-dir", str(root)], code=0)
+
+    assert said == f"autorank: run {run_id} already finished; nothing to resume\n"
