@@ -16,7 +16,7 @@ import yaml
 
 from autorank.config import LoraConfig, load_config, parse_config
 from flows.cli import COMMANDS, Terminated, main
-from tests.flows.conftest import cli_error, storage_files, store_args, tiny_config
+from tests.flows.conftest import cli_error, refused_in, storage_files, store_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -324,6 +324,38 @@ def test_unusable_places_are_found_before_the_run(
 
     assert expected in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+STORES = [
+    ({"uri": "garbage://x"}, "tracking.uri 'garbage://x': unknown scheme 'garbage'; expected"),
+    ({"uri": "sqlite:///notes.txt"}, "'notes.txt' is not an MLflow sqlite store"),
+    ({"uri": "sqlite:///other.db"}, "'other.db' is a sqlite database without MLflow's tables"),
+    ({"uri": "sqlite:///adir"}, "tracking.uri: 'adir' is a folder; expected sqlite:///"),
+    ({"uri": "file:///proc/nope"}, "tracking.uri 'file:///proc/nope' is MLflow's file store"),
+    (
+        {"env": "::not a uri::"},
+        "tracking.uri (from MLFLOW_TRACKING_URI) '::not a uri::' is a path, which MLflow takes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("store", "expected"), STORES, ids=[e[:30] for _, e in STORES])
+def test_a_tracking_store_the_run_cannot_use_is_refused_before_anything(
+    store: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    (tmp_path / "adir").mkdir()
+    with sqlite3.connect(tmp_path / "other.db") as other:
+        other.execute("CREATE TABLE notes (line TEXT)")
+    args = ["run", "--set", "runtime.checkpoint_dir=ckpt"]
+    args += ["--set", f"tracking.uri={store['uri']}"] if "uri" in store else []
+    env = {"MLFLOW_TRACKING_URI": store["env"]} if "env" in store else {}
+
+    err = refused_in(tmp_path, args, env)
+
+    assert err.startswith("autorank: error: ") and expected in err, err
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
