@@ -562,3 +562,45 @@ def test_config_loads_neither_torch_nor_prefect_nor_mlflow(tmp_path: Path) -> No
     assert done.stdout.splitlines()[-1] == "0 []", done.stderr
     assert "uri: sqlite:///mlruns/mlflow.db" in done.stdout
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:9/api", "no answer from http://127.0.0.1:9/api/health"),
+        ("::garbage::", "PREFECT_API_URL '::garbage::' is not an http(s) URL"),
+        ("{web}/api", "no answer from {web}/api/health (Not Found)"),
+    ],
+    ids=["dead", "garbage", "not-prefect"],
+)
+def test_a_prefect_api_url_that_does_not_answer_is_refused_before_anything(
+    url: str, expected: str, tmp_path: Path
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web = f"http://127.0.0.1:{server.server_address[1]}"
+    args = ["run", "--set", "tracking.uri=sqlite:///mlruns/mlflow.db"]
+    try:
+        err = refused_in(tmp_path, args, {"PREFECT_API_URL": url.format(web=web)})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert err.startswith("autorank: error: ") and expected.format(web=web) in err, err
+    assert "expected the API of a running Prefect server" in err
+
+
+def test_a_prefect_api_url_that_answers_its_health_check_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.places import check_prefect_api
+
+    handler = type("Handler", (_Answer,), {"status": 200, "body": b"true"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{server.server_address[1]}/api")
+    try:
+        check_prefect_api()
+    finally:
+        server.shutdown()
+        server.server_close()
