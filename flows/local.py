@@ -135,12 +135,6 @@ def check_inputs(config: ExperimentConfig) -> None:
                 f"most {min(d_out, d_in)} is expected"
             )
     rank_table(config, federation, layer_sizes=target_sizes(model, list(ranges)))
-    cores = os.cpu_count() or 1
-    if config.runtime.threads_per_client > cores:
-        raise ValueError(
-            f"runtime.threads_per_client is {config.runtime.threads_per_client} but this machine "
-            f"has {cores} cores: expected at most {cores}"
-        )
     pick_device(config.runtime.device)
 
 

@@ -258,10 +258,27 @@ def check_prefect_api() -> None:
         )
 
 
+def _check_cores(config: ExperimentConfig) -> None:
+    """Threads and workers within this machine's cores."""
+    cores, runtime = os.cpu_count() or 1, config.runtime
+    if runtime.threads_per_client > cores:
+        raise ValueError(
+            f"runtime.threads_per_client is {runtime.threads_per_client} but this machine "
+            f"has {cores} cores: expected at most {cores}"
+        )
+    workers = runtime.max_workers or 1
+    if runtime.task_runner == "threads" and workers > cores:  # a Dask cluster has its own
+        raise ValueError(
+            f"runtime.max_workers is {workers} but this machine has {cores} cores: expected at "
+            f"most {cores} with runtime.task_runner 'threads'"
+        )
+
+
 def check_places(config: ExperimentConfig) -> None:
-    """Where the run writes and what it talks to: the tracking store (``check_store``), the
-    checkpoint folder, and the Dask scheduler."""
+    """Where the run writes and runs and what it talks to: the tracking store
+    (``check_store``), the checkpoint folder, this machine's cores, and the Dask scheduler."""
     check_store(config.tracking.uri)
+    _check_cores(config)
     check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
     address = config.runtime.dask_address
     if config.runtime.task_runner == "dask" and address:

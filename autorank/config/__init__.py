@@ -29,8 +29,10 @@ from autorank.config.vocab import (
     AssignerName,
     Criterion,
     EarlyWhen,
+    RunName,
     Scheme,
     Section,
+    Seed,
 )
 
 __all__ = [
@@ -49,9 +51,11 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "RankingConfig",
+    "RunName",
     "RuntimeConfig",
     "Scheme",
     "Section",
+    "Seed",
     "TrackingConfig",
     "TrainingConfig",
     "aggregation_fields",

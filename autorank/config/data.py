@@ -97,7 +97,8 @@ class PartitionConfig(Section):
     local_test_fraction: float = Field(
         0.2,
         ge=0.0,
-        lt=1.0,
-        description="share of each client's samples held out for its personalised accuracy "
-        "(0: none; every client keeps at least one training sample)",
+        le=0.5,  # above, clients would train on less data than they are tested on
+        description="share of each client's samples held out for its personalised accuracy, at "
+        "most 0.5 so that clients train on at least half (0: none; every client keeps at least "
+        "one training sample)",
     )

@@ -9,15 +9,14 @@ from autorank.config.model import LoraConfig, ModelConfig
 from autorank.config.ranking import RankingConfig
 from autorank.config.runtime import RuntimeConfig, TrackingConfig
 from autorank.config.training import AggregationConfig, TrainingConfig
-from autorank.config.vocab import Section
+from autorank.config.vocab import Section, Seed
 
 
 class ExperimentConfig(Section):
     """One federated experiment, end to end."""
 
-    seed: int = Field(
+    seed: Seed = Field(
         0,
-        ge=0,
         description="the experiment's seed: data split, partition, base and LoRA init, client "
         "sampling and batch order all derive from it",
     )

@@ -15,6 +15,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one line for the user."""
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 100,000-character name stays one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -28,7 +34,7 @@ def format_validation_error(err: ValidationError) -> str:
         and first["type"] not in ("missing",)
         and not isinstance(first["input"], dict)
     ):
-        return f"{where}: {msg} (got {first['input']!r})"
+        return f"{where}: {msg} (got {_shown(first['input'])})"
     return f"{where}: {msg}"
 
 

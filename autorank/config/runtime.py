@@ -8,9 +8,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from autorank.config.vocab import Section
+from autorank.config.vocab import RunName, Section
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+MAX_WORKERS = 1024  # a Dask cluster's cohorts in flight; a thread pool is held to the cores
 
 
 class TrackingConfig(Section):
@@ -22,8 +23,10 @@ class TrackingConfig(Section):
         f"{DEFAULT_TRACKING_URI}",
     )
     experiment: str = Field("autorank", min_length=1, description="MLflow experiment of the run")
-    run_name: str | None = Field(
-        None, description="MLflow run name; null: <assigner>-<aggregator>-<dataset>-s<seed>"
+    run_name: RunName | None = Field(
+        None,
+        description="MLflow run name (at most 250 characters, no control characters or / \\); "
+        "null: <assigner>-<aggregator>-<dataset>-s<seed>",
     )
     parent_run_id: str | None = Field(
         None, description="nest the run under this MLflow run (set by comparison grids)"
@@ -82,8 +85,9 @@ class RuntimeConfig(Section):
     max_workers: int | None = Field(
         None,
         ge=1,
+        le=MAX_WORKERS,
         description="parallel cohort tasks, and cohorts per round without cohort_size; null: one "
-        "per CPU core",
+        f"per CPU core; with task_runner threads at most the cores (and {MAX_WORKERS})",
     )
     cohort_size: int | None = Field(
         None,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Scheme = Literal["iid", "dirichlet", "shards", "quantity_skew", "double_imbalance"]
 Criterion = Literal["entropy", "gini_simpson", "n_samples", "learning_difficulty"]
@@ -20,6 +20,27 @@ AggregatorName = Literal[
     "flexlora",
     "flora",
 ]
+# Seeds as numpy's legacy generators and every library below take them; a larger one overflowed.
+SEED_MAX = 2**32 - 1
+RUN_NAME_MAX = 250  # MLflow's limit on a run name
+
+
+def _run_name(name: str) -> str:
+    """A run name MLflow, Prefect and a terminal show as one line, and no path can come from."""
+    if len(name) > RUN_NAME_MAX:
+        raise ValueError(f"expected at most {RUN_NAME_MAX} characters, got {len(name):,}")
+    bad = sorted({c for c in name if c in "/\\" or not c.isprintable()})
+    if bad:
+        raise ValueError(
+            f"expected no control characters or path separators (/ \\), got {''.join(bad)!r}"
+        )
+    return name
+
+
+# A seed: an integer (YAML's true is not 1), as numpy and torch take it.
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
+RunName = Annotated[str, Field(min_length=1), AfterValidator(_run_name)]
+
 # When aggregation.early_method applies: always, or only when every rank tier holds every label.
 EarlyWhen = Literal["always", "all_labels"]
 

@@ -31,6 +31,8 @@ from autorank.config import (
     AssignerName,
     ConfigError,
     ExperimentConfig,
+    RunName,
+    Seed,
     aggregation_fields,
     apply_override,
     config_digest,
@@ -154,14 +156,15 @@ class AssignerSpec(BaseModel):
         return self.assigner
 
 
+MAX_CELLS = 1000  # hours of digits runs on two cores (~25 s each): far more is likely a typo
+
+
 class GridConfig(BaseModel):
     """A comparison: every assigner x aggregator x seed over one shared experiment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = Field(
-        None, min_length=1, description="parent run name; null: compare-<dataset>"
-    )
+    name: RunName | None = Field(None, description="parent run name; null: compare-<dataset>")
     base: ExperimentConfig = Field(
         default_factory=ExperimentConfig,  # reads the environment
         description="the experiment every cell runs; a cell sets only its seed, assigner, "
@@ -179,7 +182,7 @@ class GridConfig(BaseModel):
         "takes base.aggregation's early merge if it has one (fedavg runs only with the "
         "uniform assigner; other combinations with it are skipped)",
     )
-    seeds: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+    seeds: tuple[Seed, ...] = Field(
         (0,), min_length=1, description="experiment seeds; every method runs once per seed"
     )
     target_accuracy: float = Field(
@@ -189,6 +192,12 @@ class GridConfig(BaseModel):
         "to target",
     )
     max_parallel: int = Field(1, ge=1, description="cells trained at the same time")
+    max_cells: int = Field(
+        MAX_CELLS,
+        ge=1,
+        description="the most runs (assigners x aggregators x seeds) a grid may expand to; a "
+        "guard against a grid far larger than meant: raise it for one that is",
+    )
     reference: str | None = Field(
         None,
         description="the method (<assigner label>-<aggregator>, as in the summary's method "
@@ -229,6 +238,17 @@ class GridConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("has duplicates")
         return value
+
+    @model_validator(mode="after")
+    def _within_max_cells(self) -> GridConfig:
+        n = len(self.assigners) * len(self.aggregators) * len(self.seeds)
+        if n > self.max_cells:
+            raise ValueError(
+                f"max_cells: the grid expands to {n:,} runs ({len(self.assigners)} assigners x "
+                f"{len(self.aggregators)} aggregators x {len(self.seeds)} seeds), expected at "
+                f"most {self.max_cells:,}; raise it with --set max_cells={n} if that is meant"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct_merges(self) -> GridConfig:

@@ -232,6 +232,14 @@ BAD = [
     (["config", "--set", "aggregation.method=fedavg"], "needs equal ranks"),
     (["config", "--config", "missing.yaml"], "not found"),
     (["config", "--schema", "--set", "seed=1"], "takes no --config or --set"),
+    (["config", "--set", "seed=true"], "seed: Input should be a valid integer"),
+    (["config", "--set", "seed=1.0"], "seed: Input should be a valid integer"),
+    (["config", "--set", "seed=99999999999999999999"], "seed: Input should be less than or"),
+    (["config", "--set", "partition.local_test_fraction=0.99"], "less than or equal to 0.5"),
+    (["config", "--set", "runtime.max_workers=100000"], "runtime.max_workers: Input should be"),
+    (["config", "--set", f"tracking.run_name={'x' * 10_000}"], "at most 250 characters, got"),
+    (["config", "--set", "tracking.run_name=../up"], "no control characters or path separators"),
+    (["config", "--set", 'tracking.run_name="two\\nlines"'], "got '\\n'"),
 ]
 
 
@@ -244,6 +252,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     err = cli_error([*argv, *extra], capsys)
 
     assert expected in err
+    assert len(err) < 500  # a 10,000-character value is cut
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
 
 
@@ -604,3 +613,14 @@ def test_a_prefect_api_url_that_answers_its_health_check_is_used(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_more_workers_than_cores_on_threads_is_refused_before_anything(tmp_path: Path) -> None:
+    cores = os.cpu_count() or 1
+    tiny = ["partition.n_clients=4", "training.rounds=1", "model.pretrain_epochs=0"]
+    args = ["run", *(a for s in tiny for a in ("--set", s))]
+    args += ["--set", f"runtime.max_workers={cores + 1}", "--set", "runtime.checkpoint_dir=ckpt"]
+
+    err = refused_in(tmp_path, args)
+
+    assert f"runtime.max_workers is {cores + 1} but this machine has {cores} cores" in err

@@ -412,6 +412,22 @@ def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
         assert sorted(steps) == [1, 2, 3, 4, 5, 6], child.info.run_name
 
 
+def test_a_grid_beyond_max_cells_is_refused_and_its_dry_run_says_how_large(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv += ["--set", f"seeds={list(range(300))}"]  # 2 assigners x 2 aggregators x 300 seeds
+
+    err = cli_error(argv, capsys)
+    code = main([*argv, "--set", "max_cells=1200"])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert "max_cells: the grid expands to 1,200 runs (2 assigners x 2 aggregators x 300" in err
+    assert "raise it with --set max_cells=1200" in err
+    assert code == 0 and lines[-1].startswith("1200 runs")
+    assert not list(tmp_path.iterdir())
+
+
 def test_dry_run_lists_the_runs_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
