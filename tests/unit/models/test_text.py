@@ -47,6 +47,18 @@ def test_logits_equal_the_transformers_model_with_its_own_mask(tiny_bert_dir: Pa
     assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_a_large_batch_in_length_sorted_chunks_gives_the_same_logits(tiny_bert_dir: Path) -> None:
+    model = _classifier(tiny_bert_dir).eval()
+    texts, _ = tiny_text_corpus(150)
+    x = _packed(tiny_bert_dir, [t + " very" * (i % 7) for i, t in enumerate(texts)])
+
+    with torch.no_grad():
+        whole = model(x)  # 150 samples: three chunks of up to 64
+        one_by_one = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+
+    assert_close(whole, one_by_one, rtol=1e-5, atol=1e-6)
+
+
 def test_the_new_head_is_seeded_and_dropout_is_off(tiny_bert_dir: Path) -> None:
     a, b = _classifier(tiny_bert_dir, seed=3), _classifier(tiny_bert_dir, seed=3)
     x = _packed(tiny_bert_dir, ["good day"])
