@@ -13,11 +13,12 @@ from autorank.config.vocab import Section
 class ModelConfig(Section):
     """The frozen base model that clients adapt."""
 
-    name: Literal["mlp", "cnn", "hf", "text_classifier"] = Field(
+    name: Literal["mlp", "cnn", "hf", "text_classifier", "causal_lm"] = Field(
         "mlp",
         description="mlp (hidden layers fc1..fcN, then head), cnn (conv1, conv2, fc1, head), "
         "hf (a transformers image classifier from hf_name_or_path), or text_classifier (a "
-        "pretrained transformers text model from hf_name_or_path with a new classifier head)",
+        "pretrained transformers text model from hf_name_or_path with a new classifier head), "
+        "or causal_lm (a pretrained transformers causal language model from hf_name_or_path)",
     )
     hidden: tuple[int, ...] = Field(
         (200, 200),
@@ -58,7 +59,7 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
-        if self.name in ("hf", "text_classifier") and not self.hf_name_or_path:
+        if self.name in ("hf", "text_classifier", "causal_lm") and not self.hf_name_or_path:
             raise ValueError(f"model.hf_name_or_path is required when model.name is {self.name!r}")
         if self.init == "safetensors" and self.weights_path is None:
             raise ValueError("model.weights_path is required when model.init is 'safetensors'")

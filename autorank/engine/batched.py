@@ -38,6 +38,7 @@ from autorank.lora.targets import (
     fresh_down_projections,
 )
 from autorank.models.evaluation import EvalResult
+from autorank.models.objectives import objective_of, per_sample
 
 
 def job_start(
@@ -182,6 +183,7 @@ class BatchedBackend:
         if max_clients < 1:
             raise ValueError(f"max_clients must be >= 1, got {max_clients}")
         self.template = LoraTemplate(base, targets, lora.head, device)
+        self.objective = objective_of(base)
         self.lora, self.train_settings, self.device = lora, train, device
         self.max_clients = max_clients
         self._seen: int | None = None
@@ -261,26 +263,28 @@ class BatchedBackend:
         idx, mask, epoch = sched.idx.to(dev), sched.mask.to(dev), sched.epoch.to(dev)
         E = max(j.epochs for j in jobs)
         totals = torch.zeros(len(jobs), E, device=dev, dtype=torch.float32)
+        weights = torch.zeros(len(jobs), E, device=dev, dtype=torch.float32)
         opt = ClientOptimizer(list(stack.params.values()), self.train_settings, stacked=True)
         params = list(stack.params.values())
         for t, k in enumerate(sched.active):
             self.stop.check()
             rows, keep = idx[:k, t], mask[:k, t]
             logits = self._batched(stack.view(k), X[rows])
-            ce = torch.where(keep, _cross_entropy(logits, Y[rows]), 0.0)
-            count = keep.sum(dim=1)
+            ce, count = self._scored(logits, Y[rows], X[rows], keep)
             loss = ce.sum(dim=1) / count  # [k]: each client's mean over its own batch
             for p in params:
                 p.grad = None
             loss.sum().backward()
             opt.clip(k)
             opt.step(k)
-            ep = epoch[:k, t]
-            totals[torch.arange(k, device=dev), ep] += loss.detach() * count
-        b = self.train_settings.batch_size
-        seen = [min(n, j.steps_per_epoch(b) * b) for n, j in zip(sizes, jobs, strict=True)]
-        n = torch.tensor(seen, device=dev, dtype=torch.float32)
-        per_epoch = (totals / n[:, None]).cpu()
+            ep, at = epoch[:k, t], torch.arange(k, device=dev)
+            totals[at, ep] += loss.detach() * count
+            weights[at, ep] += count
+        if self.objective == "classification":  # samples seen: as the sequential engine divides
+            b = self.train_settings.batch_size
+            seen = [min(n, j.steps_per_epoch(b) * b) for n, j in zip(sizes, jobs, strict=True)]
+            weights = torch.tensor(seen, device=dev, dtype=torch.float32)[:, None]
+        per_epoch = (totals / weights.clamp_min(1.0)).cpu()
         return [per_epoch[i, : j.epochs].tolist() for i, j in enumerate(jobs)]
 
     @torch.no_grad()
@@ -314,13 +318,33 @@ class BatchedBackend:
         index = torch.tensor(list(members), device=dev)
         params = {n: t.index_select(0, index) for n, t in stack.view(len(stack.ranks)).items()}
         logits = self._batched(params, x.to(dev)).float()
-        ce = torch.where(keep, _cross_entropy(logits, y), 0.0).to(torch.float64).sum(dim=1)
-        correct = ((logits.argmax(dim=2) == y) & keep).sum(dim=1)
         n = keep.sum(dim=1)
+        if self.objective == "classification":
+            ce = torch.where(keep, _cross_entropy(logits, y), 0.0).to(torch.float64).sum(dim=1)
+            correct = ((logits.argmax(dim=2) == y) & keep).sum(dim=1)
+            return [
+                EvalResult(accuracy=int(c) / int(m), loss=float(s) / int(m), n=int(m))
+                for c, s, m in zip(correct.cpu(), ce.cpu(), n.cpu(), strict=True)
+            ]
+        summed, weight, hits = per_sample(self.objective, logits, y, x.to(dev))
+        w = torch.where(keep, weight, 0.0).sum(dim=1).clamp_min(1.0)
+        ce = torch.where(keep, summed, 0.0).sum(dim=1)
+        correct = torch.where(keep, hits, 0.0).sum(dim=1)
         return [
-            EvalResult(accuracy=int(c) / int(m), loss=float(s) / int(m), n=int(m))
-            for c, s, m in zip(correct.cpu(), ce.cpu(), n.cpu(), strict=True)
+            EvalResult(accuracy=float(c / t), loss=float(s / t), n=int(m))
+            for c, s, t, m in zip(correct.cpu(), ce.cpu(), w.cpu(), n.cpu(), strict=True)
         ]
+
+    def _scored(
+        self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each kept sample's summed loss ``[k, b]`` and each client's weight ``[k]``: its
+        samples (classification) or its scored tokens (causal LM)."""
+        if self.objective == "classification":
+            return torch.where(keep, _cross_entropy(logits, y), 0.0), keep.sum(dim=1)
+        summed, weight, _ = per_sample(self.objective, logits, y, x)
+        count = torch.where(keep, weight, 0.0).sum(dim=1).clamp_min(1.0)
+        return torch.where(keep, summed, 0.0), count
 
     def _state(self, stack: _Stack, pos: int) -> AdapterState:
         """Client ``pos``'s trained factors at its own rank and scale, on CPU."""

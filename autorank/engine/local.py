@@ -18,6 +18,7 @@ from torch import nn
 from autorank.config import TrainingConfig
 from autorank.engine.optim import ClientOptimizer
 from autorank.lora.adapters import AdapterState
+from autorank.models.objectives import objective_of, per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -164,22 +165,35 @@ def train_local(
     seen = n if max_steps is None else min(n, max_steps * batch_size)
     losses: list[float] = []
     steps = 0
+    objective = objective_of(model)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)  # summed on device: no host sync per step
+        weight = torch.zeros((), device=device)  # what the epoch's loss is a mean over
         for start in range(0, seen, batch_size):
             if stop is not None:
                 stop.check()
             idx = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if objective == "classification":
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                batch_weight: torch.Tensor | int = idx.shape[0]
+            else:  # a mean per scored token, and the epoch's too
+                summed, w, _ = per_sample(objective, model(x[idx]), y[idx], x[idx])
+                batch_weight = w.sum().detach()
+                loss = summed.sum() / w.sum().clamp_min(1.0)
             for p in params:
                 p.grad = None
             loss.backward()
             opt.clip()
             opt.step()
-            total += loss.detach() * idx.shape[0]
+            total += loss.detach() * batch_weight
+            weight += batch_weight
             steps += 1
-        losses.append(float(total) / seen)
+        losses.append(
+            float(total) / seen
+            if objective == "classification"
+            else float(total) / max(float(weight), 1.0)
+        )
     logger.debug("trained %d steps, epoch losses %s", steps, losses)
     return losses, steps
 

@@ -1,4 +1,5 @@
-"""Accuracy and cross-entropy of a model on a labelled split."""
+"""Accuracy and cross-entropy of a model on a split, by its objective (``models.objectives``):
+per sample for a classifier, per scored token for a causal LM."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autorank.models.objectives import objective_of, per_sample
+
+_LM_BATCH = 16
+
 
 @dataclass(frozen=True)
 class EvalResult:
     """Metrics of one model on one split.
 
     Attributes:
-        accuracy: share of correct top-1 predictions, in [0, 1].
-        loss: mean cross-entropy per sample.
+        accuracy: share of correct top-1 predictions (next tokens for a causal LM), in [0, 1].
+        loss: mean cross-entropy per sample (per scored token for a causal LM).
         n: number of samples evaluated.
     """
 
@@ -49,17 +54,29 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    objective = objective_of(model)
+    if objective == "causal_lm":
+        batch_size = min(batch_size, _LM_BATCH)  # logits are [b, L, V]: a vocabulary per token
     was_training = model.training
     model.to(device)
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    weight = torch.zeros((), device=device, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, n, batch_size):
             xb = x[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device=device, dtype=torch.long)
             logits = model(xb)
-            loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
-            correct += (logits.argmax(dim=1) == yb).sum()
+            if objective == "classification":
+                loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+                correct += (logits.argmax(dim=1) == yb).sum()
+                weight += yb.shape[0]
+            else:
+                summed, w, hits = per_sample(objective, logits.float(), yb, xb)
+                loss_sum += summed.sum()
+                correct += hits.sum()
+                weight += w.sum()
     model.train(was_training)
-    return EvalResult(accuracy=int(correct) / n, loss=float(loss_sum) / n, n=n)
+    total = max(float(weight), 1.0)
+    return EvalResult(accuracy=float(correct) / total, loss=float(loss_sum) / total, n=n)

@@ -55,6 +55,39 @@ class TextClassifier(nn.Module):
         return logits
 
 
+class CausalLM(nn.Module):
+    """A transformers causal language model over packed samples ``x [n, 2, L]`` -> next-token
+    logits ``[n, L, V]``, scored per token (``objective``); it has no head to train (Llama's
+    output layer is tied to its embeddings).
+
+    Args:
+        model: an ``AutoModelForCausalLM`` instance, kept as ``self.model``.
+    """
+
+    objective = "causal_lm"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        dtype = next(self.model.parameters()).dtype
+        logits: torch.Tensor = self.model(
+            input_ids=ids, attention_mask=causal_mask(mask, dtype)
+        ).logits
+        return logits
+
+
+def causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, L]`` padding mask -> ``[n, 1, L, L]`` additive: position ``t`` attends to the real
+    tokens ``s <= t``."""
+    L = mask.shape[1]
+    past = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    keep = past[None, None] & (mask[:, None, None, :] > 0)
+    return (~keep).to(dtype) * torch.finfo(dtype).min
+
+
 def _trimmed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and mask cut to the batch's longest sample: padding costs as much as text (a tweet
     is 33 tokens of 64), and right padding is masked, so the logits are the same. Under vmap
@@ -101,6 +134,30 @@ def build_text_classifier(name_or_path: str, n_classes: int, max_length: int) ->
             str(folder), config=config, ignore_mismatched_sizes=True
         )
     return TextClassifier(model.float())
+
+
+def build_causal_lm(name_or_path: str, max_length: int) -> CausalLM:
+    """The pretrained causal LM, dropout off.
+
+    Raises:
+        ValueError: not a model folder, or ``max_length`` above the model's positions.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = pretrained_folder(name_or_path)
+    longest = max_positions(folder)
+    if longest is not None and max_length > longest:
+        raise ValueError(
+            f"data.max_length {max_length} exceeds {name_or_path}'s {longest} positions; "
+            f"expected at most {longest}"
+        )
+    config = AutoConfig.from_pretrained(str(folder))
+    for field in _DROPOUT_FIELDS:
+        if hasattr(config, field):
+            setattr(config, field, 0.0)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config)
+    return CausalLM(model.float())
 
 
 @contextmanager

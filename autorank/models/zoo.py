@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autorank.models.packaged import pretrained_folder, text_targets
-from autorank.models.text import build_text_classifier
+from autorank.models.text import build_causal_lm, build_text_classifier
 
 logger = logging.getLogger(__name__)
 
-ModelName = Literal["mlp", "cnn", "hf", "text_classifier"]
-MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn", "hf", "text_classifier")
+ModelName = Literal["mlp", "cnn", "hf", "text_classifier", "causal_lm"]
+MODEL_NAMES: tuple[ModelName, ...] = ("mlp", "cnn", "hf", "text_classifier", "causal_lm")
 
 
 class MLP(nn.Module):
@@ -220,6 +220,16 @@ def _text_classifier(
     return build_text_classifier(hf_name_or_path, n_classes, input_shape[1])
 
 
+def _causal_lm(
+    input_shape: tuple[int, ...], _: int, __: Sequence[int], hf_name_or_path: str | None
+) -> nn.Module:
+    if not hf_name_or_path:
+        raise ValueError("model 'causal_lm' needs hf_name_or_path (a folder)")
+    if len(input_shape) != 2 or input_shape[0] != 2:
+        raise ValueError(f"model 'causal_lm' needs token samples (2, L), got {input_shape}")
+    return build_causal_lm(hf_name_or_path, input_shape[1])
+
+
 # ``model.name`` -> (input_shape, n_classes, hidden, hf_name_or_path) -> an initialised model.
 Builder = Callable[[tuple[int, ...], int, Sequence[int], str | None], nn.Module]
 BUILDERS: dict[str, Builder] = {
@@ -227,6 +237,7 @@ BUILDERS: dict[str, Builder] = {
     "cnn": _cnn,
     "hf": _hf,
     "text_classifier": _text_classifier,
+    "causal_lm": _causal_lm,
 }
 
 
@@ -261,9 +272,9 @@ def default_targets(
         return tuple(f"fc{i + 1}" for i in range(n_hidden))
     if name == "cnn":
         return ("conv1", "conv2", "fc1")
-    if name == "text_classifier":
+    if name in ("text_classifier", "causal_lm"):
         if not hf_name_or_path:
-            raise ValueError("model 'text_classifier' needs hf_name_or_path for its targets")
+            raise ValueError(f"model {name!r} needs hf_name_or_path for its targets")
         return text_targets(pretrained_folder(hf_name_or_path))
     if name != "hf":
         raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
@@ -285,6 +296,8 @@ def head_modules(name: ModelName) -> tuple[str, ...]:
         return ("head",)
     if name in ("hf", "text_classifier"):
         return ("classifier",)
+    if name == "causal_lm":
+        return ()  # the output layer is tied to the embeddings: LoRA alone
     raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
 
 

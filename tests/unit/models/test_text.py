@@ -16,6 +16,8 @@ from autorank.engine.jobs import ClientJob
 from autorank.engine.local import TrainSettings, client_seed
 from autorank.engine.sequential import SequentialBackend
 from autorank.lora.settings import LoraSettings
+from autorank.models.evaluation import evaluate
+from autorank.models.objectives import loss, objective_of
 from autorank.models.packaged import pretrained_folder, text_targets
 from autorank.models.zoo import build_model, default_targets, head_modules
 from tests.unit.conftest import tiny_text_corpus
@@ -118,4 +120,47 @@ def test_both_engines_train_text_clients_alike(tiny_bert_dir: Path) -> None:
     # Assert: the 4-D mask lets vmap trace the model, and the results agree
     assert why_not_batched(base, ["query", "value"], lora, jobs[0].x) is None
     assert [o.result.steps for o in sequential] == [4, 4, 4]
+    _assert_same(batched, sequential)
+
+
+def _lm(folder: Path) -> torch.nn.Module:
+    # n_classes is not read: the logits are over the vocabulary
+    path = str(folder)
+    return build_model("causal_lm", input_shape=(2, L), n_classes=2, hf_name_or_path=path, seed=0)
+
+
+def test_the_token_loss_equals_the_transformers_models_own(tiny_llama_dir: Path) -> None:
+    model = _lm(tiny_llama_dir).eval()
+    x = _packed(tiny_llama_dir, ["good day", "the film was not so great", "bad"])
+    labels = x[:, 0].masked_fill(x[:, 1] == 0, -100)  # padding scores nothing
+
+    with torch.no_grad():
+        ours = loss("causal_lm", model(x), torch.zeros(3, dtype=torch.long), x)
+        theirs = model.model(input_ids=x[:, 0], attention_mask=x[:, 1], labels=labels).loss
+        result = evaluate(model, x, torch.zeros(3, dtype=torch.long), device=CPU)
+
+    assert objective_of(model) == "causal_lm" and head_modules("causal_lm") == ()
+    assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert result.loss == pytest.approx(float(theirs), rel=1e-5)
+    assert 0.0 <= result.accuracy <= 1.0 and result.n == 3
+
+
+def test_both_engines_train_a_causal_lm_alike(tiny_llama_dir: Path) -> None:
+    # Prepare: LoRA on Llama's four attention projections, no head, per-token losses
+    base = _lm(tiny_llama_dir).requires_grad_(False).eval()
+    targets = list(text_targets(tiny_llama_dir))
+    lora = LoraSettings("proportional", 8.0, 2.0, 0.0, ())
+    train = TrainSettings("adam", 0.01, 0.0, 0.0, 4, None)
+    jobs = []
+    for i, (n, r) in enumerate([(6, 1), (9, 4), (5, 2)]):
+        texts, _ = tiny_text_corpus(n, seed=i)
+        x, y = _packed(tiny_llama_dir, texts), torch.zeros(n, dtype=torch.long)
+        jobs.append(ClientJob(i, dict.fromkeys(targets, r), None, x, y, 2, client_seed(0, 1, i), 2))
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
+    batched = BatchedBackend(base, targets, lora, train, CPU).train_clients(jobs)
+
+    # Assert
+    assert targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     _assert_same(batched, sequential)
