@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,19 +118,9 @@ def build_text_classifier(name_or_path: str, n_classes: int, max_length: int) ->
     Raises:
         ValueError: not a model folder, or ``max_length`` above the model's positions.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    folder = pretrained_folder(name_or_path)
-    longest = max_positions(folder)
-    if longest is not None and max_length > longest:
-        raise ValueError(
-            f"data.max_length {max_length} exceeds {name_or_path}'s {longest} positions; "
-            f"expected at most {longest}"
-        )
-    config = AutoConfig.from_pretrained(str(folder), num_labels=n_classes)
-    for field in _DROPOUT_FIELDS:
-        if hasattr(config, field):
-            setattr(config, field, 0.0)
+    folder, config = _pretrained(name_or_path, max_length, num_labels=n_classes)
     with _quiet_transformers():  # its load report lists the new head as "missing"
         model = AutoModelForSequenceClassification.from_pretrained(
             str(folder), config=config, ignore_mismatched_sizes=True
@@ -142,7 +134,17 @@ def build_causal_lm(name_or_path: str, max_length: int) -> CausalLM:
     Raises:
         ValueError: not a model folder, or ``max_length`` above the model's positions.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    folder, config = _pretrained(name_or_path, max_length)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config)
+    return CausalLM(model.float())
+
+
+def _pretrained(name_or_path: str, max_length: int, **settings: Any) -> tuple[Path, Any]:
+    """The model's folder and its config with dropout off, once ``max_length`` fits it."""
+    from transformers import AutoConfig
 
     folder = pretrained_folder(name_or_path)
     longest = max_positions(folder)
@@ -151,13 +153,11 @@ def build_causal_lm(name_or_path: str, max_length: int) -> CausalLM:
             f"data.max_length {max_length} exceeds {name_or_path}'s {longest} positions; "
             f"expected at most {longest}"
         )
-    config = AutoConfig.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder), **settings)
     for field in _DROPOUT_FIELDS:
         if hasattr(config, field):
             setattr(config, field, 0.0)
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config)
-    return CausalLM(model.float())
+    return folder, config
 
 
 @contextmanager
