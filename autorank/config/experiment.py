@@ -9,7 +9,7 @@ from autorank.config.model import LoraConfig, ModelConfig
 from autorank.config.ranking import RankingConfig
 from autorank.config.runtime import RuntimeConfig, TrackingConfig
 from autorank.config.training import AggregationConfig, TrainingConfig
-from autorank.config.vocab import Section, Seed
+from autorank.config.vocab import TEXT_DATA, TEXT_MODELS, Section, Seed
 
 
 class ExperimentConfig(Section):
@@ -66,7 +66,22 @@ class ExperimentConfig(Section):
         if self.ranking.rerank_every:
             self._check_reranking()
         self._check_early_when()
+        self._check_text()
         return self
+
+    def _check_text(self) -> None:
+        """Text data needs a model that reads tokens, and such a model needs text data."""
+        text_data, text_model = self.data.name in TEXT_DATA, self.model.name in TEXT_MODELS
+        if text_data and not text_model:
+            raise ValueError(
+                f"data.name {self.data.name!r} is text; expected model.name one of "
+                f"{list(TEXT_MODELS)} (got {self.model.name!r})"
+            )
+        if text_model and not text_data:
+            raise ValueError(
+                f"model.name {self.model.name!r} reads text; expected data.name one of "
+                f"{list(TEXT_DATA)} (got {self.data.name!r})"
+            )
 
     def _check_early_when(self) -> None:
         """all_labels decides from the ranks of the early rounds: no re-ranking among them."""

@@ -41,6 +41,9 @@ def _run_name(name: str) -> str:
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
 RunName = Annotated[str, Field(min_length=1), AfterValidator(_run_name)]
 
+# The data sets that are text (``data.text``'s readers), and the models that read tokens.
+TEXT_DATA: tuple[str, ...] = ("tweets", "text")
+TEXT_MODELS: tuple[str, ...] = ("text_classifier", "causal_lm")
 # When aggregation.early_method applies: always, or only when every rank tier holds every label.
 EarlyWhen = Literal["always", "all_labels"]
 

@@ -210,6 +210,7 @@ def _names(literal: Any) -> set[str]:
 
 def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     from autorank.config import AggregatorName, AssignerName, ModelConfig, RuntimeConfig, Scheme
+    from autorank.config.vocab import TEXT_DATA
     from autorank.data.datasets import KNOWN, SOURCES
     from autorank.data.partition import SCHEMES
     from autorank.data.text import TEXT_SOURCES
@@ -227,3 +228,4 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     assert set(ENGINES) == backends
     assert set(SOURCES) | set(TEXT_SOURCES) == {n for n in KNOWN if not n.startswith("hf:")}
     assert not set(SOURCES) & set(TEXT_SOURCES)
+    assert set(TEXT_SOURCES) == set(TEXT_DATA)

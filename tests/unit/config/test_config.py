@@ -153,6 +153,21 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
+        (["data.name=tweets"], "data.name 'tweets' is text; expected model.name one of"),
+        (
+            ["model.name=text_classifier", "model.hf_name_or_path=all-MiniLM-L6-v2"],
+            "model.name 'text_classifier' reads text; expected data.name one of",
+        ),
+    ],
+)
+def test_text_data_and_text_models_go_together(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
         (["partition.n_clients=0"], "partition.n_clients"),
         (["partition.n_clients=ten"], "partition.n_clients"),
         (["partition.scheme=banana"], "partition.scheme"),
