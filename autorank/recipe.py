@@ -121,6 +121,7 @@ def text_options(config: ExperimentConfig) -> TextOptions | None:
         text_column=config.data.text_column,
         label_column=config.data.label_column,
         cache_dir=config.data.cache_dir,
+        key_column=config.data.key_column,
     )
 
 

@@ -51,6 +51,12 @@ class DataConfig(Section):
     )
     text_column: str = Field("text", min_length=1, description="text file: the text column")
     label_column: str = Field("label", min_length=1, description="text file: the label column")
+    key_column: str | None = Field(
+        None,
+        min_length=1,
+        description="text file: the column whose values are the natural clients (partition."
+        "scheme natural: a user, an author, a book); null: none",
+    )
     cache_dir: Path = Field(
         Path(".cache/autorank"),
         description="text: where tokenised data is cached (keyed by the texts, the tokenizer "
@@ -65,7 +71,8 @@ class PartitionConfig(Section):
         "double_imbalance",
         description="iid (equal shuffled parts), dirichlet (label skew, alpha), shards "
         "(label-sorted shards), quantity_skew (log-normal sizes), double_imbalance (client i "
-        "holds classes 0..i, so both labels and size grow with i)",
+        "holds classes 0..i, so both labels and size grow with i), natural (one client per "
+        "distinct value of data.key_column: a user, a book; n_clients must equal their count)",
     )
     n_clients: int = Field(
         10, ge=1, description="clients the training data (less the server's share) is split among"

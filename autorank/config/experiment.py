@@ -70,7 +70,13 @@ class ExperimentConfig(Section):
         return self
 
     def _check_text(self) -> None:
-        """Text data needs a model that reads tokens, and such a model needs text data."""
+        """Text data needs a model that reads tokens, and such a model needs text data; a
+        natural partition needs the column that names each sample's client."""
+        if self.partition.scheme == "natural" and self.data.key_column is None:
+            raise ValueError(
+                "partition.scheme 'natural' needs data.key_column (the column whose values "
+                "are the clients)"
+            )
         text_data, text_model = self.data.name in TEXT_DATA, self.model.name in TEXT_MODELS
         if text_data and not text_model:
             raise ValueError(

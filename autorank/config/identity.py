@@ -52,6 +52,7 @@ def config_digest(config: ExperimentConfig) -> str:
             "max_length": 64,
             "text_column": "text",
             "label_column": "label",
+            "key_column": None,
         },
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Scheme = Literal["iid", "dirichlet", "shards", "quantity_skew", "double_imbalance"]
+Scheme = Literal["iid", "dirichlet", "shards", "quantity_skew", "double_imbalance", "natural"]
 Criterion = Literal["entropy", "gini_simpson", "n_samples", "learning_difficulty"]
 AssignerName = Literal["autorank", "uniform", "manual", "random", "heavy_tail", "size"]
 AggregatorName = Literal[

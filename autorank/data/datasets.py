@@ -88,6 +88,8 @@ class DatasetSplits:
             ``(2, L)`` for tokens (ids, then the attention mask; ``autorank.data.text``).
         tokens: x holds token ids and masks (int64), not features (float32).
         label_names: the classes' names, where the source has them.
+        keys: each training sample's natural client (a user, a book), where the source has
+            them (``partition.scheme: natural``).
     """
 
     name: str
@@ -97,6 +99,7 @@ class DatasetSplits:
     input_shape: tuple[int, ...]
     tokens: bool = False
     label_names: tuple[str, ...] = ()
+    keys: tuple[str, ...] | None = None
 
     def arrays(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """One split as arrays: x ``[n, *input_shape]`` float32 (int64 tokens), y ``[n]`` int64."""
@@ -124,6 +127,7 @@ class _Source:
     n_classes: int | None = None
     tokens: bool = False
     label_names: tuple[str, ...] = ()
+    keys: np.ndarray | None = None  # [n] each training sample's natural client
 
 
 def load_data(
@@ -160,17 +164,20 @@ def load_data(
     source = _read_source(name, path, text)
     split_seed, sample_seed, test_seed = np.random.SeedSequence(seed).spawn(3)
     x_train, y_train = _check_pair(source.x_train, source.y_train, f"{name} train")
+    keys = source.keys
     if source.test is None:  # stratified hold-out, as the source ships no test split
         test_idx, train_idx = _stratified_take(
             y_train, _n_held_out(len(y_train), test_fraction), np.random.default_rng(split_seed)
         )
         x_test, y_test = x_train[test_idx], y_train[test_idx]
         x_train, y_train = x_train[train_idx], y_train[train_idx]
+        keys = None if keys is None else keys[train_idx]
     else:
         x_test, y_test = _check_pair(*source.test, f"{name} test")
     if max_train_samples is not None and max_train_samples < len(y_train):
         keep, _ = _stratified_take(y_train, max_train_samples, np.random.default_rng(sample_seed))
         x_train, y_train = x_train[keep], y_train[keep]
+        keys = None if keys is None else keys[keep]
     if max_test_samples is not None and max_test_samples < len(y_test):
         keep, _ = _stratified_take(y_test, max_test_samples, np.random.default_rng(test_seed))
         x_test, y_test = x_test[keep], y_test[keep]
@@ -184,7 +191,14 @@ def load_data(
         norm = source.norm or train_statistics(x_train)
         train, test = (_to_dataset(standardise(x, norm), y) for x, y in pairs)
     return DatasetSplits(
-        name, train, test, n_classes, shape, tokens=source.tokens, label_names=source.label_names
+        name,
+        train,
+        test,
+        n_classes,
+        shape,
+        tokens=source.tokens,
+        label_names=source.label_names,
+        keys=None if keys is None else tuple(str(k) for k in keys),
     )
 
 
@@ -194,8 +208,8 @@ def _read_source(name: str, path: Path | None, text: TextOptions | None) -> _Sou
             raise DataError(f"dataset {name!r} is text; expected the model's tokenizer with it")
         table = TEXT_SOURCES[name](path, text)
         x = tokenize(table.texts, text)
-        n = len(table.label_names)
-        return _Source(x, table.labels, None, None, n, tokens=True, label_names=table.label_names)
+        n, names = len(table.label_names), table.label_names
+        return _Source(x, table.labels, None, None, n, True, names, table.keys)
     if name.startswith("hf:"):
         hub_name = name[3:].strip()
         if not hub_name:

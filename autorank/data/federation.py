@@ -101,12 +101,16 @@ def build_federation(
         public, private = split_public(labels, public_fraction, seed=seed_public)
     else:
         public, private = np.empty(0, dtype=np.int64), np.arange(len(labels), dtype=np.int64)
+    params: dict[str, Any] = dict(partition_params(settings))
+    if settings.scheme == "natural":
+        if data.keys is None:
+            raise ValueError(
+                f"partition.scheme 'natural' needs each sample's client: data {data.name!r} has "
+                "none (set data.key_column)"
+            )
+        params["keys"] = np.asarray(data.keys, dtype=object)[private]
     parts = partition(
-        labels[private],
-        settings.scheme,
-        settings.n_clients,
-        seed=seed_part,
-        **partition_params(settings),
+        labels[private], settings.scheme, settings.n_clients, seed=seed_part, **params
     )
     local_seeds = np.random.SeedSequence(seed_local).spawn(len(parts))
     clients = []

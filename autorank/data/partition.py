@@ -235,6 +235,25 @@ def _double_imbalance(labels: np.ndarray, n_clients: int, rng: np.random.Generat
     return _merge(pieces, n_clients)
 
 
+def _natural(labels: np.ndarray, n_clients: int, rng: np.random.Generator, *, keys: Any) -> Parts:
+    """One client per distinct key (``keys [N]``: a user, a book), in sorted key order.
+
+    Flower's ``NaturalIdPartitioner`` and FederatedScope's meta splitter do the same: the data
+    says who holds what, so the number of clients is the number of keys.
+    """
+    keys = np.asarray(keys)
+    if keys.shape != labels.shape:
+        raise ValueError(f"keys: expected one per sample ({labels.size}), got {keys.shape}")
+    names, owner = np.unique(keys, return_inverse=True)
+    if len(names) != n_clients:
+        raise ValueError(
+            f"partition.n_clients ({n_clients}) must equal the {len(names)} distinct values of "
+            "data.key_column for scheme 'natural'"
+        )
+    order = np.argsort(owner, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owner, minlength=len(names)))[:-1])
+
+
 Split = Callable[..., Parts]  # (labels [N], n_clients, rng, **params) -> K index arrays
 
 # ``partition.scheme`` -> its split (the names are ``config.Scheme``); a split's keyword-only
@@ -245,7 +264,10 @@ SCHEMES: dict[str, Split] = {
     "shards": _shards,
     "quantity_skew": _quantity_skew,
     "double_imbalance": _double_imbalance,
+    "natural": _natural,
 }
+# Parameters the data gives, not the config (``scheme_params`` leaves them out).
+DATA_PARAMS = frozenset({"keys"})
 # What to change when a split leaves a client without samples.
 _EMPTY_HINTS = {
     "dirichlet": "raise alpha or min_size, or lower n_clients",
@@ -255,8 +277,8 @@ _EMPTY_HINTS = {
 
 
 def scheme_params(scheme: Scheme) -> tuple[str, ...]:
-    """The keyword parameters ``partition`` accepts for ``scheme``."""
-    return tuple(_keywords(_split(scheme)))
+    """The keyword parameters of ``scheme`` that are settings (not the data's, ``DATA_PARAMS``)."""
+    return tuple(k for k in _keywords(_split(scheme)) if k not in DATA_PARAMS)
 
 
 def _split(scheme: str) -> Split:

@@ -48,6 +48,7 @@ class TextOptions:
         max_length: tokens per sample ``L``; longer texts are truncated.
         text_column, label_column: the columns of a ``text`` file.
         cache_dir: where tokenised data is cached (None: no cache).
+        key_column: a ``text`` file's column of natural clients (None: none).
     """
 
     tokenizer: Path
@@ -55,15 +56,18 @@ class TextOptions:
     text_column: str = "text"
     label_column: str = "label"
     cache_dir: Path | None = None
+    key_column: str | None = None
 
 
 @dataclass(frozen=True)
 class TextTable:
-    """What a text source read: ``texts [n]``, ``labels [n]`` int64 in ``0..C-1``, the names."""
+    """What a text source read: ``texts [n]``, ``labels [n]`` int64 in ``0..C-1``, the names,
+    and each text's natural client (``keys [n]``, where the source has them)."""
 
     texts: list[str]
     labels: np.ndarray
     label_names: tuple[str, ...]
+    keys: np.ndarray | None = None
 
 
 def read_tweets(path: Path | None, options: TextOptions) -> TextTable:
@@ -99,7 +103,10 @@ def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for a malformed file
         raise TextDataError(f"{path}: unreadable as {kind} ({type(err).__name__})") from None
-    for role, column in (("text", options.text_column), ("label", options.label_column)):
+    columns = [("text", options.text_column), ("label", options.label_column)]
+    if options.key_column is not None:
+        columns.append(("key", options.key_column))
+    for role, column in columns:
         if column not in table.column_names:
             raise TextDataError(
                 f"{path}: no {role} column {column!r} (data.{role}_column); the file has "
@@ -107,7 +114,11 @@ def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
             )
     raw = list(table[options.label_column])
     labels, names = _label_ids(raw, str(path))
-    return _checked(str(path), [str(t) for t in table[options.text_column]], labels, names)
+    read = _checked(str(path), [str(t) for t in table[options.text_column]], labels, names)
+    if options.key_column is None:
+        return read
+    keys = np.asarray([str(k) for k in table[options.key_column]], dtype=object)
+    return TextTable(read.texts, read.labels, read.label_names, keys)
 
 
 def _label_ids(raw: Sequence[object], where: str) -> tuple[np.ndarray, tuple[str, ...]]:

@@ -141,7 +141,8 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     del payload["training"]["local_steps"]
     for name in ("budget_params", "rank_caps", "cap_tiers"):
         del payload["ranking"][name]
-    for name in ("max_test_samples", "max_length", "text_column", "label_column", "cache_dir"):
+    text = ("max_test_samples", "max_length", "text_column", "label_column", "key_column")
+    for name in (*text, "cache_dir"):
         del payload["data"][name]  # the text settings came later still
     payload["aggregation"] = {"method": config.aggregation.method}
 
@@ -163,6 +164,12 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
 def test_text_data_and_text_models_go_together(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_config(None, overrides)
+
+
+def test_a_natural_partition_needs_the_key_column() -> None:
+    expected = "partition.scheme 'natural' needs data.key_column"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["partition.scheme=natural"])
 
 
 @pytest.mark.parametrize(

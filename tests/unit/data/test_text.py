@@ -123,6 +123,34 @@ def test_the_test_split_can_be_subsampled_stratified(tiny_bert_dir: Path, tmp_pa
     np.testing.assert_array_equal(small.arrays("train")[0], full.arrays("train")[0])
 
 
+def test_a_natural_partition_gives_each_key_its_client(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    # Prepare: 60 texts of three users with 30, 20 and 10 texts
+    from autorank.config import PartitionConfig
+    from autorank.data.federation import build_federation
+
+    texts, labels = tiny_text_corpus(60)
+    users = ["cat"] * 30 + ["ann"] * 20 + ["bob"] * 10
+    rows = [f'"{t}",{y},{u}' for t, y, u in zip(texts, labels, users, strict=True)]
+    file = tmp_path / "d.csv"
+    file.write_text("\n".join(["text,label,user", *rows]) + "\n")
+    options = _options(tiny_bert_dir, tmp_path, key_column="user")
+
+    # Execute
+    data = load_data("text", path=file, seed=0, text=options)
+    settings = PartitionConfig(scheme="natural", n_clients=3, local_test_fraction=0.0)
+    federation = build_federation(data, settings, public_fraction=0.0, seed=0)
+    wrong = PartitionConfig(scheme="natural", n_clients=4)
+
+    # Assert: clients in sorted key order, each holding exactly its user's training texts
+    assert data.keys is not None and len(data.keys) == 48
+    sizes = [len(c.train) for c in federation.clients]
+    assert sizes == [data.keys.count(u) for u in ("ann", "bob", "cat")]
+    for client, user in zip(federation.clients, ("ann", "bob", "cat"), strict=True):
+        assert {data.keys[i] for i in client.train} == {user}
+    with pytest.raises(ValueError, match=r"n_clients \(4\) must equal the 3 distinct values"):
+        build_federation(data, wrong, public_fraction=0.0, seed=0)
+
+
 def test_text_data_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is text; expected the model's tokenizer"):
         load_data("text", path=tmp_path / "d.csv")
