@@ -49,6 +49,7 @@ EarlyWhen = Literal["always", "all_labels"]
 
 
 class Section(BaseModel):
-    """A config section: unknown keys refused, values frozen."""
+    """A config section: unknown keys refused, floats finite, values frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # An inf learning rate or alpha passed every bound and failed the run in its warm-up.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

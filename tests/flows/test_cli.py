@@ -624,3 +624,20 @@ def test_more_workers_than_cores_on_threads_is_refused_before_anything(tmp_path:
     err = refused_in(tmp_path, args)
 
     assert f"runtime.max_workers is {cores + 1} but this machine has {cores} cores" in err
+
+
+NONFINITE = [
+    ("training.lr=.inf", "training.lr: Input should be a finite number (got inf)"),
+    ("runtime.dask_resources={GPU: .nan}", "runtime.dask_resources.GPU: Input should be a finite"),
+]
+
+
+@pytest.mark.parametrize(("setting", "expected"), NONFINITE, ids=[s for s, _ in NONFINITE])
+def test_a_nonfinite_setting_is_refused_before_anything(
+    setting: str, expected: str, tmp_path: Path
+) -> None:
+    args = ["run", "--set", setting, "--set", "runtime.checkpoint_dir=ckpt"]
+
+    err = refused_in(tmp_path, args)
+
+    assert expected in err

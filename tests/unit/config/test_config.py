@@ -3,7 +3,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from autorank.config import (
     ConfigError,
@@ -296,14 +296,54 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
         yield from _models_in(arg)
 
 
-def test_every_setting_of_every_config_model_says_what_it_does() -> None:
+def _config_models(*roots: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every pydantic model reachable from ``roots`` through their fields."""
     models: list[type[BaseModel]] = []
-    todo: list[type[BaseModel]] = [ExperimentConfig, GridConfig]
+    todo = list(roots)
     while todo:
         model = todo.pop()
         if model not in models:
             models.append(model)
             todo += [m for f in model.model_fields.values() for m in _models_in(f.annotation)]
+    return models
+
+
+def _nonfinite(annotation: Any) -> Any:
+    """A value of ``annotation``'s shape holding inf (None where it holds no float)."""
+    if annotation is float:
+        return float("inf")
+    if getattr(annotation, "__origin__", None) is dict:
+        inner = _nonfinite(get_args(annotation)[1])
+        return None if inner is None else {"key": inner}
+    return next((v for a in get_args(annotation) if (v := _nonfinite(a)) is not None), None)
+
+
+def test_every_float_setting_refuses_nan_and_inf() -> None:
+    checked = []
+    for model in _config_models(ExperimentConfig):
+        for name, field in model.model_fields.items():
+            value = _nonfinite(field.annotation)
+            if value is None:
+                continue
+            with pytest.raises(ValidationError) as info:
+                model.model_validate({name: value})
+            kinds = {e["type"] for e in info.value.errors() if e["loc"][0] == name}
+            assert "finite_number" in kinds, f"{model.__name__}.{name}: {kinds}"
+            checked.append(name)
+
+    assert {"lr", "alpha", "share", "dask_resources", "clients_per_round"} <= set(checked)
+
+
+@pytest.mark.parametrize("setting", ["training.lr=.inf", "partition.alpha=.nan"])
+def test_a_nonfinite_setting_is_one_line_naming_it(setting: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [setting])
+
+    assert str(info.value).startswith(f"{setting.split('=')[0]}: Input should be a finite number")
+
+
+def test_every_setting_of_every_config_model_says_what_it_does() -> None:
+    models = _config_models(ExperimentConfig, GridConfig)
 
     undescribed = [
         f"{model.__name__}.{name}"
