@@ -1,4 +1,5 @@
-"""Where a run writes and what it talks to, checked in seconds without writing anything.
+"""Where a run writes, what it talks to and the files it reads, checked in seconds without
+writing anything.
 
 A command checks these before it starts Prefect's API server or creates a file: a refusal then
 leaves the working folder as it was. Stores are only read here (a sqlite file is opened
@@ -276,7 +277,10 @@ def _check_cores(config: ExperimentConfig) -> None:
 
 def check_places(config: ExperimentConfig) -> None:
     """Where the run writes and runs and what it talks to: the tracking store
-    (``check_store``), the checkpoint folder, this machine's cores, and the Dask scheduler."""
+    (``check_store``), the checkpoint folder, this machine's cores, the Dask scheduler, and
+    the data files it reads (IDX, parquet)."""
+    from autorank.data.datasets import check_files
+
     check_store(config.tracking.uri)
     _check_cores(config)
     check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
@@ -288,3 +292,4 @@ def check_places(config: ExperimentConfig) -> None:
                 f"runtime.dask_address: {address!r}; expected tcp://host:port of a scheduler"
             )
         check_reachable(parts.hostname, parts.port, "runtime.dask_address")
+    check_files(config.data.name, config.data.path)

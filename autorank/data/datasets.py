@@ -288,6 +288,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: unreadable or corrupt gzip file ({err})") from None
+    if not raw:
+        raise DataError(f"{path}: the file is empty; expected an IDX file (magic 0x{magic:08X})")
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if found != magic:
         shown = "none" if found is None else f"0x{found:08X}"
@@ -297,6 +299,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header})")
     dims = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if dims[0] == 0:
+        raise DataError(f"{path}: the IDX header declares 0 items; expected at least one")
     needed = header + int(np.prod(dims))
     if len(raw) != needed:
         raise DataError(
@@ -305,7 +309,25 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _load_parquet(path: Path | None) -> _Source:
+def check_files(name: str, path: Path | None) -> None:
+    """Read a file source's files as loading does, without ``datasets`` (it takes seconds to
+    import), so that a command can refuse bad files before it writes anything: IDX files whole,
+    parquet files with their label and numeric feature columns (images are decoded on load).
+
+    Raises:
+        DataError: as ``load_data`` would for these files.
+    """
+    if name in ("mnist", "fashion_mnist"):
+        SOURCES[name](path)
+    elif name == "parquet":
+        for file in _parquet_files(path).values():
+            table = _read_parquet(file)
+            if _image_column(table) is None:
+                _table_arrays(table, f"parquet {str(file)!r}")
+
+
+def _parquet_files(path: Path | None) -> dict[str, Path]:
+    """``train`` (and ``test``) parquet files of ``data.path``, a folder or one file."""
     expected = "a folder with train.parquet (and optionally test.parquet) or one .parquet file"
     if path is None:
         raise DataError(f"parquet needs data.path: {expected}")
@@ -313,19 +335,41 @@ def _load_parquet(path: Path | None) -> _Source:
         files = {s: path / f"{s}.parquet" for s in ("train", "test")}
         if not files["train"].is_file():
             raise DataError(f"parquet: {str(files['train'])!r} not found; expected {expected}")
-        files = {s: f for s, f in files.items() if f.is_file()}
-    elif path.is_file():
-        files = {"train": path}
-    else:
-        raise DataError(f"parquet: {str(path)!r} not found; expected {expected}")
-    data_files = {split: str(file) for split, file in files.items()}
+        return {s: f for s, f in files.items() if f.is_file()}
+    if path.is_file():
+        return {"train": path}
+    raise DataError(f"parquet: {str(path)!r} not found; expected {expected}")
+
+
+def _load_parquet(path: Path | None) -> _Source:
+    files = _parquet_files(path)
     import datasets
 
+    # Read here rather than by load_dataset("parquet"), which copies each file into an Arrow
+    # cache and draws progress bars before anything is checked.
+    tables = {split: _read_parquet(file) for split, file in files.items()}
+    loaded = datasets.DatasetDict(
+        {split: datasets.Dataset(datasets.table.InMemoryTable(t)) for split, t in tables.items()}
+    )
+    names = {split: f"parquet {str(file)!r}" for split, file in files.items()}
+    return _from_dataset_dict(loaded, None, f"parquet {str(path)!r}", names)
+
+
+def _read_parquet(file: Path) -> pa.Table:
+    """One parquet file's table (with the ``datasets`` features in its metadata), refusing a
+    file that is no parquet or holds no rows."""
+    import pyarrow.parquet as pq
+
     try:
-        loaded = datasets.load_dataset("parquet", data_files=data_files)
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
-        raise DataError(f"parquet: could not read {str(path)!r} ({type(err).__name__})") from None
-    return _from_dataset_dict(loaded, None, f"parquet {str(path)!r}")
+        table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(
+            f"parquet {str(file)!r} could not be read as parquet ({type(err).__name__}); "
+            "expected a parquet file"
+        ) from None
+    if table.num_rows == 0:
+        raise DataError(f"parquet {str(file)!r} holds no rows; expected labelled samples")
+    return table
 
 
 def _load_mnist(path: Path | None) -> _Source:
@@ -363,13 +407,20 @@ def _load_hub(name: str) -> _Source:
 
 
 def _from_dataset_dict(
-    loaded: datasets.DatasetDict, norm: Normalisation | None, what: str
+    loaded: datasets.DatasetDict,
+    norm: Normalisation | None,
+    what: str,
+    names: dict[str, str] | None = None,
 ) -> _Source:
-    """Arrays from a Hub-style DatasetDict; ``norm`` is dropped if its channels do not fit."""
+    """Arrays from a Hub-style DatasetDict; ``norm`` is dropped if its channels do not fit.
+
+    ``names`` says where a split came from in messages (a split's file), else ``what`` does.
+    """
     if "train" not in loaded:
         raise DataError(f"{what}: no 'train' split (found {sorted(loaded)}); expected 'train'")
-    x_train, y_train = _columns_to_arrays(loaded["train"], f"{what} train")
-    test = _columns_to_arrays(loaded["test"], f"{what} test") if "test" in loaded else None
+    named = {split: f"{what} {split}" for split in ("train", "test")} | (names or {})
+    x_train, y_train = _split_arrays(loaded, "train", named)
+    test = _split_arrays(loaded, "test", named) if "test" in loaded else None
     if norm is not None and (x_train.ndim != 4 or x_train.shape[1] != len(norm.mean)):
         norm = None
     import datasets
@@ -379,17 +430,26 @@ def _from_dataset_dict(
     return _Source(x_train, y_train, test, norm, n_classes)
 
 
-def _columns_to_arrays(ds: datasets.Dataset, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _split_arrays(
+    loaded: datasets.DatasetDict, split: str, named: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    return _table_arrays(loaded[split].with_format("arrow")[:], named[split])
+
+
+def _image_column(table: pa.Table) -> str | None:
+    return next((c for c in ("image", "img") if c in table.column_names), None)
+
+
+def _table_arrays(table: pa.Table, what: str) -> tuple[np.ndarray, np.ndarray]:
     """x ``[n, C, H, W]`` in [0, 1] from an image column, else ``[n, d]``; y ``[n]`` int64."""
-    table: pa.Table = ds.with_format("arrow")[:]
     if "label" not in table.column_names:
         raise DataError(f"{what}: no 'label' column (found {table.column_names})")
     if not pa.types.is_integer(table.schema.field("label").type):
         raise DataError(
             f"{what}: column 'label' has type {table.schema.field('label').type}; expected integers"
         )
-    y = table.column("label").to_numpy().astype(np.int64)
-    image_col = next((c for c in ("image", "img") if c in table.column_names), None)
+    y = _numbers(table, "label", what).astype(np.int64)
+    image_col = _image_column(table)
     if image_col is not None:
         return _decode_images(table.column(image_col), what), y
     features = [c for c in table.column_names if c != "label"]
@@ -400,8 +460,33 @@ def _columns_to_arrays(ds: datasets.Dataset, what: str) -> tuple[np.ndarray, np.
             f"{what}: expected an 'image'/'img' column or numeric feature columns; "
             f"found {table.column_names}"
         )
-    x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in features], axis=1)
+    x = np.stack([_features(table, c, what) for c in features], axis=1)
     return x, y
+
+
+def _numbers(table: pa.Table, name: str, what: str) -> np.ndarray:
+    """A numeric column as an array, refusing empty cells (they would read as NaN)."""
+    column = table.column(name)
+    if column.null_count:
+        raise DataError(
+            f"{what}: column {name!r} has {column.null_count:,} empty cell(s); "
+            "expected a number in every row"
+        )
+    return column.to_numpy()
+
+
+def _features(table: pa.Table, name: str, what: str) -> np.ndarray:
+    """A feature column as float32 ``[n]``, refusing NaN and inf (also float64 beyond float32),
+    which train to a NaN loss in the warm-up."""
+    with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+        values = _numbers(table, name, what).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(
+            f"{what}: column {name!r} has {len(bad):,} NaN or infinite value(s) as float32 "
+            f"(the first in row {bad[0]}, counting from 0); expected finite numbers"
+        )
+    return values
 
 
 def _decode_images(column: pa.ChunkedArray, what: str) -> np.ndarray:
@@ -429,6 +514,8 @@ def _decode_images(column: pa.ChunkedArray, what: str) -> np.ndarray:
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if len(y) == 0:
+        raise DataError(f"{what}: no samples; expected at least one")
     if len(x) != len(y):
         raise DataError(f"{what}: {len(x)} samples but {len(y)} labels; expected equal counts")
     return x, y

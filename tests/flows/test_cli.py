@@ -641,3 +641,41 @@ def test_a_nonfinite_setting_is_refused_before_anything(
     err = refused_in(tmp_path, args)
 
     assert expected in err
+
+
+def test_nonfinite_data_is_refused_with_its_file_and_column_before_anything(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {f"f{i}": np.random.default_rng(i).normal(size=60) for i in range(40)}
+    features["f7"][11] = np.nan
+    pq.write_table(pa.table({**features, "label": np.arange(60) % 3}), tmp_path / "nan.parquet")
+    args = ["run", "--set", "data.name=parquet", "--set", "data.path=nan.parquet"]
+    args += ["--set", "partition.n_clients=3", "--set", "runtime.checkpoint_dir=ckpt"]
+
+    err = refused_in(tmp_path, args)
+
+    assert "parquet 'nan.parquet': column 'f7' has 1 NaN or infinite value(s)" in err
+
+
+def test_an_empty_idx_file_is_named_before_anything(tmp_path: Path) -> None:
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (tmp_path / stem).write_bytes(b"")
+    for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(b"")
+    args = [
+        "run",
+        "--set",
+        "data.name=mnist",
+        "--set",
+        "data.path=.",
+        "--set",
+        "runtime.checkpoint_dir=ckpt",
+    ]
+
+    err = refused_in(tmp_path, args)
+
+    assert "train-images-idx3-ubyte: the file is empty; expected an IDX file" in err

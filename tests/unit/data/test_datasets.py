@@ -208,6 +208,22 @@ def test_corrupt_gzip_is_named(tmp_path: Path) -> None:
         load_data("mnist", path=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty; expected an IDX file"),
+        (struct.pack(">IIII", 0x803, 0, 5, 4), "the IDX header declares 0 items"),
+    ],
+    ids=["empty", "no-items"],
+)
+def test_an_idx_file_without_samples_is_named(tmp_path: Path, content: bytes, message: str) -> None:
+    _idx_folder(tmp_path, gz=False)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(content)
+
+    with pytest.raises(DataError, match=f"train-images-idx3-ubyte: {message}"):
+        load_data("mnist", path=tmp_path)
+
+
 def test_image_label_count_mismatch(tmp_path: Path) -> None:
     _idx_folder(tmp_path, gz=False)
     _write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(29, dtype=np.uint8), gz=False)
@@ -370,3 +386,74 @@ def test_empty_hub_name() -> None:
 def test_unknown_split_name(digits: DatasetSplits) -> None:
     with pytest.raises(DataError, match="split 'valid' is unknown"):
         digits.arrays("valid")  # type: ignore[arg-type]
+
+
+BAD_VALUES = [
+    (np.nan, "column 'b' has 1 NaN or infinite value(s) as float32 (the first in row 3"),
+    (-np.inf, "column 'b' has 1 NaN or infinite value(s)"),
+    (1e300, "column 'b' has 1 NaN or infinite value(s) as float32"),  # inf as float32
+    (None, "column 'b' has 1 empty cell(s); expected a number in every row"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_VALUES, ids=["nan", "-inf", "1e300", "empty"])
+def test_parquet_features_that_cannot_train_are_refused_with_file_and_column(
+    tmp_path: Path, bad: float | None, message: str
+) -> None:
+    b: list[float | None] = [float(i) for i in range(20)]
+    b[3] = bad
+    pq.write_table(pa.table({"a": np.ones(20), "b": b, "label": [0, 1] * 10}), tmp_path / "x.pq")
+
+    with pytest.raises(DataError) as info:
+        load_data("parquet", path=tmp_path / "x.pq")
+
+    assert str(info.value).startswith(f"parquet {str(tmp_path / 'x.pq')!r}: {message}")
+
+
+def test_a_bad_test_split_names_its_own_file(tmp_path: Path) -> None:
+    good = pa.table({"a": np.arange(10.0), "label": [0, 1] * 5})
+    pq.write_table(good, tmp_path / "train.parquet")
+    pq.write_table(good.set_column(0, "a", pa.array([np.inf] * 10)), tmp_path / "test.parquet")
+
+    with pytest.raises(DataError, match=r"test\.parquet': column 'a' has 10 NaN or infinite"):
+        load_data("parquet", path=tmp_path)
+
+
+def test_empty_labels_in_parquet_are_refused(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"a": np.arange(4.0), "label": [0, 1, None, 1]}), tmp_path / "x.pq")
+
+    with pytest.raises(DataError, match="column 'label' has 1 empty cell"):
+        load_data("parquet", path=tmp_path / "x.pq")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "holds no rows; expected labelled samples"), (b"PAR1 not really", "could not be")],
+    ids=["no-rows", "not-parquet"],
+)
+def test_a_parquet_file_without_samples_is_named(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    file = tmp_path / "x.parquet"
+    if content is None:
+        pq.write_table(
+            pa.table({"a": pa.array([], pa.float64()), "label": pa.array([], pa.int64())}), file
+        )
+    else:
+        file.write_bytes(content)
+
+    with pytest.raises(DataError, match=f"parquet '{file}' {message}"):
+        load_data("parquet", path=file)
+
+
+def test_parquet_reads_the_class_names_datasets_stores(tmp_path: Path) -> None:
+    features = datasets.Features(
+        {"a": datasets.Value("float32"), "label": datasets.ClassLabel(names=["x", "y", "z"])}
+    )
+    datasets.Dataset.from_dict(
+        {"a": [0.0, 1.0, 2.0, 3.0], "label": [0, 1, 0, 1]}, features=features
+    ).to_parquet(tmp_path / "x.parquet")
+
+    splits = load_data("parquet", path=tmp_path / "x.parquet", test_fraction=0.5)
+
+    assert splits.n_classes == 3  # from the ClassLabel, though label 2 never occurs
