@@ -63,7 +63,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
-        raise ConfigError(f"override {assignment!r}: value is not valid YAML") from None
+        raise ConfigError(f"override {_shown(assignment)}: value is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"override {_shown(assignment)}: {_TOO_DEEP}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -82,14 +84,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A value nested thousands deep (a list of lists ...) exhausts the YAML loader's recursion.
+_TOO_DEEP = "the YAML nests too deep to read; expected settings a few levels deep"
+
+
+def _yaml_text(path: Path) -> str:
+    """The text of a config file, refusing what is no readable UTF-8 file in one line."""
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; expected a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{where} not found; expected a YAML file")
+    if not path.is_file():  # /dev/null, a pipe: nothing a run could read again on resume
+        raise ConfigError(f"{where} is not a regular file; expected a YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{where} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); expected a YAML file"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{where} could not be read ({err.strerror})") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping from a file, raising ConfigError for a missing or malformed file."""
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
+    text = _yaml_text(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except ConfigError as err:
         raise ConfigError(f"config file {str(path)!r}, {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r}: {_TOO_DEEP}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

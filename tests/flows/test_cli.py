@@ -679,3 +679,24 @@ def test_an_empty_idx_file_is_named_before_anything(tmp_path: Path) -> None:
     err = refused_in(tmp_path, args)
 
     assert "train-images-idx3-ubyte: the file is empty; expected an IDX file" in err
+
+
+CONFIG_FILES = [
+    ("adir", "config file 'adir' is a folder; expected a YAML file"),
+    ("/dev/null", "config file '/dev/null' is not a regular file; expected a YAML file"),
+    ("binary.yaml", "config file 'binary.yaml' is not UTF-8 text (byte 0xff at offset 8)"),
+    ("deep.yaml", "config file 'deep.yaml': the YAML nests too deep to read"),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), CONFIG_FILES, ids=[n for n, _ in CONFIG_FILES])
+def test_a_config_file_that_cannot_be_read_is_refused_before_anything(
+    name: str, expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"seed: 1\n\xff\xfe\x00\x01")
+    (tmp_path / "deep.yaml").write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+
+    err = refused_in(tmp_path, ["run", "--config", name])
+
+    assert err.startswith(f"autorank: error: {expected}")

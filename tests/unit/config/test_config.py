@@ -264,6 +264,44 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(listy)
 
 
+BAD_FILES = [
+    ("adir", "config file 'adir' is a folder; expected a YAML file"),
+    ("/dev/null", "config file '/dev/null' is not a regular file; expected a YAML file"),
+    (
+        "binary.yaml",
+        "config file 'binary.yaml' is not UTF-8 text (byte 0xff at offset 8); expected a YAML file",
+    ),
+    (
+        "deep.yaml",
+        "config file 'deep.yaml': the YAML nests too deep to read; expected settings a few "
+        "levels deep",
+    ),
+    ("nope.yaml", "config file 'nope.yaml' not found; expected a YAML file"),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), BAD_FILES, ids=[n for n, _ in BAD_FILES])
+def test_a_config_file_that_cannot_be_read_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"seed: 1\n\xff\xfe\x00\x01")
+    (tmp_path / "deep.yaml").write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(Path(name))
+
+    assert str(info.value) == expected
+
+
+def test_an_override_nested_too_deep_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="nests too deep to read") as info:
+        load_config(None, ["seed=" + "[" * 5000 + "]" * 5000])
+
+    assert len(str(info.value)) < 300
+
+
 def test_override_creates_nested_sections() -> None:
     raw: dict = {}
 
