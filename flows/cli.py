@@ -273,8 +273,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
+    from flows.places import check_store, tracking_setting
     from tasks.tracking import artifact_root
 
+    # The UI takes any store a run can use (MLflow itself would fail after its banner).
+    check_store(args.uri, tracking_setting(args.uri).replace("tracking.uri", "--uri"))
     _check_port_free(args.port)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [

@@ -164,10 +164,11 @@ def _check_sqlite(uri: str, what: str) -> None:
         raise ValueError(f"{what}: {str(path)!r} is not writable ({err.strerror})") from None
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, setting: str | None = None) -> None:
     """A tracking URI this project can use, checked without writing: a sqlite store (new or
-    MLflow's), or an MLflow server that answers within 5 s."""
-    setting = tracking_setting(uri)
+    MLflow's), or an MLflow server that answers within 5 s. Messages name ``setting`` (default:
+    ``tracking_setting``)."""
+    setting = setting or tracking_setting(uri)
     scheme = uri.partition("://")[0] if "://" in uri else ""
     if uri.startswith("sqlite:///"):
         _check_sqlite(uri, setting)

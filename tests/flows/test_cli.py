@@ -700,3 +700,18 @@ def test_a_config_file_that_cannot_be_read_is_refused_before_anything(
     err = refused_in(tmp_path, ["run", "--config", name])
 
     assert err.startswith(f"autorank: error: {expected}")
+
+
+UI_STORES = [
+    ("garbage://x", "--uri 'garbage://x': unknown scheme 'garbage'; expected sqlite:///"),
+    ("sqlite:////proc/nope/x.db", "--uri: '/proc' is not writable"),
+]
+
+
+@pytest.mark.parametrize(("uri", "expected"), UI_STORES, ids=[u for u, _ in UI_STORES])
+def test_ui_refuses_a_store_a_run_could_not_use_before_announcing_it(
+    uri: str, expected: str, tmp_path: Path
+) -> None:
+    err = refused_in(tmp_path, ["ui", "--uri", uri])
+
+    assert err.startswith(f"autorank: error: {expected}")
