@@ -6,6 +6,10 @@ import tasks  # noqa: F401  (sets the no-telemetry environment before Prefect or
 # to its one-line error).
 RESUME_NOTE = "continue with: "
 
+# The run's config beside its checkpoints, which `autorank resume` reads (here, so that the CLI
+# finds it without importing the run's records: matplotlib and MLflow).
+CONFIG_FILE = "config.yaml"
+
 # The resume commands of the runs this process stopped early, newest last (a command that has
 # to end without its exception, when its Prefect server is gone, names the last one).
 stopped: list[str] = []

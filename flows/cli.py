@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from autorank.config import RuntimeConfig, TrackingConfig
-from flows import RESUME_NOTE
+from flows import CONFIG_FILE, RESUME_NOTE
+from flows.environment import prepare
 from flows.local import say as _say
 
 EXIT_BAD_INPUT = 2
@@ -172,12 +173,13 @@ def _cmd_ranks(args: argparse.Namespace) -> int:
     from autorank.config import load_config
     from autorank.recipe import federation_for, rank_table
     from autorank.reporting.text import format_rank_table
-    from flows.ranking import early_gaps, early_plan
 
     config = load_config(args.config, args.overrides)
     assignment = rank_table(config)
     agg, plan = config.aggregation, None
     if agg.early_method is not None and agg.early_when == "all_labels":
+        from flows.ranking import early_gaps, early_plan  # imports Prefect (its home: ~/.prefect)
+
         plan = early_plan(agg, early_gaps(config, assignment, federation_for(config)))
     if args.json:
         decision = assignment.to_json()
@@ -203,7 +205,6 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from flows.local import run_locally
     from flows.places import check_prefect_api
     from flows.resumes import resumable
-    from flows.run_records import CONFIG_FILE
 
     saved = args.checkpoint_dir / args.run_id / CONFIG_FILE
     if not saved.is_file():
@@ -274,11 +275,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from flows.places import check_store, tracking_setting
-    from tasks.tracking import artifact_root
 
     # The UI takes any store a run can use (MLflow itself would fail after its banner).
     check_store(args.uri, tracking_setting(args.uri).replace("tracking.uri", "--uri"))
     _check_port_free(args.port)
+    from tasks.tracking import artifact_root  # matplotlib, MLflow: after the checks
+
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [
         sys.executable,
@@ -375,6 +377,7 @@ def _raise_lost(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autorank` console script."""
     args = build_parser().parse_args(argv)
+    prepare(Path.cwd(), verbose=getattr(args, "verbose", False))
     in_main_thread = threading.current_thread() is threading.main_thread()
     if not in_main_thread:
         return _dispatch(args)

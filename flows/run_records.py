@@ -21,10 +21,10 @@ from autorank.ranking.assignment import RankAssignment
 from autorank.reporting.plots import accuracy_curves, closeness_vs_rank, label_distribution
 from autorank.rounds.checkpoint import Checkpoint, decision_file
 from autorank.rounds.steps import client_parameters
+from flows import CONFIG_FILE
 from flows.model_records import FinalModel, record_model
 from tasks import round_writer, tracking
 
-CONFIG_FILE = "config.yaml"
 progress = logging.getLogger("autorank.progress")
 
 

@@ -715,3 +715,33 @@ def test_ui_refuses_a_store_a_run_could_not_use_before_announcing_it(
     err = refused_in(tmp_path, ["ui", "--uri", uri])
 
     assert err.startswith(f"autorank: error: {expected}")
+
+
+def test_third_party_caches_stay_in_the_working_folder_and_their_bars_are_quiet(
+    tmp_path: Path,
+) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    rows = [f"{['bad day', 'fine film', 'great song'][i % 3]} {i},{i % 3}" for i in range(30)]
+    (work / "texts.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    settings = ["data.name=text", "data.path=texts.csv", "model.name=text_classifier"]
+    settings += ["model.hf_name_or_path=all-MiniLM-L6-v2", "partition.n_clients=3"]
+    settings += ["partition.scheme=iid", "lora.r_max=8"]
+    keep = ("PATH", "LANG", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    root = str(Path(__file__).resolve().parents[2])
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ranks", *(a for s in settings for a in ("--set", s))],
+        cwd=work,
+        env=env | {"HOME": str(home), "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # no "Generating train split", "Map:" or "Loading weights" bars
+    assert list(home.iterdir()) == []
+    assert (work / ".cache" / "huggingface" / "datasets").is_dir()
