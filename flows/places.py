@@ -280,7 +280,7 @@ def check_places(config: ExperimentConfig) -> None:
     """Where the run writes and runs and what it talks to: the tracking store
     (``check_store``), the checkpoint folder, this machine's cores, the Dask scheduler, and
     the data files it reads (IDX, parquet)."""
-    from autorank.data.datasets import check_files
+    from autorank.data.sources import check_files
 
     check_store(config.tracking.uri)
     _check_cores(config)

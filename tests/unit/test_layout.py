@@ -211,8 +211,9 @@ def _names(literal: Any) -> set[str]:
 def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     from autorank.config import AggregatorName, AssignerName, ModelConfig, RuntimeConfig, Scheme
     from autorank.config.vocab import TEXT_DATA
-    from autorank.data.datasets import KNOWN, SOURCES
+    from autorank.data.datasets import KNOWN
     from autorank.data.partition import SCHEMES
+    from autorank.data.sources import SOURCES
     from autorank.data.text import TEXT_SOURCES
     from autorank.engine.factory import ENGINES
     from autorank.merge.aggregators import AGGREGATORS

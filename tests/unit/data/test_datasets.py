@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from autorank.data import datasets as data
-from autorank.data.datasets import DataError, DatasetSplits, load_data
+from autorank.data import sources as data
+from autorank.data.datasets import DatasetSplits, load_data
+from autorank.data.sources import DataError
 
 _IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
