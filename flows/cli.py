@@ -224,7 +224,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import logging
 
-    from autorank.reporting.grid import check_runnable, expand_grid, load_grid
+    from autorank.reporting.cells import check_runnable, expand_grid
+    from autorank.reporting.grid import load_grid
     from autorank.reporting.text import grid_plan
     from flows.local import (
         configure_logging,
@@ -237,7 +238,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.config, args.overrides)
     if args.dry_run:
-        quiet = logging.getLogger("autorank.reporting.grid")
+        quiet = logging.getLogger("autorank.reporting.cells")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # the plan lists the skipped cells instead
         try:

@@ -29,18 +29,20 @@ from prefect.futures import wait
 from autorank.config import ConfigError, ExperimentConfig, config_digest, flatten
 from autorank.lora.targets import target_sizes
 from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
-from autorank.reporting.grid import (
-    BUDGET_AUTORANK,
-    MEAN_AUTORANK,
+from autorank.reporting.cells import (
     Cell,
-    GridConfig,
     SkippedCell,
-    grid_digest,
     mean_rank,
-    parse_grid,
     runnable_cells,
     with_budget,
     with_uniform_rank,
+)
+from autorank.reporting.grid import (
+    BUDGET_AUTORANK,
+    MEAN_AUTORANK,
+    GridConfig,
+    grid_digest,
+    parse_grid,
 )
 from autorank.reporting.plots import accuracy_curves, ranks_per_client
 from autorank.reporting.summary import (

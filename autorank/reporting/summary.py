@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from autorank.reporting.grid import SkippedCell
+from autorank.reporting.cells import SkippedCell
 from autorank.reporting.paired import (
     PairedComparison,
     PairedDiff,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from autorank.reporting.grid import Cell, GridConfig, SkippedCell
+from autorank.reporting.cells import Cell, SkippedCell
+from autorank.reporting.grid import GridConfig
 
 
 def _num(value: float | None, width: int) -> str:

@@ -9,16 +9,14 @@ from typing import Any
 import pytest
 
 from autorank.config import ConfigError, config_digest
-from autorank.reporting.grid import (
+from autorank.reporting.cells import (
     SkippedCell,
     expand_grid,
-    grid_digest,
-    load_grid,
     mean_rank,
-    parse_grid,
     with_budget,
     with_uniform_rank,
 )
+from autorank.reporting.grid import grid_digest, load_grid, parse_grid
 from autorank.reporting.paired import mean_std
 from autorank.reporting.summary import (
     CellResult,
@@ -131,7 +129,7 @@ def test_grid_digest_changes_only_with_what_decides_results(
 def test_invalid_combinations_are_skipped_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
     grid = parse_grid(_grid(aggregators=["fedavg", "rbla"], seeds=[0]))
 
-    with caplog.at_level(logging.WARNING, logger="autorank.reporting.grid"):
+    with caplog.at_level(logging.WARNING, logger="autorank.reporting.cells"):
         cells, skipped = expand_grid(grid)
 
     names = [c.run_name for c in cells]
