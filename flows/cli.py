@@ -400,6 +400,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     """Run one command; bad input, divergence and interrupts become one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError as err:
+        if not _stdout_unread():
+            return _one_line(args, err)
+        _drop_stdout()
+        return 0
     except Exception as err:
         from flows.orchestrator import lost_server
 
@@ -414,6 +419,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"
         _say(f"autorank: {how}; completed rounds are checkpointed")
         return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+
+
+def _stdout_unread() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head`` read its lines and exited)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout
+        return False
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in events)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: its reader stopped early, which Unix tools take quietly, and
+    what is still buffered would raise again at the next flush (ours or the interpreter's)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _one_line(args: argparse.Namespace, err: Exception) -> int:
@@ -450,19 +476,30 @@ def entry() -> None:
     """
     import atexit
 
-    code = main()
+    try:
+        code = main()
+    except SystemExit:  # --help, --version, usage errors: the interpreter's exit flushes again
+        _flush()
+        raise
     if "flows.orchestrator" in sys.modules:
         from flows.orchestrator import lost_server
 
         if lost_server() is not None:  # Prefect's exit handlers would retry it for minutes
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush()
             os._exit(code)
     threading._shutdown()  # type: ignore[attr-defined]  # what exit does first: join threads
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush()
     os._exit(code)
+
+
+def _flush() -> None:
+    """Flush stdout and stderr; stdout's reader having gone is no error (see _drop_stdout)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

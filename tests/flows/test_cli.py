@@ -745,3 +745,46 @@ def test_third_party_caches_stay_in_the_working_folder_and_their_bars_are_quiet(
     assert done.stderr == ""  # no "Generating train split", "Map:" or "Loading weights" bars
     assert list(home.iterdir()) == []
     assert (work / ".cache" / "huggingface" / "datasets").is_dir()
+
+
+def _cli_process(args: list[str], folder: Path, stdout: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=folder,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["config", "--schema"], ["config", "--schema", "--json"], ["config"], ["--help"]],
+    ids=["schema", "schema-json", "config", "help"],
+)
+def test_a_closed_stdout_ends_the_command_quietly_with_0(args: list[str], tmp_path: Path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write: every write meets EPIPE
+    try:
+        proc = _cli_process(args, tmp_path, write)
+    finally:
+        os.close(write)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not err
+
+
+def test_a_reader_that_stops_after_one_line_ends_the_command_quietly_with_0(
+    tmp_path: Path,
+) -> None:
+    proc = _cli_process(["config", "--schema"], tmp_path, subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()  # `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+
+    assert first.startswith(b"Settings:")
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not err
