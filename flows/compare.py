@@ -62,6 +62,7 @@ from flows import run_views
 from flows.engines import runs_ending
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
+from flows.invocation import command
 from flows.local import check_inputs
 from flows.resumes import GRID_DIGEST_TAG, GRID_FILE, check_parent
 from flows.run_records import close_interrupted_or_failed
@@ -389,7 +390,7 @@ def _compare(
         ran = [final[c.run_name] for c in cells if c.run_name in done]
         table = _write_summary(grid, parent, ran, done, [*skipped, *diverged])
     except BaseException as err:
-        hint = f"`autorank compare --config GRID.yaml --resume {parent}`"
+        hint = f"`{command('compare', '--config', 'GRID.yaml', '--resume', parent)}`"
         close_interrupted_or_failed(uri, parent, err, hint)
         raise
     tracking.end_run(uri, parent, "FINISHED")

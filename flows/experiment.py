@@ -45,6 +45,7 @@ from autorank.rounds.steps import (
 from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record
+from flows.invocation import command
 from flows.model_records import record_data
 from flows.ranking import first_rounds, rerank, round_merge, warm_up_and_rank
 from flows.run_records import (
@@ -316,7 +317,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
             data=federation.data,
         )
     except BaseException as err:
-        hint = f"`autorank resume {run_id}`"
+        hint = f"`{command('resume', run_id)}`"
         close_interrupted_or_failed(config.tracking.uri, run_id, err, hint)
         err.add_note(RESUME_NOTE + hint)
         raise

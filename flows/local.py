@@ -22,7 +22,9 @@ class ProgressHandler(logging.StreamHandler):
     On a terminal the status line is redrawn in place (``\r``): DEBUG records (``starting
     Prefect's API server``) and, once rounds run, a bar with the rounds done and the time left,
     estimated from the rounds this process has run. Records that carry ``round`` and ``rounds``
-    (``extra=``) move the bar. In logs and CI the status is dropped and only the lines remain.
+    (``extra=``) move the bar. A line before the rounds (``pre-training ...``, ``warm-up: ...``)
+    starts a new phase, so the status of the one before it goes. In logs and CI the status is
+    dropped and only the lines remain.
     """
 
     def __init__(self) -> None:
@@ -37,6 +39,8 @@ class ProgressHandler(logging.StreamHandler):
         if record.levelno > logging.DEBUG:
             prefix = "\r\033[K" if self.live else ""
             self.stream.write(prefix + self.format(record) + "\n")
+            if self.started is None:
+                self.status = ""
         elif self.live:
             self.status = self.format(record)
         if self.live:
@@ -85,6 +89,7 @@ def configure_logging(verbose: bool) -> None:
     progress.addHandler(handler)
     progress.setLevel(logging.DEBUG)
     progress.propagate = False
+    _quiet_mlflow(verbose)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
@@ -98,6 +103,17 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # Prefect already imported
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+
+
+def _quiet_mlflow(verbose: bool) -> None:
+    """MLflow's own INFO lines (``Creating initial MLflow database tables...`` on a new store)
+    only with ``verbose``: they are not the command's news, and its stream handler writes them
+    into the terminal's status line."""
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def preflight(config: ExperimentConfig) -> None:
@@ -197,6 +213,7 @@ def local_orchestration(
             server.wait_ready()
         if server is not None:
             server.watch(last_words=_end_without_server)
+        progress.debug("starting the run (Prefect flow run, MLflow run, data)")
         yield
 
 
@@ -253,8 +270,10 @@ def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose:
 def how_to_look(uri: str, run_id: str) -> str:
     """The closing line: the link to the run's own page (and, for a local store, the command
     that starts the UI)."""
+    from flows.invocation import command
     from tasks.tracking import run_page
 
     if uri.startswith(("http://", "https://")):
         return f"Open the run at {run_page(uri, run_id)}"
-    return f"Open the UI with `autorank ui --uri {uri}`, then the run at {run_page(uri, run_id)}"
+    ui = command("ui", "--uri", uri)
+    return f"Open the UI with `{ui}`, then the run at {run_page(uri, run_id)}"

@@ -16,6 +16,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from flows.invocation import command
+
 progress = logging.getLogger("autorank.progress")
 _forwarding = True
 
@@ -83,7 +85,7 @@ def link_mlflow_run(uri: str, run_id: str, name: str) -> None:
 
     url = tracking.run_page(uri, run_id)
     local = not uri.startswith(("http://", "https://"))
-    where = f" (start the UI first: autorank ui --uri {uri})" if local else ""
+    where = f" (start the UI first: {command('ui', '--uri', uri)})" if local else ""
     with _quietly("MLflow link"):
         create_link_artifact(
             link=url,

@@ -13,7 +13,7 @@ import pytest
 
 from autorank.config import ExperimentConfig, parse_config
 
-_LOGGERS = ("autorank.progress", "prefect.flow_runs", "prefect.task_runs")
+_LOGGERS = ("autorank.progress", "prefect.flow_runs", "prefect.task_runs", "mlflow")
 
 
 @pytest.fixture(autouse=True)

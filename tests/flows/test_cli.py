@@ -16,6 +16,7 @@ import yaml
 
 from autorank.config import LoraConfig, load_config, parse_config
 from flows.cli import COMMANDS, Terminated, main
+from flows.invocation import command as autorank_command
 from tests.flows.conftest import cli_error, refused_in, storage_files, store_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -458,7 +459,7 @@ def test_a_failure_inside_a_run_is_one_line_with_the_resume_command(
     (run,) = client.search_runs([client.get_experiment_by_name("autorank").experiment_id])
     assert last == (
         "autorank: ConnectionError: the tracking server went away; "
-        f"`autorank resume {run.info.run_id}` continues it (--verbose: traceback)"
+        f"`{autorank_command('resume', run.info.run_id)}` continues it (--verbose: traceback)"
     )
     assert run.info.status == "FAILED"
     assert storage_files() == stored_before  # no pickled exception left by Prefect
