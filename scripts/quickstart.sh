@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "quickstart: setting up .venv (scripts/setup.sh; 2-3 minutes on a fresh clone)"
 bash scripts/setup.sh
-echo "quickstart: running .venv/bin/autorank run $* (the main job: digits, 10 clients, 20 rounds)"
+echo "quickstart: running .venv/bin/autorank run${*:+ $*} (the main job: digits, 10 clients, 20 rounds)"
 exec .venv/bin/autorank run "$@"

