@@ -1,4 +1,4 @@
-"""The `autorank` command line: `ranks`, `run`, `resume`, `compare`, `ui`, `config`.
+"""The `autorank` command line: `ranks`, `run`, `resume`, `compare`, `ui`, `serve`, `config`.
 
 Bad input (config, data, flags) ends with one line on stderr and exit code 2, never a traceback.
 Heavy imports (torch, Prefect, MLflow) happen inside the commands that need them.
@@ -134,15 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the MLflow UI on 127.0.0.1",
         description="Start the MLflow UI on 127.0.0.1 for a tracking store.",
     )
-    ui.add_argument(
-        "--uri",
-        default=TrackingConfig().uri,
-        help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db; "
-        "now %(default)s)",
-    )
-    ui.add_argument("--port", type=_port, default=5000, help="port (%(default)s)")
+    _add_ui_args(ui)
+    _add_serve_command(sub)
     _add_config_command(sub)
     return parser
+
+
+def _add_ui_args(parser: argparse.ArgumentParser) -> None:
+    """The MLflow UI's store and port (``ui``, ``serve``)."""
+    parser.add_argument(
+        "--uri",
+        default=TrackingConfig().uri,
+        help="tracking URI the MLflow UI shows (default: MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlruns/mlflow.db; now %(default)s)",
+    )
+    parser.add_argument("--port", type=_port, default=5000, help="MLflow UI port (%(default)s)")
 
 
 def _port(text: str) -> int:
@@ -276,33 +282,52 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from flows.places import check_store, tracking_setting
+    from flows.serve import mlflow_ui_command
 
     # The UI takes any store a run can use (MLflow itself would fail after its banner).
     check_store(args.uri, tracking_setting(args.uri).replace("tracking.uri", "--uri"))
     _check_port_free(args.port)
-    from tasks.tracking import artifact_root  # matplotlib, MLflow: after the checks
 
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        args.uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-        "--workers",
-        "1",
-    ]
-    root = artifact_root(args.uri)
-    if root is not None:
-        command += ["--default-artifact-root", root]
+    command = mlflow_ui_command(args.uri, args.port)
     runs = f"http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning"
     print(f"MLflow UI on {runs} (Ctrl-C to stop)", file=sys.stderr)
     return subprocess.call(command, env=env)
+
+
+def _add_serve_command(sub: argparse._SubParsersAction[_Parser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="the local scheduled stack: Prefect server, pool, deployments, worker, MLflow UI",
+        description=(
+            "Start Prefect's server, the process work pool, the deployments of prefect.yaml, a "
+            "worker and the MLflow UI on 127.0.0.1, each once the one before answers; print "
+            "their addresses; stop them all on Ctrl-C or SIGTERM. Run it in the project folder."
+        ),
+    )
+    _add_ui_args(serve)
+    serve.add_argument(
+        "--prefect-port", type=_port, default=4200, help="Prefect server port (%(default)s)"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import Ports, serve
+
+    if not Path("prefect.yaml").is_file():
+        raise ValueError(
+            f"no prefect.yaml in {Path.cwd()}: run autorank serve in the project folder"
+        )
+    if args.port == args.prefect_port:
+        raise ValueError(f"--port and --prefect-port are both {args.port}: expected two ports")
+    _check_port_free(args.prefect_port)
+    _check_port_free(args.port)
+    try:
+        serve(Ports(prefect=args.prefect_port, mlflow=args.port), args.uri)
+    except KeyboardInterrupt as err:
+        _say("autorank: serve stopped: Prefect's server, the worker and the MLflow UI are down")
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    return 0
 
 
 def _add_config_command(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -356,6 +381,7 @@ COMMANDS = {
     "resume": _cmd_resume,
     "compare": _cmd_compare,
     "ui": _cmd_ui,
+    "serve": _cmd_serve,
     "config": _cmd_config,
 }
 

@@ -58,3 +58,13 @@ def _shown(path: Path) -> str:
     except ValueError:
         return str(full)
     return str(relative) if len(relative.parts) > 1 else f"./{relative}"
+
+
+def tool(name: str) -> str:
+    """Another console script of this environment (``prefect``) as the user can run it: its
+    name where PATH finds this one, else its path."""
+    script = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found is not None and (not script.is_file() or _same_file(Path(found), script)):
+        return name
+    return shlex.quote(_shown(script))

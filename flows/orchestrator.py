@@ -37,13 +37,13 @@ from pathlib import Path
 _TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: ask Linux to send SIGTERM when the parent dies."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -73,7 +73,7 @@ class LocalServer:
         fcntl.flock(self._boot_lock, fcntl.LOCK_EX)
         if (home / "prefect.db").exists():
             self._release_boot_lock()
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
         # Where prefect is installed, found without importing it (the server runs elsewhere).
@@ -99,7 +99,7 @@ class LocalServer:
             stdout=subprocess.DEVNULL,
             stderr=self.log,
             start_new_session=True,  # out of the command's process group (module docstring)
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def _release_boot_lock(self) -> None:

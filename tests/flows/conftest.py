@@ -111,7 +111,9 @@ def storage_files() -> set[Path]:
     return set(folder.iterdir()) if folder.is_dir() else set()
 
 
-def spawn_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def spawn_cli(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``autorank ARGS`` in a process group of its own (a group kill takes its API server
     along), its output on ``stdout``.
 
@@ -126,6 +128,7 @@ def spawn_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.cli", *args],
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
