@@ -10,18 +10,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# What the quickstart leaves in the folder, at a tiny size: a finished run in the default store.
+# What the quickstart leaves in the folder, at a tiny size: a finished run in the default store;
+# and a finished run of the text section's experiment, which its snippet reads.
 QUICKSTART = """
+from pathlib import Path
 from autorank.config import load_config
 from flows.experiment import federated_training
 
 federated_training(config=load_config(None, {tiny!r}))
+federated_training(config=load_config(Path({text_config!r}), {tiny_text!r}))
 """
 TINY = [
     "partition.n_clients=4",
     "training.rounds=2",
     "training.warmup_epochs=2",
     "model.pretrain_epochs=1",
+    "runtime.max_workers=1",
+]
+TINY_TEXT = [
+    "data.max_train_samples=60",
+    "data.max_test_samples=12",
+    "data.max_length=16",
+    "partition.n_clients=2",
+    "training.clients_per_round=2",
+    "training.rounds=1",
+    "training.local_steps=1",
+    "aggregation.early_method=null",
+    "aggregation.early_rounds=0",
+    "aggregation.early_when=always",
     "runtime.max_workers=1",
 ]
 
@@ -41,6 +57,11 @@ def python_snippets(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
 
 
+def _setup() -> str:
+    text_config = str(ROOT / "configs" / "text_sentiment.yaml")
+    return QUICKSTART.format(tiny=TINY, text_config=text_config, tiny_text=TINY_TEXT)
+
+
 def test_the_readme_s_python_snippets_run_as_written(tmp_path: Path) -> None:
     snippets = python_snippets((ROOT / "README.md").read_text())
     (tmp_path / "snippets.json").write_text(json.dumps(snippets))
@@ -52,7 +73,7 @@ def test_the_readme_s_python_snippets_run_as_written(tmp_path: Path) -> None:
     }
 
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, QUICKSTART.format(tiny=TINY), "snippets.json"],
+        [sys.executable, "-c", RUNNER, _setup(), "snippets.json"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
