@@ -166,6 +166,14 @@ def test_text_data_and_text_models_go_together(overrides: list[str], expected: s
         load_config(None, overrides)
 
 
+def test_a_causal_lm_run_logs_no_mlflow_model_yet() -> None:
+    overrides = ["data.name=tweets", "model.name=causal_lm", "model.hf_name_or_path=x"]
+
+    with pytest.raises(ConfigError, match=r"expected tracking\.log_model false"):
+        load_config(None, overrides)
+    assert load_config(None, [*overrides, "tracking.log_model=false"]).model.name == "causal_lm"
+
+
 def test_a_natural_partition_needs_the_key_column() -> None:
     expected = "partition.scheme 'natural' needs data.key_column"
     with pytest.raises(ConfigError, match=expected):
