@@ -166,6 +166,8 @@ def _texts(x: Any) -> list[str]:
     columns = getattr(x, "columns", None)
     if columns is not None:  # a pandas DataFrame, as MLflow hands a column of strings over
         x = x["text"] if "text" in columns else x[columns[0]]
+    if isinstance(x, np.ndarray) and x.ndim == 2:  # a table as an array: its first column
+        x = x[:, 0]
     rows = x.tolist() if hasattr(x, "tolist") else list(x)
     if len(rows) == 1 and isinstance(rows[0], list | tuple):  # one record holding every text
         rows = list(rows[0])

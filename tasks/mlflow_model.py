@@ -36,7 +36,7 @@ class AutoRankClassifier(PythonModel):
     def predict(
         self,
         context: PythonModelContext,
-        model_input: Any,  # MLflow validates no input by this hint; the signature does
+        model_input: np.ndarray,  # MLflow validates no input by this hint; the signature does
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
         """Classes ``[n]``, or probabilities ``[n, n_classes]`` with ``output=probabilities``."""

@@ -71,9 +71,11 @@ def test_the_run_finishes_with_its_records(text_run: Any) -> None:
     assert [m.step for m in client.get_metric_history(run_id, "global/accuracy")] == [1]
 
 
-def test_the_logged_model_takes_raw_strings_and_returns_label_names(text_run: Any) -> None:
+def test_the_logged_model_takes_raw_strings_and_returns_label_names(
+    text_run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, run_id = text_run
-    mlflow.set_tracking_uri(config.tracking.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.uri)  # MLflow's loaders read it
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     labels = model.predict(pd.DataFrame({"text": TEXTS}))
@@ -85,7 +87,9 @@ def test_the_logged_model_takes_raw_strings_and_returns_label_names(text_run: An
     assert np.asarray(probabilities).shape == (3, 3)
 
 
-def test_the_peft_adapter_loads_over_the_packaged_model(text_run: Any) -> None:
+def test_the_peft_adapter_loads_over_the_packaged_model(
+    text_run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -93,7 +97,7 @@ def test_the_peft_adapter_loads_over_the_packaged_model(text_run: Any) -> None:
     folder = Path(
         download_artifacts(run_id=run_id, artifact_path="adapter", tracking_uri=config.tracking.uri)
     )
-    mlflow.set_tracking_uri(config.tracking.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.uri)
     served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     x, _ = federation_for(config).data.arrays("test")
     ids, mask = torch.from_numpy(x[:4, 0]), torch.from_numpy(x[:4, 1])
