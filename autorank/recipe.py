@@ -110,11 +110,8 @@ def text_options(config: ExperimentConfig) -> TextOptions | None:
     """How texts become samples (the model's tokenizer, ``data.max_length``), for text data."""
     if config.data.name not in TEXT_SOURCES:
         return None
-    if not config.model.hf_name_or_path:
-        raise ValueError(
-            f"data.name {config.data.name!r} is text; expected model.name text_classifier "
-            "with model.hf_name_or_path (its tokenizer reads the texts)"
-        )
+    # The config's checks pair text data with a text model, which names its folder.
+    assert config.model.hf_name_or_path is not None
     return TextOptions(
         tokenizer=pretrained_folder(config.model.hf_name_or_path),
         max_length=config.data.max_length,

@@ -20,7 +20,7 @@ from autorank.engine.jobs import ClientBackend, ClientJob, ClientOutcome, pick_d
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.functional import LoraTemplate
 from autorank.lora.targets import expand_ranks
-from autorank.models.text import TextClassifier
+from autorank.models.text import CausalLM, TextClassifier
 from autorank.recipe import layer_ranges, lora_settings, train_settings
 from autorank.rounds.cohorts import participants, split_cohorts
 from autorank.rounds.steps import ClientData
@@ -137,7 +137,7 @@ def backend_kind(
             ", ".join(convs),
         )
         return "sequential"
-    if asked == "auto" and isinstance(base, TextClassifier) and on_cpu:
+    if asked == "auto" and isinstance(base, TextClassifier | CausalLM) and on_cpu:
         progress.info(
             "runtime.backend auto: training sequentially (a transformer's attention runs "
             "example by example under the batched engine's vmap on a CPU)"

