@@ -43,6 +43,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return int(reply.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def die_with_parent() -> None:
     """In the child before exec: ask Linux to send SIGTERM when the parent dies."""
     if sys.platform.startswith("linux"):
@@ -128,11 +137,7 @@ class LocalServer:
 
     def _answers(self) -> bool:
         """One health check (2 s at most)."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
-                return bool(reply.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers(f"{self.url}/health")
 
     def _wait_ready(self) -> None:
         timeout = float(os.environ.get(_TIMEOUT_ENV, "90"))

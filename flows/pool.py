@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 def check_server() -> None:
     """``PREFECT_API_URL`` is set and answers Prefect's health check (else a pool would go to
     a temporary server that ends with this command)."""
-    from flows.serve import answers
+    from flows.orchestrator import answers
 
     start = "start `prefect server start --host 127.0.0.1` and wait until it answers"
     url = os.environ.get("PREFECT_API_URL", "").rstrip("/")

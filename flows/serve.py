@@ -16,13 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.orchestrator import OrchestratorError, die_with_parent
+from flows.orchestrator import OrchestratorError, answers, die_with_parent
 
 POOL = "autorank-pool"  # prefect.yaml's work pool
 STOP_WAIT_S = 10.0  # per child, after SIGTERM, before SIGKILL
@@ -131,15 +129,6 @@ def wait_answers(child: Child, url: str, deadline_s: float) -> None:
     raise StackError(
         f"{child.name} did not answer {url} within {deadline_s:.0f} s (log: {child.log})"
     )
-
-
-def answers(url: str) -> bool:
-    """Whether ``url`` answers 200 within 2 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return int(reply.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def finish(stack: Stack, child: Child, deadline_s: float) -> None:
