@@ -182,13 +182,12 @@ def _run_round(
             )
         )
     step, metrics = closed.step, closed.metrics
-    merged = bool(step.aggregation.base_delta)
     new = replace(
         state,
         global_state=step.global_state,
-        fresh=merged,
+        fresh=step.aggregation.fresh,
         history=[*state.history, step.evaluation.accuracy],
-        base_version=state.base_version + int(merged),
+        base_version=state.base_version + int(bool(step.aggregation.base_delta)),
         assignment=assignment,
         decision_file=decision_file,
     )

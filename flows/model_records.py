@@ -99,13 +99,13 @@ def _spec(config: ExperimentConfig, data: DatasetSplits, *, base_file: bool) -> 
     )
 
 
-def _pretrained_base(config: ExperimentConfig, final: FinalModel) -> bool:
-    """Whether the final base is a packaged or local text model as it was loaded: served from
-    there, not copied into every run (hundreds of MB)."""
+def _pretrained_base(config: ExperimentConfig) -> bool:
+    """Whether the final base is a packaged or local text model as it was loaded (no merge wrote
+    into it): served from there, not copied into every run (hundreds of MB)."""
     return (
         config.model.name == "text_classifier"
         and config.model.init == "random"
-        and not (final.merged)
+        and not config.aggregation.updates_base
     )
 
 
@@ -147,7 +147,7 @@ def write_adapters(
             adapter = peft_layout(module, mine, lora, base_name_or_path=hf_name)
             adapter.save(folder / "clients" / f"c{client:02d}")
     files = {"spec": folder / "base" / "model.json", "adapter": served}
-    base_file = not _pretrained_base(config, final)
+    base_file = not _pretrained_base(config)
     if base_file:
         files["base"] = folder / "base" / "model.safetensors"
         save_base_weights(final.base, files["base"])

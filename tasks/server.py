@@ -103,7 +103,7 @@ def close_round(closing: RoundClose) -> ClosedRound:
             round_idx=c.round_idx,
             base=c.base,
             global_state=step.global_state,
-            fresh=bool(step.aggregation.base_delta),
+            fresh=step.aggregation.fresh,
             metrics=metrics,
             history=[*c.history, step.evaluation.accuracy],
             sampled=c.sampled,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from autorank.config.vocab import AggregatorName, EarlyWhen, Section
+from autorank.config.vocab import BASE_UPDATING, AggregatorName, EarlyWhen, Section
 
 
 class TrainingConfig(Section):
@@ -79,7 +79,8 @@ class AggregationConfig(Section):
         description="rbla (each rank index averaged over the clients that have it), rbla_svd "
         "(rbla re-expressed in its SVD basis), rbla_product (rbla's per-slot weights on the "
         "clients' products, SVD), rbla_tiered (rbla_product within each rank tier), zeropad, "
-        "hetlora, flexlora (SVD), flora (stacked, merged into the base), fedavg (uniform only)",
+        "hetlora, flexlora (SVD), fedex (FedAvg of the factors, the exact average's residual "
+        "added to the base), flora (stacked, merged into the base), fedavg (uniform only)",
     )
     early_method: AggregatorName | None = Field(
         None,
@@ -120,6 +121,11 @@ class AggregationConfig(Section):
                 "adapters into the base and hands out fresh ones"
             )
         return self
+
+    @property
+    def updates_base(self) -> bool:
+        """Whether a merge of this schedule writes into the frozen base (flora, fedex)."""
+        return bool({self.method, self.early_method} & set(BASE_UPDATING))
 
     def method_at(self, round_idx: int, *, labels_covered: bool = True) -> AggregatorName:
         """The merge of round ``round_idx`` (1-based); ``labels_covered``: whether every rank

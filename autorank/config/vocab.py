@@ -18,8 +18,11 @@ AggregatorName = Literal[
     "rbla_product",
     "rbla_tiered",
     "flexlora",
+    "fedex",
     "flora",
 ]
+# The merges that write into the frozen base each round (FLoRA's update, FedEx-LoRA's residual).
+BASE_UPDATING: tuple[str, ...] = ("flora", "fedex")
 # Seeds as numpy's legacy generators and every library below take them; a larger one overflowed.
 SEED_MAX = 2**32 - 1
 RUN_NAME_MAX = 250  # MLflow's limit on a run name

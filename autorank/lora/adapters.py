@@ -97,12 +97,16 @@ class AggregationResult:
         global_state: the server's adapter, per layer at the largest client rank.
         client_states: what each client downloads, at its own ranks and scales (same order as
             the updates). A state whose ``lora`` is empty means "start fresh adapters" (FLoRA).
-        base_delta: dense updates to add to the frozen base weights (FLoRA), else empty.
+        base_delta: dense updates to add to the frozen base weights (FLoRA's whole update,
+            FedEx-LoRA's residual), else empty.
+        fresh: the update is inside the base and clients start fresh adapters (FLoRA); else
+            ``global_state`` is still the adapter on top of the (possibly updated) base.
     """
 
     global_state: AdapterState
     client_states: list[AdapterState]
     base_delta: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    fresh: bool = False
 
 
 def resize(factors: LoraFactors, rank: int, scale: float) -> LoraFactors:

@@ -5,6 +5,7 @@ name (``aggregation.method`` in the config)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -215,6 +216,33 @@ def aggregate_flexlora(updates: Sequence[ClientUpdate]) -> AggregationResult:
 
 
 @torch.no_grad()
+def aggregate_fedex(updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """FedEx-LoRA: FedAvg of the factors, and the residual that makes the merge exact in the base.
+
+    ``A_g = sum_i p_i A_i``, ``B~_g = sum_i p_i B~_i`` (zero-padded to ``r_max``, as ``zeropad``)
+    and ``base_delta = sum_i p_i B~_i A_i - B~_g A_g``, so the global model (base plus adapter)
+    is exactly the sample-weighted average of the clients' models, where averaging the factors
+    alone adds the cross terms ``B~_i A_j``. Client i gets the first ``r_i`` slots of the
+    averaged factors on the updated base. Singhal et al., "FedEx-LoRA: Exact Aggregation for
+    Federated and Efficient Fine-Tuning of Foundation Models", arXiv 2410.09432, is published for
+    one rank; with mixed ranks the factors are zero-padded (so a client's model is the global one
+    only when it holds ``r_max``; the residual is shared), which with one rank is FedEx-LoRA.
+    The server keeps the components no sampled client covered (``rounds.steps.keep_uncovered``)
+    and takes their product out of the residual, so the global model stays exact.
+    """
+    result = _aggregate_factors(updates, zeropad_rule)
+    p = sample_weights(updates).to(torch.float64)
+    residual: dict[str, torch.Tensor] = {}
+    for name, merged in result.global_state.lora.items():
+        exact = sum(
+            w * fold(u.state.lora[name]).delta().to(torch.float64)
+            for w, u in zip(p, updates, strict=True)
+        )
+        residual[name] = (exact - merged.delta().to(torch.float64)).to(merged.A.dtype)
+    return replace(result, base_delta=residual)
+
+
+@torch.no_grad()
 def aggregate_flora(updates: Sequence[ClientUpdate]) -> AggregationResult:
     """FLoRA: stack the factors so the product is exact, merge it into the base.
 
@@ -236,6 +264,7 @@ def aggregate_flora(updates: Sequence[ClientUpdate]) -> AggregationResult:
         global_state=AdapterState(stacked, extra),
         client_states=[AdapterState({}, _clone(extra)) for _ in updates],
         base_delta={name: f.delta() for name, f in stacked.items()},
+        fresh=True,
     )
 
 
@@ -248,6 +277,7 @@ AGGREGATORS: dict[str, Aggregator] = {
     "rbla_product": aggregate_rbla_product,
     "rbla_tiered": aggregate_rbla_tiered,
     "flexlora": aggregate_flexlora,
+    "fedex": aggregate_fedex,
     "flora": aggregate_flora,
 }
 

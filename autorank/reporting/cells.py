@@ -99,7 +99,7 @@ def expand_grid(grid: GridConfig) -> tuple[list[Cell], list[SkippedCell]]:
     for seed in grid.seeds:
         for spec in grid.assigners:
             rank = spec.uniform_rank if isinstance(spec.uniform_rank, int) else None
-            for aggregator in grid.merge_labels:
+            for aggregator in grid.merges_of(spec):
                 name = cell_name(spec, aggregator, seed)
                 try:
                     config = _cell_config(grid.base, spec, aggregator, seed, rank)

@@ -120,6 +120,12 @@ class AssignerSpec(BaseModel):
         description="autorank only: ranking.rerank_every of this method (e.g. autorank every 5 "
         "rounds beside plain autorank); null: base.ranking.rerank_every",
     )
+    aggregators: tuple[Aggregator, ...] | None = Field(
+        None,
+        min_length=1,
+        description="the aggregators this assigner runs with, instead of the grid's (e.g. "
+        "uniform rank 8 with fedavg only, beside AutoRank with several merges); null: the grid's",
+    )
     label: str | None = Field(
         None,
         min_length=1,
@@ -167,7 +173,7 @@ class GridConfig(BaseModel):
     assigners: tuple[AssignerSpec, ...] = Field(
         min_length=1,
         description="rank assigners, each a method: names, or {assigner, uniform_rank, "
-        "rerank_every, label}",
+        "rerank_every, aggregators, label}",
     )
     aggregators: tuple[Aggregator, ...] = Field(
         min_length=1,
@@ -220,8 +226,12 @@ class GridConfig(BaseModel):
     def _a_method_of_the_grid(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or not {"base", "assigners", "aggregators"} <= info.data.keys():
             return value  # a bad assigner or aggregator is reported on its own
-        labels = [merge_label(info.data["base"].aggregation, a) for a in info.data["aggregators"]]
-        methods = _methods(info.data["assigners"], labels)
+        base, default = info.data["base"].aggregation, info.data["aggregators"]
+        methods = [
+            f"{a.method}-{label}"
+            for a in info.data["assigners"]
+            for label in _labels(base, a.aggregators or default)
+        ]
         if value not in methods:
             raise ValueError(f"not a method of this grid; expected one of {', '.join(methods)}")
         return value
@@ -235,18 +245,19 @@ class GridConfig(BaseModel):
 
     @model_validator(mode="after")
     def _within_max_cells(self) -> GridConfig:
-        n = len(self.assigners) * len(self.aggregators) * len(self.seeds)
+        methods = len(self.methods)
+        n = methods * len(self.seeds)
         if n > self.max_cells:
             raise ValueError(
-                f"max_cells: the grid expands to {n:,} runs ({len(self.assigners)} assigners x "
-                f"{len(self.aggregators)} aggregators x {len(self.seeds)} seeds), expected at "
-                f"most {self.max_cells:,}; raise it with --set max_cells={n} if that is meant"
+                f"max_cells: the grid expands to {n:,} runs ({methods} assigner x aggregator "
+                f"methods x {len(self.seeds)} seeds), expected at most {self.max_cells:,}; raise "
+                f"it with --set max_cells={n} if that is meant"
             )
         return self
 
     @model_validator(mode="after")
     def _distinct_merges(self) -> GridConfig:
-        twice = _twice(self.merge_labels)
+        twice = sorted({t for a in self.assigners for t in _twice(self.merges_of(a))})
         if twice:
             raise ValueError(
                 f"aggregators: {twice} appear twice once base.aggregation's early merge applies "
@@ -267,13 +278,18 @@ class GridConfig(BaseModel):
 
     @property
     def merge_labels(self) -> list[str]:
-        """The aggregators as their cells run them (``merge_label``)."""
-        return [merge_label(self.base.aggregation, a) for a in self.aggregators]
+        """Every aggregator of the grid as its cells run it (``merge_label``), in order."""
+        merges = [m for a in self.assigners for m in self.merges_of(a)]
+        return list(dict.fromkeys(merges))
+
+    def merges_of(self, spec: AssignerSpec) -> list[str]:
+        """The aggregators ``spec`` runs with (its own, else the grid's), as ``merge_label``."""
+        return _labels(self.base.aggregation, spec.aggregators or self.aggregators)
 
     @property
     def methods(self) -> list[str]:
         """Every assigner x aggregator of the grid, ``<assigner label>-<aggregator>``."""
-        return _methods(self.assigners, self.merge_labels)
+        return [f"{a.method}-{m}" for a in self.assigners for m in self.merges_of(a)]
 
     @property
     def reference_method(self) -> str | None:
@@ -282,7 +298,7 @@ class GridConfig(BaseModel):
         if self.reference is not None:
             return self.reference
         mean = next((a for a in self.assigners if a.uniform_rank == MEAN_AUTORANK), None)
-        return None if mean is None else f"{mean.method}-{self.merge_labels[0]}"
+        return None if mean is None else f"{mean.method}-{self.merges_of(mean)[0]}"
 
 
 def merge_label(base: AggregationConfig, aggregator: str) -> str:
@@ -298,8 +314,8 @@ def _twice(names: Sequence[str]) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
 
 
-def _methods(assigners: Sequence[AssignerSpec], aggregators: Sequence[str]) -> list[str]:
-    return [f"{a.method}-{g}" for a in assigners for g in aggregators]
+def _labels(base: AggregationConfig, aggregators: Sequence[str]) -> list[str]:
+    return [merge_label(base, a) for a in aggregators]
 
 
 def grid_digest(grid: GridConfig) -> str:
@@ -310,6 +326,9 @@ def grid_digest(grid: GridConfig) -> str:
     another machine may change without changing any result.
     """
     relevant = grid.model_dump(mode="json", include={"assigners", "aggregators", "seeds"})
+    for spec in relevant["assigners"]:  # the grids before per-assigner aggregators keep theirs
+        if spec["aggregators"] is None:
+            del spec["aggregators"]
     relevant["target_accuracy"] = grid.target_accuracy
     relevant["base"] = config_digest(grid.base)
     return json_digest(relevant)

@@ -186,6 +186,20 @@ def keep_uncovered(previous: AdapterState, merged: AdapterState) -> AdapterState
     return AdapterState(lora, merged.extra)
 
 
+def residual_after_keeping(agg: AggregationResult, kept: AdapterState) -> dict[str, torch.Tensor]:
+    """``agg.base_delta`` less the product of the components ``keep_uncovered`` carried over, so
+    that base plus ``kept`` is base plus ``agg.global_state`` plus the residual."""
+    out: dict[str, torch.Tensor] = {}
+    for path, delta in agg.base_delta.items():
+        merged, final = agg.global_state.lora[path], kept.lora[path]
+        if final.rank == merged.rank:
+            out[path] = delta
+            continue
+        extra = final.delta().double() - merged.delta().double()
+        out[path] = (delta.double() - extra).to(delta.dtype)
+    return out
+
+
 def client_parameters(global_state: AdapterState, paths: Sequence[Mapping[str, int]]) -> list[int]:
     """Trainable parameters of each client (LoRA at its ranks plus the head)."""
     head = sum(t.numel() for t in global_state.extra.values())
@@ -384,13 +398,16 @@ def server_step(
     check_finite(round_idx, results)  # before NaN reaches the aggregator (SVD would fail)
     start = time.perf_counter()
     agg = aggregate(method, [ClientUpdate(r.state, r.n_samples) for r in results])
-    if agg.base_delta:
+    if agg.fresh:
         merge_base_delta(base, agg.base_delta)
         template.sync_base(base)
         global_state = agg.global_state
         evaluated = AdapterState({}, dict(agg.global_state.extra))  # already inside the base
     else:
         global_state = keep_uncovered(previous, agg.global_state)
+        if agg.base_delta:  # FedEx-LoRA's residual, less what the kept components add
+            merge_base_delta(base, residual_after_keeping(agg, global_state))
+            template.sync_base(base)
         evaluated = global_state
     aggregated = time.perf_counter()
     ev = evaluate_state(template, evaluated, x, y)

@@ -22,7 +22,7 @@ from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state, evaluate_state
 from autorank.lora.targets import expand_ranks, merge_base_delta
 from autorank.models.zoo import load_base_weights
-from autorank.recipe import federation_for, lora_settings
+from autorank.recipe import federation_for, lora_settings, make_base
 from autorank.rounds.steps import download, initial_state
 from autorank.serving import ModelSpec, load_classifier
 from flows.experiment import federated_training
@@ -226,3 +226,46 @@ def test_under_flora_the_export_is_the_merged_base_and_an_adapter_that_adds_noth
     peft_tensors = load_file(str(tmp_path / "adapter" / "peft" / "adapter_model.safetensors"))
     assert not any(t.any() for k, t in peft_tensors.items() if ".lora_B." in k)
     assert not (tmp_path / "adapter" / "clients").exists()
+
+
+def test_under_fedex_the_logged_model_is_the_updated_base_with_the_global_adapter(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedEx-LoRA adds each round's residual to the base and keeps the adapter: the logged model
+    (the final base, written, plus the adapter) predicts at the run's final global accuracy, and
+    the base differs from the one the run started from. Two of four clients train each round, so
+    a round's merge can leave components uncovered."""
+    # Prepare
+    config = tiny_config(
+        tmp_path,
+        training={"rounds": 3, "clients_per_round": 2},
+        aggregation={"method": "fedex"},
+        tracking={"log_model": True},
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.uri)
+    x, y = _test_split(config)
+
+    # Execute
+    run_id = federated_training(config=config)
+
+    # Assert
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    final = client.get_metric_history(run_id, "global/accuracy")[-1].value
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert float(np.mean(model.predict(x) == y)) == final
+    folder = Path(client.download_artifacts(run_id, "adapter", str(tmp_path / "dl")))
+    peft_tensors = load_file(str(folder / "peft" / "adapter_model.safetensors"))
+    assert any(t.any() for k, t in peft_tensors.items() if ".lora_B." in k)  # not merged away
+    logged_base = load_file(str(folder / "base" / "model.safetensors"))
+    federation = federation_for(config)
+    t = config.training
+    start = make_base(
+        config.model,
+        federation.data,
+        federation.public,
+        lr=t.lr,
+        batch_size=t.batch_size,
+        seed=config.seed,
+    ).state_dict()
+    assert not torch.equal(logged_base["fc1.weight"], start["fc1.weight"])  # the residuals
+    assert torch.equal(logged_base["head.weight"], start["head.weight"])  # not a LoRA layer

@@ -17,7 +17,7 @@ from autorank.merge.tiers import LabelGap, tier_label_gap
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 TIGHT = {"rtol": 0.0, "atol": 1e-12}
-FACTOR_AGGREGATORS = ["fedavg", "zeropad", "hetlora", "rbla"]
+FACTOR_AGGREGATORS = ["fedavg", "zeropad", "hetlora", "rbla", "fedex"]
 HETEROGENEOUS = [n for n in get_args(AggregatorName) if n not in ("fedavg", "flora")]
 SVD_BASIS = ["rbla_svd", "rbla_product", "flexlora"]  # client i: the top r_i slots of the global
 SVD_SLOTS = [*SVD_BASIS, "rbla_tiered"]  # every slot from an SVD (rbla_tiered: per rank tier)
@@ -98,7 +98,7 @@ def test_every_aggregator_returns_each_client_at_its_own_ranks_and_scales(name: 
     assert result.global_state.ranks() == {"l1": 4, "l2": 3}
     assert result.global_state.lora["l1"].scale == updates[2].state.lora["l1"].scale
     assert result.global_state.lora["l2"].scale == updates[0].state.lora["l2"].scale
-    assert result.base_delta == {}
+    assert (result.base_delta != {}) == (name == "fedex")  # its residual; no other writes it
 
 
 def test_flora_on_the_heterogeneous_round_returns_fresh_adapters_and_base_deltas() -> None:
@@ -185,6 +185,8 @@ def test_identical_updates_come_back_unchanged(name: str) -> None:
         if name == "flora":
             assert_close(result.base_delta[layer], f.delta(), **TIGHT)
             continue
+        if name == "fedex":  # identical clients: factor averaging is exact, no residual
+            assert_close(result.base_delta[layer], torch.zeros_like(f.delta()), **TIGHT)
         for state in [result.global_state, *result.client_states]:
             got = state.lora[layer]
             assert got.scale == f.scale
@@ -823,6 +825,45 @@ def test_flora_base_delta_is_the_exact_weighted_sum_of_products() -> None:
     assert (stacked.rank, stacked.scale) == (6, 1.0)
     assert_close(stacked.delta(), W, **TIGHT)
     assert all(state.lora == {} for state in result.client_states)
+
+
+# --- fedex ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [EVEN_RANKS, UNEVEN_RANKS])
+def test_fedex_global_model_is_the_exact_weighted_average_of_the_clients(
+    ranks: list[dict[str, int]],
+) -> None:
+    # Prepare
+    updates = _round(ranks)
+
+    # Execute
+    result = aggregate("fedex", updates)
+    zeropad = aggregate("zeropad", updates)
+
+    # Assert: the factors are zeropad's (FedAvg at one rank); factors plus residual are exact
+    for layer in ("l1", "l2"):
+        g = result.global_state.lora[layer]
+        assert_close(g.A, zeropad.global_state.lora[layer].A, **EXACT)
+        assert_close(g.B, zeropad.global_state.lora[layer].B, **EXACT)
+        exact = _dense_mean(updates, layer)
+        assert_close(result.base_delta[layer] + g.delta(), exact, **TIGHT)
+        assert not result.fresh
+
+
+def test_fedex_residual_is_the_cross_terms_factor_averaging_adds() -> None:
+    # Prepare: two equal-weight rank-1 clients: mean(B A) - mean(B) mean(A) = (B1-B2)(A1-A2)/4
+    A1, A2, B1, B2 = _t([[1.0, 0.0]]), _t([[0.0, 2.0]]), _t([[3.0], [1.0]]), _t([[1.0], [-1.0]])
+    updates = [
+        _update(1, {"l": LoraFactors(A1, B1, 1.0)}),
+        _update(1, {"l": LoraFactors(A2, B2, 1.0)}),
+    ]
+
+    # Execute
+    result = aggregate("fedex", updates)
+
+    # Assert
+    assert_close(result.base_delta["l"], (B1 - B2) @ (A1 - A2) / 4, **TIGHT)
 
 
 # --- extras and bad input ---------------------------------------------------------------------

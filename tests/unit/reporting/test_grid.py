@@ -126,6 +126,35 @@ def test_grid_digest_changes_only_with_what_decides_results(
     assert (after == before) is same
 
 
+def test_an_assigner_may_run_with_its_own_aggregators_only() -> None:
+    # Prepare: AutoRank with two merges, uniform at rank 8 with FedAvg alone
+    raw = _grid(
+        assigners=[
+            "autorank",
+            {"assigner": "uniform", "uniform_rank": 8, "aggregators": ["fedavg"]},
+        ],
+        aggregators=["rbla", "fedex"],
+        seeds=[0, 1],
+    )
+
+    # Execute
+    grid = parse_grid(raw)
+    cells, skipped = expand_grid(grid)
+
+    # Assert
+    assert not skipped
+    assert grid.methods == ["autorank-rbla", "autorank-fedex", "uniform-r8-fedavg"]
+    assert [c.run_name for c in cells][:3] == [
+        "autorank-rbla-s0",
+        "autorank-fedex-s0",
+        "uniform-r8-fedavg-s0",
+    ]
+    assert len(cells) == 6
+    assert grid_digest(grid) != grid_digest(parse_grid(raw | {"aggregators": ["rbla"]}))
+    with pytest.raises(ConfigError, match="max_cells: the grid expands to 6 runs"):
+        parse_grid(raw | {"max_cells": 5})
+
+
 def test_invalid_combinations_are_skipped_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
     grid = parse_grid(_grid(aggregators=["fedavg", "rbla"], seeds=[0]))
 

@@ -23,6 +23,7 @@ from autorank.rounds.steps import (
     download,
     initial_state,
     keep_uncovered,
+    residual_after_keeping,
     start_state,
 )
 
@@ -109,6 +110,22 @@ def test_keep_uncovered_keeps_components_no_sampled_client_covered() -> None:
             src.scale * torch.outer(src.B[:, k], src.A[k]),
         )
     assert keep_uncovered(merged, previous).lora["fc1"] is previous.lora["fc1"]  # covered
+
+
+def test_fedex_residual_less_the_kept_components_keeps_the_global_model_exact() -> None:
+    # Prepare: a rank-4 global adapter; this round's cohort merged at rank 2 with a residual R.
+    previous, merged = _state(4, scale=2.0), _state(2, scale=4.0)
+    residual = torch.randn(2, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    agg = AggregationResult(merged, [], base_delta={"fc1": residual})
+
+    # Execute
+    kept = keep_uncovered(previous, merged)
+    got = residual_after_keeping(agg, kept)["fc1"]
+
+    # Assert: base + kept adapter is base + merged adapter + residual, as the aggregator meant
+    want = merged.lora["fc1"].delta() + residual
+    assert_close(got + kept.lora["fc1"].delta(), want, rtol=0, atol=1e-12)
+    assert residual_after_keeping(agg, merged)["fc1"] is residual  # nothing kept
 
 
 def test_client_parameters_count_lora_at_each_rank_and_the_head() -> None:
