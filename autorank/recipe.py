@@ -24,7 +24,7 @@ from autorank.data.text import TEXT_SOURCES, TextOptions
 from autorank.engine.local import TrainSettings, pretrain
 from autorank.lora.settings import LoraSettings
 from autorank.lora.targets import target_sizes
-from autorank.models.packaged import pretrained_folder
+from autorank.models.gguf import ensure_unpacked
 from autorank.models.zoo import build_model, default_targets, head_modules, load_base_weights
 from autorank.ranking.assigners import assign_ranks
 from autorank.ranking.assignment import RankAssignment
@@ -106,6 +106,14 @@ def public_fraction(config: ExperimentConfig) -> float:
     return config.model.pretrain_fraction if config.model.init == "pretrain" else 0.0
 
 
+def profile_federation(
+    federation: Federation, curves: Sequence[Sequence[float]] | None = None
+) -> list[ClientProfile]:
+    """Every client's profile: its labels (a causal LM's data: its tokens), size and, given
+    the warm-up's loss curves, learning difficulty."""
+    return profile_clients(federation.histogram, curves, tokens=federation.tokens)
+
+
 def text_options(config: ExperimentConfig) -> TextOptions | None:
     """How texts become samples (the model's tokenizer, ``data.max_length``), for text data."""
     if config.data.name not in TEXT_SOURCES:
@@ -113,12 +121,15 @@ def text_options(config: ExperimentConfig) -> TextOptions | None:
     # The config's checks pair text data with a text model, which names its folder.
     assert config.model.hf_name_or_path is not None
     return TextOptions(
-        tokenizer=pretrained_folder(config.model.hf_name_or_path),
+        tokenizer=ensure_unpacked(config.model.hf_name_or_path),
         max_length=config.data.max_length,
         text_column=config.data.text_column,
         label_column=config.data.label_column,
         cache_dir=config.data.cache_dir,
         key_column=config.data.key_column,
+        blocks=config.model.name == "causal_lm",
+        train_keys=config.data.train_keys,
+        test_keys=config.data.test_keys,
     )
 
 
@@ -178,7 +189,7 @@ def rank_table(
         layer_sizes = target_sizes(base, list(layer_ranges(config)))
     return assign(
         config,
-        profile_clients(federation.histogram),
+        profile_federation(federation),
         n_classes=federation.data.n_classes,
         layer_sizes=layer_sizes,
     )

@@ -33,6 +33,7 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' bars ("Loading weights")
     "TRANSFORMERS_VERBOSITY": "error",
     "DATASETS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",  # bars drawn with tqdm directly (transformers' GGUF dequantising)
 }
 
 

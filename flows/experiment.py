@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -19,9 +20,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from torch import nn
 
 from autorank.config import ExperimentConfig, config_digest
+from autorank.config.vocab import TEXT_MODELS
 from autorank.data.federation import Federation
 from autorank.engine.jobs import limit_threads
 from autorank.lora.adapters import AdapterState
+from autorank.lora.functional import evaluate_state
+from autorank.models.evaluation import EvalResult
+from autorank.models.zoo import load_base_state
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.reranking import rerank_due
 from autorank.recipe import lora_settings, public_fraction, text_options
@@ -59,6 +64,7 @@ from flows.run_records import (
 )
 from flows.run_views import progress_in_run_log
 from flows.runners import opaque, signals_deferred, task_runner_for
+from tasks import tracking
 from tasks.checkpointing import RunTarget, load_round
 from tasks.server import ClosedRound, RoundClose, close_round
 from tasks.setup import build_base, load_federation
@@ -100,6 +106,35 @@ def _fresh_state(
     record_decision(config, run_id, federation, assignment)
     global_state = initial_state(base, assignment.ranks(), lora_settings(config), seed=config.seed)
     return RunState(base, global_state, False, assignment, [], 1)
+
+
+def _round_line(ev: EvalResult, clients_mean: float) -> str:
+    """A round's global figures: accuracy and loss (a causal LM's perplexity first), and the
+    clients' mean personalised accuracy where they hold local test data."""
+    line = f"global accuracy {ev.accuracy:.4f}, loss {ev.loss:.4f}"
+    if ev.per_token:
+        line = f"global perplexity {ev.perplexity:.2f}, next-token accuracy {ev.accuracy:.4f}"
+    if not math.isnan(clients_mean):
+        line += f", clients' mean accuracy {clients_mean:.4f}"
+    return line
+
+
+def _record_pretrained(
+    config: ExperimentConfig,
+    run_id: str,
+    engines: Engines,
+    start: AdapterState,
+    test: tuple[Any, Any],
+) -> None:
+    """The pretrained model on the test split before any round (LoRA's ``B = 0``, a new head):
+    ``pretrained/*`` metrics at step 0, what the rounds' ``global/*`` are read against."""
+    ev = evaluate_state(engines.evaluator, start, *test)
+    metrics = {"pretrained/accuracy": ev.accuracy, "pretrained/loss": ev.loss}
+    if ev.per_token:
+        metrics["pretrained/perplexity"] = ev.perplexity
+    tracking.log_metrics(config.tracking.uri, run_id, metrics, step=0)
+    shown = f", perplexity {ev.perplexity:.2f}" if ev.per_token else ""
+    progress.info("pretrained model: accuracy %.4f, loss %.4f%s", ev.accuracy, ev.loss, shown)
 
 
 def _run_round(
@@ -194,12 +229,10 @@ def _run_round(
     if assignment is not state.assignment:
         engines.set_ranks(assignment.ranks())
     progress.info(
-        "round %d/%d: global accuracy %.4f, loss %.4f, clients' mean accuracy %.4f (%.1f s)",
+        "round %d/%d: %s (%.1f s)",
         round_idx,
         config.training.rounds,
-        step.evaluation.accuracy,
-        step.evaluation.loss,
-        metrics["per_client/accuracy_mean"],
+        _round_line(step.evaluation, metrics["per_client/accuracy_mean"]),
         closed.seconds,
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
@@ -289,6 +322,8 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
             engines = build_engines(config, base, data, runner)  # from the restored base
             try:
                 state = restored or _fresh_state(config, run_id, base, federation, data, engines)
+                if restored is None and config.model.name in TEXT_MODELS:
+                    _record_pretrained(config, run_id, engines, state.global_state, test)
                 engines.set_ranks(state.assignment.ranks())
                 first, rounds = state.start_round, config.training.rounds
                 progress.debug(  # starts the terminal's progress bar
@@ -338,7 +373,7 @@ def run_target(config: ExperimentConfig, run_id: str, *, n_clients: int) -> RunT
 
 def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Checkpoint) -> RunState:
     """The state after the newest checkpointed round."""
-    base.load_state_dict(dict(ckpt.base))
+    load_base_state(base, ckpt.base)
     assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
     decision_file = decision_file_of(ckpt)
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)

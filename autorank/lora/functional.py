@@ -20,6 +20,7 @@ from torch.func import functional_call
 from autorank.lora.adapters import AdapterState, LoraFactors
 from autorank.lora.targets import expand_ranks, head_parameter_names, layer_dims, matches
 from autorank.models.evaluation import EvalResult
+from autorank.models.objectives import objective_of
 
 Params = dict[str, torch.Tensor]
 
@@ -191,6 +192,7 @@ class _Bound(nn.Module):
         super().__init__()
         self.template = template
         self.bound = params
+        self.objective = objective_of(template.model)  # the template is not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.template.forward(self.bound, x)

@@ -3,6 +3,7 @@ per sample for a classifier, per scored token for a causal LM."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,18 @@ class EvalResult:
         accuracy: share of correct top-1 predictions (next tokens for a causal LM), in [0, 1].
         loss: mean cross-entropy per sample (per scored token for a causal LM).
         n: number of samples evaluated.
+        per_token: scored token by token (a causal LM), so ``perplexity`` means something.
     """
 
     accuracy: float
     loss: float
     n: int
+    per_token: bool = False
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``, for a causal LM's per-token loss (inf past float range)."""
+        return math.exp(self.loss) if self.loss < 700 else math.inf
 
 
 def evaluate(
@@ -79,4 +87,5 @@ def evaluate(
                 weight += w.sum()
     model.train(was_training)
     total = max(float(weight), 1.0)
-    return EvalResult(accuracy=float(correct) / total, loss=float(loss_sum) / total, n=n)
+    accuracy, mean = float(correct) / total, float(loss_sum) / total
+    return EvalResult(accuracy, mean, n, per_token=objective == "causal_lm")

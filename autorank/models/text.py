@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autorank.models.packaged import max_positions, pretrained_folder
+from autorank.models.gguf import ensure_unpacked
+from autorank.models.packaged import max_positions
 
 _CHUNK = 64  # samples per forward of a large batch (sorted by length)
 _DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout")
@@ -146,7 +147,7 @@ def _pretrained(name_or_path: str, max_length: int, **settings: Any) -> tuple[Pa
     """The model's folder and its config with dropout off, once ``max_length`` fits it."""
     from transformers import AutoConfig
 
-    folder = pretrained_folder(name_or_path)
+    folder = ensure_unpacked(name_or_path)
     longest = max_positions(folder)
     if longest is not None and max_length > longest:
         raise ValueError(

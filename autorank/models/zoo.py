@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -177,7 +177,7 @@ def build_model(
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
-    if n_classes < 2:
+    if n_classes < 2 and name != "causal_lm":  # a causal LM's logits are its vocabulary's
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
     if not hidden or min(hidden) < 1:
         raise ValueError(f"hidden must be non-empty positive widths, got {tuple(hidden)}")
@@ -301,10 +301,37 @@ def head_modules(name: ModelName) -> tuple[str, ...]:
     raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
 
 
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each tied tensor once: a name whose tensor is an earlier
+    name's (a causal LM's output layer tied to its embeddings) is left out, as safetensors
+    refuses shared memory; ``load_base_state`` ties it again by loading into the model."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and where in seen:
+            continue
+        seen.add(where)
+        out[name] = t
+    return out
+
+
+def load_base_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load ``base_state``'s tensors into ``model``: every name but its tied ones must be there."""
+    tied = set(model.state_dict()) - set(base_state(model))
+    missing, unexpected = model.load_state_dict(dict(tensors), strict=False)
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"base weights do not fit the model: missing keys {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected keys {sorted(unexpected)[:5]}"
+        )
+
+
 def save_base_weights(model: nn.Module, path: Path) -> None:
-    """Write the model's state dict to a safetensors file (parent folders are created)."""
+    """Write the model's state dict to a safetensors file (parent folders are created; tied
+    tensors once, ``base_state``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in base_state(model).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -321,7 +348,7 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"base weights file '{path}' is not a readable safetensors file") from err
-    own = model.state_dict()
+    own = base_state(model)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -335,4 +362,4 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
                 f"base weights file '{path}': '{key}' has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
-    model.load_state_dict(tensors, strict=True)
+    load_base_state(model, tensors)

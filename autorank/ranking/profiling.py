@@ -148,7 +148,10 @@ def learning_difficulty(epoch_losses: Sequence[float]) -> float:
 
 
 def profile_clients(
-    histogram: np.ndarray, epoch_losses: Sequence[Sequence[float]] | None = None
+    histogram: np.ndarray,
+    epoch_losses: Sequence[Sequence[float]] | None = None,
+    *,
+    tokens: np.ndarray | None = None,
 ) -> list[ClientProfile]:
     """Build every client's profile from its label histogram and, after warm-up, its loss curve.
 
@@ -157,12 +160,20 @@ def profile_clients(
             sum > 0 (see ``autorank.data.partition.label_histogram``).
         epoch_losses: per client, its ``[E]`` warm-up epoch losses, or None before warm-up (the
             profiles then carry ``learning_difficulty=None``).
+        tokens: for a causal LM (no labels), each client's token counts ``[n_clients, V]``: the
+            entropy and Gini-Simpson criteria are then those of its token distribution (how
+            varied its text is), and its size stays its sample count (blocks of ``L`` tokens,
+            so its token count up to the last block's padding).
 
     Returns:
         One ``ClientProfile`` per row of ``histogram``, in client order.
     """
     h = np.asarray(histogram)
     entropy, gs = label_entropy(h), gini_simpson(h)  # these validate shape and values
+    if tokens is not None:
+        if len(tokens) != len(h):
+            raise ValueError(f"tokens: expected {len(h)} rows (one per client), got {len(tokens)}")
+        entropy, gs = label_entropy(tokens), gini_simpson(tokens)
     if not np.array_equal(h, np.round(h)):
         raise ValueError("histogram: expected integer sample counts, got fractional values")
     n_clients = h.shape[0]

@@ -297,6 +297,8 @@ class RoundReport:
             "time/client_train_s": float(sum(o.result.seconds for o in self.outcomes)),
             **{f"time/{k}_s": float(v) for k, v in self.timings.items()},
         }
+        if self.global_eval.per_token:
+            out["global/perplexity"] = self.global_eval.perplexity
         if keyed_clients:
             for o in self.outcomes:
                 key = f"per_client/c{o.result.client:02d}"

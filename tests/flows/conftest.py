@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from autorank.config import ExperimentConfig, parse_config
+from tests.unit.conftest import tiny_bert_dir, tiny_llama_dir  # noqa: F401  (fixtures)
 
 _LOGGERS = ("autorank.progress", "prefect.flow_runs", "prefect.task_runs", "mlflow")
 

@@ -142,6 +142,7 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     for name in ("budget_params", "rank_caps", "cap_tiers"):
         del payload["ranking"][name]
     text = ("max_test_samples", "max_length", "text_column", "label_column", "key_column")
+    text = (*text, "train_keys", "test_keys")
     for name in (*text, "cache_dir"):
         del payload["data"][name]  # the text settings came later still
     payload["aggregation"] = {"method": config.aggregation.method}
@@ -172,6 +173,34 @@ def test_a_causal_lm_run_logs_no_mlflow_model_yet() -> None:
     with pytest.raises(ConfigError, match=r"expected tracking\.log_model false"):
         load_config(None, overrides)
     assert load_config(None, [*overrides, "tracking.log_model=false"]).model.name == "causal_lm"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["data.name=kjv", "model.name=text_classifier", "model.hf_name_or_path=x"],
+            "data.name 'kjv' has no labels; expected model.name 'causal_lm'",
+        ),
+        (["data.test_keys=[Ruth]"], "data.test_keys names natural clients; expected keyed"),
+        (
+            ["data.name=kjv", "model.name=causal_lm", "model.hf_name_or_path=x",
+             "tracking.log_model=false", "data.train_keys=[Ruth,Jude]", "data.test_keys=[Jude]"],
+            r"data.train_keys and data.test_keys share \['Jude'\]",
+        ),
+    ],
+)  # fmt: skip
+def test_natural_clients_are_named_only_for_keyed_text(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_the_bible_is_partitioned_by_book_without_a_key_column() -> None:
+    overrides = ["data.name=kjv", "model.name=causal_lm", "model.hf_name_or_path=x"]
+
+    config = load_config(None, [*overrides, "tracking.log_model=false", "partition.scheme=natural"])
+
+    assert config.partition.scheme == "natural" and config.data.key_column is None
 
 
 def test_a_natural_partition_needs_the_key_column() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,120 @@ def test_a_natural_partition_gives_each_key_its_client(tiny_bert_dir: Path, tmp_
 def test_text_data_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is text; expected the model's tokenizer"):
         load_data("text", path=tmp_path / "d.csv")
+
+
+# --- a causal LM's data: token blocks, natural clients, held-out clients ----------------------
+
+
+def _lm_file(tmp_path: Path) -> Path:
+    """Four books of 40, 25, 12 and 9 words (the tiny tokenizer: a token per word)."""
+    words = iter(TEXT_WORDS * 20)
+    rows = ["text,book"]
+    for book, n in (("gen", 40), ("exo", 25), ("ruth", 12), ("jude", 9)):
+        rows.append(f'"{" ".join(next(words) for _ in range(n))}",{book}')
+    file = tmp_path / "books.csv"
+    file.write_text("\n".join(rows) + "\n")
+    return file
+
+
+def _lm_options(folder: Path, tmp_path: Path, **kw: object) -> TextOptions:
+    return _options(folder, tmp_path, key_column="book", blocks=True, **kw)
+
+
+def test_a_causal_lm_s_texts_are_cut_into_blocks_of_their_book(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from autorank.data.text import token_blocks
+
+    # Prepare: 19 tokens -> blocks of 8, 8 and 3; 17 -> 8, 8 (the lone 17th token is dropped)
+    texts = [" ".join(TEXT_WORDS[:19]), " ".join(TEXT_WORDS[:17])]
+
+    # Execute
+    x, origin = token_blocks(texts, _lm_options(tiny_llama_dir, tmp_path))
+
+    # Assert
+    assert x.shape == (5, 2, 8) and origin.tolist() == [0, 0, 0, 1, 1]
+    assert x[:, 1].sum(axis=1).tolist() == [8, 8, 3, 8, 8]
+    from transformers import AutoTokenizer
+
+    whole = AutoTokenizer.from_pretrained(str(tiny_llama_dir))(texts[0], add_special_tokens=False)
+    assert x[:3, 0].reshape(-1)[:19].tolist() == whole["input_ids"]
+    assert (x[2, 1, 3:] == 0).all()  # the last block's padding is masked
+
+
+def test_held_out_books_are_the_test_split_and_the_rest_train(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    options = _lm_options(tiny_llama_dir, tmp_path, test_keys=("jude",))
+
+    # Execute
+    data = load_data("text", path=_lm_file(tmp_path), seed=0, text=options)
+
+    # Assert: 40, 25, 12 train tokens -> 5 + 3 + 2 blocks (a lone last token is dropped);
+    # jude's 9 -> 1 block, testing
+    assert data.language_model and data.n_classes == 1 and data.label_names == ("text",)
+    assert data.keys is not None and sorted(set(data.keys)) == ["exo", "gen", "ruth"]
+    assert [data.keys.count(b) for b in ("gen", "exo", "ruth")] == [5, 3, 2]
+    x_test, y_test = data.arrays("test")
+    assert len(x_test) == 1 and not y_test.any()
+
+
+def test_train_keys_keep_some_books_and_unknown_books_are_named(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    file = _lm_file(tmp_path)
+    kept = _lm_options(tiny_llama_dir, tmp_path, train_keys=("ruth",), test_keys=("jude",))
+    unknown = _lm_options(tiny_llama_dir, tmp_path, test_keys=("job",))
+    everything = _lm_options(tiny_llama_dir, tmp_path, train_keys=("ruth",), test_keys=("ruth",))
+
+    data = load_data("text", path=file, seed=0, text=kept)
+
+    assert data.keys == ("ruth", "ruth")
+    with pytest.raises(TextDataError, match=r"data.test_keys \['job'\] are not clients; .*gen"):
+        load_data("text", path=file, seed=0, text=unknown)
+    with pytest.raises(ValueError, match="hold every sample"):
+        load_data("text", path=file, seed=0, text=everything)
+
+
+def test_a_causal_lm_s_clients_are_profiled_by_their_tokens(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from autorank.config import PartitionConfig
+    from autorank.data.federation import build_federation
+    from autorank.ranking.profiling import gini_simpson, label_entropy, profile_clients
+
+    # Prepare
+    data = load_data(
+        "text", path=_lm_file(tmp_path), seed=0, text=_lm_options(tiny_llama_dir, tmp_path)
+    )
+    settings = PartitionConfig(scheme="natural", n_clients=4, local_test_fraction=0.0)
+
+    # Execute
+    federation = build_federation(data, settings, public_fraction=0.0, seed=0)
+    profiles = profile_clients(federation.histogram, tokens=federation.tokens)
+
+    # Assert: each client's counts are its blocks' real tokens; the criteria are theirs
+    x, _ = data.arrays("train")
+    assert federation.tokens is not None
+    for client, row in zip(federation.clients, federation.tokens, strict=True):
+        ids = x[client.train, 0][x[client.train, 1] > 0]
+        assert row.sum() == len(ids) and row[ids[0]] == (ids == ids[0]).sum()
+    assert [p.entropy for p in profiles] == pytest.approx(label_entropy(federation.tokens))
+    assert [p.gini_simpson for p in profiles] == pytest.approx(gini_simpson(federation.tokens))
+    assert [p.n_samples for p in profiles] == [len(c.train) for c in federation.clients]
+    assert len({round(p.entropy, 6) for p in profiles}) > 1  # not the one label's zero
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+def test_the_king_james_bible_is_66_books_keyed_by_name(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from autorank.data.text import read_kjv
+
+    table = read_kjv(None, _lm_options(tiny_llama_dir, tmp_path))
+
+    assert table.keys is not None and len(table.keys) == 66
+    assert table.keys[0] == "Ge" and table.keys[-1] == "Rev" and "Ruth" in table.keys
+    assert table.texts[0].startswith("In the beginning God created the heaven and the earth.")
+    assert table.label_names == ("text",) and not table.labels.any()

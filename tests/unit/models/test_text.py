@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from autorank.data.text import TextOptions, tokenize
@@ -19,7 +21,13 @@ from autorank.lora.settings import LoraSettings
 from autorank.models.evaluation import evaluate
 from autorank.models.objectives import loss, objective_of
 from autorank.models.packaged import pretrained_folder, text_targets
-from autorank.models.zoo import build_model, default_targets, head_modules
+from autorank.models.zoo import (
+    build_model,
+    default_targets,
+    head_modules,
+    load_base_weights,
+    save_base_weights,
+)
 from tests.unit.conftest import tiny_text_corpus
 from tests.unit.engine.test_batched import _assert_same
 
@@ -164,3 +172,33 @@ def test_both_engines_train_a_causal_lm_alike(tiny_llama_dir: Path) -> None:
     # Assert
     assert targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     _assert_same(batched, sequential)
+
+
+def test_a_causal_lm_s_evaluation_reports_its_perplexity(tiny_llama_dir: Path) -> None:
+    model = _lm(tiny_llama_dir).eval()
+    x = _packed(tiny_llama_dir, ["good day", "the film was not so great"])
+
+    result = evaluate(model, x, torch.zeros(2, dtype=torch.long), device=CPU)
+
+    assert result.per_token and result.perplexity == pytest.approx(math.exp(result.loss))
+
+
+def test_a_tied_output_layer_is_saved_once_and_tied_again_on_load(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the tiny Llama ties its output layer to its embeddings, as SmolLM2 does
+    model = _lm(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.model.embed_tokens.weight.add_(1.0)
+    path = tmp_path / "base.safetensors"
+
+    # Execute
+    save_base_weights(model, path)
+    fresh = _lm(tiny_llama_dir)
+    load_base_weights(fresh, path)
+
+    # Assert
+    assert "model.lm_head.weight" not in load_file(str(path))
+    assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
+    for name, t in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], t), name
