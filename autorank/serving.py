@@ -9,7 +9,9 @@ normalised, ``x [n, C*H*W]`` (or ``[n, C, H, W]``).
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -19,8 +21,10 @@ import torch
 from torch import nn
 
 from autorank.data.text import TextEncoder
+from autorank.lora.adapters import AdapterState
 from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state
+from autorank.lora.targets import merge_base_delta
 from autorank.models.packaged import pretrained_folder
 from autorank.models.zoo import MODEL_NAMES, ModelName, build_model, load_base_weights
 
@@ -200,3 +204,44 @@ def load_classifier(
     if spec.name == "text_classifier" and spec.hf_name_or_path:
         encoder = TextEncoder(pretrained_folder(spec.hf_name_or_path), spec.input_shape[-1])
     return Classifier(bind_state(template, state), where, encoder, spec.label_names)
+
+
+def generate(
+    base: nn.Module,
+    state: AdapterState,
+    tokenizer: Path,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` by a causal LM base (``models.text.CausalLM``) with
+    ``state``'s LoRA update merged into a copy of it (the base is left as it is).
+
+    Args:
+        base: the run's base, on its device.
+        state: the global adapter (module path -> factors, as the run keeps it).
+        tokenizer: the model's tokenizer folder.
+        prompts: texts to continue.
+        max_new_tokens: tokens generated per prompt.
+
+    Returns:
+        Each prompt's continuation, special tokens dropped.
+    """
+    from transformers import AutoTokenizer
+
+    model = copy.deepcopy(base).eval()
+    merge_base_delta(model, {path: f.delta() for path, f in state.lora.items()})
+    inner: Any = model.get_submodule("model")  # the transformers model inside the wrapper
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            made = inner.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            )
+        new = made[0, ids["input_ids"].shape[1] :].tolist()
+        out.append(str(tok.decode(new, skip_special_tokens=True)))
+    return out

@@ -47,6 +47,7 @@ from autorank.rounds.steps import (
     round_jobs,
     test_data,
 )
+from autorank.serving import generate
 from flows import RESUME_NOTE, run_views
 from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record
@@ -119,22 +120,39 @@ def _round_line(ev: EvalResult, clients_mean: float) -> str:
     return line
 
 
+def _record_generations(
+    config: ExperimentConfig, run_id: str, base: nn.Module, state: AdapterState, round_idx: int
+) -> None:
+    """A causal LM's greedy continuations of ``tracking.prompts`` after ``round_idx`` (0: the
+    pretrained model), as ``generations/round_NNNN.txt``."""
+    options = text_options(config)
+    assert options is not None  # a causal LM reads text
+    t = config.tracking
+    texts = generate(base, state, options.tokenizer, t.prompts, max_new_tokens=t.max_new_tokens)
+    lines = [f"round {round_idx}, greedy, {t.max_new_tokens} new tokens", ""]
+    for prompt, text in zip(t.prompts, texts, strict=True):
+        lines += [f"> {prompt}", f"{prompt}{text}", ""]
+    tracking.log_text(t.uri, run_id, "\n".join(lines), f"generations/round_{round_idx:04d}.txt")
+
+
 def _record_pretrained(
     config: ExperimentConfig,
     run_id: str,
     engines: Engines,
-    start: AdapterState,
+    state: RunState,
     test: tuple[Any, Any],
 ) -> None:
     """The pretrained model on the test split before any round (LoRA's ``B = 0``, a new head):
     ``pretrained/*`` metrics at step 0, what the rounds' ``global/*`` are read against."""
-    ev = evaluate_state(engines.evaluator, start, *test)
+    ev = evaluate_state(engines.evaluator, state.global_state, *test)
     metrics = {"pretrained/accuracy": ev.accuracy, "pretrained/loss": ev.loss}
     if ev.per_token:
         metrics["pretrained/perplexity"] = ev.perplexity
     tracking.log_metrics(config.tracking.uri, run_id, metrics, step=0)
     shown = f", perplexity {ev.perplexity:.2f}" if ev.per_token else ""
     progress.info("pretrained model: accuracy %.4f, loss %.4f%s", ev.accuracy, ev.loss, shown)
+    if config.model.name == "causal_lm":
+        _record_generations(config, run_id, state.base, AdapterState({}), 0)
 
 
 def _run_round(
@@ -236,7 +254,12 @@ def _run_round(
         closed.seconds,
         extra={"round": round_idx, "rounds": config.training.rounds},
     )
-    agg, rounds = config.aggregation, config.training.rounds
+    agg, rounds, every = config.aggregation, config.training.rounds, config.tracking.generate_every
+    if config.model.name == "causal_lm" and (
+        round_idx == rounds or (every and round_idx % every == 0)
+    ):
+        merged = AdapterState({}) if new.fresh else new.global_state  # FLoRA: inside the base
+        _record_generations(config, run_id, new.base, merged, round_idx)
     if whole_early and method == agg.early_method and agg.early_rounds == round_idx < rounds:
         progress.info(
             "%s merged with %s; %s merges from round %d on",
@@ -323,7 +346,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
             try:
                 state = restored or _fresh_state(config, run_id, base, federation, data, engines)
                 if restored is None and config.model.name in TEXT_MODELS:
-                    _record_pretrained(config, run_id, engines, state.global_state, test)
+                    _record_pretrained(config, run_id, engines, state, test)
                 engines.set_ranks(state.assignment.ranks())
                 first, rounds = state.start_round, config.training.rounds
                 progress.debug(  # starts the terminal's progress bar

@@ -40,6 +40,17 @@ class TrackingConfig(Section):
     client_table_every: int = Field(
         1, ge=1, description="write the per-client table artifact every N rounds and the last"
     )
+    prompts: tuple[str, ...] = Field(
+        ("In the beginning", "And it came to pass", "The LORD is my"),
+        description="causal LM: the prompts the global model continues (greedy) every "
+        "generate_every rounds and at the end, logged as generations/round_NNNN.txt",
+    )
+    generate_every: int = Field(
+        5, ge=0, description="causal LM: rounds between sample generations; 0: at the end only"
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, le=512, description="causal LM: tokens generated per prompt"
+    )
     log_model: bool = Field(
         True,
         description="log the final global model as the MLflow model `model` at the end of the "

@@ -50,6 +50,7 @@ def lm_run(
             "lr": 0.01,
             "batch_size": 4,
         },
+        tracking={"prompts": ["good day", "the film"], "generate_every": 1, "max_new_tokens": 4},
     )
     return config, federated_training(config=config)
 
@@ -91,3 +92,18 @@ def test_the_checkpointed_base_keeps_the_tied_output_layer_once(lm_run: Any) -> 
     meta = json.loads((folder / "meta.json").read_text())
     base = load_file(str(folder.parent / meta["base_file"]))
     assert "model.model.embed_tokens.weight" in base and "model.lm_head.weight" not in base
+
+
+def test_generations_from_fixed_prompts_are_logged_before_and_after_rounds(lm_run: Any) -> None:
+    config, run_id = lm_run
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+
+    files = sorted(f.path for f in client.list_artifacts(run_id, "generations"))
+    text = Path(client.download_artifacts(run_id, files[-1], str(config.runtime.checkpoint_dir)))
+
+    assert files == [f"generations/round_000{r}.txt" for r in (0, 1, 2)]
+    lines = text.read_text().splitlines()
+    assert lines[0] == "round 2, greedy, 4 new tokens"
+    assert "> good day" in lines and "> the film" in lines
+    continued = lines[lines.index("> good day") + 1]
+    assert continued.startswith("good day") and len(continued) > len("good day")
