@@ -37,15 +37,20 @@ class TrainingConfig(Section):
         description="epochs of the warm-up at each layer's r_max whose loss curve gives learning "
         "difficulty (autorank with that criterion only)",
     )
-    optimizer: Literal["sgd", "adam"] = Field(
-        "sgd", description="clients' optimiser (also of the warm-up): sgd or adam"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd",
+        description="clients' optimiser (also of the warm-up): sgd, adam, or adamw (adam with "
+        "decoupled weight decay, as language models are fine-tuned)",
     )
     lr: float = Field(
         0.05, gt=0.0, description="learning rate of the clients and of the server's pre-training"
     )
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd momentum; ignored by adam")
     weight_decay: float = Field(
-        0.0, ge=0.0, description="L2 weight decay added to the gradient (sgd and adam)"
+        0.0,
+        ge=0.0,
+        description="weight decay: added to the gradient (sgd, adam), or the weights shrunk by "
+        "lr * weight_decay each step (adamw)",
     )
     batch_size: int = Field(
         64, ge=1, description="samples per step of a client (and of the server's pre-training)"

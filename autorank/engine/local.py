@@ -22,7 +22,7 @@ from autorank.models.objectives import objective_of, per_sample
 
 logger = logging.getLogger(__name__)
 
-Optimizer = Literal["sgd", "adam"]
+Optimizer = Literal["sgd", "adam", "adamw"]
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -207,7 +207,7 @@ def pretrain(
     lr: float,
     batch_size: int,
     seed: int,
-    optimizer: Literal["sgd", "adam"] = "sgd",
+    optimizer: Optimizer = "sgd",
     momentum: float = 0.9,
     device: torch.device | None = None,
 ) -> list[float]:

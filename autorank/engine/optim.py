@@ -41,7 +41,8 @@ class OptimSettings(Protocol):
 
 
 class ClientOptimizer:
-    """SGD (momentum, weight decay) or Adam over ``params``.
+    """SGD (momentum, weight decay), Adam (L2 weight decay in the gradient) or AdamW (decoupled
+    weight decay, Loshchilov and Hutter, ICLR 2019, as ``torch.optim.AdamW``) over ``params``.
 
     Args:
         params: leaf tensors whose ``.grad`` is filled by backward.
@@ -53,12 +54,14 @@ class ClientOptimizer:
     def __init__(
         self, params: Sequence[torch.Tensor], settings: OptimSettings, *, stacked: bool = False
     ) -> None:
-        if settings.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {settings.optimizer!r}")
+        if settings.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(
+                f"optimizer must be 'sgd', 'adam' or 'adamw', got {settings.optimizer!r}"
+            )
         self.params = list(params)
         self.s = settings
         self.stacked = stacked
-        adam = settings.optimizer == "adam"
+        adam = settings.optimizer in ("adam", "adamw")
         self.bufs: list[torch.Tensor | None] = [
             torch.zeros_like(p) if adam else None for p in self.params
         ]
@@ -89,6 +92,10 @@ class ClientOptimizer:
         lr, wd = self.s.lr, self.s.weight_decay
         for j, p in enumerate(self.params):
             w, g = self._rows(p, k), self._rows(cast(torch.Tensor, p.grad), k)
+            if self.s.optimizer == "adamw":  # decoupled: the weights shrink, not the gradient
+                w.mul_(1 - lr * wd)
+                self._adam(j, k, w, g, lr)
+                continue
             if wd != 0:
                 g = g.add(w, alpha=wd)
             if self.s.optimizer == "adam":

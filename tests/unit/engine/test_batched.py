@@ -127,7 +127,7 @@ def test_one_round_matches_the_sequential_engine(
     _assert_same(batched, sequential)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_per_client_gradient_clipping_matches(optimizer: str) -> None:
     base, lora, train = _mlp(), _lora(), _train(optimizer, clip=0.05)
     jobs = _jobs(base, lora, "download")

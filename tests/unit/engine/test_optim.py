@@ -1,4 +1,4 @@
-"""The project's SGD and Adam against torch.optim, for one model and for a stack of clients."""
+"""The project's SGD, Adam and AdamW against torch.optim, for one model and a stack of clients."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SETTINGS = {
     "momentum": TrainSettings("sgd", 0.1, 0.9, 0.01, 8, None),
     "adam": TrainSettings("adam", 0.01, 0.0, 0.001, 8, None),
     "clipped": TrainSettings("adam", 0.01, 0.0, 0.0, 8, 0.05),
+    "adamw": TrainSettings("adamw", 0.01, 0.0, 0.1, 8, None),
 }
 
 
@@ -26,6 +27,8 @@ def _model() -> nn.Module:
 def _torch_optim(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "adam":
         return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
@@ -90,5 +93,5 @@ def test_a_stack_steps_each_client_alone_and_only_the_active_ones(name: str) -> 
 
 
 def test_unknown_optimizer_is_refused() -> None:
-    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+    with pytest.raises(ValueError, match="optimizer must be 'sgd', 'adam' or 'adamw'"):
         ClientOptimizer([], TrainSettings("rmsprop", 0.1, 0.0, 0.0, 8, None))  # type: ignore[arg-type]
