@@ -28,15 +28,23 @@ def _legend_outside(ax: Axes) -> None:
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
+# Beyond this many clients a figure summarises them (sizes as a sorted curve, labels as the share
+# of clients holding each) instead of drawing one bar or label per client: at 10,000 clients the
+# per-client drawing took minutes and showed nothing readable.
+PER_CLIENT_MAX = 100
+
+
 def label_distribution(histogram: np.ndarray) -> Figure:
-    """Stacked bars of samples per class for each client.
+    """Stacked bars of samples per class for each client (a summary beyond ``PER_CLIENT_MAX``).
 
     Args:
         histogram: label counts, ``[n_clients, n_classes]``.
     """
+    n_clients, n_classes = histogram.shape
+    if n_clients > PER_CLIENT_MAX:
+        return _population_labels(histogram)
     fig = _figure()
     ax = fig.add_subplot()
-    n_clients, n_classes = histogram.shape
     bottom = np.zeros(n_clients)
     colours = [f"C{c % 10}" for c in range(n_classes)]
     for c in range(n_classes):
@@ -47,6 +55,28 @@ def label_distribution(histogram: np.ndarray) -> Figure:
     ax.set_title("Label distribution per client")
     ax.set_xticks(np.arange(n_clients))
     ax.legend(title="class", fontsize="small", ncols=2 if n_classes > 10 else 1, loc="upper left")
+    return fig
+
+
+def _population_labels(histogram: np.ndarray) -> Figure:
+    """Many clients at once: their sizes, largest first, and the share holding each class."""
+    n_clients, n_classes = histogram.shape
+    fig = _figure(9.0, 3.6)
+    sizes_ax, labels_ax = fig.subplots(1, 2)
+    sizes = np.sort(histogram.sum(axis=1))[::-1]
+    sizes_ax.plot(np.arange(1, n_clients + 1), sizes, lw=1.2)
+    sizes_ax.set_xscale("log")
+    sizes_ax.set_xlabel("clients, largest first")
+    sizes_ax.set_ylabel("training samples")
+    sizes_ax.set_title(f"Client sizes ({n_clients:,} clients)")
+    sizes_ax.grid(alpha=0.3)
+    holding = (histogram > 0).mean(axis=0)
+    labels_ax.bar(np.arange(n_classes), holding, color=[f"C{c % 10}" for c in range(n_classes)])
+    labels_ax.set_ylim(0, 1)
+    labels_ax.set_xlabel("class")
+    labels_ax.set_ylabel("share of clients holding it")
+    labels_ax.set_title(f"Labels: {np.mean((histogram > 0).sum(axis=1)):.1f} per client on average")
+    labels_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -61,9 +91,12 @@ def closeness_vs_rank(
     ax = fig.add_subplot()
     have_scores = all(c is not None for c in closeness)
     xs = [float(c or 0.0) for c in closeness] if have_scores else [float(c) for c in clients]
-    ax.scatter(xs, ranks, s=40)
-    for x, r, client in zip(xs, ranks, clients, strict=True):
-        ax.annotate(str(client), (x, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if len(xs) > PER_CLIENT_MAX:  # points only: a label per client is unreadable and slow
+        ax.scatter(xs, ranks, s=6, alpha=0.4, linewidths=0)
+    else:
+        ax.scatter(xs, ranks, s=40)
+        for x, r, client in zip(xs, ranks, clients, strict=True):
+            ax.annotate(str(client), (x, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("TOPSIS closeness" if have_scores else "client")
     ax.set_ylabel("assigned rank")
     ax.set_title("Closeness vs assigned rank" if have_scores else "Assigned rank per client")

@@ -74,3 +74,25 @@ def test_label_and_closeness_figures_render() -> None:
     assert _png(label_distribution(histogram))[:4] == b"\x89PNG"
     assert _png(closeness_vs_rank([0.2, 0.9], [4, 32], [0, 1]))[:4] == b"\x89PNG"
     assert _png(closeness_vs_rank([None, None], [8, 8], [0, 1]))[:4] == b"\x89PNG"
+
+
+def test_beyond_a_hundred_clients_the_figures_summarise_instead_of_one_mark_each() -> None:
+    # Prepare: 150 clients, the last class held by a third of them
+    rng = np.random.default_rng(0)
+    histogram = rng.integers(1, 9, size=(150, 3))
+    histogram[50:, 2] = 0
+
+    # Execute
+    labels = label_distribution(histogram)
+    ranks = closeness_vs_rank(
+        list(rng.random(150)), list(rng.integers(2, 9, 150)), list(range(150))
+    )
+
+    # Assert
+    sizes, holding = labels.axes
+    (curve,) = sizes.get_lines()
+    assert list(curve.get_ydata()) == sorted(histogram.sum(axis=1), reverse=True)
+    shares = [bar.get_height() for bar in holding.patches]
+    assert shares == pytest.approx([1.0, 1.0, 1 / 3])
+    assert not ranks.axes[0].texts  # no label per client
+    assert _png(labels)[:4] == b"\x89PNG" and _png(ranks)[:4] == b"\x89PNG"
