@@ -112,7 +112,8 @@ class AssignerSpec(BaseModel):
         None,
         description="uniform only: every client's rank, mean_autorank for AutoRank's mean rank of "
         "the same seed, or budget_autorank for the largest uniform ranks within the LoRA "
-        "parameters AutoRank's ranks train (the same budget, exactly); null: base.lora.r_max",
+        "parameters AutoRank's ranks train (at most that budget: rounded down, 1-6 % below it "
+        "in measured grids); null: base.lora.r_max",
     )
     rerank_every: int | None = Field(
         None,
