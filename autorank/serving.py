@@ -25,6 +25,7 @@ from autorank.lora.adapters import AdapterState
 from autorank.lora.files import load_adapter
 from autorank.lora.functional import LoraTemplate, bind_state
 from autorank.lora.targets import merge_base_delta
+from autorank.models.gguf import ensure_unpacked
 from autorank.models.packaged import pretrained_folder
 from autorank.models.zoo import MODEL_NAMES, ModelName, build_model, load_base_weights
 
@@ -206,6 +207,48 @@ def load_classifier(
     return Classifier(bind_state(template, state), where, encoder, spec.label_names)
 
 
+@dataclass(frozen=True)
+class Generator:
+    """A causal LM's global model (its LoRA update merged into the base), continuing texts.
+
+    Attributes:
+        model: the transformers causal LM (``generate``), on ``device``.
+        tokenizer: its tokenizer folder.
+        device: where it runs.
+    """
+
+    model: Any
+    tokenizer: Path
+    device: torch.device
+
+    def predict(self, x: Any, *, max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of raw strings (a sequence, or a table's ``text`` column)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.tokenizer))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        out = []
+        for prompt in _texts(x):
+            ids = tok(prompt, return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                made = self.model.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+                )
+            new = made[0, ids["input_ids"].shape[1] :].tolist()
+            out.append(str(tok.decode(new, skip_special_tokens=True)))
+        return out
+
+
+def merged_generator(base: nn.Module, state: AdapterState, tokenizer: Path) -> Generator:
+    """``base`` (a ``models.text.CausalLM``, modified in place) with ``state``'s LoRA update
+    merged into its weights, as a ``Generator``."""
+    merge_base_delta(base, {path: f.delta() for path, f in state.lora.items()})
+    base.requires_grad_(False).eval()
+    return Generator(base.get_submodule("model"), tokenizer, next(base.parameters()).device)
+
+
 def generate(
     base: nn.Module,
     state: AdapterState,
@@ -214,8 +257,8 @@ def generate(
     *,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` by a causal LM base (``models.text.CausalLM``) with
-    ``state``'s LoRA update merged into a copy of it (the base is left as it is).
+    """Greedy continuations of ``prompts`` by a causal LM base with ``state``'s LoRA update
+    merged into a copy of it (the base is left as it is).
 
     Args:
         base: the run's base, on its device.
@@ -223,25 +266,18 @@ def generate(
         tokenizer: the model's tokenizer folder.
         prompts: texts to continue.
         max_new_tokens: tokens generated per prompt.
-
-    Returns:
-        Each prompt's continuation, special tokens dropped.
     """
-    from transformers import AutoTokenizer
+    generator = merged_generator(copy.deepcopy(base), state, tokenizer)
+    return generator.predict(list(prompts), max_new_tokens=max_new_tokens)
 
-    model = copy.deepcopy(base).eval()
-    merge_base_delta(model, {path: f.delta() for path, f in state.lora.items()})
-    inner: Any = model.get_submodule("model")  # the transformers model inside the wrapper
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").to(device)
-        with torch.no_grad():
-            made = inner.generate(
-                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
-        new = made[0, ids["input_ids"].shape[1] :].tolist()
-        out.append(str(tok.decode(new, skip_special_tokens=True)))
-    return out
+
+def load_generator(
+    spec_file: Path, base_file: Path | None, adapter_file: Path, device: torch.device | None = None
+) -> Generator:
+    """A causal LM's global model from its description, base and adapter files (as
+    ``load_classifier``), continuing raw strings."""
+    spec = ModelSpec.from_json(spec_file.read_text())
+    if spec.name != "causal_lm" or not spec.hf_name_or_path:
+        raise ValueError(f"model {spec.name!r} does not generate text; expected a causal_lm")
+    base = load_base(spec, base_file).to(device or torch.device("cpu"))
+    return merged_generator(base, load_adapter(adapter_file), ensure_unpacked(spec.hf_name_or_path))

@@ -19,6 +19,7 @@ import pandas as pd
 from torch import nn
 
 from autorank.config import ExperimentConfig, config_digest
+from autorank.config.vocab import TEXT_MODELS
 from autorank.data.datasets import DatasetSplits
 from autorank.data.federation import Federation, partition_params
 from autorank.data.text import TextEncoder
@@ -103,7 +104,7 @@ def _pretrained_base(config: ExperimentConfig) -> bool:
     """Whether the final base is a packaged or local text model as it was loaded (no merge wrote
     into it): served from there, not copied into every run (hundreds of MB)."""
     return (
-        config.model.name == "text_classifier"
+        config.model.name in TEXT_MODELS
         and config.model.init == "random"
         and not config.aggregation.updates_base
     )
@@ -138,7 +139,7 @@ def write_adapters(
         state = merged_away(state)
         served = root / "served_adapter.safetensors"
         save_adapter(served, state, meta)
-    text = config.model.name == "text_classifier"
+    text = config.model.name in TEXT_MODELS
     module, rooted = _peft_root(final.base, state, text)
     peft_layout(module, rooted, lora, base_name_or_path=hf_name).save(folder / "peft")
     if not final.merged and len(final.paths) <= config.tracking.keyed_clients_max:
@@ -170,9 +171,18 @@ def record_model(
         x, _ = data.arrays("test")
         example: Any = x[:_EXAMPLE_ROWS].reshape(min(len(x), _EXAMPLE_ROWS), -1)
         options = text_options(config)
-        if options is not None:  # raw strings in: a few test samples, decoded
+        generates = config.model.name == "causal_lm"
+        if generates:  # prompts in, their continuations out
+            example = pd.DataFrame({"text": list(config.tracking.prompts)})
+        elif options is not None:  # raw strings in: a few test samples, decoded
             texts = TextEncoder(options.tokenizer, options.max_length).decode(x[:_EXAMPLE_ROWS])
             example = pd.DataFrame({"text": texts})
         model_tracking.track_model(
-            uri, run_id, artifacts, example, step=step, register_as=config.tracking.register_as
+            uri,
+            run_id,
+            artifacts,
+            example,
+            step=step,
+            register_as=config.tracking.register_as,
+            generates=generates,
         )

@@ -10,7 +10,8 @@ model's safetensors artifacts (``autorank.serving``). Loading needs ``autorank``
 ``predict(x)``: class predictions ``[n]`` (int64) for samples ``x [n, d]`` (float32, flattened
 and normalised as ``autorank.data`` stores them); a text model takes a ``text`` column of raw
 strings and predicts label names. ``predict(x, params={"output": "probabilities"})``: class
-probabilities ``[n, n_classes]``.
+probabilities ``[n, n_classes]``. A causal LM takes a ``text`` column of prompts and returns
+their greedy continuations (``params={"max_new_tokens": 32}``).
 """
 
 from pathlib import Path
@@ -20,18 +21,23 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from autorank.serving import Classifier, load_classifier
+from autorank.serving import Classifier, Generator, ModelSpec, load_classifier, load_generator
 
 
 class AutoRankClassifier(PythonModel):
     """The federated run's global model: base + global adapter + head."""
 
     classifier: Classifier | None = None
+    generator: Generator | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
         """Rebuild the model from the artifacts ``spec``, ``base`` and ``adapter``."""
         files = {name: Path(path) for name, path in context.artifacts.items()}
-        self.classifier = load_classifier(files["spec"], files.get("base"), files["adapter"])
+        spec, base, adapter = files["spec"], files.get("base"), files["adapter"]
+        if ModelSpec.from_json(spec.read_text()).name == "causal_lm":
+            self.generator = load_generator(spec, base, adapter)
+        else:
+            self.classifier = load_classifier(spec, base, adapter)
 
     def predict(
         self,
@@ -39,7 +45,11 @@ class AutoRankClassifier(PythonModel):
         model_input: np.ndarray,  # MLflow validates no input by this hint; the signature does
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
-        """Classes ``[n]``, or probabilities ``[n, n_classes]`` with ``output=probabilities``."""
+        """Classes ``[n]``, or probabilities ``[n, n_classes]`` with ``output=probabilities``;
+        a causal LM's continuations ``[n]`` of its prompts."""
+        if self.generator is not None:
+            n = int((params or {}).get("max_new_tokens", 32))
+            return np.asarray(self.generator.predict(model_input, max_new_tokens=n), dtype=object)
         if self.classifier is None:
             raise RuntimeError("the model is not loaded: MLflow calls load_context first")
         output = str((params or {}).get("output", "class"))

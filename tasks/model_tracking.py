@@ -79,13 +79,16 @@ def log_data_inputs(uri: str, run_id: str, inputs: Sequence[DataInput]) -> int:
     return len(new)
 
 
-def _signature(example: Any) -> Any:
+def _signature(example: Any, *, generates: bool = False) -> Any:
     """Samples ``[n, d]`` (float32) -> classes ``[n]``, or a ``text`` column of raw strings ->
-    label names; param ``output`` (class|probabilities)."""
+    label names; param ``output`` (class|probabilities). A causal LM (``generates``): a
+    ``text`` column of prompts -> their continuations; param ``max_new_tokens``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     params = ParamSchema([ParamSpec("output", "string", "class")])
+    if generates:
+        params = ParamSchema([ParamSpec("max_new_tokens", "long", 32)])
     if hasattr(example, "columns"):  # a table of texts
         return ModelSignature(
             inputs=Schema([ColSpec("string", "text")]), outputs=None, params=params
@@ -121,7 +124,13 @@ def run_model_id(uri: str, run_id: str) -> str | None:
 
 
 def log_model(
-    uri: str, run_id: str, artifacts: Mapping[str, Path], example: Any, *, step: int
+    uri: str,
+    run_id: str,
+    artifacts: Mapping[str, Path],
+    example: Any,
+    *,
+    step: int,
+    generates: bool = False,
 ) -> str:
     """Log the run's model (pyfunc from ``CODE_FILE`` over ``artifacts``) unless it has one.
 
@@ -129,6 +138,7 @@ def log_model(
         artifacts: the files ``tasks.mlflow_model`` loads: ``spec``, ``base``, ``adapter``.
         example: a few samples ``[k, d]``, or a table with a ``text`` column of raw strings.
         step: the step the model is linked to the run at (the last round).
+        generates: a causal LM, which continues its input texts.
 
     Returns:
         The logged model's id (``models:/<id>``).
@@ -156,7 +166,7 @@ def log_model(
                 str(local),
                 python_model=str(CODE_FILE),
                 artifacts={name: str(path) for name, path in artifacts.items()},
-                signature=_signature(example),
+                signature=_signature(example, generates=generates),
                 input_example=example,
                 pip_requirements=[f"{p}=={version(p)}" for p in _REQUIREMENTS],
                 mlflow_model=meta,
@@ -202,9 +212,10 @@ def track_model(
     *,
     step: int,
     register_as: str | None,
+    generates: bool = False,
 ) -> str:
     """Log the global model as an MLflow model (and register it when asked)."""
-    model_id = log_model(uri, run_id, artifacts, example, step=step)
+    model_id = log_model(uri, run_id, artifacts, example, step=step, generates=generates)
     if register_as is not None:
         register_model(uri, run_id, model_id, register_as)
     return model_id

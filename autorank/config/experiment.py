@@ -108,11 +108,6 @@ class ExperimentConfig(Section):
                 f"data.name {self.data.name!r} is text; expected model.name one of "
                 f"{list(TEXT_MODELS)} (got {self.model.name!r})"
             )
-        if self.model.name == "causal_lm" and self.tracking.log_model:
-            raise ValueError(
-                "model.name 'causal_lm' has no MLflow model yet (one that generates text); "
-                "expected tracking.log_model false (the adapter is still logged in peft's layout)"
-            )
         if text_model and not text_data:
             raise ValueError(
                 f"model.name {self.model.name!r} reads text; expected data.name one of "

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -50,7 +52,12 @@ def lm_run(
             "lr": 0.01,
             "batch_size": 4,
         },
-        tracking={"prompts": ["good day", "the film"], "generate_every": 1, "max_new_tokens": 4},
+        tracking={
+            "prompts": ["good day", "the film"],
+            "generate_every": 1,
+            "max_new_tokens": 4,
+            "log_model": True,
+        },
     )
     return config, federated_training(config=config)
 
@@ -107,3 +114,22 @@ def test_generations_from_fixed_prompts_are_logged_before_and_after_rounds(lm_ru
     assert "> good day" in lines and "> the film" in lines
     continued = lines[lines.index("> good day") + 1]
     assert continued.startswith("good day") and len(continued) > len("good day")
+
+
+def test_the_logged_model_continues_prompts_as_the_run_s_last_generations(
+    lm_run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, run_id = lm_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.uri)  # MLflow's loaders read it
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    last = client.download_artifacts(
+        run_id, "generations/round_0002.txt", str(config.runtime.checkpoint_dir)
+    )
+    lines = Path(last).read_text().splitlines()
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    got = model.predict(pd.DataFrame({"text": ["good day"]}), params={"max_new_tokens": 4})
+
+    assert lines[lines.index("> good day") + 1] == "good day" + got[0]
+    folder = Path(client.download_artifacts(run_id, "adapter", str(config.runtime.checkpoint_dir)))
+    assert not (folder / "base" / "model.safetensors").exists()  # served from the pretrained one

@@ -167,14 +167,6 @@ def test_text_data_and_text_models_go_together(overrides: list[str], expected: s
         load_config(None, overrides)
 
 
-def test_a_causal_lm_run_logs_no_mlflow_model_yet() -> None:
-    overrides = ["data.name=tweets", "model.name=causal_lm", "model.hf_name_or_path=x"]
-
-    with pytest.raises(ConfigError, match=r"expected tracking\.log_model false"):
-        load_config(None, overrides)
-    assert load_config(None, [*overrides, "tracking.log_model=false"]).model.name == "causal_lm"
-
-
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -185,7 +177,7 @@ def test_a_causal_lm_run_logs_no_mlflow_model_yet() -> None:
         (["data.test_keys=[Ruth]"], "data.test_keys names natural clients; expected keyed"),
         (
             ["data.name=kjv", "model.name=causal_lm", "model.hf_name_or_path=x",
-             "tracking.log_model=false", "data.train_keys=[Ruth,Jude]", "data.test_keys=[Jude]"],
+             "data.train_keys=[Ruth,Jude]", "data.test_keys=[Jude]"],
             r"data.train_keys and data.test_keys share \['Jude'\]",
         ),
     ],
@@ -198,7 +190,7 @@ def test_natural_clients_are_named_only_for_keyed_text(overrides: list[str], exp
 def test_the_bible_is_partitioned_by_book_without_a_key_column() -> None:
     overrides = ["data.name=kjv", "model.name=causal_lm", "model.hf_name_or_path=x"]
 
-    config = load_config(None, [*overrides, "tracking.log_model=false", "partition.scheme=natural"])
+    config = load_config(None, [*overrides, "partition.scheme=natural"])
 
     assert config.partition.scheme == "natural" and config.data.key_column is None
 
