@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from autorank.models.packaged import gguf_file, pretrained_folder
+from autorank.models.packaged import gguf_file, gguf_package, pretrained_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,7 @@ def ensure_unpacked(name_or_path: str) -> Path:
     gguf = gguf_file(name_or_path)
     if gguf is None or (folder / "config.json").is_file():
         return folder
-    try:
-        import gguf as _  # noqa: F401  (transformers' GGUF reader needs it)
-    except ImportError:
-        raise ValueError(
-            f"{gguf} is a GGUF file and the gguf package is missing; expected it installed "
-            "(pip install gguf, as scripts/setup.sh does)"
-        ) from None
+    gguf_package(gguf)  # transformers' GGUF reader needs it
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

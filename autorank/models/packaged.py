@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -91,19 +92,25 @@ def pretrained_folder(name_or_path: str) -> Path:
     return folder
 
 
-def _gguf_header(folder: Path) -> dict[str, object] | None:
-    """The header fields of the GGUF file ``folder`` is unpacked from, while it is not yet."""
-    path = _SOURCES.get(folder)
-    if path is None or (folder / "config.json").is_file():
-        return None
+def gguf_package(path: Path) -> Any:
+    """The ``gguf`` package, which reading the GGUF file ``path`` needs (transformers' reader
+    too); refused in one line where it is missing."""
     try:
-        from gguf import GGUFReader
+        import gguf
     except ImportError:
         raise ValueError(
             f"{path} is a GGUF file and the gguf package is missing; expected it installed "
             "(pip install gguf, as scripts/setup.sh does)"
         ) from None
-    fields = GGUFReader(str(path)).fields
+    return gguf
+
+
+def _gguf_header(folder: Path) -> dict[str, object] | None:
+    """The header fields of the GGUF file ``folder`` is unpacked from, while it is not yet."""
+    path = _SOURCES.get(folder)
+    if path is None or (folder / "config.json").is_file():
+        return None
+    fields = gguf_package(path).GGUFReader(str(path)).fields
     arch = str(fields["general.architecture"].contents())
     context = fields.get(f"{arch}.context_length")
     return {"model_type": arch, "max_position_embeddings": context and int(context.contents())}
