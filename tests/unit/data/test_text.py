@@ -277,3 +277,24 @@ def test_the_king_james_bible_is_66_books_keyed_by_name(
     assert table.keys[0] == "Ge" and table.keys[-1] == "Rev" and "Ruth" in table.keys
     assert table.texts[0].startswith("In the beginning God created the heaven and the earth.")
     assert table.label_names == ("text",) and not table.labels.any()
+
+
+def test_fortunes_are_labelled_and_keyed_by_their_file(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from autorank.data.text import read_fortunes
+
+    # Prepare: two fortune files with their .dat indexes, and a stray file without one
+    (tmp_path / "law").write_text("A lawyer.\n%\nA judge,\nin two lines.\n%\n")
+    (tmp_path / "pets").write_text("A cat.\n%\n")
+    for name in ("law", "pets"):
+        (tmp_path / f"{name}.dat").write_bytes(b"\x00")
+    (tmp_path / "notes.txt").write_text("not a fortune file")
+
+    # Execute
+    table = read_fortunes(tmp_path, _options(tiny_bert_dir, tmp_path))
+
+    # Assert
+    assert table.texts == ["A lawyer.", "A judge,\nin two lines.", "A cat."]
+    assert table.label_names == ("law", "pets") and table.labels.tolist() == [0, 0, 1]
+    assert table.keys is not None and table.keys.tolist() == ["law", "law", "pets"]
+    with pytest.raises(TextDataError, match=r"no fortune files in .*apt-get install fortunes"):
+        read_fortunes(tmp_path / "empty", _options(tiny_bert_dir, tmp_path))
