@@ -202,3 +202,38 @@ def test_a_tied_output_layer_is_saved_once_and_tied_again_on_load(
     assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
     for name, t in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], t), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["text_classifier", "causal_lm"])
+def test_text_clients_train_on_cuda_as_on_the_cpu(
+    kind: str, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
+    # Prepare: the same three clients, both engines, on CUDA and on the CPU
+    folder = tiny_bert_dir if kind == "text_classifier" else tiny_llama_dir
+    base = (_classifier(folder) if kind == "text_classifier" else _lm(folder)).requires_grad_(False)
+    targets = list(text_targets(folder))
+    head = ("classifier",) if kind == "text_classifier" else ()
+    lora = LoraSettings("proportional", 8.0, 2.0, 0.0, head)
+    train = TrainSettings("adam", 0.01, 0.0, 0.0, 4, None)
+    jobs = []
+    for i, (n, r) in enumerate([(6, 1), (9, 4), (5, 2)]):
+        texts, labels = tiny_text_corpus(n, seed=i)
+        x, y = _packed(folder, texts), torch.tensor(labels)
+        jobs.append(ClientJob(i, dict.fromkeys(targets, r), None, x, y, 2, client_seed(0, 1, i), 2))
+    cuda = torch.device("cuda")
+
+    # Execute
+    cpu = SequentialBackend(base, lora, train, CPU).train_clients(jobs)
+    on_gpu = SequentialBackend(base, lora, train, cuda).train_clients(jobs)
+    batched = BatchedBackend(base, targets, lora, train, cuda).train_clients(jobs)
+
+    # Assert: float32 on two devices: equal up to round-off
+    for results in (on_gpu, batched):
+        for a, b in zip(results, cpu, strict=True):
+            assert a.result.epoch_losses == pytest.approx(b.result.epoch_losses, rel=1e-4)
+            for path, f in b.result.state.lora.items():
+                got = a.result.state.lora[path]
+                assert got.A.device.type == "cpu"
+                torch.testing.assert_close(got.delta(), f.delta(), rtol=1e-3, atol=1e-5)
