@@ -249,10 +249,13 @@ class GridConfig(BaseModel):
         methods = len(self.methods)
         n = methods * len(self.seeds)
         if n > self.max_cells:
+            crossed = f"{len(self.assigners)} assigners x {len(self.aggregators)} aggregators"
+            if any(a.aggregators for a in self.assigners):  # not a plain cross product
+                crossed = f"{methods} assigner x aggregator methods"
             raise ValueError(
-                f"max_cells: the grid expands to {n:,} runs ({methods} assigner x aggregator "
-                f"methods x {len(self.seeds)} seeds), expected at most {self.max_cells:,}; raise "
-                f"it with --set max_cells={n} if that is meant"
+                f"max_cells: the grid expands to {n:,} runs ({crossed} x {len(self.seeds)} "
+                f"seeds), expected at most {self.max_cells:,}; raise it with --set "
+                f"max_cells={n} if that is meant"
             )
         return self
 
