@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from autorank.config import AggregationConfig, AggregatorName, ExperimentConfig
+from autorank.config import AggregationConfig, AggregatorName, ExperimentConfig, config_digest
 from autorank.data.federation import Federation
 from autorank.engine.jobs import ClientOutcome, warmup_jobs
 from autorank.lora.targets import target_sizes
@@ -76,7 +76,14 @@ def warm_up_and_rank(
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
     layers = layer_ranges(config)
     profiles = profile_federation(federation)
-    if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
+    key = warm_up_key(config)
+    if key is not None and key in _WARM_UPS and config.ranking.assigner == "autorank":
+        progress.info(
+            "warm-up: reused from an earlier run in this process with the same data, model, "
+            "ranks and local training (a grid's other merges)"
+        )
+        profiles = profile_federation(federation, _WARM_UPS[key])
+    elif "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
         r = config.ranking
         caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
         jobs = warmup_jobs(
@@ -100,7 +107,30 @@ def warm_up_and_rank(
         curves = [list(o.result.epoch_losses) for o in outcomes]
         profiles = profile_federation(federation, curves)
         progress.info("warm-up done: %d loss curves", len(curves))
+        if key is not None:
+            _WARM_UPS[key] = curves
+        while len(_WARM_UPS) > _WARM_UPS_KEPT:
+            del _WARM_UPS[next(iter(_WARM_UPS))]
     return decide(config, profiles, federation, base)
+
+
+# The warm-ups of a comparison's cells, by ``warm_up_key``: a grid's AutoRank cells that differ
+# only in their merge train the same warm-up, which is deterministic; the later cells reuse the
+# first one's curves (the same ranks, to the bit) instead of training it again.
+_WARM_UPS: dict[str, list[list[float]]] = {}
+_WARM_UPS_KEPT = 4
+
+
+def warm_up_key(config: ExperimentConfig) -> str | None:
+    """What a comparison cell's warm-up curves depend on: its comparison (the parent run), the
+    config less its merge, and the device and engine it trains on; None outside a comparison."""
+    parent = config.tracking.parent_run_id
+    if parent is None:
+        return None
+    neutral = config.model_copy(update={"aggregation": AggregationConfig()})
+    where = config.runtime
+    digest = config_digest(neutral)
+    return f"{parent}|{digest}|{where.device}|{where.backend}|{where.threads_per_client}"
 
 
 def decide(

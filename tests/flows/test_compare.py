@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -183,6 +184,49 @@ def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
         assert len(ranks) == 1  # uniform: one rank, the largest that fits AutoRank's budget
     summary = Path(client.download_artifacts(parent, "summary.md", str(tmp_path))).read_text()
     assert "- skipped `autorank-fedavg-s0`: " in summary
+
+
+def test_autorank_cells_that_differ_in_their_merge_train_one_warm_up(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: count the warm-ups the engines train
+    from flows.engines import Engines
+
+    warm_ups: list[str] = []
+    train = Engines.train
+
+    def counting(self: Engines, config: Any, *args: Any) -> Any:
+        if args[-1] == "warm-up":
+            warm_ups.append(str(config.tracking.run_name))
+        return train(self, config, *args)
+
+    monkeypatch.setattr(Engines, "train", counting)
+    grid = load_grid(
+        ROOT / "configs/grids/digits_small.yaml",
+        [
+            "assigners=[autorank]",
+            "aggregators=[rbla, zeropad]",
+            "base.training.rounds=1",
+            f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
+            "base.runtime.device=cpu",
+        ],
+    )
+    client = MlflowClient(tracking_uri=grid.base.tracking.uri)
+
+    # Execute
+    parent = compare_methods(grid=grid)
+
+    # Assert: one warm-up, and both cells decided the same ranks from it
+    children = {c.info.run_name: c for c in _children(client, parent)}
+    assert warm_ups == ["autorank-rbla-s0"]
+    decisions = [
+        Path(
+            client.download_artifacts(children[n].info.run_id, "rank_decision.json", str(d))
+        ).read_text()
+        for n, d in (("autorank-rbla-s0", tmp_path / "a"), ("autorank-zeropad-s0", tmp_path / "b"))
+    ]
+    assert decisions[0] == decisions[1]
 
 
 def test_without_an_autorank_cell_the_budget_comes_from_the_no_training_decision(
