@@ -82,8 +82,9 @@ class Engines:
 
         With ``data`` each client is also evaluated on its local split (not in the warm-up).
         """
-        # Balanced by local steps, so that parallel cohorts finish together.
-        steps = [j.epochs * j.steps_per_epoch(config.training.batch_size) for j in jobs]
+        # Balanced by mini-batches trained, so that parallel cohorts finish together.
+        t = config.training
+        steps = [j.epochs * j.batches_per_epoch(t.batch_size, t.grad_accumulation) for j in jobs]
         chunks = split_cohorts(jobs, len(self.backends), steps)
         # Dask ships parameters itself (and would unpack Prefect's quote as a plain tuple).
         wrap = opaque if config.runtime.task_runner == "threads" else _same

@@ -44,6 +44,8 @@ def config_digest(config: ExperimentConfig) -> str:
     payload = config.model_dump(mode="json", exclude=exclude)
     if payload["training"]["local_steps"] is None:
         del payload["training"]["local_steps"]  # every batch: digests as before the setting
+    if payload["training"]["grad_accumulation"] == 1:
+        del payload["training"]["grad_accumulation"]  # no accumulation: digests as before
     if payload["training"]["clients_per_round"] is None:
         del payload["training"]["clients_per_round"]  # full participation: digests as before
     unset: dict[str, dict[str, Any]] = {

@@ -30,6 +30,14 @@ class TrainingConfig(Section):
         "epoch a fresh order of the client's data); with local_epochs 1, the steps of a round, "
         "as federated fine-tuning of language models counts them; null: every batch",
     )
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="mini-batches of batch_size whose gradients make one optimiser step (an "
+        "effective batch of batch_size x this, at one mini-batch's memory); local_steps counts "
+        "optimiser steps; an epoch's last step takes the mini-batches left",
+    )
     warmup_epochs: int = Field(
         5,
         ge=2,

@@ -114,37 +114,45 @@ def _stack(
 
 @dataclass(frozen=True)
 class _Schedule:
-    """Every client's mini-batches: ``idx [K, T, b]`` into the cohort's samples, ``mask``."""
+    """Every client's optimiser steps, each ``A`` mini-batches: ``idx [K, T, A, b]`` into the
+    cohort's samples and its ``mask``; ``micro [K, T]`` the mini-batches a step takes (fewer
+    at an epoch's end, 0 past the client's last step)."""
 
     idx: torch.Tensor
     mask: torch.Tensor
     epoch: torch.Tensor  # [K, T]: the epoch of each step
+    micro: torch.Tensor
     active: list[int]  # clients still training at step t (a prefix of the stack)
 
 
-def _schedule(jobs: Sequence[ClientJob], batch_size: int, offsets: Sequence[int]) -> _Schedule:
-    """The sequential engine's data order, one ``torch.Generator`` per client."""
-    b = batch_size
+def _schedule(
+    jobs: Sequence[ClientJob], batch_size: int, offsets: Sequence[int], accumulation: int = 1
+) -> _Schedule:
+    """The sequential engine's data order, one ``torch.Generator`` per client, in steps of
+    ``accumulation`` mini-batches that do not cross an epoch."""
+    b, A = batch_size, accumulation
     per_client = []
     for job, offset in zip(jobs, offsets, strict=True):
         n = int(job.x.shape[0])
-        nb, used = math.ceil(n / b), job.steps_per_epoch(b)
+        nb, used = math.ceil(n / b), job.batches_per_epoch(b, A)
         gen = torch.Generator().manual_seed(substreams(job.seed)[1])
-        rows = []
-        for _ in range(job.epochs):
+        steps = []
+        for e in range(job.epochs):
             order = torch.randperm(n, generator=gen) + offset
-            rows.append(F.pad(order, (0, nb * b - n), value=-1).reshape(nb, b)[:used])
-        per_client.append((torch.cat(rows), used))
-    T = max(r.shape[0] for r, _ in per_client)
-    idx = torch.full((len(jobs), T, b), -1, dtype=torch.long)
+            rows = F.pad(order, (0, nb * b - n), value=-1).reshape(nb, b)[:used]
+            steps += [(e, rows[i : i + A]) for i in range(0, used, A)]
+        per_client.append(steps)
+    T = max(len(steps) for steps in per_client)
+    idx = torch.full((len(jobs), T, A, b), -1, dtype=torch.long)
     epoch = torch.zeros(len(jobs), T, dtype=torch.long)
-    for i, (batches, nb) in enumerate(per_client):
-        idx[i, : batches.shape[0]] = batches
-        epoch[i, : batches.shape[0]] = torch.arange(batches.shape[0]) // nb
-    steps = [r.shape[0] for r, _ in per_client]
-    active = [sum(s > t for s in steps) for t in range(T)]
+    micro = torch.zeros(len(jobs), T, dtype=torch.long)
+    for i, steps in enumerate(per_client):
+        for t, (e, rows) in enumerate(steps):
+            idx[i, t, : rows.shape[0]] = rows
+            epoch[i, t], micro[i, t] = e, rows.shape[0]
+    active = [sum(len(steps) > t for steps in per_client) for t in range(T)]
     mask = idx >= 0
-    return _Schedule(idx.clamp_min(0), mask, epoch, active)
+    return _Schedule(idx.clamp_min(0), mask, epoch, micro, active)
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -229,7 +237,8 @@ class BatchedBackend:
                     f"samples and epochs must be >= 1, got {job.x.shape[0]}, {job.y.shape[0]}, "
                     f"{job.epochs}"
                 )
-        steps = [job.epochs * job.steps_per_epoch(b) for job in jobs]
+        A = self.train_settings.accumulation
+        steps = [job.epochs * job.steps_per_epoch(b, A) for job in jobs]
         order = sorted(range(len(jobs)), key=lambda i: -steps[i])  # stable: ties keep job order
         sorted_jobs = [jobs[i] for i in order]
         stack = _stack(
@@ -257,32 +266,36 @@ class BatchedBackend:
         dev = self.device
         sizes = [int(j.x.shape[0]) for j in jobs]
         offsets = [sum(sizes[:i]) for i in range(len(jobs))]
-        sched = _schedule(jobs, self.train_settings.batch_size, offsets)
+        A = self.train_settings.accumulation
+        sched = _schedule(jobs, self.train_settings.batch_size, offsets, A)
         X = torch.cat([j.x for j in jobs]).to(dev)
         Y = torch.cat([j.y for j in jobs]).to(device=dev, dtype=torch.long)
         idx, mask, epoch = sched.idx.to(dev), sched.mask.to(dev), sched.epoch.to(dev)
+        micro = sched.micro.to(dev)
         E = max(j.epochs for j in jobs)
         totals = torch.zeros(len(jobs), E, device=dev, dtype=torch.float32)
         weights = torch.zeros(len(jobs), E, device=dev, dtype=torch.float32)
         opt = ClientOptimizer(list(stack.params.values()), self.train_settings, stacked=True)
         params = list(stack.params.values())
         for t, k in enumerate(sched.active):
-            self.stop.check()
-            rows, keep = idx[:k, t], mask[:k, t]
-            logits = self._batched(stack.view(k), X[rows])
-            ce, count = self._scored(logits, Y[rows], X[rows], keep)
-            loss = ce.sum(dim=1) / count  # [k]: each client's mean over its own batch
+            ep, at = epoch[:k, t], torch.arange(k, device=dev)
             for p in params:
                 p.grad = None
-            loss.sum().backward()
+            for j in range(int(sched.micro[:k, t].max())):  # a step's mini-batches
+                self.stop.check()
+                rows, keep = idx[:k, t, j], mask[:k, t, j]
+                logits = self._batched(stack.view(k), X[rows])
+                ce, count = self._scored(logits, Y[rows], X[rows], keep)
+                loss = ce.sum(dim=1) / count.clamp_min(1)  # [k]: each client's batch mean
+                part = loss if A == 1 else loss / micro[:k, t].clamp_min(1)
+                part.sum().backward()
+                totals[at, ep] += loss.detach() * count
+                weights[at, ep] += count
             opt.clip(k)
             opt.step(k)
-            ep, at = epoch[:k, t], torch.arange(k, device=dev)
-            totals[at, ep] += loss.detach() * count
-            weights[at, ep] += count
         if self.objective == "classification":  # samples seen: as the sequential engine divides
             b = self.train_settings.batch_size
-            seen = [min(n, j.steps_per_epoch(b) * b) for n, j in zip(sizes, jobs, strict=True)]
+            seen = [min(n, j.batches_per_epoch(b, A) * b) for n, j in zip(sizes, jobs, strict=True)]
             weights = torch.tensor(seen, device=dev, dtype=torch.float32)[:, None]
         per_epoch = (totals / weights.clamp_min(1.0)).cpu()
         return [per_epoch[i, : j.epochs].tolist() for i, j in enumerate(jobs)]

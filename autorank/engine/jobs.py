@@ -53,10 +53,16 @@ class ClientJob:
     seed: int
     max_steps: int | None = None
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Optimiser steps of one local epoch at ``batch_size``."""
+    def batches_per_epoch(self, batch_size: int, accumulation: int = 1) -> int:
+        """Mini-batches one local epoch visits: all of them, or ``max_steps`` optimiser steps of
+        ``accumulation`` mini-batches each."""
         batches = math.ceil(int(self.x.shape[0]) / batch_size)
-        return batches if self.max_steps is None else min(batches, self.max_steps)
+        return batches if self.max_steps is None else min(batches, self.max_steps * accumulation)
+
+    def steps_per_epoch(self, batch_size: int, accumulation: int = 1) -> int:
+        """Optimiser steps of one local epoch at ``batch_size``, ``accumulation`` mini-batches
+        a step (the epoch's last step takes those left)."""
+        return math.ceil(self.batches_per_epoch(batch_size, accumulation) / accumulation)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ class TrainSettings:
     weight_decay: float
     batch_size: int
     grad_clip: float | None
+    accumulation: int = 1  # mini-batches a step (``training.grad_accumulation``)
 
     @classmethod
     def from_config(cls, training: TrainingConfig) -> TrainSettings:
@@ -115,6 +116,7 @@ class TrainSettings:
             weight_decay=training.weight_decay,
             batch_size=training.batch_size,
             grad_clip=training.grad_clip,
+            accumulation=training.grad_accumulation,
         )
 
 
@@ -144,8 +146,9 @@ def train_local(
         seed: data-order seed.
         device: where to train.
         stop: checked before every step; ``TrainingStoppedError`` is raised once it is set.
-        max_steps: at most this many steps per epoch (the first batches of its order); None:
-            every batch.
+        max_steps: at most this many optimiser steps per epoch (the first batches of its
+            order); None: every batch. A step is ``settings.accumulation`` mini-batches whose
+            gradients add up (each loss divided by the step's number of mini-batches).
 
     Returns:
         The sample-weighted mean loss of each epoch (over the samples it saw), and the number
@@ -162,7 +165,9 @@ def train_local(
     opt = ClientOptimizer(params, settings)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    seen = n if max_steps is None else min(n, max_steps * batch_size)
+    group = settings.accumulation
+    seen = n if max_steps is None else min(n, max_steps * batch_size * group)
+    starts = range(0, seen, batch_size)
     losses: list[float] = []
     steps = 0
     objective = objective_of(model)
@@ -170,24 +175,26 @@ def train_local(
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)  # summed on device: no host sync per step
         weight = torch.zeros((), device=device)  # what the epoch's loss is a mean over
-        for start in range(0, seen, batch_size):
-            if stop is not None:
-                stop.check()
-            idx = order[start : start + batch_size]
-            if objective == "classification":
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                batch_weight: torch.Tensor | int = idx.shape[0]
-            else:  # a mean per scored token, and the epoch's too
-                summed, w, _ = per_sample(objective, model(x[idx]), y[idx], x[idx])
-                batch_weight = w.sum().detach()
-                loss = summed.sum() / w.sum().clamp_min(1.0)
+        for first in range(0, len(starts), group):
+            micro = starts[first : first + group]
             for p in params:
                 p.grad = None
-            loss.backward()
+            for start in micro:
+                if stop is not None:
+                    stop.check()
+                idx = order[start : start + batch_size]
+                if objective == "classification":
+                    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    batch_weight: torch.Tensor | int = idx.shape[0]
+                else:  # a mean per scored token, and the epoch's too
+                    summed, w, _ = per_sample(objective, model(x[idx]), y[idx], x[idx])
+                    batch_weight = w.sum().detach()
+                    loss = summed.sum() / w.sum().clamp_min(1.0)
+                (loss if len(micro) == 1 else loss / len(micro)).backward()
+                total += loss.detach() * batch_weight
+                weight += batch_weight
             opt.clip()
             opt.step()
-            total += loss.detach() * batch_weight
-            weight += batch_weight
             steps += 1
         losses.append(
             float(total) / seen

@@ -139,6 +139,7 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     payload = config.model_dump(mode="json", exclude={"tracking", "runtime"})
     del payload["training"]["clients_per_round"]
     del payload["training"]["local_steps"]
+    del payload["training"]["grad_accumulation"]
     for name in ("budget_params", "rank_caps", "cap_tiers"):
         del payload["ranking"][name]
     text = ("max_test_samples", "max_length", "text_column", "label_column", "key_column")

@@ -44,6 +44,8 @@ def _lora(policy: AlphaPolicy = "fixed") -> LoraSettings:
 def _train(kind: str = "sgd", clip: float | None = None) -> TrainSettings:
     if kind == "adam":
         return TrainSettings("adam", 0.01, 0.0, 1e-3, 8, clip)
+    if kind == "adamw":
+        return TrainSettings("adamw", 0.01, 0.0, 1e-2, 8, clip)
     if kind == "momentum":
         return TrainSettings("sgd", 0.1, 0.9, 1e-2, 8, clip)
     return TrainSettings("sgd", 0.1, 0.0, 0.0, 8, clip)
@@ -151,6 +153,26 @@ def test_local_steps_cap_each_epoch_in_both_engines(max_steps: int) -> None:
     # Assert: 2 epochs of at most max_steps batches each, the same in both engines
     want = [2 * min(-(-n // 8), max_steps) for n in SIZES]
     assert [o.result.steps for o in sequential] == want
+    _assert_same(batched, sequential)
+
+
+@pytest.mark.parametrize(("accumulation", "max_steps"), [(2, None), (3, 2)])
+def test_gradient_accumulation_is_the_same_in_both_engines(
+    accumulation: int, max_steps: int | None
+) -> None:
+    # Prepare: sizes 5, 19, 8, 33 at batch 8 are 1, 3, 1 and 5 mini-batches an epoch
+    base, lora = _mlp(), _lora()
+    train = replace(_train("adam"), accumulation=accumulation)
+    jobs = [replace(j, max_steps=max_steps) for j in _jobs(base, lora, "download")]
+
+    # Execute
+    sequential = SequentialBackend(base, lora, train, CPU).train_clients(jobs, _tests())
+    batched = BatchedBackend(base, ["fc1", "fc2"], lora, train, CPU).train_clients(jobs, _tests())
+
+    # Assert: steps of `accumulation` mini-batches, an epoch's last one shorter, 2 epochs
+    cap = 10**9 if max_steps is None else max_steps * accumulation
+    used = [min(-(-n // 8), cap) for n in SIZES]
+    assert [o.result.steps for o in sequential] == [2 * -(-u // accumulation) for u in used]
     _assert_same(batched, sequential)
 
 

@@ -339,3 +339,26 @@ def test_the_sequential_engine_stops_inside_a_client_when_asked() -> None:
 
     # Assert: stopped in the first client's sixth step, the second never started
     assert forwards == [5]
+
+
+def test_two_accumulated_mini_batches_step_as_one_batch_of_both() -> None:
+    # Prepare: 64 samples; batch 16 with 2 mini-batches a step against batch 32, one epoch
+    from dataclasses import replace
+
+    from autorank.engine.local import train_local
+
+    x, y = _blobs(64, seed=5)
+    halves, whole = _base().requires_grad_(True), _base().requires_grad_(True)
+    accumulated = replace(SGD, accumulation=2)
+
+    # Execute
+    _, steps = train_local(halves, x, y, accumulated, epochs=1, seed=3, device=torch.device("cpu"))
+    _, plain = train_local(
+        whole, x, y, replace(SGD, batch_size=32), epochs=1, seed=3, device=torch.device("cpu")
+    )
+
+    # Assert: the same samples in each step (the order's first 32, then the rest), the mean of
+    # two 16-sample means is the 32-sample mean: the same weights up to round-off
+    assert steps == plain == 2
+    for a, b in zip(halves.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
