@@ -332,13 +332,16 @@ def communication(
     """Bytes each client sent up and received down this round.
 
     Under FLoRA the clients receive the stacked global factors (to merge themselves), not a
-    slice of them.
+    slice of them. Under FedEx-LoRA each also receives the dense residual of every adapted layer
+    (``[d_out, d_in]``), which it adds to its copy of the base.
     """
     up = [r.state.num_bytes() for r in results]
-    if agg.base_delta:
+    if agg.fresh:
         return up, [agg.global_state.num_bytes()] * len(results)
     # A client's download has the shapes of its upload: its ranks and the head.
-    return up, [s.num_bytes() for s in agg.client_states]
+    down = [s.num_bytes() for s in agg.client_states]
+    dense = sum(t.numel() * t.element_size() for t in agg.base_delta.values())
+    return up, [d + dense for d in down]
 
 
 @dataclass(frozen=True)

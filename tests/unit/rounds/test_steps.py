@@ -138,15 +138,22 @@ def test_communication_counts_downloads_or_the_stacked_factors_when_merged() -> 
     results = [_result(0, (1.0, 0.5), _state(2)), _result(1, (1.0, 0.5), _state(4))]
     sliced = AggregationResult(_state(4), [_state(2), _state(4)])
     merged = AggregationResult(
-        _state(6), [AdapterState({}, {}), AdapterState({}, {})], {"fc1": torch.zeros(2, 3)}
+        _state(6),
+        [AdapterState({}, {}), AdapterState({}, {})],
+        {"fc1": torch.zeros(2, 3)},
+        fresh=True,
     )
+    residual = torch.zeros(2, 3, dtype=torch.float64)  # FedEx-LoRA: factors and a dense residual
+    exact = AggregationResult(_state(4), [_state(2), _state(4)], {"fc1": residual})
 
     up, down = communication(results, sliced)
     _, down_merged = communication(results, merged)
+    _, down_exact = communication(results, exact)
 
     assert up == [_state(2).num_bytes(), _state(4).num_bytes()]
     assert down == [_state(2).num_bytes(), _state(4).num_bytes()]
     assert down_merged == [_state(6).num_bytes()] * 2
+    assert down_exact == [d + 6 * 8 for d in down]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
