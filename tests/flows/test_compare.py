@@ -138,21 +138,26 @@ def test_resume_continues_a_failed_cell_in_its_own_run(comparison) -> None:
     assert sorted(steps) == [1, 2]
 
 
+def _one_round_grid(tmp_path: Path, *overrides: str) -> Any:
+    """The small digits grid for one round, tracked and checkpointed in ``tmp_path``, on CPU."""
+    store = [
+        "base.training.rounds=1",
+        f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
+        "base.runtime.device=cpu",
+    ]
+    return load_grid(ROOT / "configs/grids/digits_small.yaml", [*overrides, *store])
+
+
 def test_mean_autorank_cells_run_after_autorank_two_at_a_time(
     prefect_harness: None, tmp_path: Path
 ) -> None:
-    grid = load_grid(
-        ROOT / "configs/grids/digits_small.yaml",
-        [
-            "assigners=[autorank, {assigner: uniform, uniform_rank: mean_autorank}, "
-            "{assigner: uniform, uniform_rank: budget_autorank}]",
-            "aggregators=[rbla, fedavg]",
-            "max_parallel=2",
-            "base.training.rounds=1",
-            f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
-            "base.runtime.device=cpu",
-        ],
+    grid = _one_round_grid(
+        tmp_path,
+        "assigners=[autorank, {assigner: uniform, uniform_rank: mean_autorank}, "
+        "{assigner: uniform, uniform_rank: budget_autorank}]",
+        "aggregators=[rbla, fedavg]",
+        "max_parallel=2",
     )
     client = MlflowClient(tracking_uri=grid.base.tracking.uri)
 
@@ -201,17 +206,7 @@ def test_autorank_cells_that_differ_in_their_merge_train_one_warm_up(
         return train(self, config, *args)
 
     monkeypatch.setattr(Engines, "train", counting)
-    grid = load_grid(
-        ROOT / "configs/grids/digits_small.yaml",
-        [
-            "assigners=[autorank]",
-            "aggregators=[rbla, zeropad]",
-            "base.training.rounds=1",
-            f"base.tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"base.runtime.checkpoint_dir={tmp_path}/ckpt",
-            "base.runtime.device=cpu",
-        ],
-    )
+    grid = _one_round_grid(tmp_path, "assigners=[autorank]", "aggregators=[rbla, zeropad]")
     client = MlflowClient(tracking_uri=grid.base.tracking.uri)
 
     # Execute
