@@ -282,22 +282,8 @@ def tokenize(texts: Sequence[str], options: TextOptions) -> np.ndarray:
     Runs ``Dataset.map`` with the tokenizer of ``options.tokenizer``; with a cache folder the
     result is written there once, under a key of the texts, the tokenizer files and ``L``.
     """
-    import datasets
-
     encoder = TextEncoder(options.tokenizer, options.max_length)
-    table = datasets.Dataset.from_dict({"text": list(texts)})
-    key, cache = _cache_key(texts, options), None
-    if options.cache_dir is not None:
-        options.cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = str(options.cache_dir / f"tokens-{key}.arrow")
-    mapped = table.map(
-        lambda batch: encoder.ids(batch["text"]),
-        batched=True,
-        batch_size=1000,
-        remove_columns=["text"],
-        cache_file_name=cache,
-        new_fingerprint=key,  # the key says what the result is: datasets need not hash the code
-    ).with_format("numpy")
+    mapped = _mapped(texts, options, "tokens", encoder.ids, 1000).with_format("numpy")
     columns = {name: mapped[name] for name in ("input_ids", "attention_mask")}
     return _packed(columns, len(texts), options.max_length)
 
@@ -311,42 +297,52 @@ def token_blocks(texts: Sequence[str], options: TextOptions) -> tuple[np.ndarray
         The blocks ``[n, 2, L]`` int64 (ids, then the mask) and the index of the text each
         block comes from ``[n]``.
     """
-    import datasets
-
-    encoder = TextEncoder(options.tokenizer, options.max_length)
-    tokenizer, L = encoder.tokenizer, options.max_length
+    tokenizer, L = TextEncoder(options.tokenizer, options.max_length).tokenizer, options.max_length
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    key = _cache_key(texts, options)
-    cache = None
-    if options.cache_dir is not None:
-        options.cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = str(options.cache_dir / f"blocks-{key}.arrow")
-    mapped = datasets.Dataset.from_dict({"text": list(texts)}).map(
-        lambda batch: {
-            "input_ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)[
-                "input_ids"
-            ]
-        },
-        batched=True,
-        batch_size=8,
-        remove_columns=["text"],
-        cache_file_name=cache,
-        new_fingerprint=key,
-    )
+
+    def whole(batch: Sequence[str]) -> dict[str, list[list[int]]]:
+        out = tokenizer(list(batch), add_special_tokens=False, verbose=False)
+        return {"input_ids": out["input_ids"]}
+
     parts, origin = [], []
-    for i, ids in enumerate(mapped["input_ids"]):
+    for i, ids in enumerate(_mapped(texts, options, "blocks", whole, 8)["input_ids"]):
         n = len(ids) // L + (len(ids) % L > 1)  # a lone last token predicts nothing
         if n == 0:
             continue
-        row = np.full((2, n * L), pad, dtype=np.int64)
         used = min(len(ids), n * L)
-        row[0, :used], row[1] = ids[:used], 0
-        row[1, :used] = 1
-        parts.append(row.reshape(2, n, L).transpose(1, 0, 2))
+        row = np.full(n * L, pad, dtype=np.int64)
+        row[:used] = ids[:used]
+        mask = (np.arange(n * L) < used).astype(np.int64)
+        parts.append(np.stack([row.reshape(n, L), mask.reshape(n, L)], axis=1))
         origin.append(np.full(n, i, dtype=np.int64))
     if not parts:
         raise TextDataError(f"no text has two tokens; expected texts to cut into {L}-token blocks")
     return np.concatenate(parts), np.concatenate(origin)
+
+
+def _mapped(
+    texts: Sequence[str],
+    options: TextOptions,
+    kind: str,
+    encode: Callable[[Sequence[str]], Mapping[str, Any]],
+    batch_size: int,
+) -> Any:
+    """``Dataset.map`` of ``encode`` over the texts, cached in ``options.cache_dir`` (if any) as
+    ``<kind>-<key>.arrow`` under the key of the texts, the tokenizer, ``L`` and the kind."""
+    import datasets
+
+    key, cache = _cache_key(texts, options), None
+    if options.cache_dir is not None:
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = str(options.cache_dir / f"{kind}-{key}.arrow")
+    return datasets.Dataset.from_dict({"text": list(texts)}).map(
+        lambda batch: encode(batch["text"]),
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=["text"],
+        cache_file_name=cache,
+        new_fingerprint=key,  # the key says what the result is: datasets need not hash the code
+    )
 
 
 def keep_keys(table: TextTable, keys: Sequence[str] | None, where: str) -> TextTable:
