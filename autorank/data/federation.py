@@ -97,7 +97,7 @@ def build_federation(
     Returns:
         The federation layout.
     """
-    _, labels = data.arrays("train")
+    x, labels = data.arrays("train")
     seeds = np.random.SeedSequence(seed).spawn(3)
     seed_public, seed_part, seed_local = (int(s.generate_state(1)[0]) for s in seeds)
     if public_fraction > 0:
@@ -123,14 +123,14 @@ def build_federation(
         )
         clients.append(ClientSplit(i, train, local_test))
     histogram = label_histogram(labels, [c.train for c in clients], data.n_classes)
-    tokens = token_histogram(data, [c.train for c in clients]) if data.language_model else None
+    tokens = token_histogram(x, [c.train for c in clients]) if data.language_model else None
     return Federation(data, public, tuple(clients), histogram, tokens)
 
 
-def token_histogram(data: DatasetSplits, parts: list[np.ndarray]) -> np.ndarray:
-    """Each part's count of every token id over its training blocks, ``[len(parts), V]`` with
-    ``V`` one above the largest id seen; padding is not counted."""
-    x, _ = data.arrays("train")
+def token_histogram(x: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    """Each part's count of every token id over its training blocks ``x [n, 2, L]`` (ids, then
+    the mask), ``[len(parts), V]`` with ``V`` one above the largest id seen; padding is not
+    counted."""
     V = int(x[:, 0].max(initial=0)) + 1
     rows = []
     for part in parts:
