@@ -4,6 +4,7 @@ and the plan of an early merge that waits for the labels."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 from torch import nn
@@ -74,51 +75,63 @@ def warm_up_and_rank(
     engines: Engines,
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
-    layers = layer_ranges(config)
     profiles = profile_federation(federation)
-    key = warm_up_key(config)
-    if key is not None and key in _WARM_UPS and config.ranking.assigner == "autorank":
-        progress.info(
-            "warm-up: reused from an earlier run in this process with the same data, model, "
-            "ranks and local training (a grid's other merges)"
-        )
-        profiles = profile_federation(federation, _WARM_UPS[key])
-    elif "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
-        r = config.ranking
-        caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
-        jobs = warmup_jobs(
-            [d.x for d in data],
-            [d.y for d in data],
-            ranks={k: hi for k, (_, hi) in layers.items()},
-            epochs=config.training.warmup_epochs,
-            seed=config.seed,
-            caps=caps,
-            max_steps=config.training.local_steps,
-        )
-        capped = sum(cap is not None for cap in caps)
-        progress.info(
-            "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
-            len(jobs),
-            config.training.warmup_epochs,
-            f", {capped} at its device's cap" if capped else "",
-        )
-        outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
-        check_finite(0, [o.result for o in outcomes])
-        curves = [list(o.result.epoch_losses) for o in outcomes]
+    if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
+        key = warm_up_key(config)
+        with _WARM_UPS_LOCK:
+            curves = _WARM_UPS.get(key) if key is not None else None
+        if curves is not None:
+            progress.info(
+                "warm-up: reused from an earlier run in this process with the same data, model, "
+                "ranks and local training (a grid's other merges)"
+            )
+        else:
+            curves = _warm_up(config, base, data, engines)
+            if key is not None:
+                with _WARM_UPS_LOCK:
+                    _WARM_UPS[key] = curves
+                    while len(_WARM_UPS) > _WARM_UPS_KEPT:
+                        del _WARM_UPS[next(iter(_WARM_UPS))]
         profiles = profile_federation(federation, curves)
-        progress.info("warm-up done: %d loss curves", len(curves))
-        if key is not None:
-            _WARM_UPS[key] = curves
-        while len(_WARM_UPS) > _WARM_UPS_KEPT:
-            del _WARM_UPS[next(iter(_WARM_UPS))]
     return decide(config, profiles, federation, base)
+
+
+def _warm_up(
+    config: ExperimentConfig, base: nn.Module, data: list[ClientData], engines: Engines
+) -> list[list[float]]:
+    """Every client's loss curve over ``training.warmup_epochs`` at the maximum ranks."""
+    r = config.ranking
+    caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
+    jobs = warmup_jobs(
+        [d.x for d in data],
+        [d.y for d in data],
+        ranks={k: hi for k, (_, hi) in layer_ranges(config).items()},
+        epochs=config.training.warmup_epochs,
+        seed=config.seed,
+        caps=caps,
+        max_steps=config.training.local_steps,
+    )
+    capped = sum(cap is not None for cap in caps)
+    progress.info(
+        "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
+        len(jobs),
+        config.training.warmup_epochs,
+        f", {capped} at its device's cap" if capped else "",
+    )
+    outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
+    check_finite(0, [o.result for o in outcomes])
+    curves = [list(o.result.epoch_losses) for o in outcomes]
+    progress.info("warm-up done: %d loss curves", len(curves))
+    return curves
 
 
 # The warm-ups of a comparison's cells, by ``warm_up_key``: a grid's AutoRank cells that differ
 # only in their merge train the same warm-up, which is deterministic; the later cells reuse the
-# first one's curves (the same ranks, to the bit) instead of training it again.
+# first one's curves (the same ranks, to the bit) instead of training it again. Cells may train
+# in parallel threads (``max_parallel``).
 _WARM_UPS: dict[str, list[list[float]]] = {}
 _WARM_UPS_KEPT = 4
+_WARM_UPS_LOCK = threading.Lock()
 
 
 def warm_up_key(config: ExperimentConfig) -> str | None:
