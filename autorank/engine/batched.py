@@ -287,8 +287,7 @@ class BatchedBackend:
                 logits = self._batched(stack.view(k), X[rows])
                 ce, count = self._scored(logits, Y[rows], X[rows], keep)
                 loss = ce.sum(dim=1) / count.clamp_min(1)  # [k]: each client's batch mean
-                part = loss if A == 1 else loss / micro[:k, t].clamp_min(1)
-                part.sum().backward()
+                (loss / micro[:k, t].clamp_min(1)).sum().backward()  # / 1 is exact
                 totals[at, ep] += loss.detach() * count
                 weights[at, ep] += count
             opt.clip(k)

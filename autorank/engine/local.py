@@ -190,7 +190,7 @@ def train_local(
                     summed, w, _ = per_sample(objective, model(x[idx]), y[idx], x[idx])
                     batch_weight = w.sum().detach()
                     loss = summed.sum() / w.sum().clamp_min(1.0)
-                (loss if len(micro) == 1 else loss / len(micro)).backward()
+                (loss / len(micro)).backward()  # the step's mean; / 1 is exact
                 total += loss.detach() * batch_weight
                 weight += batch_weight
             opt.clip()
