@@ -213,21 +213,19 @@ class Generator:
 
     Attributes:
         model: the transformers causal LM (``generate``), on ``device``.
-        tokenizer: its tokenizer folder.
+        tokenizer: its tokenizer, loaded once.
         device: where it runs.
     """
 
     model: Any
-    tokenizer: Path
+    tokenizer: Any
     device: torch.device
 
     def predict(self, x: Any, *, max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of raw strings (a sequence, or a table's ``text`` column)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(self.tokenizer))
+        tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         out = []
         for prompt in _texts(x):
@@ -244,9 +242,12 @@ class Generator:
 def merged_generator(base: nn.Module, state: AdapterState, tokenizer: Path) -> Generator:
     """``base`` (a ``models.text.CausalLM``, modified in place) with ``state``'s LoRA update
     merged into its weights, as a ``Generator``."""
+    from transformers import AutoTokenizer
+
     merge_base_delta(base, {path: f.delta() for path, f in state.lora.items()})
     base.requires_grad_(False).eval()
-    return Generator(base.get_submodule("model"), tokenizer, next(base.parameters()).device)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    return Generator(base.get_submodule("model"), tok, next(base.parameters()).device)
 
 
 def generate(
