@@ -19,7 +19,7 @@ from autorank.ranking.budget import draw_caps
 from autorank.ranking.profiling import ClientProfile
 from autorank.ranking.reranking import remeasured_profiles
 from autorank.recipe import layer_ranges, profile_federation
-from autorank.rounds.cohorts import sample_clients
+from autorank.rounds.cohorts import participants, sample_clients
 from autorank.rounds.steps import ClientData, check_finite
 from flows.engines import Engines
 from flows.run_records import record_decision, record_early_merge
@@ -118,9 +118,17 @@ def _warm_up(
         config.training.warmup_epochs,
         f", {capped} at its device's cap" if capped else "",
     )
-    outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
-    check_finite(0, [o.result for o in outcomes])
-    curves = [list(o.result.epoch_losses) for o in outcomes]
+    # As many clients at a time as a round trains: the warm-up holds no more trained adapters
+    # at once than a round does (at 10,000 clients, 100 a round: 3.2 GB peak otherwise).
+    chunk = participants(len(jobs), config.training.clients_per_round)
+    curves: list[list[float]] = []
+    for start in range(0, len(jobs), chunk):
+        outcomes = engines.train(config, jobs[start : start + chunk], None, base, 0, "warm-up")
+        check_finite(0, [o.result for o in outcomes])
+        curves += [list(o.result.epoch_losses) for o in outcomes]
+        del outcomes
+        if chunk < len(jobs):
+            progress.debug("warm-up: %d of %d clients", len(curves), len(jobs))
     progress.info("warm-up done: %d loss curves", len(curves))
     return curves
 

@@ -3,6 +3,7 @@
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -87,3 +88,43 @@ def test_a_round_is_a_handful_of_task_runs_all_recorded(sampled_run) -> None:
         "round-2-cohort-0",
         "round-2-cohort-1",
     ]
+
+
+def test_the_warm_up_trains_a_rounds_worth_of_clients_at_a_time(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record how many clients each warm-up call trains
+    from autorank.recipe import federation_for, untrained_base
+    from autorank.rounds.steps import client_data
+    from flows.engines import Engines, build_engines
+    from flows.ranking import _warm_up
+    from flows.runners import task_runner_for
+
+    sizes: list[int] = []
+    train = Engines.train
+
+    def recording(self: Engines, config: Any, jobs: Any, *args: Any) -> Any:
+        sizes.append(len(jobs))
+        return train(self, config, jobs, *args)
+
+    monkeypatch.setattr(Engines, "train", recording)
+    curves = {}
+
+    # Execute: the same warm-up under full and under partial participation
+    for per_round in (None, 5):
+        config = tiny_config(
+            tmp_path,
+            partition={"n_clients": 12},
+            training={"clients_per_round": per_round},
+            runtime={"backend": "batched", "cohort_size": 3},
+        )
+        federation = federation_for(config)
+        base = untrained_base(config, federation).requires_grad_(False)
+        data = client_data(federation)
+        with task_runner_for(config.runtime) as runner:
+            engines = build_engines(config, base, data, runner)
+            curves[per_round] = _warm_up(config, base, data, engines)
+
+    # Assert: at most a round's clients at a time, and the same curves to the bit
+    assert sizes == [12, 5, 5, 2]
+    assert curves[5] == curves[None]
