@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -98,7 +99,7 @@ def _fresh_state(
     run_id: str,
     base: nn.Module,
     federation: Federation,
-    data: list[ClientData],
+    data: Sequence[ClientData],
     engines: Engines,
 ) -> RunState:
     assignment = warm_up_and_rank(config, base, federation, data, engines)
@@ -160,7 +161,7 @@ def _run_round(
     target: RunTarget,
     state: RunState,
     federation: Federation,
-    data: list[ClientData],
+    data: Sequence[ClientData],
     test: tuple[Any, Any],
     round_idx: int,
     engines: Engines,

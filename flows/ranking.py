@@ -71,7 +71,7 @@ def warm_up_and_rank(
     config: ExperimentConfig,
     base: nn.Module,
     federation: Federation,
-    data: list[ClientData],
+    data: Sequence[ClientData],
     engines: Engines,
 ) -> RankAssignment:
     """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
@@ -97,38 +97,41 @@ def warm_up_and_rank(
 
 
 def _warm_up(
-    config: ExperimentConfig, base: nn.Module, data: list[ClientData], engines: Engines
+    config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData], engines: Engines
 ) -> list[list[float]]:
     """Every client's loss curve over ``training.warmup_epochs`` at the maximum ranks."""
-    r = config.ranking
-    caps = draw_caps(range(len(data)), r.rank_caps, r.cap_tiers, config.seed)
-    jobs = warmup_jobs(
-        [d.x for d in data],
-        [d.y for d in data],
-        ranks={k: hi for k, (_, hi) in layer_ranges(config).items()},
-        epochs=config.training.warmup_epochs,
-        seed=config.seed,
-        caps=caps,
-        max_steps=config.training.local_steps,
-    )
+    r, n = config.ranking, len(data)
+    caps = draw_caps(range(n), r.rank_caps, r.cap_tiers, config.seed)
     capped = sum(cap is not None for cap in caps)
     progress.info(
         "warm-up: %d clients, %d epochs at the maximum ranks%s (for learning difficulty)",
-        len(jobs),
+        n,
         config.training.warmup_epochs,
         f", {capped} at its device's cap" if capped else "",
     )
-    # As many clients at a time as a round trains: the warm-up holds no more trained adapters
-    # at once than a round does (at 10,000 clients, 100 a round: 3.2 GB peak otherwise).
-    chunk = participants(len(jobs), config.training.clients_per_round)
+    # As many clients at a time as a round trains: the warm-up holds no more clients' data and
+    # trained adapters at once than a round does (at 10,000 clients, 100 a round: 3.2 GB peak
+    # RSS otherwise).
+    chunk = participants(n, config.training.clients_per_round)
     curves: list[list[float]] = []
-    for start in range(0, len(jobs), chunk):
-        outcomes = engines.train(config, jobs[start : start + chunk], None, base, 0, "warm-up")
+    for start in range(0, n, chunk):
+        part = data[start : start + chunk]
+        jobs = warmup_jobs(
+            [d.x for d in part],
+            [d.y for d in part],
+            ranks={k: hi for k, (_, hi) in layer_ranges(config).items()},
+            epochs=config.training.warmup_epochs,
+            seed=config.seed,
+            caps=caps[start : start + chunk],
+            max_steps=config.training.local_steps,
+            first=start,
+        )
+        outcomes = engines.train(config, jobs, None, base, 0, "warm-up")
         check_finite(0, [o.result for o in outcomes])
         curves += [list(o.result.epoch_losses) for o in outcomes]
-        del outcomes
-        if chunk < len(jobs):
-            progress.debug("warm-up: %d of %d clients", len(curves), len(jobs))
+        del part, jobs, outcomes
+        if chunk < n:
+            progress.debug("warm-up: %d of %d clients", len(curves), n)
     progress.info("warm-up done: %d loss curves", len(curves))
     return curves
 

@@ -61,6 +61,9 @@ def config_digest(config: ExperimentConfig) -> str:
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
     }
+    if payload["data"]["name"] != "synthetic":  # the generator's knobs change nothing else
+        for name in [n for n in payload["data"] if n.startswith("synthetic_")]:
+            del payload["data"][name]
     for section, defaults in unset.items():
         for name, default in defaults.items():
             if payload[section][name] == default:

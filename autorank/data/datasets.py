@@ -39,12 +39,15 @@ if TYPE_CHECKING:  # imported where used: the engines' imports reach this module
 
 logger = logging.getLogger(__name__)
 
+# Drawn per client when sampled, never loaded whole (``autorank.data.synthetic``).
+GENERATED = ("synthetic",)
 KNOWN = (
     "digits",
     "mnist5k",
     "mnist",
     "fashion_mnist",
     "parquet",
+    *GENERATED,
     *TEXT_SOURCES,
     "hf:<hub name>",
 )
@@ -258,11 +261,27 @@ def _stratified_take(
     return picked, np.flatnonzero(~mask)
 
 
+def splits_from_arrays(
+    name: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+) -> DatasetSplits:
+    """Feature vectors already on a unit scale (a generated data set) as splits, unnormalised."""
+    return DatasetSplits(
+        name,
+        _to_dataset(*train),
+        _to_dataset(*test),
+        n_classes,
+        tuple(int(s) for s in train[0].shape[1:]),
+    )
+
+
 def _to_dataset(
     x: np.ndarray, y: np.ndarray, dtype: type[np.generic] = np.float32
 ) -> datasets.Dataset:
     """A Dataset over Arrow buffers of x ``[n, *shape]`` and y ``[n]``, without per-row copies."""
-    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=dtype)
+    flat = np.ascontiguousarray(x.reshape(len(x), int(np.prod(x.shape[1:]))), dtype=dtype)
     labels = np.ascontiguousarray(y, dtype=np.int64)
     column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     table = pa.table({"x": column, "label": pa.array(labels)})

@@ -14,13 +14,19 @@ from typing import Any
 import numpy as np
 
 from autorank.config import DataConfig, PartitionConfig
-from autorank.data.datasets import DatasetSplits, load_data
+from autorank.data.datasets import DatasetSplits, load_data, splits_from_arrays
 from autorank.data.partition import (
     label_histogram,
     partition,
     scheme_params,
     split_local,
     split_public,
+)
+from autorank.data.synthetic import (
+    PUBLIC_CLIENTS_MAX,
+    TEST_CLIENTS,
+    SyntheticPopulation,
+    SyntheticSettings,
 )
 from autorank.data.text import TextOptions
 
@@ -54,6 +60,9 @@ class Federation:
         histogram: label counts of each client's training indices, ``[n_clients, n_classes]``.
         tokens: for a causal LM's data, each client's count of every token id over its training
             blocks (padding not counted), ``[n_clients, V]``; None for labelled data.
+        population: a generated population (``data.name: synthetic``): its clients' samples are
+            drawn when asked for, ``clients`` is empty and ``data`` holds the server's public
+            share (train) and the held-out clients' samples (test).
     """
 
     data: DatasetSplits
@@ -61,11 +70,27 @@ class Federation:
     clients: tuple[ClientSplit, ...]
     histogram: np.ndarray
     tokens: np.ndarray | None = None
+    population: SyntheticPopulation | None = None
+
+    @property
+    def n_clients(self) -> int:
+        """Registered clients."""
+        return len(self.clients) if self.population is None else self.population.n_clients
 
     def layout(self) -> dict[str, Any]:
         """The layout as JSON: sizes of the public share and of every client's splits, and a
         digest of every index (equal digests: the same samples went to the same clients)."""
         h = hashlib.sha256(np.ascontiguousarray(self.public, dtype=np.int64).tobytes())
+        if self.population is not None:
+            p = self.population
+            tests = np.array([p.n_local_test(k) for k in range(p.n_clients)], dtype=np.int64)
+            h.update(repr((p.settings, p.seed, p.local_test_fraction)).encode())
+            h.update(p.sizes.tobytes())
+            clients = [
+                {"client": k, "train": int(n - m), "local_test": int(m)}
+                for k, (n, m) in enumerate(zip(p.sizes, tests, strict=True))
+            ]
+            return {"public": len(self.public), "clients": clients, "digest": h.hexdigest()[:16]}
         for c in self.clients:
             for part in (c.train, c.local_test):
                 h.update(np.int64(len(part)).tobytes())
@@ -139,6 +164,45 @@ def token_histogram(x: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
     return np.stack(rows).astype(np.int64)
 
 
+def synthetic_settings(data: DataConfig) -> SyntheticSettings:
+    """The Synthetic(alpha, beta) generator's knobs of a config's ``data.synthetic_*``."""
+    return SyntheticSettings(
+        alpha=data.synthetic_alpha,
+        beta=data.synthetic_beta,
+        dim=data.synthetic_dim,
+        classes=data.synthetic_classes,
+        size_median=data.synthetic_size_median,
+        size_sigma=data.synthetic_size_sigma,
+    )
+
+
+def synthetic_federation(
+    settings: SyntheticSettings,
+    partition: PartitionConfig,
+    *,
+    public_fraction: float,
+    seed: int,
+) -> Federation:
+    """A Synthetic(alpha, beta) population of ``partition.n_clients`` (its scheme does not apply:
+    each client draws from its own model). The server's public share is the data of
+    ``public_fraction`` as many unregistered clients (at most ``PUBLIC_CLIENTS_MAX``)."""
+    population = SyntheticPopulation(
+        settings,
+        partition.n_clients,
+        seed=seed,
+        local_test_fraction=partition.local_test_fraction,
+    )
+    n_public = min(round(public_fraction * partition.n_clients), PUBLIC_CLIENTS_MAX)
+    if public_fraction > 0:
+        n_public = max(n_public, 1)
+    public = population.pooled("public", n_public)
+    data = splits_from_arrays(
+        "synthetic", public, population.pooled("test", TEST_CLIENTS), settings.classes
+    )
+    everyone = np.arange(len(public[1]), dtype=np.int64)
+    return Federation(data, everyone, (), population.histogram(), population=population)
+
+
 @functools.lru_cache(maxsize=1)
 def federation_from_config(
     data: DataConfig,
@@ -154,6 +218,10 @@ def federation_from_config(
     process load and partition the data once. Treat the result as read-only. ``text``: the
     tokenizer and sample length, for text data.
     """
+    if data.name == "synthetic":
+        return synthetic_federation(
+            synthetic_settings(data), partition, public_fraction=public_fraction, seed=seed
+        )
     splits = load_data(
         data.name,
         path=data.path,

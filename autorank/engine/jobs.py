@@ -139,6 +139,7 @@ def warmup_jobs(
     round_idx: int = 0,
     caps: Sequence[int | None] | None = None,
     max_steps: int | None = None,
+    first: int = 0,
 ) -> list[ClientJob]:
     """The warm-up round: every client at the maximum ranks (or at its device's cap, if lower),
     fresh LoRA from the common base.
@@ -151,6 +152,7 @@ def warmup_jobs(
         caps: each client's rank cap (None: uncapped), as ``autorank.ranking.budget.draw_caps``
             gives them: a device that holds at most rank r warms up at rank r too.
         max_steps: at most this many steps per epoch (None: every batch).
+        first: the client index of ``xs[0]`` (the warm-up trains a population a part at a time).
     """
     if epochs < 2:
         raise ValueError(f"warm-up epochs must be >= 2 for learning difficulty, got {epochs}")
@@ -170,7 +172,7 @@ def warmup_jobs(
             client_seed(seed, round_idx, i),
             max_steps,
         )
-        for i, (x, y, cap) in enumerate(zip(xs, ys, caps, strict=True))
+        for i, (x, y, cap) in enumerate(zip(xs, ys, caps, strict=True), start=first)
     ]
 
 

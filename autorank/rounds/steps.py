@@ -15,9 +15,13 @@ training.
 
 from __future__ import annotations
 
+import operator
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from torch import nn
 
 from autorank.config import AggregatorName
 from autorank.data.federation import Federation
+from autorank.data.synthetic import SyntheticPopulation
 from autorank.engine.jobs import ClientJob, ClientOutcome, LocalSplit
 from autorank.engine.local import LocalResult, client_seed
 from autorank.lora.adapters import (
@@ -62,8 +67,48 @@ class ClientData:
         return LocalSplit(self.x_test, self.y_test) if self.x_test.shape[0] > 0 else None
 
 
-def client_data(federation: Federation) -> list[ClientData]:
-    """Each client's training and local-test tensors, gathered once from the training split."""
+class GeneratedClients(Sequence[ClientData]):
+    """A generated population's clients as ``ClientData``, each drawn when indexed; the last
+    ``keep`` drawn are kept (a round asks for its clients more than once: jobs, local tests)."""
+
+    def __init__(self, population: SyntheticPopulation, keep: int = 4096) -> None:
+        self.population, self.keep = population, keep
+        self._kept: OrderedDict[int, ClientData] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.population.n_clients
+
+    @overload
+    def __getitem__(self, k: int) -> ClientData: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> Sequence[ClientData]: ...
+
+    def __getitem__(self, k: int | slice) -> ClientData | Sequence[ClientData]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = operator.index(k)
+        if k < 0:
+            k += len(self)
+        with self._lock:
+            if k in self._kept:
+                self._kept.move_to_end(k)
+                return self._kept[k]
+        x, y, x_test, y_test = (torch.from_numpy(a) for a in self.population.client(k))
+        data = ClientData(x, y, x_test, y_test)
+        with self._lock:
+            self._kept[k] = data
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+        return data
+
+
+def client_data(federation: Federation) -> Sequence[ClientData]:
+    """Each client's training and local-test tensors: gathered once from the training split, or
+    for a generated population drawn when asked for."""
+    if federation.population is not None:
+        return GeneratedClients(federation.population)
     x_np, y_np = federation.data.arrays("train")
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     return [

@@ -211,7 +211,7 @@ def _names(literal: Any) -> set[str]:
 def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     from autorank.config import AggregatorName, AssignerName, ModelConfig, RuntimeConfig, Scheme
     from autorank.config.vocab import TEXT_DATA
-    from autorank.data.datasets import KNOWN
+    from autorank.data.datasets import GENERATED, KNOWN
     from autorank.data.partition import SCHEMES
     from autorank.data.sources import SOURCES
     from autorank.data.text import TEXT_SOURCES
@@ -227,6 +227,8 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts() -> None:
     assert set(SCHEMES) == _names(Scheme)
     assert set(BUILDERS) == _names(ModelConfig.model_fields["name"].annotation) == set(MODEL_NAMES)
     assert set(ENGINES) == backends
-    assert set(SOURCES) | set(TEXT_SOURCES) == {n for n in KNOWN if not n.startswith("hf:")}
+    assert set(SOURCES) | set(TEXT_SOURCES) | set(GENERATED) == {
+        n for n in KNOWN if not n.startswith("hf:")
+    }
     assert not set(SOURCES) & set(TEXT_SOURCES)
     assert set(TEXT_SOURCES) == set(TEXT_DATA)

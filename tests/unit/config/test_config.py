@@ -144,8 +144,9 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
         del payload["ranking"][name]
     text = ("max_test_samples", "max_length", "text_column", "label_column", "key_column")
     text = (*text, "train_keys", "test_keys")
-    for name in (*text, "cache_dir"):
-        del payload["data"][name]  # the text settings came later still
+    synthetic = [n for n in payload["data"] if n.startswith("synthetic_")]
+    for name in (*text, *synthetic, "cache_dir"):
+        del payload["data"][name]  # the text and generator settings came later still
     payload["aggregation"] = {"method": config.aggregation.method}
 
     # Execute / Assert: a checkpoint written before the setting resumes
