@@ -54,7 +54,14 @@ from flows.engines import Engines, build_engines
 from flows.failure_records import drop_failure_record
 from flows.invocation import command
 from flows.model_records import record_data
-from flows.ranking import first_rounds, rerank, round_merge, warm_up_and_rank
+from flows.ranking import (
+    decide_first_participants,
+    first_rounds,
+    ranks_in_force,
+    rerank,
+    round_merge,
+    warm_up_and_rank,
+)
 from flows.run_records import (
     close_interrupted_or_failed,
     finish_run,
@@ -105,8 +112,10 @@ def _fresh_state(
     assignment = warm_up_and_rank(config, base, federation, data, engines)
     # Once per run, not in every round's checkpoint: it grows with the number of clients.
     save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
-    record_decision(config, run_id, federation, assignment)
-    global_state = initial_state(base, assignment.ranks(), lora_settings(config), seed=config.seed)
+    if assignment.decisions:
+        record_decision(config, run_id, federation, assignment)
+    ranks = ranks_in_force(config, assignment, federation.n_clients)
+    global_state = initial_state(base, ranks, lora_settings(config), seed=config.seed)
     return RunState(base, global_state, False, assignment, [], 1)
 
 
@@ -183,7 +192,7 @@ def _run_round(
         data,
         sampled,
         state.global_state,
-        state.assignment.ranks(),
+        ranks_in_force(config, state.assignment, len(data)),
         engines.paths,
         lora_settings(config),
         fresh=state.fresh,
@@ -204,6 +213,14 @@ def _run_round(
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
+    elif len(assignment.decisions) < len(data):
+        assignment = decide_first_participants(
+            config, run_id, state.assignment, state.base, federation, outcomes, round_idx
+        )
+        if assignment is not state.assignment:
+            decision_file = save_decision(
+                config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
+            )
     method, whole_early = round_merge(
         config,
         run_id,
@@ -246,7 +263,7 @@ def _run_round(
         decision_file=decision_file,
     )
     if assignment is not state.assignment:
-        engines.set_ranks(assignment.ranks())
+        engines.set_ranks(ranks_in_force(config, assignment, len(data)))
     progress.info(
         "round %d/%d: %s (%.1f s)",
         round_idx,
@@ -348,7 +365,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
                 state = restored or _fresh_state(config, run_id, base, federation, data, engines)
                 if restored is None and config.model.name in TEXT_MODELS:
                     _record_pretrained(config, run_id, engines, state, test)
-                engines.set_ranks(state.assignment.ranks())
+                engines.set_ranks(ranks_in_force(config, state.assignment, len(data)))
                 first, rounds = state.start_round, config.training.rounds
                 progress.debug(  # starts the terminal's progress bar
                     "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}

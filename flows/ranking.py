@@ -3,6 +3,7 @@ and the plan of an early merge that waits for the labels."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from autorank.lora.targets import target_sizes
 from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment
 from autorank.ranking.budget import draw_caps
-from autorank.ranking.profiling import ClientProfile
+from autorank.ranking.profiling import ClientProfile, learning_difficulty, profile_clients
 from autorank.ranking.reranking import remeasured_profiles
 from autorank.recipe import layer_ranges, profile_federation
 from autorank.rounds.cohorts import participants, sample_clients
@@ -74,9 +75,17 @@ def warm_up_and_rank(
     data: Sequence[ClientData],
     engines: Engines,
 ) -> RankAssignment:
-    """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment."""
+    """Warm-up round at the maximum ranks (for learning difficulty), then rank assignment; with
+    learning difficulty from each client's first participation, no client's rank yet."""
+    mode = config.difficulty_mode()
+    if mode == "first_participation":
+        progress.info(
+            "ranks: each client's decided after its first round (learning difficulty from its "
+            "loss curve there), at the maximum ranks until then; no warm-up"
+        )
+        return RankAssignment(config.ranking.assigner, ())
     profiles = profile_federation(federation)
-    if "learning_difficulty" in config.ranking.criteria and config.ranking.assigner == "autorank":
+    if mode == "warmup":
         key = warm_up_key(config)
         with _WARM_UPS_LOCK:
             curves = _WARM_UPS.get(key) if key is not None else None
@@ -166,6 +175,73 @@ def decide(
     """The configured assigner over the clients' profiles (with the rank budget, if any)."""
     sizes = target_sizes(base, list(layer_ranges(config)))
     return rank_clients(config, profiles, n_classes=federation.data.n_classes, layer_sizes=sizes)
+
+
+def ranks_in_force(
+    config: ExperimentConfig, assignment: RankAssignment, n_clients: int
+) -> list[dict[str, int]]:
+    """Every client's ranks for the next round: its decision, or, for a client not measured yet
+    (``first_participation``), the maximum ranks at its device's cap, as the warm-up trains."""
+    if len(assignment.decisions) == n_clients:
+        return assignment.ranks()
+    top = {k: hi for k, (_, hi) in layer_ranges(config).items()}
+    r = config.ranking
+    caps = draw_caps(range(n_clients), r.rank_caps, r.cap_tiers, config.seed)
+    ranks = [top if cap is None else {k: min(v, cap) for k, v in top.items()} for cap in caps]
+    for d in assignment.decisions:
+        ranks[d.client] = dict(d.layer_ranks)
+    return ranks
+
+
+def decide_first_participants(
+    config: ExperimentConfig,
+    run_id: str,
+    in_force: RankAssignment,
+    base: nn.Module,
+    federation: Federation,
+    outcomes: Sequence[ClientOutcome],
+    round_idx: int,
+) -> RankAssignment:
+    """``first_participation``: the ranks of this round's clients that trained for the first
+    time, from their loss curves, decided by CRITIC and TOPSIS among every client measured so
+    far; the ranks given before stay. It holds from the next round on (None new: unchanged)."""
+    decided = {d.client: d for d in in_force.decisions}
+    curves = {
+        o.result.client: o.result.epoch_losses for o in outcomes if o.result.client not in decided
+    }
+    if not curves:
+        return in_force
+    pool = sorted([*decided, *curves])
+    tokens = None if federation.tokens is None else federation.tokens[pool]
+    profiles = []
+    measured = profile_clients(federation.histogram[pool], tokens=tokens)
+    for client, p in zip(pool, measured, strict=True):
+        if client in curves:
+            ld = learning_difficulty(curves[client])
+        else:
+            ld = decided[client].criteria["learning_difficulty"]
+        profiles.append(dataclasses.replace(p, client=client, learning_difficulty=ld))
+    r = config.ranking
+    caps = {k: cap for k, cap in r.rank_caps.items() if k in decided or k in curves}
+    among = config.model_copy(update={"ranking": r.model_copy(update={"rank_caps": caps})})
+    fresh = decide(among, profiles, federation, base)
+    new = {d.client: d for d in fresh.decisions if d.client in curves}
+    assignment = RankAssignment(
+        fresh.assigner,
+        tuple(decided.get(c) or new[c] for c in pool),
+        fresh.weights,
+    )
+    record_decision(config, run_id, federation, assignment, step=round_idx)
+    progress.info(
+        "round %d: %d clients trained for the first time and were given ranks (mean %.1f); "
+        "%d of %d clients ranked",
+        round_idx,
+        len(new),
+        sum(d.rank for d in new.values()) / len(new),
+        len(pool),
+        federation.n_clients,
+    )
+    return assignment
 
 
 def rerank(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from autorank.config.data import DataConfig, PartitionConfig
@@ -72,6 +74,8 @@ class ExperimentConfig(Section):
             )
         if self.ranking.rerank_every:
             self._check_reranking()
+        if self.ranking.difficulty_from == "first_participation":
+            self._check_first_participation()
         self._check_early_when()
         self._check_text()
         return self
@@ -126,6 +130,54 @@ class ExperimentConfig(Section):
 
     def _fedavg_field(self) -> str:
         return "method" if self.aggregation.method == "fedavg" else "early_method"
+
+    def difficulty_mode(self) -> Literal["warmup", "first_participation"] | None:
+        """Where learning difficulty is measured (None: the ranks do not use it).
+
+        ``auto`` measures it from each client's first participation when the warm-up would
+        train more clients than the whole run does (a population beyond rounds x the clients
+        of a round), and where nothing needs every client's rank at once (a parameter budget,
+        re-ranking, an early merge waiting for labels); else from the paper's warm-up.
+        """
+        r = self.ranking
+        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+            return None
+        if r.difficulty_from != "auto":
+            return r.difficulty_from
+        n, per_round = self.partition.n_clients, self.training.clients_per_round
+        if isinstance(per_round, float):
+            per_round = max(1, round(per_round * n))
+        trained = self.training.rounds * (per_round or n)
+        if n <= trained or self._first_participation_conflict() is not None:
+            return "warmup"
+        return "first_participation"
+
+    def _first_participation_conflict(self) -> str | None:
+        """What needs every client's rank before round 1 (None: nothing)."""
+        if self.ranking.budget_params is not None:
+            return "ranking.budget_params (a budget scales every client's rank at once)"
+        if self.ranking.rerank_every:
+            return "ranking.rerank_every (it re-decides every client's rank)"
+        if self.aggregation.early_when == "all_labels" and self.aggregation.early_method:
+            return "aggregation.early_when all_labels (it checks every round's rank tiers)"
+        if self.training.local_epochs < 2:
+            return "training.local_epochs below 2 (a first round's loss curve needs 2 epochs)"
+        return None
+
+    def _check_first_participation(self) -> None:
+        r = self.ranking
+        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+            raise ValueError(
+                "ranking.difficulty_from 'first_participation' measures learning difficulty: it "
+                f"needs ranking.assigner 'autorank' with 'learning_difficulty' in ranking.criteria "
+                f"(got '{r.assigner}', criteria {list(r.criteria)})"
+            )
+        conflict = self._first_participation_conflict()
+        if conflict is not None:
+            raise ValueError(
+                f"ranking.difficulty_from 'first_participation' decides each client's rank when "
+                f"it first trains; expected no {conflict}"
+            )
 
     def _check_reranking(self) -> None:
         """Re-ranking measures learning difficulty again: autorank only, from >= 2 epochs."""

@@ -61,6 +61,14 @@ class RankingConfig(Section):
         "decided again and the clients' adapters re-sized; needs the autorank assigner with "
         "learning_difficulty and training.local_epochs >= 2; 0: ranks fixed after the warm-up",
     )
+    difficulty_from: Literal["auto", "warmup", "first_participation"] = Field(
+        "auto",
+        description="autorank with learning_difficulty: warmup (the paper's: every client "
+        "trains training.warmup_epochs before round 1) or first_participation (a client trains "
+        "its first round at the maximum ranks, its rank is decided from that round's loss "
+        "curve among the clients measured so far and then kept); auto: warmup unless the "
+        "population is larger than the clients the run trains (rounds x clients_per_round)",
+    )
     heavy_tail_exponent: float = Field(
         2.0,
         gt=0.0,

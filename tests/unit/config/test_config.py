@@ -140,7 +140,7 @@ def test_without_an_early_merge_the_digest_is_as_before_the_setting_existed() ->
     del payload["training"]["clients_per_round"]
     del payload["training"]["local_steps"]
     del payload["training"]["grad_accumulation"]
-    for name in ("budget_params", "rank_caps", "cap_tiers"):
+    for name in ("budget_params", "rank_caps", "cap_tiers", "difficulty_from"):
         del payload["ranking"][name]
     text = ("max_test_samples", "max_length", "text_column", "label_column", "key_column")
     text = (*text, "train_keys", "test_keys")
