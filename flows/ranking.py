@@ -205,6 +205,7 @@ def decide_first_participants(
     """``first_participation``: the ranks of this round's clients that trained for the first
     time, from their loss curves, decided by CRITIC and TOPSIS among every client measured so
     far; the ranks given before stay. It holds from the next round on (None new: unchanged)."""
+    check_finite(round_idx, [o.result for o in outcomes])  # a diverged curve has no entropy
     decided = {d.client: d for d in in_force.decisions}
     curves = {
         o.result.client: o.result.epoch_losses for o in outcomes if o.result.client not in decided

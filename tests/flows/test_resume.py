@@ -122,6 +122,44 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     assert sampled == _history(client, reference, SAMPLED)
 
 
+def test_first_participation_on_a_generated_population_resumes_bit_identical(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    # Prepare: 60 generated clients, 6 a round, each ranked after its first round
+    config, config_file = _written_config(
+        tmp_path,
+        data={"name": "synthetic"},
+        partition={"n_clients": 60},
+        training={"rounds": ROUNDS, "local_epochs": 12, "clients_per_round": 6},
+        ranking={"difficulty_from": "first_participation"},
+    )
+    ckpt_dir = config.runtime.checkpoint_dir
+    reference = federated_training(config=config)
+
+    # Execute: SIGKILL after round 2, then resume
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
+    try:
+        victim = _wait_for_round(ckpt_dir, 2, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    assert len(_history(client, victim, "global/accuracy")) < ROUNDS  # really interrupted
+    _resume(victim, ckpt_dir)
+
+    # Assert: the same figures and the same ranks, given to the same clients in the same rounds
+    for key in (*KEYS, "ranks/mean"):
+        got, want = _history(client, victim, key), _history(client, reference, key)
+        assert got == want and len(want) >= 1, key
+    files = [sorted((ckpt_dir / run).glob("rank_decision*.json")) for run in (victim, reference)]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]]
+    ranked = [yaml.safe_load(f[-1].read_text())["clients"] for f in files]
+    assert ranked[0] == ranked[1]
+    assert 6 <= len(ranked[0]) < 60  # only the clients that trained, each ranked once
+
+
 FINISHED = {"rounds": 2, "local_epochs": 1}
 
 

@@ -1,3 +1,4 @@
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -425,3 +426,52 @@ def test_every_setting_of_every_config_model_says_what_it_does() -> None:
         m.__name__ for m in models
     }
     assert undescribed == []
+
+
+_POPULATION = ["partition.n_clients=100", "training.clients_per_round=4"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "warmup"),  # 10 clients, all trained every round
+        ([*_POPULATION, "training.rounds=25"], "warmup"),  # as many as the run trains
+        ([*_POPULATION, "training.rounds=5"], "first_participation"),
+        (
+            [*_POPULATION[:1], "training.clients_per_round=0.04", "training.rounds=5"],
+            "first_participation",
+        ),
+        ([*_POPULATION, "training.rounds=5", "ranking.budget_params=100000"], "warmup"),
+        (["ranking.difficulty_from=first_participation"], "first_participation"),
+        (["ranking.assigner=uniform"], None),
+        (["ranking.criteria=[entropy, n_samples]"], None),
+    ],
+)
+def test_learning_difficulty_is_measured_where_the_setting_and_the_population_say(
+    overrides: list[str], expected: str | None
+) -> None:
+    assert load_config(None, overrides).difficulty_mode() == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["ranking.assigner=size"], "needs ranking.assigner 'autorank' with 'learning_difficulty'"),
+        (["ranking.budget_params=100000"], "expected no ranking.budget_params"),
+        (["ranking.rerank_every=2"], "expected no ranking.rerank_every"),
+        (["training.local_epochs=1"], "expected no training.local_epochs below 2"),
+    ],
+)
+def test_first_participation_is_refused_where_every_rank_is_needed_at_once(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, ["ranking.difficulty_from=first_participation", *overrides])
+
+
+def test_first_participation_changes_the_digest_and_the_warm_up_does_not() -> None:
+    default = config_digest(load_config(None, []))
+    warm = config_digest(load_config(None, ["ranking.difficulty_from=warmup"]))
+    first = config_digest(load_config(None, ["ranking.difficulty_from=first_participation"]))
+
+    assert warm == default != first
