@@ -114,6 +114,11 @@ class Engines:
         """Expand every client's target ranks to module paths (once per distinct pattern)."""
         self.paths = [self.evaluator.expand(r) for r in ranks]
 
+    def update_ranks(self, changed: Mapping[int, Mapping[str, int]]) -> None:
+        """Expand the ranks of the clients in ``changed`` only (client -> target ranks)."""
+        for client, ranks in changed.items():
+            self.paths[client] = self.evaluator.expand(ranks)
+
 
 def backend_kind(
     config: ExperimentConfig, base: nn.Module, data: Sequence[ClientData]

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from prefect import flow
@@ -36,6 +36,7 @@ from autorank.rounds.checkpoint import (
     Checkpoint,
     decision_file_of,
     load_decision,
+    load_decisions_given,
     run_lock,
     save_decision,
 )
@@ -88,7 +89,9 @@ class RunState:
 
     ``fresh``: the last update was merged into the base (FLoRA), so clients start fresh adapters.
     ``base_version`` counts those merges (engines on another device copy the base when it moves).
-    ``decision_file``: the checkpoint file of ``assignment`` (a new one after each re-ranking).
+    ``decision_file``: the checkpoint file of ``assignment`` (a new one after each re-ranking;
+    under first participation, of the clients ranked in the last round that ranked any).
+    ``ranks``: every client's target ranks in force (``ranks_in_force``), in client order.
     """
 
     base: nn.Module
@@ -99,6 +102,7 @@ class RunState:
     start_round: int
     base_version: int = 0
     decision_file: str = DECISION_FILE
+    ranks: list[dict[str, int]] = field(default_factory=list)
 
 
 def _fresh_state(
@@ -116,7 +120,7 @@ def _fresh_state(
         record_decision(config, run_id, federation, assignment)
     ranks = ranks_in_force(config, assignment, federation.n_clients)
     global_state = initial_state(base, ranks, lora_settings(config), seed=config.seed)
-    return RunState(base, global_state, False, assignment, [], 1)
+    return RunState(base, global_state, False, assignment, [], 1, ranks=ranks)
 
 
 def _round_line(ev: EvalResult, clients_mean: float) -> str:
@@ -192,7 +196,7 @@ def _run_round(
         data,
         sampled,
         state.global_state,
-        ranks_in_force(config, state.assignment, len(data)),
+        state.ranks,
         engines.paths,
         lora_settings(config),
         fresh=state.fresh,
@@ -206,6 +210,7 @@ def _run_round(
     )
     trained = time.perf_counter()
     assignment, decision_file = state.assignment, state.decision_file
+    ranks = state.ranks
     if rerank_due(round_idx, config.ranking.rerank_every, config.training.rounds):
         assignment = rerank(
             config, run_id, state.assignment, state.base, federation, outcomes, round_idx
@@ -213,14 +218,21 @@ def _run_round(
         decision_file = save_decision(
             config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
         )
+        ranks = assignment.ranks()
+        engines.set_ranks(ranks)
     elif len(assignment.decisions) < len(data):
-        assignment = decide_first_participants(
+        assignment, arrived = decide_first_participants(
             config, run_id, state.assignment, state.base, federation, outcomes, round_idx
         )
-        if assignment is not state.assignment:
+        if arrived.decisions:  # the newcomers' file only: the checkpoint reads them together
             decision_file = save_decision(
-                config.runtime.checkpoint_dir, run_id, assignment.to_json(), after_round=round_idx
+                config.runtime.checkpoint_dir, run_id, arrived.to_json(), after_round=round_idx
             )
+            ranks = list(ranks)
+            changed = {d.client: dict(d.layer_ranks) for d in arrived.decisions}
+            for client, own in changed.items():
+                ranks[client] = own
+            engines.update_ranks(changed)
     method, whole_early = round_merge(
         config,
         run_id,
@@ -261,9 +273,8 @@ def _run_round(
         base_version=state.base_version + int(bool(step.aggregation.base_delta)),
         assignment=assignment,
         decision_file=decision_file,
+        ranks=ranks,
     )
-    if assignment is not state.assignment:
-        engines.set_ranks(ranks_in_force(config, assignment, len(data)))
     progress.info(
         "round %d/%d: %s (%.1f s)",
         round_idx,
@@ -365,7 +376,7 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
                 state = restored or _fresh_state(config, run_id, base, federation, data, engines)
                 if restored is None and config.model.name in TEXT_MODELS:
                     _record_pretrained(config, run_id, engines, state, test)
-                engines.set_ranks(ranks_in_force(config, state.assignment, len(data)))
+                engines.set_ranks(state.ranks)
                 first, rounds = state.start_round, config.training.rounds
                 progress.debug(  # starts the terminal's progress bar
                     "round %d/%d", first, rounds, extra={"round": first - 1, "rounds": rounds}
@@ -415,7 +426,11 @@ def run_target(config: ExperimentConfig, run_id: str, *, n_clients: int) -> RunT
 def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Checkpoint) -> RunState:
     """The state after the newest checkpointed round."""
     load_base_state(base, ckpt.base)
-    assignment = RankAssignment.from_json(load_decision(config.runtime.checkpoint_dir, ckpt))
+    root = config.runtime.checkpoint_dir
+    if config.difficulty_mode() == "first_participation":
+        assignment = RankAssignment.from_json(load_decisions_given(root, ckpt))
+    else:
+        assignment = RankAssignment.from_json(load_decision(root, ckpt))
     decision_file = decision_file_of(ckpt)
     relog_checkpoint_round(config.tracking.uri, run_id, ckpt)
     progress.info("resuming run %s after round %d", run_id, ckpt.round_idx)
@@ -427,4 +442,5 @@ def _restore(config: ExperimentConfig, run_id: str, base: nn.Module, ckpt: Check
         list(ckpt.meta["history"]),
         ckpt.round_idx + 1,
         decision_file=decision_file,
+        ranks=ranks_in_force(config, assignment, config.partition.n_clients),
     )

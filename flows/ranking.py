@@ -24,6 +24,7 @@ from autorank.rounds.cohorts import participants, sample_clients
 from autorank.rounds.steps import ClientData, check_finite
 from flows.engines import Engines
 from flows.run_records import record_decision, record_early_merge
+from flows.runners import opaque
 from tasks.ranking import rank_clients
 
 progress = logging.getLogger("autorank.progress")
@@ -174,7 +175,10 @@ def decide(
 ) -> RankAssignment:
     """The configured assigner over the clients' profiles (with the rank budget, if any)."""
     sizes = target_sizes(base, list(layer_ranges(config)))
-    return rank_clients(config, profiles, n_classes=federation.data.n_classes, layer_sizes=sizes)
+    # Opaque: Prefect would walk every profile of a large population for futures.
+    return rank_clients(
+        config, opaque(profiles), n_classes=federation.data.n_classes, layer_sizes=sizes
+    )
 
 
 def ranks_in_force(
@@ -201,17 +205,18 @@ def decide_first_participants(
     federation: Federation,
     outcomes: Sequence[ClientOutcome],
     round_idx: int,
-) -> RankAssignment:
+) -> tuple[RankAssignment, RankAssignment]:
     """``first_participation``: the ranks of this round's clients that trained for the first
     time, from their loss curves, decided by CRITIC and TOPSIS among every client measured so
-    far; the ranks given before stay. It holds from the next round on (None new: unchanged)."""
+    far; the ranks given before stay. Returns the decision in force from the next round on
+    and the one of this round's newcomers alone (empty: none; ``in_force`` unchanged)."""
     check_finite(round_idx, [o.result for o in outcomes])  # a diverged curve has no entropy
     decided = {d.client: d for d in in_force.decisions}
     curves = {
         o.result.client: o.result.epoch_losses for o in outcomes if o.result.client not in decided
     }
     if not curves:
-        return in_force
+        return in_force, RankAssignment(in_force.assigner, ())
     pool = sorted([*decided, *curves])
     tokens = None if federation.tokens is None else federation.tokens[pool]
     profiles = []
@@ -226,23 +231,22 @@ def decide_first_participants(
     caps = {k: cap for k, cap in r.rank_caps.items() if k in decided or k in curves}
     among = config.model_copy(update={"ranking": r.model_copy(update={"rank_caps": caps})})
     fresh = decide(among, profiles, federation, base)
-    new = {d.client: d for d in fresh.decisions if d.client in curves}
+    new = tuple(d for d in fresh.decisions if d.client in curves)
     assignment = RankAssignment(
-        fresh.assigner,
-        tuple(decided.get(c) or new[c] for c in pool),
-        fresh.weights,
+        fresh.assigner, tuple(decided.get(d.client) or d for d in fresh.decisions), fresh.weights
     )
-    record_decision(config, run_id, federation, assignment, step=round_idx)
+    arrived = RankAssignment(fresh.assigner, new, fresh.weights)
+    record_decision(config, run_id, federation, arrived, step=round_idx, in_force=assignment)
     progress.info(
         "round %d: %d clients trained for the first time and were given ranks (mean %.1f); "
         "%d of %d clients ranked",
         round_idx,
         len(new),
-        sum(d.rank for d in new.values()) / len(new),
+        sum(d.rank for d in new) / len(new),
         len(pool),
         federation.n_clients,
     )
-    return assignment
+    return assignment, arrived
 
 
 def rerank(

@@ -23,6 +23,7 @@ from autorank.rounds.checkpoint import Checkpoint, decision_file
 from autorank.rounds.steps import client_parameters
 from flows import CONFIG_FILE
 from flows.model_records import FinalModel, record_model
+from flows.runners import opaque
 from tasks import round_writer, tracking
 
 progress = logging.getLogger("autorank.progress")
@@ -116,18 +117,24 @@ def record_decision(
     assignment: RankAssignment,
     *,
     step: int = 0,
+    in_force: RankAssignment | None = None,
 ) -> None:
     """The rank decision table, the ranks' spread (and each client's rank up to
     ``tracking.keyed_clients_max`` clients) as metrics at ``step``, and the decision plots.
 
     ``step`` 0 is the decision after the warm-up; a re-ranking after round N logs at step N,
-    into files named ``..._round_NNNN``.
+    into files named ``..._round_NNNN``. Under first participation ``assignment`` holds the
+    clients ranked in that round only (its table and plot), and ``in_force`` every client
+    ranked so far (the spread).
     """
     uri = config.tracking.uri
     decision = assignment.to_json()
     suffix = "" if step == 0 else f"_round_{step:04d}"
-    tracking.track_json(uri, run_id, decision, decision_file(step))
-    ranks = [float(d.rank) for d in assignment.decisions]
+    if in_force is not None:
+        decision["ranked_so_far"] = len(in_force.decisions)
+    # Prefect walks a task's parameters for futures: a table of thousands of rows is opaque.
+    tracking.track_json(uri, run_id, opaque(decision), decision_file(step))
+    ranks = [float(d.rank) for d in (in_force or assignment).decisions]
     metrics = {
         "ranks/mean": float(np.mean(ranks)),
         "ranks/min": min(ranks),
@@ -137,7 +144,7 @@ def record_decision(
         metrics["ranks/total_params"] = float(assignment.total_params)
     if assignment.budget_params is not None:
         metrics["ranks/budget_params"] = float(assignment.budget_params)
-    if len(ranks) <= config.tracking.keyed_clients_max:
+    if federation.n_clients <= config.tracking.keyed_clients_max:
         metrics |= {f"per_client/c{d.client:02d}/rank": float(d.rank) for d in assignment.decisions}
     # A run that stopped before the checkpoint after a decision decides again when resumed (the
     # same ranks: training is seeded); its metrics are at that step already.

@@ -358,6 +358,36 @@ def save_decision(
     return name
 
 
+def load_decisions_given(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
+    """Under ``ranking.difficulty_from: first_participation`` each decision file holds only the
+    clients ranked after its round: the decision in force after ``ckpt`` is every file of a
+    round up to ``ckpt``'s, their clients together (later files' weights). A file of a round
+    after it (written before a crash ended that round) is not read.
+
+    Raises:
+        CheckpointError: a file is unreadable.
+    """
+    folder = root / ckpt.run_id
+    rounds = []
+    for path in folder.glob("rank_decision*.json"):
+        found = _DECISION.fullmatch(path.name)
+        if found is None:
+            continue
+        after = int(found.group(1)[len("_round_") :]) if found.group(1) else 0
+        if after <= ckpt.round_idx:
+            rounds.append((after, path))
+    merged: dict[str, Any] = {"clients": [], "weights": {}}
+    for _, path in sorted(rounds):
+        try:
+            record = dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"rank decision {str(path)!r} is unreadable: {err}") from None
+        merged = {**record, "clients": [*merged["clients"], *record["clients"]]}
+    merged["clients"].sort(key=lambda row: row["client"])
+    merged.setdefault("assigner", "autorank")
+    return merged
+
+
 def load_decision(root: Path, ckpt: Checkpoint) -> Mapping[str, Any]:
     """The rank decision the round after ``ckpt`` trains under: the file its meta names (the
     first decision's before re-ranking existed), or (formats 1-2) the checkpoint's meta.
