@@ -68,6 +68,7 @@ from flows.run_records import (
     finish_run,
     open_run,
     record_decision,
+    record_labels,
     relog_checkpoint_round,
     run_finished,
     run_name,
@@ -118,6 +119,8 @@ def _fresh_state(
     save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
     if assignment.decisions:
         record_decision(config, run_id, federation, assignment)
+    else:  # first participation: the decisions come round by round
+        record_labels(config, run_id, federation)
     ranks = ranks_in_force(config, assignment, federation.n_clients)
     global_state = initial_state(base, ranks, lora_settings(config), seed=config.seed)
     return RunState(base, global_state, False, assignment, [], 1, ranks=ranks)

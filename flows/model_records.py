@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -54,6 +55,26 @@ class FinalModel:
     paths: Sequence[Mapping[str, int]]
 
 
+def bounded_layout(layout: Mapping[str, Any], keyed_max: int) -> dict[str, Any]:
+    """The layout as logged: one row per client up to ``keyed_max`` clients; beyond, the
+    spread of their sizes instead (the digest still binds every client's samples, and the
+    config and seed give them again)."""
+    clients = layout["clients"]
+    if len(clients) <= keyed_max:
+        return dict(layout)
+    spread = {}
+    for part in ("train", "local_test"):
+        sizes = np.array([c[part] for c in clients])
+        spread[part] = {
+            "total": int(sizes.sum()),
+            "min": int(sizes.min()),
+            "median": float(np.median(sizes)),
+            "max": int(sizes.max()),
+        }
+    rest = {k: v for k, v in layout.items() if k != "clients"}
+    return {**rest, "n_clients": len(clients), "client_sizes": spread}
+
+
 def _partition_tags(config: ExperimentConfig, layout: Mapping[str, Any]) -> dict[str, str]:
     """The training split's input tags: scheme, its parameters, sizes, the layout's digest."""
     clients = layout["clients"]
@@ -74,7 +95,9 @@ def record_data(config: ExperimentConfig, run_id: str, federation: Federation) -
     """The data set's splits as the run's dataset inputs (once), and its partition."""
     uri, data = config.tracking.uri, federation.data
     layout = federation.layout()
-    tracking.log_json(uri, run_id, layout, PARTITION_FILE)
+    tracking.log_json(
+        uri, run_id, bounded_layout(layout, config.tracking.keyed_clients_max), PARTITION_FILE
+    )
     source = {"autorank.data.name": config.data.name}
     if config.data.path is not None:
         source["autorank.data.path"] = str(config.data.path)

@@ -220,7 +220,7 @@ def decide_first_participants(
     pool = sorted([*decided, *curves])
     tokens = None if federation.tokens is None else federation.tokens[pool]
     profiles = []
-    measured = profile_clients(federation.histogram[pool], tokens=tokens)
+    measured = profile_clients(federation.label_counts(pool), tokens=tokens)
     for client, p in zip(pool, measured, strict=True):
         if client in curves:
             ld = learning_difficulty(curves[client])

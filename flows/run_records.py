@@ -110,6 +110,22 @@ def open_run(config: ExperimentConfig, resume_run_id: str | None) -> str:
     return run_id
 
 
+# A generated population's label plot draws this many clients (exchangeable, so the first ones
+# are a random sample), not all of them (16 s at 100,000).
+LABELS_DRAWN = 2000
+
+
+def record_labels(config: ExperimentConfig, run_id: str, federation: Federation) -> None:
+    """The clients' label distribution plot (of a generated population's first
+    ``LABELS_DRAWN`` clients unless its counts were drawn already)."""
+    counts = federation.histogram
+    if federation.population is not None:
+        counts = federation.label_counts(range(min(federation.n_clients, LABELS_DRAWN)))
+    tracking.track_figure(
+        config.tracking.uri, run_id, label_distribution(counts), "plots/label_distribution.png"
+    )
+
+
 def record_decision(
     config: ExperimentConfig,
     run_id: str,
@@ -151,9 +167,7 @@ def record_decision(
     if step not in tracking.logged_steps(uri, run_id, "ranks/mean"):
         tracking.log_metrics(uri, run_id, metrics, step=step)
     if step == 0:  # the partition does not change
-        tracking.track_figure(
-            uri, run_id, label_distribution(federation.histogram), "plots/label_distribution.png"
-        )
+        record_labels(config, run_id, federation)
     tracking.track_figure(
         uri,
         run_id,

@@ -23,6 +23,7 @@ on, from the same population); the server's public share (pre-training) likewise
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 MIN_SAMPLES = 5  # so that a client holding out 20 % for its local test still trains on some
 TEST_CLIENTS = 100  # held-out clients pooled into the global test split
 PUBLIC_CLIENTS_MAX = 1000  # the server's public share is at most this many clients' data
-_CLIENTS, _SIZES, _TEST, _PUBLIC, _LOCAL = 0x51, 0x52, 0x53, 0x54, 0x55  # independent streams
+_CLIENTS, _SIZES, _TEST, _PUBLIC = 0x51, 0x52, 0x53, 0x54  # independent streams
 _EXPONENT = -1.2  # FedProx's input covariance: Sigma_jj = j^-1.2
 
 
@@ -104,21 +105,24 @@ class SyntheticPopulation:
         return min(int(n * self.local_test_fraction), n - 1)
 
     def client(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Client ``k``'s training ``x, y`` and local test ``x, y``; the same on every call."""
+        """Client ``k``'s training ``x, y`` and local test ``x, y``; the same on every call.
+
+        A client's samples are independent draws from its own distribution, so its last
+        ``n_local_test`` samples are as random a local test split as any permutation's.
+        """
         if not 0 <= k < self.n_clients:
             raise IndexError(f"client {k} is not one of the {self.n_clients} registered clients")
         x, y = self._draw(_CLIENTS, k, int(self.sizes[k]))
-        order = np.random.default_rng([self.seed, _LOCAL, k]).permutation(len(y))
-        m = self.n_local_test(k)
-        test, train = order[:m], order[m:]
-        return x[train], y[train], x[test], y[test]
+        cut = len(y) - self.n_local_test(k)
+        return x[:cut], y[:cut], x[cut:], y[cut:]
 
-    def histogram(self) -> np.ndarray:
-        """Every client's training-label counts, ``[n_clients, classes]`` (each client drawn
-        once, nothing kept but its counts)."""
-        counts = np.zeros((self.n_clients, self.settings.classes), dtype=np.int64)
-        for k in range(self.n_clients):
-            counts[k] = np.bincount(self.client(k)[1], minlength=self.settings.classes)
+    def histogram(self, clients: Sequence[int] | None = None) -> np.ndarray:
+        """Training-label counts of ``clients`` (default: every client), ``[len, classes]``:
+        each drawn once, nothing kept but its counts."""
+        chosen = range(self.n_clients) if clients is None else clients
+        counts = np.zeros((len(chosen), self.settings.classes), dtype=np.int64)
+        for row, k in enumerate(chosen):
+            counts[row] = np.bincount(self.client(k)[1], minlength=self.settings.classes)
         return counts
 
     def pooled(self, which: str, n_clients: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -128,3 +129,24 @@ def test_the_warm_up_trains_a_rounds_worth_of_clients_at_a_time(
     # Assert: at most a round's clients at a time, and the same curves to the bit
     assert sizes == [12, 5, 5, 2]
     assert curves[5] == curves[None]
+
+
+def test_the_partition_record_is_a_spread_of_sizes_beyond_the_keyed_clients(sampled_run) -> None:
+    config, run_id, client, tmp = sampled_run
+
+    logged = json.loads(
+        Path(client.download_artifacts(run_id, "data/partition.json", str(tmp / "p"))).read_text()
+    )
+
+    from autorank.recipe import federation_for
+
+    layout = federation_for(config).layout()
+    assert "clients" not in logged and logged["n_clients"] == 12
+    assert logged["digest"] == layout["digest"]
+    trains = [c["train"] for c in layout["clients"]]
+    assert logged["client_sizes"]["train"] == {
+        "total": sum(trains),
+        "min": min(trains),
+        "median": float(np.median(trains)),
+        "max": max(trains),
+    }

@@ -90,3 +90,15 @@ def test_generated_clients_are_drawn_when_indexed_and_only_the_last_ones_kept() 
     assert bool((again.x == first.x).all()) and bool((again.y_test == first.y_test).all())
     assert [d.x.shape[0] for d in data[2:4]] == [data[2].x.shape[0], data[3].x.shape[0]]
     assert data[-1].x.shape == data[29].x.shape
+
+
+def test_label_counts_are_drawn_for_the_clients_asked_only_and_match_the_whole() -> None:
+    fed = synthetic_federation(
+        SyntheticSettings(), PartitionConfig(n_clients=30), public_fraction=0.0, seed=0
+    )
+
+    some = fed.label_counts([3, 29, 0])
+    assert "histogram" not in fed.__dict__  # nothing drawn for the others
+
+    np.testing.assert_array_equal(some, fed.histogram[[3, 29, 0]])
+    np.testing.assert_array_equal(fed.label_counts([5]), fed.histogram[[5]])
