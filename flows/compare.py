@@ -218,7 +218,11 @@ def _autorank_decision(
         (
             c
             for c in cells
-            if c.spec.assigner == "autorank" and c.seed == seed and c.run_name in done
+            if c.spec.assigner == "autorank"
+            and c.seed == seed
+            and c.run_name in done
+            # a first-participation cell decides round by round: no whole decision to read
+            and c.config.difficulty_mode() != "first_participation"
         ),
         None,
     )

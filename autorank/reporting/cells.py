@@ -83,6 +83,8 @@ def _cell_config(
         raw["ranking"]["rerank_every"] = spec.rerank_every
     elif spec.assigner != "autorank":  # re-ranking is AutoRank's: the baselines keep their ranks
         raw["ranking"]["rerank_every"] = 0
+    if spec.difficulty_from is not None:
+        raw["ranking"]["difficulty_from"] = spec.difficulty_from
     raw["aggregation"] |= aggregation_fields(aggregator)
     raw["tracking"] |= {"run_name": cell_name(spec, aggregator, seed)}
     return parse_config(raw)

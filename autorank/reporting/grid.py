@@ -121,6 +121,11 @@ class AssignerSpec(BaseModel):
         description="autorank only: ranking.rerank_every of this method (e.g. autorank every 5 "
         "rounds beside plain autorank); null: base.ranking.rerank_every",
     )
+    difficulty_from: Literal["warmup", "first_participation"] | None = Field(
+        None,
+        description="autorank only: ranking.difficulty_from of this method (e.g. autorank from "
+        "first participation beside the warm-up's); null: base.ranking.difficulty_from",
+    )
     aggregators: tuple[Aggregator, ...] | None = Field(
         None,
         min_length=1,
@@ -139,8 +144,9 @@ class AssignerSpec(BaseModel):
     def _uniform_only(self) -> AssignerSpec:
         if self.uniform_rank is not None and self.assigner != "uniform":
             raise ValueError(f"uniform_rank is for the uniform assigner, not {self.assigner!r}")
-        if self.rerank_every is not None and self.assigner != "autorank":
-            raise ValueError(f"rerank_every is for the autorank assigner, not {self.assigner!r}")
+        for name in ("rerank_every", "difficulty_from"):
+            if getattr(self, name) is not None and self.assigner != "autorank":
+                raise ValueError(f"{name} is for the autorank assigner, not {self.assigner!r}")
         return self
 
     @property
@@ -152,9 +158,12 @@ class AssignerSpec(BaseModel):
             return f"uniform-{self.uniform_rank}"
         if self.uniform_rank is not None:
             return f"uniform-r{self.uniform_rank}"
+        name: str = self.assigner
         if self.rerank_every:
-            return f"{self.assigner}-rerank{self.rerank_every}"
-        return self.assigner
+            name += f"-rerank{self.rerank_every}"
+        if self.difficulty_from == "first_participation":
+            name += "-first"
+        return name
 
 
 MAX_CELLS = 1000  # hours of digits runs on two cores (~25 s each): far more is likely a typo
@@ -174,7 +183,7 @@ class GridConfig(BaseModel):
     assigners: tuple[AssignerSpec, ...] = Field(
         min_length=1,
         description="rank assigners, each a method: names, or {assigner, uniform_rank, "
-        "rerank_every, aggregators, label}",
+        "rerank_every, difficulty_from, aggregators, label}",
     )
     aggregators: tuple[Aggregator, ...] = Field(
         min_length=1,

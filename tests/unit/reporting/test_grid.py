@@ -243,6 +243,26 @@ def test_autorank_with_and_without_re_ranking_are_two_methods() -> None:
     assert skipped == []
 
 
+def test_autorank_from_the_warm_up_and_from_first_participation_are_two_methods() -> None:
+    grid = parse_grid(
+        _grid(
+            assigners=[
+                "autorank",
+                {"assigner": "autorank", "difficulty_from": "first_participation"},
+            ],
+            aggregators=["rbla"],
+            seeds=[0],
+        )
+    )
+
+    cells, _ = expand_grid(grid)
+
+    assert [(c.run_name, c.config.difficulty_mode()) for c in cells] == [
+        ("autorank-rbla-s0", "warmup"),
+        ("autorank-first-rbla-s0", "first_participation"),
+    ]
+
+
 def test_an_early_merge_may_wait_for_the_labels_in_a_grid() -> None:
     # Prepare: the base waits for the labels; a name of its own says when it runs
     early = {"early_method": "rbla_tiered", "early_rounds": 1, "early_when": "all_labels"}
@@ -388,6 +408,10 @@ BAD = [
     (
         {"assigners": [{"assigner": "uniform", "rerank_every": 2}]},
         "rerank_every is for the autorank assigner, not 'uniform'",
+    ),
+    (
+        {"assigners": [{"assigner": "size", "difficulty_from": "warmup"}]},
+        "difficulty_from is for the autorank assigner, not 'size'",
     ),
     (
         {"reference": "uniform"},
