@@ -118,8 +118,9 @@ LABELS_DRAWN = 2000
 def record_labels(config: ExperimentConfig, run_id: str, federation: Federation) -> None:
     """The clients' label distribution plot (of a generated population's first
     ``LABELS_DRAWN`` clients unless its counts were drawn already)."""
-    counts = federation.histogram
-    if federation.population is not None:
+    if federation.population is None:
+        counts = federation.histogram
+    else:
         counts = federation.label_counts(range(min(federation.n_clients, LABELS_DRAWN)))
     tracking.track_figure(
         config.tracking.uri, run_id, label_distribution(counts), "plots/label_distribution.png"

@@ -150,3 +150,28 @@ def test_the_partition_record_is_a_spread_of_sizes_beyond_the_keyed_clients(samp
         "median": float(np.median(trains)),
         "max": max(trains),
     }
+
+
+def test_a_generated_populations_label_plot_draws_a_bounded_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a population larger than the plot's sample, and the figure it is handed
+    from autorank.config import PartitionConfig
+    from autorank.data.federation import synthetic_federation
+    from autorank.data.synthetic import SyntheticSettings
+    from flows import run_records
+
+    fed = synthetic_federation(
+        SyntheticSettings(), PartitionConfig(n_clients=50), public_fraction=0.0, seed=0
+    )
+    drawn: list[np.ndarray] = []
+    monkeypatch.setattr(run_records, "LABELS_DRAWN", 20)
+    monkeypatch.setattr(run_records, "label_distribution", lambda counts: drawn.append(counts))
+    monkeypatch.setattr(run_records.tracking, "track_figure", lambda *args: None)
+
+    # Execute
+    run_records.record_labels(tiny_config(Path("/nonexistent")), "run", fed)
+
+    # Assert: 20 clients drawn, the others never
+    assert [d.shape for d in drawn] == [(20, 10)]
+    assert "histogram" not in fed.__dict__
