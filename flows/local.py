@@ -150,7 +150,8 @@ def check_inputs(config: ExperimentConfig) -> None:
                 f"lora.r_max {r_max} exceeds layer '{path}' ({d_out} x {d_in}): a rank of at "
                 f"most {min(d_out, d_in)} is expected"
             )
-    rank_table(config, federation, layer_sizes=target_sizes(model, list(ranges)))
+    if config.difficulty_mode() != "first_participation":  # else ranks come round by round
+        rank_table(config, federation, layer_sizes=target_sizes(model, list(ranges)))
     pick_device(config.runtime.device)
 
 
