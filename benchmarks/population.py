@@ -6,7 +6,10 @@ trains, each round's seconds, peak RSS, and the bytes of the MLflow store and th
 The first population is the reference the others are read against (ratios). Nothing asserted:
 
     .venv/bin/python benchmarks/population.py --clients 1000 10000 100000 \\
-        [--per-round 1000] [--rounds 5] [--set training.lr=0.01 ...]
+        [--per-round 1000] [--rounds 5] [--repeat 3] [--set training.lr=0.01 ...]
+
+With ``--repeat`` the populations run in turn that many times (interleaved, so that a slow spell
+of a shared machine falls on all of them) and each figure is the median over the repeats.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,21 +95,38 @@ def measure(n_clients: int, per_round: int, rounds: int, sets: list[str], where:
     }
 
 
+def _median(runs: list[dict]) -> dict:
+    """Every figure of one population as its median over repeated runs (rounds: round by
+    round); the phases of the first run."""
+    out = dict(runs[0])
+    for key in ("wall", "before_round_1", "peak_mb", "mlflow_mb", "artifacts_mb", "ckpt_mb"):
+        out[key] = statistics.median(r[key] for r in runs)
+    rounds = zip(*(r["rounds"] for r in runs), strict=True)
+    out["rounds"] = [statistics.median(col) for col in rounds]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--per-round", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], dest="sets")
     args = parser.parse_args()
+    runs: dict[int, list[dict]] = {n: [] for n in args.clients}
     with tempfile.TemporaryDirectory() as tmp:
-        results = [
-            measure(n, args.per_round, args.rounds, args.sets, Path(tmp) / str(n))
-            for n in args.clients
-        ]
+        for attempt in range(args.repeat):
+            for n in args.clients:
+                where = Path(tmp) / f"{n}-{attempt}"
+                runs[n].append(measure(n, args.per_round, args.rounds, args.sets, where))
+    results = [_median(runs[n]) for n in args.clients]
     ref = results[0]
     ref_round = sum(ref["rounds"][1:]) / max(1, len(ref["rounds"]) - 1)
-    print(f"{args.per_round} clients a round, {args.rounds} rounds, extra: {args.sets or 'none'}")
+    print(
+        f"{args.per_round} clients a round, {args.rounds} rounds, extra: {args.sets or 'none'}, "
+        f"median of {args.repeat} run(s) each"
+    )
     header = "clients  wall s  before round 1 s  mean round s (x ref)  peak RSS MB (x ref)"
     print(header + "  MLflow db MB  artifacts MB  checkpoints MB  phases (s from start)")
     for r in results:
