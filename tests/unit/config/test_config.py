@@ -475,3 +475,10 @@ def test_first_participation_changes_the_digest_and_the_warm_up_does_not() -> No
     first = config_digest(load_config(None, ["ranking.difficulty_from=first_participation"]))
 
     assert warm == default != first
+
+
+def test_the_shipped_population_config_is_measured_at_first_participation() -> None:
+    config = load_config(Path(__file__).parents[3] / "configs" / "synthetic.yaml", [])
+
+    assert config.data.name == "synthetic" and config.partition.n_clients == 100_000
+    assert config.difficulty_mode() == "first_participation"
