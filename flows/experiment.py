@@ -69,6 +69,7 @@ from flows.run_records import (
     open_run,
     record_decision,
     record_labels,
+    record_ranked,
     relog_checkpoint_round,
     run_finished,
     run_name,
@@ -395,6 +396,8 @@ def _train(config: ExperimentConfig, run_id: str, ckpt: Checkpoint | None) -> st
                 # instead of finishing the round or the warm-up first.
                 engines.stop()
                 raise
+        if config.difficulty_mode() == "first_participation":
+            record_ranked(config, run_id, state.assignment)
         finish_run(
             config,
             run_id,

@@ -181,6 +181,14 @@ def record_decision(
     )
 
 
+def record_ranked(config: ExperimentConfig, run_id: str, assignment: RankAssignment) -> None:
+    """Under first participation, the decision in force at the end as ``rank_decision.json``:
+    every client ranked in the run (the rounds' files hold each round's newcomers)."""
+    decision = assignment.to_json()
+    decision["ranked_so_far"] = len(assignment.decisions)
+    tracking.track_json(config.tracking.uri, run_id, opaque(decision), decision_file(0))
+
+
 def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:
     """Log the checkpointed round's metrics and table if the crash came before they reached
     MLflow (they are written in the background while the next round trains)."""

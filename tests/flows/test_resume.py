@@ -2,6 +2,7 @@
 stopped by SIGTERM (its process, or its process group in the warm-up) ends 143, KILLED, and
 resumes."""
 
+import json
 import os
 import re
 import shutil
@@ -158,6 +159,15 @@ def test_first_participation_on_a_generated_population_resumes_bit_identical(
     ranked = [yaml.safe_load(f[-1].read_text())["clients"] for f in files]
     assert ranked[0] == ranked[1]
     assert 6 <= len(ranked[0]) < 60  # only the clients that trained, each ranked once
+    final = json.loads(
+        Path(
+            client.download_artifacts(victim, "rank_decision.json", str(tmp_path / "d"))
+        ).read_text()
+    )
+    everyone = sorted(
+        row["client"] for f in files[0] for row in yaml.safe_load(f.read_text())["clients"]
+    )
+    assert [row["client"] for row in final["clients"]] == everyone == sorted(set(everyone))
 
 
 FINISHED = {"rounds": 2, "local_epochs": 1}
