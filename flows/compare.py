@@ -56,7 +56,6 @@ from autorank.reporting.summary import (
     summary_metrics,
     terminal_table,
 )
-from autorank.rounds.checkpoint import DECISION_FILE
 from autorank.rounds.steps import DivergenceError
 from flows import run_views
 from flows.engines import runs_ending
@@ -65,7 +64,7 @@ from flows.failure_records import drop_failure_record
 from flows.invocation import command
 from flows.local import check_inputs
 from flows.resumes import GRID_DIGEST_TAG, GRID_FILE, check_parent
-from flows.run_records import close_interrupted_or_failed
+from flows.run_records import close_interrupted_or_failed, read_decision
 from flows.run_views import progress_in_run_log
 from flows.runners import signals_deferred
 from tasks import tracking
@@ -227,7 +226,7 @@ def _autorank_decision(
         None,
     )
     if source is not None:
-        decision = tracking.read_json(grid.base.tracking.uri, done[source.run_name], DECISION_FILE)
+        decision = read_decision(grid.base.tracking.uri, done[source.run_name])
         return [int(row["rank"]) for row in decision["clients"]], int(decision["total_params"])
     progress.info("seed %d: no AutoRank cell; its ranks come from the no-training criteria", seed)
     config = next(c for c in cells if c.seed == seed).config
@@ -291,9 +290,7 @@ def _rank_plot_data(
     out: dict[str, list[int]] = {}
     for cell in cells:
         if cell.seed == grid.seeds[0] and cell.spec.method not in out:
-            decision = tracking.read_json(
-                grid.base.tracking.uri, done[cell.run_name], DECISION_FILE
-            )
+            decision = read_decision(grid.base.tracking.uri, done[cell.run_name])
             out[cell.spec.method] = [int(row["rank"]) for row in decision["clients"]]
     return out
 

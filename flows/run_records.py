@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from prefect.exceptions import TerminationSignal
@@ -17,9 +18,9 @@ from autorank.data.federation import Federation
 from autorank.engine.local import TrainingStoppedError
 from autorank.lora.adapters import AdapterState
 from autorank.lora.files import CheckpointError
-from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.assignment import RankAssignment, decision_columns, rows_of_columns
 from autorank.reporting.plots import accuracy_curves, closeness_vs_rank, label_distribution
-from autorank.rounds.checkpoint import Checkpoint, decision_file
+from autorank.rounds.checkpoint import DECISION_FILE, Checkpoint, decision_file
 from autorank.rounds.steps import client_parameters
 from flows import CONFIG_FILE
 from flows.model_records import FinalModel, record_model
@@ -149,8 +150,7 @@ def record_decision(
     suffix = "" if step == 0 else f"_round_{step:04d}"
     if in_force is not None:
         decision["ranked_so_far"] = len(in_force.decisions)
-    # Prefect walks a task's parameters for futures: a table of thousands of rows is opaque.
-    tracking.track_json(uri, run_id, opaque(decision), decision_file(step))
+    log_decision(config, run_id, decision, decision_file(step))
     ranks = [float(d.rank) for d in (in_force or assignment).decisions]
     metrics = {
         "ranks/mean": float(np.mean(ranks)),
@@ -186,7 +186,38 @@ def record_ranked(config: ExperimentConfig, run_id: str, assignment: RankAssignm
     every client ranked in the run (the rounds' files hold each round's newcomers)."""
     decision = assignment.to_json()
     decision["ranked_so_far"] = len(assignment.decisions)
-    tracking.track_json(config.tracking.uri, run_id, opaque(decision), decision_file(0))
+    log_decision(config, run_id, decision, decision_file(0))
+
+
+def log_decision(
+    config: ExperimentConfig, run_id: str, decision: dict[str, Any], name: str
+) -> None:
+    """A rank decision as the JSON ``name``: whole up to ``tracking.keyed_clients_max`` clients;
+    beyond, a summary (the assigner, weights, budget, the ranks' spread) whose ``table`` names
+    the rows as Parquet beside it (``read_decision`` reads either back)."""
+    uri, rows = config.tracking.uri, decision["clients"]
+    if len(rows) > config.tracking.keyed_clients_max:
+        table = name.removesuffix(".json") + ".parquet"
+        tracking.log_parquet(uri, run_id, decision_columns(decision), table)
+        ranks = np.array([row["rank"] for row in rows], dtype=float)
+        spread = {"min": ranks.min(), "median": np.median(ranks), "max": ranks.max()}
+        decision = {k: v for k, v in decision.items() if k != "clients"}
+        decision |= {
+            "n_clients": len(rows),
+            "ranks": {k: float(v) for k, v in spread.items()} | {"mean": float(ranks.mean())},
+            "table": table,
+        }
+    # Prefect walks a task's parameters for futures: a large table is handed over opaque.
+    tracking.track_json(uri, run_id, opaque(decision), name)
+
+
+def read_decision(uri: str, run_id: str, name: str = DECISION_FILE) -> dict[str, Any]:
+    """A logged rank decision with its rows, whether whole or summarised beside a table."""
+    decision = dict(tracking.read_json(uri, run_id, name))
+    if "table" in decision:
+        columns = tracking.read_parquet(uri, run_id, decision["table"])
+        decision["clients"] = rows_of_columns(columns)
+    return decision
 
 
 def relog_checkpoint_round(uri: str, run_id: str, ckpt: Checkpoint) -> None:

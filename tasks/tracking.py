@@ -225,6 +225,28 @@ def read_json(uri: str, run_id: str, artifact_file: str) -> Any:
     return json.loads(read_text(uri, run_id, artifact_file))
 
 
+def log_parquet(
+    uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_file: str
+) -> None:
+    """Store columns (name -> values) as a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, name = posixpath.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(pa.table(dict(columns)), Path(tmp) / name)
+        client_for(uri).log_artifact(run_id, str(Path(tmp) / name), folder or None)
+
+
+def read_parquet(uri: str, run_id: str, artifact_file: str) -> dict[str, list[Any]]:
+    """A Parquet artifact of a run as columns (name -> values)."""
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client_for(uri).download_artifacts(run_id, artifact_file, tmp)
+        return dict(pq.read_table(local).to_pydict())
+
+
 def log_table(uri: str, run_id: str, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
     """Store an MLflow table (column -> values); logging it again replaces it.
 

@@ -115,6 +115,36 @@ class RankAssignment:
         )
 
 
+def decision_columns(record: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``to_json``'s rows as columns: ``client``, ``samples``, ``labels_held``, each criterion,
+    ``closeness``, ``rank``, ``cap`` and one ``rank/<layer>`` per adapted layer (a columnar
+    table of thousands of clients, read back by ``rows_of_columns``)."""
+    rows = record["clients"]
+    if not rows:
+        return {}
+    layers = list(rows[0]["layer_ranks"])
+    names = [k for k in rows[0] if k != "layer_ranks"]
+    columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in names}
+    for layer in layers:
+        columns[f"rank/{layer}"] = [row["layer_ranks"][layer] for row in rows]
+    return columns
+
+
+def rows_of_columns(columns: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """``decision_columns`` back into ``to_json``'s rows."""
+    if not columns:
+        return []
+    layers = [k[len("rank/") :] for k in columns if k.startswith("rank/")]
+    plain = [k for k in columns if not k.startswith("rank/")]
+    n = len(next(iter(columns.values())))
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {k: columns[k][i] for k in plain}
+        row["layer_ranks"] = {layer: columns[f"rank/{layer}"][i] for layer in layers}
+        rows.append(row)
+    return rows
+
+
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 

@@ -175,3 +175,22 @@ def test_a_generated_populations_label_plot_draws_a_bounded_sample(
     # Assert: 20 clients drawn, the others never
     assert [d.shape for d in drawn] == [(20, 10)]
     assert "histogram" not in fed.__dict__
+
+
+def test_beyond_the_keyed_clients_the_decision_is_a_summary_beside_a_parquet_table(
+    sampled_run,
+) -> None:
+    config, run_id, client, tmp = sampled_run
+    from flows.run_records import read_decision
+
+    logged = json.loads(
+        Path(client.download_artifacts(run_id, "rank_decision.json", str(tmp / "r"))).read_text()
+    )
+    whole = read_decision(config.tracking.uri, run_id)
+
+    kept = json.loads((config.runtime.checkpoint_dir / run_id / "rank_decision.json").read_text())
+    assert "clients" not in logged and logged["table"] == "rank_decision.parquet"
+    assert logged["n_clients"] == 12 and logged["weights"] == kept["weights"]
+    ranks = [row["rank"] for row in kept["clients"]]
+    assert logged["ranks"]["max"] == max(ranks) and logged["ranks"]["min"] == min(ranks)
+    assert whole["clients"] == kept["clients"]
