@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from autorank.data.federation import Federation
 from autorank.engine.jobs import ClientOutcome, warmup_jobs
 from autorank.lora.targets import target_sizes
 from autorank.merge.tiers import LabelGap, tier_label_gap
-from autorank.ranking.assignment import RankAssignment
+from autorank.ranking.assignment import RankAssignment, RankDecision
 from autorank.ranking.budget import draw_caps
 from autorank.ranking.profiling import ClientProfile, learning_difficulty, profile_clients
 from autorank.ranking.reranking import remeasured_profiles
@@ -197,6 +198,20 @@ def ranks_in_force(
     return ranks
 
 
+def _profile_of(decision: RankDecision) -> ClientProfile:
+    """A ranked client's profile from the criteria its decision recorded (no label counts:
+    CRITIC and TOPSIS read the criteria only; a criterion not in use reads as NaN)."""
+    c = decision.criteria
+    return ClientProfile(
+        client=decision.client,
+        n_samples=decision.n_samples,
+        histogram=(),
+        entropy=c.get("entropy", math.nan),
+        gini_simpson=c.get("gini_simpson", math.nan),
+        learning_difficulty=c["learning_difficulty"],
+    )
+
+
 def decide_first_participants(
     config: ExperimentConfig,
     run_id: str,
@@ -218,15 +233,18 @@ def decide_first_participants(
     if not curves:
         return in_force, RankAssignment(in_force.assigner, ())
     pool = sorted([*decided, *curves])
-    tokens = None if federation.tokens is None else federation.tokens[pool]
-    profiles = []
-    measured = profile_clients(federation.label_counts(pool), tokens=tokens)
-    for client, p in zip(pool, measured, strict=True):
-        if client in curves:
-            ld = learning_difficulty(curves[client])
-        else:
-            ld = decided[client].criteria["learning_difficulty"]
-        profiles.append(dataclasses.replace(p, client=client, learning_difficulty=ld))
+    newcomers = sorted(curves)
+    tokens = None if federation.tokens is None else federation.tokens[newcomers]
+    measured = profile_clients(federation.label_counts(newcomers), tokens=tokens)
+    fresh_profiles = {
+        client: dataclasses.replace(
+            p, client=client, learning_difficulty=learning_difficulty(curves[client])
+        )
+        for client, p in zip(newcomers, measured, strict=True)
+    }
+    # The clients ranked before keep the criteria their decision recorded (their samples are
+    # not drawn again: O(newcomers) a round, not O(every client ranked so far)).
+    profiles = [fresh_profiles.get(c) or _profile_of(decided[c]) for c in pool]
     r = config.ranking
     caps = {k: cap for k, cap in r.rank_caps.items() if k in decided or k in curves}
     among = config.model_copy(update={"ranking": r.model_copy(update={"rank_caps": caps})})

@@ -87,6 +87,9 @@ class SyntheticPopulation:
         z = np.random.default_rng([seed, _SIZES]).standard_normal(n_clients)
         sizes = np.rint(settings.size_median * np.exp(settings.size_sigma * z))
         self.sizes = np.maximum(sizes, MIN_SAMPLES).astype(np.int64)
+        # The training-label counts of every client drawn so far (a few numbers each): a
+        # client's first round ranks it from them without drawing it again.
+        self._counts: dict[int, np.ndarray] = {}
 
     def _draw(self, stream: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` samples of one client of ``stream``: x ``[n, d]`` float32, y ``[n]`` int64."""
@@ -114,6 +117,8 @@ class SyntheticPopulation:
             raise IndexError(f"client {k} is not one of the {self.n_clients} registered clients")
         x, y = self._draw(_CLIENTS, k, int(self.sizes[k]))
         cut = len(y) - self.n_local_test(k)
+        if k not in self._counts:
+            self._counts[k] = np.bincount(y[:cut], minlength=self.settings.classes)
         return x[:cut], y[:cut], x[cut:], y[cut:]
 
     def histogram(self, clients: Sequence[int] | None = None) -> np.ndarray:
@@ -122,7 +127,11 @@ class SyntheticPopulation:
         chosen = range(self.n_clients) if clients is None else clients
         counts = np.zeros((len(chosen), self.settings.classes), dtype=np.int64)
         for row, k in enumerate(chosen):
-            counts[row] = np.bincount(self.client(k)[1], minlength=self.settings.classes)
+            if k not in self._counts:
+                self.client(k)
+            counts[row] = self._counts[k]
+        if clients is None:
+            self._counts.clear()  # the whole table is the caller's now
         return counts
 
     def pooled(self, which: str, n_clients: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,6 @@
 stopped by SIGTERM (its process, or its process group in the warm-up) ends 143, KILLED, and
 resumes."""
 
-import json
 import os
 import re
 import shutil
@@ -159,11 +158,9 @@ def test_first_participation_on_a_generated_population_resumes_bit_identical(
     ranked = [yaml.safe_load(f[-1].read_text())["clients"] for f in files]
     assert ranked[0] == ranked[1]
     assert 6 <= len(ranked[0]) < 60  # only the clients that trained, each ranked once
-    final = json.loads(
-        Path(
-            client.download_artifacts(victim, "rank_decision.json", str(tmp_path / "d"))
-        ).read_text()
-    )
+    from flows.run_records import read_decision
+
+    final = read_decision(config.tracking.uri, victim)
     everyone = sorted(
         row["client"] for f in files[0] for row in yaml.safe_load(f.read_text())["clients"]
     )
