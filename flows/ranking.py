@@ -254,7 +254,9 @@ def decide_first_participants(
         fresh.assigner, tuple(decided.get(d.client) or d for d in fresh.decisions), fresh.weights
     )
     arrived = RankAssignment(fresh.assigner, new, fresh.weights)
-    record_decision(config, run_id, federation, arrived, step=round_idx, in_force=assignment)
+    record_decision(
+        config, run_id, federation, arrived, step=round_idx, in_force=assignment, plot=False
+    )
     progress.info(
         "round %d: %d clients trained for the first time and were given ranks (mean %.1f); "
         "%d of %d clients ranked",

@@ -136,6 +136,7 @@ def record_decision(
     *,
     step: int = 0,
     in_force: RankAssignment | None = None,
+    plot: bool = True,
 ) -> None:
     """The rank decision table, the ranks' spread (and each client's rank up to
     ``tracking.keyed_clients_max`` clients) as metrics at ``step``, and the decision plots.
@@ -143,7 +144,7 @@ def record_decision(
     ``step`` 0 is the decision after the warm-up; a re-ranking after round N logs at step N,
     into files named ``..._round_NNNN``. Under first participation ``assignment`` holds the
     clients ranked in that round only (its table and plot), and ``in_force`` every client
-    ranked so far (the spread).
+    ranked so far (the spread), and ``plot`` False leaves the closeness plot to the run's end.
     """
     uri = config.tracking.uri
     decision = assignment.to_json()
@@ -169,8 +170,16 @@ def record_decision(
         tracking.log_metrics(uri, run_id, metrics, step=step)
     if step == 0:  # the partition does not change
         record_labels(config, run_id, federation)
+    if plot:
+        _plot_closeness(config, run_id, assignment, suffix)
+
+
+def _plot_closeness(
+    config: ExperimentConfig, run_id: str, assignment: RankAssignment, suffix: str
+) -> None:
+    """The decision's closeness against rank, as ``plots/closeness_vs_rank{suffix}.png``."""
     tracking.track_figure(
-        uri,
+        config.tracking.uri,
         run_id,
         closeness_vs_rank(
             [d.closeness for d in assignment.decisions],
@@ -187,6 +196,8 @@ def record_ranked(config: ExperimentConfig, run_id: str, assignment: RankAssignm
     decision = assignment.to_json()
     decision["ranked_so_far"] = len(assignment.decisions)
     log_decision(config, run_id, decision, decision_file(0))
+    if assignment.decisions:
+        _plot_closeness(config, run_id, assignment, "")
 
 
 def log_decision(
