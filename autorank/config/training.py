@@ -51,7 +51,10 @@ class TrainingConfig(Section):
         "decoupled weight decay, as language models are fine-tuned)",
     )
     lr: float = Field(
-        0.05, gt=0.0, description="learning rate of the clients and of the server's pre-training"
+        0.05,
+        gt=0.0,
+        description="learning rate of the clients and of the server's pre-training (on synthetic "
+        "data 0.01, FedProx's, unless set)",
     )
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd momentum; ignored by adam")
     weight_decay: float = Field(

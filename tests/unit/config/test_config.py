@@ -482,3 +482,14 @@ def test_the_shipped_population_config_is_measured_at_first_participation() -> N
 
     assert config.data.name == "synthetic" and config.partition.n_clients == 100_000
     assert config.difficulty_mode() == "first_participation"
+
+
+def test_synthetic_data_trains_at_fedproxs_rate_unless_one_is_set() -> None:
+    from autorank.config import DataConfig, ExperimentConfig, TrainingConfig
+
+    assert load_config(None, ["data.name=synthetic"]).training.lr == 0.01
+    assert load_config(None, ["data.name=synthetic", "training.lr=0.05"]).training.lr == 0.05
+    assert load_config(None, []).training.lr == 0.05
+    synthetic = DataConfig(name="synthetic")
+    assert ExperimentConfig(data=synthetic).training.lr == 0.01
+    assert ExperimentConfig(data=synthetic, training=TrainingConfig(lr=0.2)).training.lr == 0.2
