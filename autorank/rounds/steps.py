@@ -67,17 +67,21 @@ class ClientData:
         return LocalSplit(self.x_test, self.y_test) if self.x_test.shape[0] > 0 else None
 
 
-class GeneratedClients(Sequence[ClientData]):
-    """A generated population's clients as ``ClientData``, each drawn when indexed; the last
-    ``keep`` drawn are kept (a round asks for its clients more than once: jobs, local tests)."""
+class ClientsOnDemand(Sequence[ClientData]):
+    """Every client's ``ClientData``, made when indexed; the last ``keep`` made are kept (a
+    round asks for its clients more than once: jobs, local tests), so that memory follows the
+    clients in use, not the population."""
 
-    def __init__(self, population: SyntheticPopulation, keep: int = 4096) -> None:
-        self.population, self.keep = population, keep
+    def __init__(self, n_clients: int, keep: int = 4096) -> None:
+        self.n_clients, self.keep = n_clients, keep
         self._kept: OrderedDict[int, ClientData] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _make(self, k: int) -> ClientData:
+        raise NotImplementedError
+
     def __len__(self) -> int:
-        return self.population.n_clients
+        return self.n_clients
 
     @overload
     def __getitem__(self, k: int) -> ClientData: ...
@@ -91,12 +95,13 @@ class GeneratedClients(Sequence[ClientData]):
         k = operator.index(k)
         if k < 0:
             k += len(self)
+        if not 0 <= k < self.n_clients:
+            raise IndexError(f"client {k} is not one of the {self.n_clients} clients")
         with self._lock:
             if k in self._kept:
                 self._kept.move_to_end(k)
                 return self._kept[k]
-        x, y, x_test, y_test = (torch.from_numpy(a) for a in self.population.client(k))
-        data = ClientData(x, y, x_test, y_test)
+        data = self._make(k)
         with self._lock:
             self._kept[k] = data
             while len(self._kept) > self.keep:
@@ -104,17 +109,39 @@ class GeneratedClients(Sequence[ClientData]):
         return data
 
 
+class GeneratedClients(ClientsOnDemand):
+    """A generated population's clients, each drawn when indexed."""
+
+    def __init__(self, population: SyntheticPopulation, keep: int = 4096) -> None:
+        super().__init__(population.n_clients, keep)
+        self.population = population
+
+    def _make(self, k: int) -> ClientData:
+        x, y, x_test, y_test = (torch.from_numpy(a) for a in self.population.client(k))
+        return ClientData(x, y, x_test, y_test)
+
+
+class IndexedClients(ClientsOnDemand):
+    """A partitioned data set's clients: the training split once, each client's rows gathered
+    from its index arrays when indexed (no copy per client of the whole population)."""
+
+    def __init__(self, federation: Federation, keep: int = 4096) -> None:
+        super().__init__(federation.n_clients, keep)
+        x_np, y_np = federation.data.arrays("train")
+        self.x, self.y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+        self.splits = federation.clients
+
+    def _make(self, k: int) -> ClientData:
+        c, x, y = self.splits[k], self.x, self.y
+        return ClientData(x[c.train], y[c.train], x[c.local_test], y[c.local_test])
+
+
 def client_data(federation: Federation) -> Sequence[ClientData]:
-    """Each client's training and local-test tensors: gathered once from the training split, or
-    for a generated population drawn when asked for."""
+    """Each client's training and local-test tensors, made when asked for: gathered from the
+    training split by the client's indices, or for a generated population drawn."""
     if federation.population is not None:
         return GeneratedClients(federation.population)
-    x_np, y_np = federation.data.arrays("train")
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    return [
-        ClientData(x[c.train], y[c.train], x[c.local_test], y[c.local_test])
-        for c in federation.clients
-    ]
+    return IndexedClients(federation)
 
 
 def test_data(federation: Federation) -> tuple[torch.Tensor, torch.Tensor]:

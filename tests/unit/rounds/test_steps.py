@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -207,3 +208,27 @@ def test_client_table_has_one_row_per_sampled_client() -> None:
     assert table["train_loss"] == [0.5, 0.25]
     assert table["bytes_down"] == [30, 40]
     assert {len(v) for v in table.values()} == {2}
+
+
+def test_a_partitioned_clients_rows_are_gathered_when_indexed_and_only_the_last_ones_kept() -> None:
+    from autorank.config import DataConfig, PartitionConfig
+    from autorank.data.federation import federation_from_config
+    from autorank.rounds.steps import IndexedClients, client_data
+
+    federation = federation_from_config(
+        DataConfig(), PartitionConfig(n_clients=6), public_fraction=0.1, seed=0
+    )
+    x, y = federation.data.arrays("train")
+    data = client_data(federation)
+    assert isinstance(data, IndexedClients)
+    data.keep = 2
+
+    for c in federation.clients:
+        got = data[c.client]
+        assert np.array_equal(got.x.numpy(), x[c.train])
+        assert np.array_equal(got.y_test.numpy(), y[c.local_test])
+
+    assert len(data) == 6 and len(data._kept) == 2
+    assert [d.x.shape[0] for d in data] == [len(c.train) for c in federation.clients]
+    with pytest.raises(IndexError, match="not one of the 6 clients"):
+        data[6]
