@@ -202,7 +202,7 @@ def serve(ports: Ports, uri: str) -> None:
     stack = Stack(home / "serve", stack_env(home, api, worker_port))
     try:
         bring_up(stack, ports, uri, worker_port)
-        print(ready_lines(ports), flush=True)
+        print(ready_lines(ports, uri), flush=True)
         while True:
             stack.check()
             time.sleep(1)
@@ -210,12 +210,13 @@ def serve(ports: Ports, uri: str) -> None:
         stack.stop()
 
 
-def ready_lines(ports: Ports) -> str:
+def ready_lines(ports: Ports, uri: str) -> str:
     """Where each part answers, and what to do next."""
     from flows.invocation import tool
+    from tasks.tracking import experiments_page
 
     api = f"http://127.0.0.1:{ports.prefect}/api"
-    runs = f"http://127.0.0.1:{ports.mlflow}/#/experiments?workflowType=machine_learning"
+    runs = experiments_page(uri, f"http://127.0.0.1:{ports.mlflow}")
     trigger = f"{tool('prefect')} deployment run 'autorank/quickstart'"
     return "\n".join(
         [

@@ -194,11 +194,30 @@ def run_page(uri: str, run_id: str) -> str:
     the one ``autorank ui`` (``mlflow ui``) serves on 127.0.0.1:5000.
 
     MLflow 3's UI opens an experiment on its GenAI overview and a run on a list of its params
-    and tags; the run's "Model metrics" tab opens on the ``global`` charts (accuracy, loss).
+    and tags; the run's "Model metrics" tab opens on the ``global`` charts (accuracy, loss),
+    with the model-training sidebar (``CLASSIC``).
     """
     experiment = client_for(uri).get_run(run_id).info.experiment_id
     server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    return f"{server}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+    return f"{server}/#/experiments/{experiment}/runs/{run_id}/model-metrics{CLASSIC}"
+
+
+# MLflow 3's UI shows an experiment's GenAI pages (traces, judges, prompts) unless the address
+# asks for the model-training ones: runs, models (seen in a headless Chromium, MLflow 3.17).
+CLASSIC = "?workflowType=machine_learning"
+
+
+def experiments_page(uri: str, server: str) -> str:
+    """The classic runs view of the experiment whose run started last, or the list of
+    experiments of a store that holds no run yet (a store not created yet is not created)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return f"{server}/#/experiments{CLASSIC}"
+    client = client_for(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    latest = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1)
+    if not latest:
+        return f"{server}/#/experiments{CLASSIC}"
+    return f"{server}/#/experiments/{latest[0].info.experiment_id}/runs{CLASSIC}"
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from tasks import round_writer, tracking
 
@@ -100,3 +103,22 @@ def test_a_round_table_is_written_with_its_metrics_and_once(
         "columns": ["client", "accuracy"],
         "data": [[0, 0.5], [3, None]],
     }
+
+
+def test_the_ui_link_opens_the_classic_runs_view_of_the_experiment_run_last(
+    tmp_path: Path,
+) -> None:
+    from tasks.tracking import experiments_page
+
+    uri, server = f"sqlite:///{tmp_path}/m.db", "http://127.0.0.1:5000"
+    assert experiments_page(uri, server) == f"{server}/#/experiments?workflowType=machine_learning"
+    assert not (tmp_path / "m.db").exists()  # a store not there yet is not created
+
+    client = MlflowClient(tracking_uri=uri)
+    first, second = (client.create_experiment(name) for name in ("first", "second"))
+    client.create_run(second, start_time=1_000)
+    client.create_run(first, start_time=2_000)  # started last
+
+    assert experiments_page(uri, server) == (
+        f"{server}/#/experiments/{first}/runs?workflowType=machine_learning"
+    )
