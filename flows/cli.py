@@ -283,7 +283,6 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     from flows.places import check_store, tracking_setting
     from flows.serve import mlflow_ui_command
-    from tasks.tracking import experiments_page
 
     # The UI takes any store a run can use (MLflow itself would fail after its banner).
     check_store(args.uri, tracking_setting(args.uri).replace("tracking.uri", "--uri"))
@@ -291,6 +290,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = mlflow_ui_command(args.uri, args.port)
+    from tasks.tracking import experiments_page  # after the checks: it imports matplotlib
+
     runs = experiments_page(args.uri, f"http://127.0.0.1:{args.port}")
     print(f"MLflow UI on {runs} (Ctrl-C to stop)", file=sys.stderr)
     return subprocess.call(command, env=env)
