@@ -7,9 +7,11 @@ Heavy imports (torch, Prefect, MLflow) happen inside the commands that need them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -279,7 +281,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
 
     from flows.places import check_store, tracking_setting
     from flows.serve import mlflow_ui_command
@@ -294,7 +295,31 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     runs = experiments_page(args.uri, f"http://127.0.0.1:{args.port}")
     print(f"MLflow UI on {runs} (Ctrl-C to stop)", file=sys.stderr)
-    return subprocess.call(command, env=env)
+    # Its own session: Ctrl-C reaches this process only, which stops the server with SIGTERM
+    # (uvicorn's quiet shutdown; on the terminal's SIGINT it printed a CancelledError traceback).
+    ui = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return ui.wait()
+    except KeyboardInterrupt as err:
+        _stop_group(ui)
+        _say("autorank: MLflow UI stopped")
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    finally:
+        _stop_group(ui)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], wait_s: float = 10) -> None:
+    """SIGTERM to a child's process group, SIGKILL if it is still there after ``wait_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _add_serve_command(sub: argparse._SubParsersAction[_Parser]) -> None:

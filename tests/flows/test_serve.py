@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.cli import Terminated, main
-from flows.serve import Stack, StackError, wait_answers
+from flows.serve import Stack, StackError, answers, wait_answers
 from tests.flows.conftest import refused_in, spawn_cli, watch_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,3 +180,28 @@ def test_the_pool_without_a_server_is_one_line(api: str | None, tmp_path: Path) 
     assert done.returncode == 1 and not done.stdout
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("flows.pool: error: ")
     assert "prefect server start --host 127.0.0.1" in done.stderr
+
+
+def test_ctrl_c_stops_the_ui_quietly_with_130_and_leaves_no_process(tmp_path: Path) -> None:
+    # Prepare: the UI, up and answering
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = spawn_cli(["ui", "--uri", f"sqlite:///{tmp_path}/m.db", "--port", str(port)], env)
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(f"http://127.0.0.1:{port}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the UI never answered"
+            time.sleep(0.2)
+        parts = _descendants(proc.pid)
+
+        # Execute: the terminal's Ctrl-C reaches the command (the server has a session of its own)
+        os.kill(proc.pid, signal.SIGINT)
+        said = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    # Assert: 130, one line of its own and no traceback, nothing left running
+    assert proc.returncode == 130, said[-2000:]
+    assert "Traceback" not in said and said.rstrip().endswith("autorank: MLflow UI stopped")
+    assert parts and not parts & set(_processes())
