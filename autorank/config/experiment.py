@@ -163,7 +163,7 @@ class ExperimentConfig(Section):
         re-ranking, an early merge waiting for labels); else from the paper's warm-up.
         """
         r = self.ranking
-        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+        if not self._uses_learning_difficulty():
             return None
         if r.difficulty_from != "auto":
             return r.difficulty_from
@@ -187,14 +187,24 @@ class ExperimentConfig(Section):
             return "training.local_epochs below 2 (a first round's loss curve needs 2 epochs)"
         return None
 
-    def _check_first_participation(self) -> None:
+    def _uses_learning_difficulty(self) -> bool:
+        """The autorank assigner with learning difficulty among its criteria."""
         r = self.ranking
-        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
+        return r.assigner == "autorank" and "learning_difficulty" in r.criteria
+
+    def _require_learning_difficulty(self, setting: str) -> None:
+        """Refuse ``setting`` (what measures learning difficulty, as the line opens) unless the
+        ranks use it."""
+        if not self._uses_learning_difficulty():
+            r = self.ranking
             raise ValueError(
-                "ranking.difficulty_from 'first_participation' measures learning difficulty: it "
-                f"needs ranking.assigner 'autorank' with 'learning_difficulty' in ranking.criteria "
-                f"(got '{r.assigner}', criteria {list(r.criteria)})"
+                f"{setting} learning difficulty: it needs ranking.assigner 'autorank' with "
+                f"'learning_difficulty' in ranking.criteria (got '{r.assigner}', criteria "
+                f"{list(r.criteria)})"
             )
+
+    def _check_first_participation(self) -> None:
+        self._require_learning_difficulty("ranking.difficulty_from 'first_participation' measures")
         conflict = self._first_participation_conflict()
         if conflict is not None:
             raise ValueError(
@@ -204,13 +214,7 @@ class ExperimentConfig(Section):
 
     def _check_reranking(self) -> None:
         """Re-ranking measures learning difficulty again: autorank only, from >= 2 epochs."""
-        r = self.ranking
-        if r.assigner != "autorank" or "learning_difficulty" not in r.criteria:
-            raise ValueError(
-                "ranking.rerank_every re-measures learning difficulty: it needs ranking.assigner "
-                f"'autorank' with 'learning_difficulty' in ranking.criteria (got '{r.assigner}', "
-                f"criteria {list(r.criteria)})"
-            )
+        self._require_learning_difficulty("ranking.rerank_every re-measures")
         if self.training.local_epochs < 2:
             raise ValueError(
                 "ranking.rerank_every measures a loss curve over the local epochs: it needs "

@@ -61,12 +61,10 @@ def config_digest(config: ExperimentConfig) -> str:
         "ranking": {"budget_params": None, "rank_caps": {}, "cap_tiers": []},
         "aggregation": {"early_method": None, "early_rounds": 0, "early_when": "always"},
     }
-    if payload["ranking"]["difficulty_from"] != "first_participation" and (
-        config.difficulty_mode() != "first_participation"
-    ):
-        del payload["ranking"]["difficulty_from"]  # the warm-up: digests as before the setting
-    else:
+    if config.difficulty_mode() == "first_participation":  # set, or what auto resolved to
         payload["ranking"]["difficulty_from"] = "first_participation"
+    else:
+        del payload["ranking"]["difficulty_from"]  # the warm-up: digests as before the setting
     if payload["data"]["name"] != "synthetic":  # the generator's knobs change nothing else
         for name in [n for n in payload["data"] if n.startswith("synthetic_")]:
             del payload["data"][name]
