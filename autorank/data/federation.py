@@ -101,7 +101,7 @@ class Federation:
         h = hashlib.sha256(np.ascontiguousarray(self.public, dtype=np.int64).tobytes())
         if self.population is not None:
             p = self.population
-            tests = np.array([p.n_local_test(k) for k in range(p.n_clients)], dtype=np.int64)
+            tests = p.local_tests
             h.update(repr((p.settings, p.seed, p.local_test_fraction)).encode())
             h.update(p.sizes.tobytes())
             clients = [

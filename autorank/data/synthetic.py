@@ -65,6 +65,7 @@ class SyntheticPopulation:
         seed: the experiment seed.
         local_test_fraction: share of each client's samples held out as its local test split.
         sizes: every client's sample count (training and local test together), ``[n_clients]``.
+        local_tests: how many of them are its local test split, ``[n_clients]``.
     """
 
     def __init__(
@@ -87,6 +88,9 @@ class SyntheticPopulation:
         z = np.random.default_rng([seed, _SIZES]).standard_normal(n_clients)
         sizes = np.rint(settings.size_median * np.exp(settings.size_sigma * z))
         self.sizes = np.maximum(sizes, MIN_SAMPLES).astype(np.int64)
+        # Each client's local test samples: its share rounded down, at least one left to train.
+        share = np.floor(self.sizes * local_test_fraction).astype(np.int64)
+        self.local_tests = np.minimum(share, self.sizes - 1)
         # The training-label counts of every client drawn so far (a few numbers each): a
         # client's first round ranks it from them without drawing it again.
         self._counts: dict[int, np.ndarray] = {}
@@ -103,9 +107,8 @@ class SyntheticPopulation:
         return (x * self._scale).astype(np.float32), y.astype(np.int64)
 
     def n_local_test(self, k: int) -> int:
-        """Client ``k``'s local test samples (rounded down; at least one left to train on)."""
-        n = int(self.sizes[k])
-        return min(int(n * self.local_test_fraction), n - 1)
+        """Client ``k``'s local test samples (``local_tests[k]``)."""
+        return int(self.local_tests[k])
 
     def client(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Client ``k``'s training ``x, y`` and local test ``x, y``; the same on every call.
