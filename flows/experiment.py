@@ -224,7 +224,7 @@ def _run_round(
         )
         ranks = assignment.ranks()
         engines.set_ranks(ranks)
-    elif len(assignment.decisions) < len(data):
+    elif config.difficulty_mode() == "first_participation":
         assignment, arrived = decide_first_participants(
             config, run_id, state.assignment, state.base, federation, outcomes, round_idx
         )
