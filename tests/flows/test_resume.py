@@ -51,6 +51,20 @@ def _wait_for_round(ckpt_dir: Path, round_idx: int, proc: subprocess.Popen[bytes
     raise AssertionError(f"round {round_idx} never checkpointed")
 
 
+def _killed_after_round(round_idx: int, config_file: Path, ckpt_dir: Path, tmp_path: Path) -> str:
+    """``autorank run`` of ``config_file`` in a process of its own, SIGKILLed once it has
+    checkpointed ``round_idx``; the run it started."""
+    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
+    try:
+        victim = _wait_for_round(ckpt_dir, round_idx, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return victim
+
+
 def _written_config(tmp_path: Path, **sections: Any) -> tuple[ExperimentConfig, Path]:
     """A run long enough to stop mid-way, and its YAML file for the CLI."""
     # 3 of the 4 clients train each round: resume must sample the same cohorts again.
@@ -87,14 +101,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(
     ckpt_dir = config.runtime.checkpoint_dir
     reference = federated_training(config=config)
 
-    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
-    try:
-        victim = _wait_for_round(ckpt_dir, 2, proc)  # not the reference: it is at round 4
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    victim = _killed_after_round(2, config_file, ckpt_dir, tmp_path)  # not the reference
     client = MlflowClient(tracking_uri=config.tracking.uri)
     logged = _history(client, victim, "global/accuracy")
     assert len(logged) < ROUNDS  # really interrupted
@@ -137,14 +144,7 @@ def test_first_participation_on_a_generated_population_resumes_bit_identical(
     reference = federated_training(config=config)
 
     # Execute: SIGKILL after round 2, then resume
-    proc = _cli("run", "--config", str(config_file), home=tmp_path / "home")
-    try:
-        victim = _wait_for_round(ckpt_dir, 2, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    victim = _killed_after_round(2, config_file, ckpt_dir, tmp_path)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     assert len(_history(client, victim, "global/accuracy")) < ROUNDS  # really interrupted
     _resume(victim, ckpt_dir)
