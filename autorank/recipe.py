@@ -91,6 +91,11 @@ def layer_ranges(config: ExperimentConfig) -> dict[str, tuple[int, int]]:
     return {layer: config.lora.range_of(layer) for layer in targets}
 
 
+def top_ranks(config: ExperimentConfig) -> dict[str, int]:
+    """Each adapted layer's maximum rank (the warm-up's, and a client's before its rank)."""
+    return {layer: hi for layer, (_, hi) in layer_ranges(config).items()}
+
+
 def lora_settings(config: ExperimentConfig) -> LoraSettings:
     """The adapter settings of a config (its model's head included)."""
     return LoraSettings.from_config(config.lora, head_modules(config.model.name))

@@ -129,7 +129,13 @@ def check_inputs(config: ExperimentConfig) -> None:
     from autorank.engine.jobs import pick_device
     from autorank.lora.targets import expand_ranks, layer_dims, target_sizes
     from autorank.models.zoo import load_base_weights
-    from autorank.recipe import federation_for, layer_ranges, rank_table, untrained_base
+    from autorank.recipe import (
+        federation_for,
+        layer_ranges,
+        rank_table,
+        top_ranks,
+        untrained_base,
+    )
 
     federation = federation_for(config)
     model = untrained_base(config, federation)
@@ -142,7 +148,7 @@ def check_inputs(config: ExperimentConfig) -> None:
             f"lora.layer_ranges names {unknown}, which are not adapted layers "
             f"(expected some of {sorted(ranges)})"
         )
-    paths = expand_ranks(model, {k: hi for k, (_, hi) in ranges.items()})
+    paths = expand_ranks(model, top_ranks(config))
     for path, r_max in paths.items():
         d_out, d_in = layer_dims(model.get_submodule(path), path)
         if r_max > min(d_out, d_in):

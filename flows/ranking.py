@@ -13,14 +13,14 @@ from torch import nn
 
 from autorank.config import AggregationConfig, AggregatorName, ExperimentConfig, config_digest
 from autorank.data.federation import Federation
-from autorank.engine.jobs import ClientOutcome, warmup_jobs
+from autorank.engine.jobs import ClientOutcome, capped_ranks, warmup_jobs
 from autorank.lora.targets import target_sizes
 from autorank.merge.tiers import LabelGap, tier_label_gap
 from autorank.ranking.assignment import RankAssignment, RankDecision
 from autorank.ranking.budget import draw_caps
 from autorank.ranking.profiling import ClientProfile, learning_difficulty, profile_clients
 from autorank.ranking.reranking import remeasured_profiles
-from autorank.recipe import layer_ranges, profile_federation
+from autorank.recipe import layer_ranges, profile_federation, top_ranks
 from autorank.rounds.cohorts import participants, sample_clients
 from autorank.rounds.steps import ClientData, check_finite
 from flows.engines import Engines
@@ -130,7 +130,7 @@ def _warm_up(
         jobs = warmup_jobs(
             [d.x for d in part],
             [d.y for d in part],
-            ranks={k: hi for k, (_, hi) in layer_ranges(config).items()},
+            ranks=top_ranks(config),
             epochs=config.training.warmup_epochs,
             seed=config.seed,
             caps=caps[start : start + chunk],
@@ -189,10 +189,9 @@ def ranks_in_force(
     (``first_participation``), the maximum ranks at its device's cap, as the warm-up trains."""
     if len(assignment.decisions) == n_clients:
         return assignment.ranks()
-    top = {k: hi for k, (_, hi) in layer_ranges(config).items()}
-    r = config.ranking
+    top, r = top_ranks(config), config.ranking
     caps = draw_caps(range(n_clients), r.rank_caps, r.cap_tiers, config.seed)
-    ranks = [top if cap is None else {k: min(v, cap) for k, v in top.items()} for cap in caps]
+    ranks = [capped_ranks(top, cap) for cap in caps]
     for d in assignment.decisions:
         ranks[d.client] = dict(d.layer_ranks)
     return ranks

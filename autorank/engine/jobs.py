@@ -129,6 +129,11 @@ def limit_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def capped_ranks(ranks: dict[str, int], cap: int | None) -> dict[str, int]:
+    """``ranks`` on a device that holds at most rank ``cap`` (None: uncapped, ``ranks`` itself)."""
+    return ranks if cap is None else {k: min(r, cap) for k, r in ranks.items()}
+
+
 def warmup_jobs(
     xs: Sequence[torch.Tensor],
     ys: Sequence[torch.Tensor],
@@ -164,7 +169,7 @@ def warmup_jobs(
     return [
         ClientJob(
             i,
-            {k: r if cap is None else min(r, cap) for k, r in ranks.items()},
+            dict(capped_ranks(ranks, cap)),
             None,
             x,
             y,
