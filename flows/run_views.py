@@ -30,22 +30,50 @@ def forward_progress(on: bool) -> None:
 
 
 class _ToRunLogger(logging.Handler):
-    """Re-emit a record on the current flow or task run's logger (dropped outside a run)."""
+    """Re-emit a record on the current flow run's logger, also from inside a task run (whose
+    own logger ``quiet_task_runs`` turns down); the plain logging path outside a run."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)  # the live status lines (DEBUG) stay on the terminal
 
     def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext
         from prefect.exceptions import MissingContextError
         from prefect.logging import get_run_logger
+        from prefect.logging.loggers import flow_run_logger
 
+        context = FlowRunContext.get()
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
         try:
-            logger = get_run_logger()
+            if context is not None and context.flow_run is not None:
+                logger = flow_run_logger(flow_run=context.flow_run, flow=context.flow)
+            else:
+                logger = get_run_logger()
         except MissingContextError:  # a thread outside the run: the plain logging path
             if progress.parent is not None:
                 progress.parent.handle(record)
             return
         logger.log(record.levelno, record.getMessage())
+
+
+TASK_RUNS = "prefect.task_runs"
+
+
+@contextlib.contextmanager
+def quiet_task_runs() -> Iterator[None]:
+    """Task runs log warnings and errors only while a flow runs: a round's cohort and server
+    tasks each logged "Finished in state Completed()", burying the round lines on the flow
+    run's page (their states are on its Task Runs tab). Only where Prefect's default level is
+    in force: ``PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL=INFO`` keeps the lines."""
+    logger = logging.getLogger(TASK_RUNS)
+    if logger.level != logging.NOTSET:
+        yield
+        return
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -61,7 +89,8 @@ def progress_in_run_log() -> Iterator[None]:
     if progress.getEffectiveLevel() > logging.INFO:  # a worker's root logger says WARNING
         progress.setLevel(logging.INFO)
     try:
-        yield
+        with quiet_task_runs():
+            yield
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)

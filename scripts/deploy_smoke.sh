@@ -155,7 +155,7 @@ EOF
 
 # The quickstart deployment with its own parameters (only tracking and checkpoints moved to
 # $TMP), through a real process worker: pull step (working directory), job variables, the
-# API's parameter check, and the flow itself (~10 s of training on digits). Beside it a run
+# API's parameter check, and the flow itself (~15 s of training on digits). Beside it a run
 # of nightly-baseline that fails inside the flow (a missing data folder): FAILED in Prefect and
 # in MLflow.
 run_quickstart() {
@@ -257,6 +257,9 @@ if name != runs[0].info.run_name:
 rounds = [line for line in lines if line.startswith("round ") and "global accuracy" in line]
 if not rounds:
     sys.exit(f"no round lines in the flow run's log ({len(lines)} lines)")
+finished = [line for line in lines if line.startswith("Finished in state")]
+if len(finished) > 1:  # the flow run's own closing line only, not one per task run
+    sys.exit(f"{len(finished)} 'Finished in state' lines among the round lines of the log")
 if not {"mlflow-run", "round-metrics"} <= artifacts:
     sys.exit(f"flow run artifacts {sorted(artifacts)}; want mlflow-run and round-metrics")
 print(f"  quickstart: flow run {name!r} COMPLETED, its MLflow run FINISHED; "

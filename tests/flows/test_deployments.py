@@ -18,8 +18,9 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
-from autorank.config import ExperimentConfig, load_config
+from autorank.config import ExperimentConfig, config_digest, load_config
 from autorank.reporting.grid import GridConfig, load_grid, parse_grid
+from flows.run_records import run_name
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "autorank-pool"  # what scripts/deploy_smoke.sh (and the docs) create
@@ -177,6 +178,17 @@ def test_fashion_deployment_is_the_shipped_config() -> None:
     )
 
     assert deployed == shipped
+
+
+def test_quickstart_deployment_is_the_quickstart_command() -> None:
+    # scripts/quickstart.sh runs `autorank run` with no --config: load_config(None).
+    command = load_config(None)
+
+    deployed = ExperimentConfig.model_validate(DEPLOYMENTS["quickstart"]["parameters"]["config"])
+
+    assert deployed == command
+    assert config_digest(deployed) == config_digest(command)
+    assert run_name(deployed) == run_name(command) == "autorank-rbla-digits-s0"
 
 
 def test_comparison_deployment_is_the_shipped_digits_grid() -> None:

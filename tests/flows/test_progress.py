@@ -154,3 +154,20 @@ def test_a_run_on_a_terminal_shows_only_its_current_phase_and_a_hint_that_runs(
     assert Path(program).name == "autorank" and Path(program).is_absolute(), hint
     version = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("autorank ")
+
+
+@pytest.mark.parametrize(("configured", "during"), [(logging.NOTSET, logging.WARNING), (10, 10)])
+def test_task_runs_are_quiet_during_a_flow_unless_their_level_is_configured(
+    configured: int, during: int
+) -> None:
+    from flows.run_views import TASK_RUNS, quiet_task_runs
+
+    logger = logging.getLogger(TASK_RUNS)
+    before = logger.level
+    logger.setLevel(configured)  # 10: PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL=DEBUG
+    try:
+        with quiet_task_runs():
+            assert logger.level == during
+        assert logger.level == configured
+    finally:
+        logger.setLevel(before)
