@@ -16,12 +16,16 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autorank.config import RuntimeConfig, TrackingConfig
 from flows import CONFIG_FILE, RESUME_NOTE
 from flows.environment import prepare
 from flows.local import say as _say
+
+if TYPE_CHECKING:
+    from autorank.reporting.cells import Cell
+    from autorank.reporting.grid import GridConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -128,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the runs the grid expands to and exit, without running or writing anything",
+        help="print the runs the grid expands to and an estimate of their time (one of them "
+        "run for a round or two in a temporary folder), and exit without writing anything",
+    )
+    compare.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="with --dry-run: list the runs only, without measuring one",
     )
     compare.add_argument("--verbose", action="store_true", help="show Prefect's own log lines")
     ui = sub.add_parser(
@@ -253,9 +263,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             cells, skipped = expand_grid(grid)
         finally:
             quiet.setLevel(level)
-        print(grid_plan(grid, cells, skipped))
+        print(grid_plan(grid, cells, skipped), flush=True)
         check_runnable(grid, cells)  # a grid the run would refuse exits as the run would
-        return 0
+        return 0 if args.no_estimate else _print_estimate(grid, cells)
     check_prefect_api()  # what a refusal leaves untouched: before Prefect's server starts
     check_places(grid.base)
     if args.resume is not None:
@@ -277,6 +287,31 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(table)
     print(f"MLflow parent run id: {parent}")
     print(how_to_look(uri, parent))
+    return 0
+
+
+def _print_estimate(grid: GridConfig, cells: Sequence[Cell]) -> int:
+    """Measure one cell for a round or two, then print what the grid's cells will take."""
+    from autorank.reporting.estimate import estimate_lines
+    from flows.estimate import MeasuringError, measure, measured_cell, planned
+    from flows.places import check_machine_and_data
+
+    check_machine_and_data(grid.base)  # the run's refusal, before measuring
+    cell = measured_cell(cells)
+    _say(
+        f"estimating: running {cell.run_name}'s first rounds in a temporary folder "
+        "(--no-estimate skips this)"
+    )
+    try:
+        measured = measure(cell)
+    except MeasuringError as err:
+        _say(f"autorank: no estimate: {err}")
+        return 1
+    except KeyboardInterrupt:
+        _say("autorank: estimate stopped")
+        return 130
+    rounds = grid.base.training.rounds
+    print("\n".join(estimate_lines(measured, planned(cells), rounds, grid.max_parallel)))
     return 0
 
 

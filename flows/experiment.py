@@ -83,6 +83,7 @@ from tasks.setup import build_base, load_federation
 
 progress = logging.getLogger("autorank.progress")
 T = TypeVar("T")
+RANKING_TIME = "time/ranking_s"
 
 
 @dataclass
@@ -115,7 +116,13 @@ def _fresh_state(
     data: Sequence[ClientData],
     engines: Engines,
 ) -> RunState:
+    started = time.perf_counter()
     assignment = warm_up_and_rank(config, base, federation, data, engines)
+    # What deciding the ranks cost (profiles, the warm-up, CRITIC and TOPSIS), beside the
+    # rounds' time/round_s: AutoRank's overhead over a fixed rank, and `compare --dry-run`'s
+    # measure of a warm-up.
+    seconds = time.perf_counter() - started
+    tracking.log_metrics(config.tracking.uri, run_id, {RANKING_TIME: seconds}, step=0)
     # Once per run, not in every round's checkpoint: it grows with the number of clients.
     save_decision(config.runtime.checkpoint_dir, run_id, assignment.to_json())
     if assignment.decisions:

@@ -280,10 +280,7 @@ def check_places(config: ExperimentConfig) -> None:
     """Where the run writes and runs and what it talks to: the tracking store
     (``check_store``), the checkpoint folder, this machine's cores, the Dask scheduler, and
     the data files it reads (IDX, parquet)."""
-    from autorank.data.sources import check_files
-
     check_store(config.tracking.uri)
-    _check_cores(config)
     check_writable(config.runtime.checkpoint_dir, "runtime.checkpoint_dir")
     address = config.runtime.dask_address
     if config.runtime.task_runner == "dask" and address:
@@ -293,4 +290,12 @@ def check_places(config: ExperimentConfig) -> None:
                 f"runtime.dask_address: {address!r}; expected tcp://host:port of a scheduler"
             )
         check_reachable(parts.hostname, parts.port, "runtime.dask_address")
+    check_machine_and_data(config)
+
+
+def check_machine_and_data(config: ExperimentConfig) -> None:
+    """What a run needs that writes nothing to check: this machine's cores, the data files."""
+    from autorank.data.sources import check_files
+
+    _check_cores(config)
     check_files(config.data.name, config.data.path)

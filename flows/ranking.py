@@ -11,7 +11,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from autorank.config import AggregationConfig, AggregatorName, ExperimentConfig, config_digest
+from autorank.config import (
+    AggregationConfig,
+    AggregatorName,
+    ExperimentConfig,
+    warm_up_identity,
+)
 from autorank.data.federation import Federation
 from autorank.engine.jobs import ClientOutcome, capped_ranks, warmup_jobs
 from autorank.lora.targets import target_sizes
@@ -160,12 +165,7 @@ def warm_up_key(config: ExperimentConfig) -> str | None:
     """What a comparison cell's warm-up curves depend on: its comparison (the parent run), the
     config less its merge, and the device and engine it trains on; None outside a comparison."""
     parent = config.tracking.parent_run_id
-    if parent is None:
-        return None
-    neutral = config.model_copy(update={"aggregation": AggregationConfig()})
-    where = config.runtime
-    digest = config_digest(neutral)
-    return f"{parent}|{digest}|{where.device}|{where.backend}|{where.threads_per_client}"
+    return None if parent is None else f"{parent}|{warm_up_identity(config)}"
 
 
 def decide(

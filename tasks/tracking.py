@@ -17,14 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, not by every command
+    from matplotlib.figure import Figure
 
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `autorank ui` serves by default
 _BATCH_PARAMS = 100
@@ -140,6 +142,14 @@ def run_info(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str], str
     """A run's (params, tags, status), for resuming and comparisons."""
     run = client_for(uri).get_run(run_id)
     return dict(run.data.params), dict(run.data.tags), str(run.info.status)
+
+
+def run_seconds(uri: str, run_id: str) -> float:
+    """Seconds from a finished run's start to its end, as MLflow recorded them."""
+    info = client_for(uri).get_run(run_id).info
+    if info.end_time is None:
+        raise ValueError(f"run {run_id} has not ended (status {info.status})")
+    return (info.end_time - info.start_time) / 1000
 
 
 def reopen_run(uri: str, run_id: str) -> None:

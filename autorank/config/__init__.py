@@ -11,7 +11,13 @@ Never imports: torch, or any other package of ``autorank``.
 
 from autorank.config.data import DataConfig, PartitionConfig
 from autorank.config.experiment import ExperimentConfig
-from autorank.config.identity import config_digest, flatten, json_digest, to_yaml
+from autorank.config.identity import (
+    config_digest,
+    flatten,
+    json_digest,
+    to_yaml,
+    warm_up_identity,
+)
 from autorank.config.loading import (
     ConfigError,
     apply_override,
@@ -68,4 +74,5 @@ __all__ = [
     "parse_config",
     "read_yaml",
     "to_yaml",
+    "warm_up_identity",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from autorank.config.experiment import ExperimentConfig
+from autorank.config.training import AggregationConfig
 
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
@@ -73,3 +74,11 @@ def config_digest(config: ExperimentConfig) -> str:
             if payload[section][name] == default:
                 del payload[section][name]  # not set: digests as before these settings existed
     return json_digest(payload)
+
+
+def warm_up_identity(config: ExperimentConfig) -> str:
+    """What a warm-up's loss curves depend on: the experiment less its merge, and the device
+    and engine it trains on (a grid's cells that differ only in their merge share one)."""
+    neutral = config.model_copy(update={"aggregation": AggregationConfig()})
+    where = config.runtime
+    return f"{config_digest(neutral)}|{where.device}|{where.backend}|{where.threads_per_client}"

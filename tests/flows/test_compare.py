@@ -455,7 +455,14 @@ def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
 def test_a_grid_beyond_max_cells_is_refused_and_its_dry_run_says_how_large(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv = [
+        "compare",
+        "--config",
+        GRID,
+        *store_args(tmp_path, "base."),
+        "--dry-run",
+        "--no-estimate",
+    ]
     argv += ["--set", f"seeds={list(range(300))}"]  # 2 assigners x 2 aggregators x 300 seeds
 
     err = cli_error(argv, capsys)
@@ -472,7 +479,14 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
-    argv += ["--set", "aggregators=[rbla, fedavg]", "--set", "seeds=[0, 1]", "--dry-run"]
+    argv += [
+        "--set",
+        "aggregators=[rbla, fedavg]",
+        "--set",
+        "seeds=[0, 1]",
+        "--dry-run",
+        "--no-estimate",
+    ]
 
     code = main(argv)
     captured = capsys.readouterr()
@@ -514,7 +528,14 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
 def test_dry_run_of_a_grid_the_run_refuses_lists_it_and_exits_2(
     sets: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv = [
+        "compare",
+        "--config",
+        GRID,
+        *store_args(tmp_path, "base."),
+        "--dry-run",
+        "--no-estimate",
+    ]
     for item in sets:
         argv += ["--set", item]
 
@@ -534,9 +555,70 @@ def test_dry_run_shows_each_method_and_the_paired_reference(
 ) -> None:
     grid = str(ROOT / "configs/grids/digits_rerank.yaml")
 
-    code = main(["compare", "--config", grid, *store_args(tmp_path, "base."), "--dry-run"])
+    code = main(
+        ["compare", "--config", grid, *store_args(tmp_path, "base."), "--dry-run", "--no-estimate"]
+    )
 
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert lines[3].split()[:3] == ["autorank-rerank5-rbla-s0", "autorank-rerank5", "rbla"]
     assert "paired against: autorank-rbla" in lines
+
+
+def test_dry_run_estimates_each_method_from_one_cell_run_in_a_temporary_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+
+    code = main(argv)
+    captured = capsys.readouterr()
+
+    lines = captured.out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("estimated time, from "))
+    assert code == 0, captured.err
+    assert "estimating: running autorank-rbla-s0's first rounds" in captured.err
+    # The cell that trains a warm-up is the one measured, for the grid's 2 rounds.
+    assert lines[at].startswith("estimated time, from autorank-rbla-s0 measured for 2 round(s)")
+    methods = [line.split()[0] for line in lines[at + 1 : -1]]
+    assert methods == [
+        "uniform-rbla",
+        "uniform-rbla_tiered1@all_labels+rbla_product",
+        "autorank-rbla",
+        "autorank-rbla_tiered1@all_labels+rbla_product",
+    ]
+    assert all(re.search(r"1 run\(s\), ~[\d.]+ s each$", line) for line in lines[at + 1 : -1])
+    assert re.fullmatch(r"total: ~[\d.]+ s, one run after another", lines[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, here or in ./
+
+
+def test_dry_run_of_a_grid_whose_data_is_missing_refuses_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv += ["--set", "base.data.name=mnist", "--set", f"base.data.path={tmp_path}/no-mnist"]
+
+    err = cli_error(argv, capsys)
+
+    assert err.startswith(f"autorank: error: mnist: folder '{tmp_path}/no-mnist'")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_dry_run_whose_measuring_run_fails_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import estimate
+
+    def failing(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        assert command[-3:-1] == ["run", "--config"] and kwargs["cwd"] != Path.cwd()
+        return subprocess.CompletedProcess(command, 1, "", "...\nautorank: error: it broke\n")
+
+    monkeypatch.setattr(estimate.subprocess, "run", failing)
+    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+
+    assert code == 1
+    assert err[-1] == "autorank: no estimate: measuring autorank-rbla-s0 failed: it broke"
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()

@@ -116,6 +116,14 @@ def test_every_round_is_logged_once_per_metric(finished_run) -> None:
     assert client.get_metric_history(run_id, "traffic/bytes_up")[0].value > 0
 
 
+def test_the_ranking_s_cost_is_logged_once_before_the_rounds(finished_run) -> None:
+    _, run_id, client, _ = finished_run
+
+    (ranking,) = client.get_metric_history(run_id, "time/ranking_s")
+
+    assert ranking.step == 0 and ranking.value > 0
+
+
 def test_the_description_leads_with_the_final_accuracy(finished_run) -> None:
     _, run_id, client, _ = finished_run
 
