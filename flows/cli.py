@@ -247,7 +247,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from autorank.reporting.text import grid_plan
     from flows.local import (
         configure_logging,
-        how_to_look,
+        how_to_compare,
         local_orchestration,
         no_failure_records,
     )
@@ -286,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         parent, table = compare_locally(grid, resume_parent_run_id=args.resume)
     print(table)
     print(f"MLflow parent run id: {parent}")
-    print(how_to_look(uri, parent))
+    print(how_to_compare(uri, parent))
     return 0
 
 

@@ -19,7 +19,7 @@ above 1 submits cells as tasks that each call the subflow, a batch at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import yaml
 from prefect import flow, task
@@ -47,6 +47,7 @@ from autorank.reporting.grid import (
 from autorank.reporting.plots import accuracy_curves, ranks_per_client
 from autorank.reporting.summary import (
     CellResult,
+    curve_metrics,
     markdown_table,
     mean_curves,
     paired_against,
@@ -74,6 +75,7 @@ progress = logging.getLogger("autorank.progress")
 SUMMARY_FILE = "summary.md"
 TERMINAL_FILE = "summary.txt"
 TABLE_FILE = "summary.json"
+CURVES_FILE = "plots/accuracy_per_round.png"
 
 
 def _flow_run_id() -> str:
@@ -295,6 +297,22 @@ def _rank_plot_data(
     return out
 
 
+def chart_pages(uri: str, parent: str) -> tuple[str, str]:
+    """The comparison at a glance, as in-UI links (``#/...``): the parent's plot of the
+    methods' accuracy per round, and every run's global accuracy per round in one chart."""
+    curves = tracking.artifact_view(uri, parent, CURVES_FILE)
+    return curves, tracking.overlaid_children(uri, parent, "global/accuracy")
+
+
+def comparison_charts(uri: str, parent: str) -> str:
+    """``chart_pages`` as the line of Markdown links that opens the parent's description."""
+    curves, runs = chart_pages(uri, parent)
+    return (
+        f"Charts: [each method's accuracy per round, mean ± std over seeds]({curves}) · "
+        f"[every run's global accuracy per round]({runs})"
+    )
+
+
 def _write_summary(
     grid: GridConfig,
     parent: str,
@@ -320,19 +338,33 @@ def _write_summary(
     # The narrow table, aligned in a code block: the Overview panel squeezes an 11-column one.
     note += f"accuracy as mean ± std over seeds.\n\n```\n{terminal}```\n\n"
     note += f"Every column and the paired tests: `{SUMMARY_FILE}`, `{TABLE_FILE}`."
+    note = f"{comparison_charts(uri, parent)}\n\n{note}"
     tracking.set_tags(uri, parent, {"mlflow.note.content": note})  # the run's description
     logged = tracking.run_metrics(uri, parent)  # a resumed comparison logs only what changed
     metrics = {k: v for k, v in summary_metrics(summaries, paired).items() if logged.get(k) != v}
     tracking.log_metrics(uri, parent, metrics, step=0)
+    means = mean_curves(results)
+    _log_curves(uri, parent, means)
     curves = accuracy_curves(
-        mean_curves(results),
+        means,
         title="Global test accuracy per round (mean ± std over seeds)",
         spread=std_curves(results),
     )
-    tracking.track_figure(uri, parent, curves, "plots/accuracy_per_round.png")
+    tracking.track_figure(uri, parent, curves, CURVES_FILE)
     ranks = ranks_per_client(_rank_plot_data(grid, cells, done))
     tracking.track_figure(uri, parent, ranks, "plots/rank_per_client.png")
     return note
+
+
+def _log_curves(uri: str, parent: str, means: Mapping[str, Sequence[float]]) -> None:
+    """The methods' mean accuracy per round on the parent, each round once (a resumed
+    comparison's curves are those already logged)."""
+    by_round = curve_metrics(means)
+    logged = {key: tracking.logged_steps(uri, parent, key) for key in by_round.get(1, {})}
+    for step, metrics in by_round.items():
+        fresh = {k: v for k, v in metrics.items() if step not in logged[k]}
+        if fresh:
+            tracking.log_metrics(uri, parent, fresh, step=step)
 
 
 def _name(grid: GridConfig) -> str:
@@ -395,7 +427,7 @@ def _compare(
         close_interrupted_or_failed(uri, parent, err, hint)
         raise
     tracking.end_run(uri, parent, "FINISHED")
-    run_views.summary_of_comparison(table, parent)
+    run_views.summary_of_comparison(uri, table, parent)
 
 
 def preflight_grid(grid: GridConfig) -> None:

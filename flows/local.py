@@ -277,10 +277,29 @@ def run_locally(config: ExperimentConfig, *, resume_run_id: str | None, verbose:
 def how_to_look(uri: str, run_id: str) -> str:
     """The closing line: the link to the run's own page (and, for a local store, the command
     that starts the UI)."""
-    from flows.invocation import command
     from tasks.tracking import run_page
 
+    return f"{_open(uri)} the run at {run_page(uri, run_id)}"
+
+
+def how_to_compare(uri: str, parent_run_id: str) -> str:
+    """A comparison's closing lines: the methods' accuracy per round (the parent's plot), and
+    every run's global accuracy per round in one chart."""
+    from flows.compare import chart_pages
+    from tasks.tracking import ui_server
+
+    server = ui_server(uri)
+    curves, every = chart_pages(uri, parent_run_id)
+    return (
+        f"{_open(uri)} the comparison at {server}/{curves}\n"
+        f"every run's global accuracy per round: {server}/{every}"
+    )
+
+
+def _open(uri: str) -> str:
+    """How to reach a store's UI: open it (a server's), or start it first (a local store)."""
+    from flows.invocation import command
+
     if uri.startswith(("http://", "https://")):
-        return f"Open the run at {run_page(uri, run_id)}"
-    ui = command("ui", "--uri", uri)
-    return f"Open the UI with `{ui}`, then the run at {run_page(uri, run_id)}"
+        return "Open"
+    return f"Open the UI with `{command('ui', '--uri', uri)}`, then"

@@ -148,13 +148,17 @@ def table_of_rounds(uri: str, run_id: str) -> None:
         )
 
 
-def summary_of_comparison(markdown: str, parent_run_id: str) -> None:
-    """A markdown artifact on the comparison's flow run: its summary table."""
+def summary_of_comparison(uri: str, markdown: str, parent_run_id: str) -> None:
+    """A markdown artifact on the comparison's flow run: its summary table, its links into the
+    MLflow UI made absolute (``#/...`` is relative to MLflow's page, not Prefect's)."""
     from prefect.artifacts import create_markdown_artifact
 
+    from tasks import tracking
+
+    absolute = markdown.replace("](#/", f"]({tracking.ui_server(uri)}/#/")
     with _quietly("comparison summary"):
         create_markdown_artifact(
-            markdown=markdown,
+            markdown=absolute,
             key="comparison-summary",
             description=f"Summary of comparison `{parent_run_id}` (mean ± std over seeds)",
         )

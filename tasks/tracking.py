@@ -8,12 +8,14 @@ metrics go in one batch per round.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -208,8 +210,40 @@ def run_page(uri: str, run_id: str) -> str:
     with the model-training sidebar (``CLASSIC``).
     """
     experiment = client_for(uri).get_run(run_id).info.experiment_id
-    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    return f"{server}/#/experiments/{experiment}/runs/{run_id}/model-metrics{CLASSIC}"
+    return f"{ui_server(uri)}/#/experiments/{experiment}/runs/{run_id}/model-metrics{CLASSIC}"
+
+
+def ui_server(uri: str) -> str:
+    """The UI that shows a store: the server itself for an HTTP store, else ``autorank ui``'s."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def artifact_view(uri: str, run_id: str, path: str) -> str:
+    """A run's artifact opened in the UI (an image shows at once), as an in-UI link ``#/...``."""
+    experiment = client_for(uri).get_run(run_id).info.experiment_id
+    return f"#/experiments/{experiment}/runs/{run_id}/artifacts/{path}{CLASSIC}"
+
+
+def overlaid_metric(uri: str, run_ids: Sequence[str], key: str) -> str:
+    """MLflow's metric page with ``key`` of every run in ``run_ids`` in one chart per step, and a
+    table of each run's latest, least and largest value, as an in-UI link ``#/metric?...``.
+
+    The page needs ``runs``, ``metric``, ``experiments`` and ``plot_metric_keys`` as JSON
+    (without the last it shows a JSON error); ``x_axis=step`` plots per round, not per second.
+    """
+    client = client_for(uri)
+    experiments = sorted({client.get_run(r).info.experiment_id for r in run_ids})
+    query = {
+        "runs": list(run_ids),
+        "metric": key,
+        "experiments": experiments,
+        "plot_metric_keys": [key],
+    }
+    encoded = "&".join(
+        f"{name}={urllib.parse.quote(json.dumps(value, separators=(',', ':')), safe='')}"
+        for name, value in query.items()
+    )
+    return f"#/metric?{encoded}&x_axis=step&{CLASSIC.removeprefix('?')}"
 
 
 # MLflow 3's UI shows an experiment's GenAI pages (traces, judges, prompts) unless the address
@@ -228,6 +262,27 @@ def experiments_page(uri: str, server: str) -> str:
     if not latest:
         return f"{server}/#/experiments{CLASSIC}"
     return f"{server}/#/experiments/{latest[0].info.experiment_id}/runs{CLASSIC}"
+
+
+OVERLAID_RUNS_MAX = 60  # about 46 characters of the address a run
+
+
+def overlaid_children(uri: str, parent_run_id: str, key: str) -> str:
+    """``overlaid_metric`` of a comparison's runs, whole seeds (``<method>-s<seed>``) while they
+    fit in ``OVERLAID_RUNS_MAX`` runs, so that every method shows for each seed shown."""
+
+    def seed_then_name(child: ChildRun) -> tuple[int, str]:
+        _, _, seed = child.name.rpartition("-s")
+        return (int(seed) if seed.isdigit() else 0, child.name)
+
+    children = sorted(child_runs(uri, parent_run_id), key=seed_then_name)
+    ids: list[str] = []
+    for _, same_seed in itertools.groupby(children, key=lambda c: seed_then_name(c)[0]):
+        runs = [c.run_id for c in same_seed]
+        if ids and len(ids) + len(runs) > OVERLAID_RUNS_MAX:
+            break
+        ids += runs
+    return overlaid_metric(uri, ids, key)
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -326,6 +326,17 @@ def summary_columns(
 def _metric_name(method: str) -> str:
     """A method's name as an MLflow metric key segment (letters, digits, ``_-.`` only)."""
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in method)
+
+
+def curve_metrics(curves: Mapping[str, Sequence[float]]) -> dict[int, dict[str, float]]:
+    """Each method's mean global accuracy per round as MLflow metrics of the comparison's
+    parent, ``accuracy_per_round/<method>`` by round (step): the parent's metrics page sorts
+    its sections by name, so it opens on these curves, not on one-value statistics."""
+    out: dict[int, dict[str, float]] = {}
+    for method, curve in curves.items():
+        for t, value in enumerate(curve, start=1):
+            out.setdefault(t, {})[f"accuracy_per_round/{_metric_name(method)}"] = value
+    return out
 
 
 def summary_metrics(

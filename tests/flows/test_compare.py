@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,42 @@ def test_the_parent_shows_its_summary_as_description_and_metrics(comparison) -> 
     assert {k for k in metrics if "_diff/" in k} == {
         f"{stat}_accuracy_diff/{key}" for stat in ("best", "final") for key in keys[1:]
     }
-    assert all(len(client.get_metric_history(parent, k)) == 1 for k in metrics)
+    statistics = {k for k in metrics if not k.startswith("accuracy_per_round/")}
+    assert all(len(client.get_metric_history(parent, k)) == 1 for k in statistics)
+
+
+def test_the_parent_s_metrics_open_on_each_method_s_mean_accuracy_per_round(comparison) -> None:
+    _, parent, client, _ = comparison
+    children = _children(client, parent)
+
+    for method in METHODS:
+        key = f"accuracy_per_round/{method.replace('+', '_').replace('@', '_')}"
+        curve = [(m.step, m.value) for m in client.get_metric_history(parent, key)]
+        (child,) = [c for c in children if c.info.run_name == f"{method}-s0"]  # one seed
+        runs = client.get_metric_history(child.info.run_id, "global/accuracy")
+        assert sorted(curve) == sorted((m.step, m.value) for m in runs), method
+
+
+def test_the_description_links_to_the_comparison_at_a_glance(comparison) -> None:
+    _, parent, client, _ = comparison
+    run = client.get_run(parent)
+    children = {c.info.run_id for c in _children(client, parent)}
+    experiment = run.info.experiment_id
+
+    charts = run.data.tags["mlflow.note.content"].splitlines()[0]
+    curves, every = re.findall(r"\]\((#/[^)]+)\)", charts)
+
+    assert charts.startswith("Charts: [each method's accuracy per round, mean ± std over seeds]")
+    assert curves == (
+        f"#/experiments/{experiment}/runs/{parent}/artifacts/plots/accuracy_per_round.png"
+        "?workflowType=machine_learning"
+    )
+    query = urllib.parse.parse_qs(every.removeprefix("#/metric?"))
+    assert set(json.loads(query["runs"][0])) == children and len(children) == 4
+    assert json.loads(query["metric"][0]) == "global/accuracy"
+    assert json.loads(query["plot_metric_keys"][0]) == ["global/accuracy"]
+    assert json.loads(query["experiments"][0]) == [experiment]
+    assert query["x_axis"] == ["step"] and query["workflowType"] == ["machine_learning"]
 
 
 def test_resume_of_a_finished_comparison_reruns_nothing(comparison) -> None:
@@ -121,7 +157,10 @@ def test_resume_of_a_finished_comparison_reruns_nothing(comparison) -> None:
     local = Path(client.download_artifacts(parent, "summary.json", str(tmp / "again")))
     assert len(json.loads(local.read_text())["data"]) == 4  # replaced, not appended
     summary = client.get_run(parent).data.metrics
-    assert all(len(client.get_metric_history(parent, k)) == 1 for k in summary)  # not twice
+    statistics = [k for k in summary if not k.startswith("accuracy_per_round/")]
+    assert all(len(client.get_metric_history(parent, k)) == 1 for k in statistics)  # not twice
+    curve = client.get_metric_history(parent, "accuracy_per_round/autorank-rbla")
+    assert sorted(m.step for m in curve) == list(range(1, grid.base.training.rounds + 1))
 
 
 def test_resume_continues_a_failed_cell_in_its_own_run(comparison) -> None:

@@ -20,6 +20,7 @@ from autorank.reporting.grid import grid_digest, load_grid, parse_grid
 from autorank.reporting.paired import mean_std
 from autorank.reporting.summary import (
     CellResult,
+    curve_metrics,
     markdown_table,
     mean_curves,
     paired_against,
@@ -537,6 +538,22 @@ def test_summary_metrics_are_one_key_per_statistic_and_method() -> None:
     assert metrics["final_accuracy/my_label-rbla"] == pytest.approx(0.5)
     assert "rounds_to_target/my_label-rbla" not in metrics  # never reached 0.75
     assert "personal_accuracy/my_label-rbla" not in metrics
+
+
+def test_curve_metrics_are_each_method_s_mean_accuracy_by_round() -> None:
+    results = [
+        _result("autorank", 0, [0.5, 0.7, 0.6]),
+        _result("autorank", 1, [0.6, 0.8, 0.9]),
+        _result("my label", 0, [0.4, 0.5]),
+    ]
+
+    by_round = curve_metrics(mean_curves(results))
+
+    assert sorted(by_round) == [1, 2, 3]
+    assert by_round[1] == pytest.approx(
+        {"accuracy_per_round/autorank-rbla": 0.55, "accuracy_per_round/my_label-rbla": 0.4}
+    )
+    assert by_round[3] == pytest.approx({"accuracy_per_round/autorank-rbla": 0.75})
 
 
 def test_terminal_table_is_aligned_and_narrow() -> None:
