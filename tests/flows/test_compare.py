@@ -491,18 +491,20 @@ def test_killed_comparison_resumes_the_interrupted_cell(tmp_path: Path) -> None:
         assert sorted(steps) == [1, 2, 3, 4, 5, 6], child.info.run_name
 
 
+def _dry_run(tmp_path: Path, *sets: str, grid: str = GRID, estimate: bool = False) -> list[str]:
+    """``compare --dry-run`` of ``grid`` with its store under ``tmp_path`` and ``--set``s;
+    without the estimate (one cell run for a round or two) unless asked."""
+    argv = ["compare", "--config", grid, *store_args(tmp_path, "base."), "--dry-run"]
+    argv += [] if estimate else ["--no-estimate"]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
 def test_a_grid_beyond_max_cells_is_refused_and_its_dry_run_says_how_large(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [
-        "compare",
-        "--config",
-        GRID,
-        *store_args(tmp_path, "base."),
-        "--dry-run",
-        "--no-estimate",
-    ]
-    argv += ["--set", f"seeds={list(range(300))}"]  # 2 assigners x 2 aggregators x 300 seeds
+    argv = _dry_run(tmp_path, f"seeds={list(range(300))}")  # 2 assigners x 2 aggregators x 300
 
     err = cli_error(argv, capsys)
     code = main([*argv, "--set", "max_cells=1200"])
@@ -517,15 +519,7 @@ def test_a_grid_beyond_max_cells_is_refused_and_its_dry_run_says_how_large(
 def test_dry_run_lists_the_runs_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base.")]
-    argv += [
-        "--set",
-        "aggregators=[rbla, fedavg]",
-        "--set",
-        "seeds=[0, 1]",
-        "--dry-run",
-        "--no-estimate",
-    ]
+    argv = _dry_run(tmp_path, "aggregators=[rbla, fedavg]", "seeds=[0, 1]")
 
     code = main(argv)
     captured = capsys.readouterr()
@@ -567,16 +561,7 @@ def test_dry_run_lists_the_runs_and_writes_nothing(
 def test_dry_run_of_a_grid_the_run_refuses_lists_it_and_exits_2(
     sets: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [
-        "compare",
-        "--config",
-        GRID,
-        *store_args(tmp_path, "base."),
-        "--dry-run",
-        "--no-estimate",
-    ]
-    for item in sets:
-        argv += ["--set", item]
+    argv = _dry_run(tmp_path, *sets)
 
     code = main(argv)
     captured = capsys.readouterr()
@@ -592,11 +577,7 @@ def test_dry_run_of_a_grid_the_run_refuses_lists_it_and_exits_2(
 def test_dry_run_shows_each_method_and_the_paired_reference(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    grid = str(ROOT / "configs/grids/digits_rerank.yaml")
-
-    code = main(
-        ["compare", "--config", grid, *store_args(tmp_path, "base."), "--dry-run", "--no-estimate"]
-    )
+    code = main(_dry_run(tmp_path, grid=str(ROOT / "configs/grids/digits_rerank.yaml")))
 
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
@@ -608,7 +589,7 @@ def test_dry_run_estimates_each_method_from_one_cell_run_in_a_temporary_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv = _dry_run(tmp_path, estimate=True)
 
     code = main(argv)
     captured = capsys.readouterr()
@@ -634,8 +615,8 @@ def test_dry_run_estimates_each_method_from_one_cell_run_in_a_temporary_folder(
 def test_dry_run_of_a_grid_whose_data_is_missing_refuses_before_measuring(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
-    argv += ["--set", "base.data.name=mnist", "--set", f"base.data.path={tmp_path}/no-mnist"]
+    missing = f"base.data.path={tmp_path}/no-mnist"
+    argv = _dry_run(tmp_path, "base.data.name=mnist", missing, estimate=True)
 
     err = cli_error(argv, capsys)
 
@@ -653,7 +634,7 @@ def test_dry_run_whose_measuring_run_fails_says_why_in_one_line(
         return subprocess.CompletedProcess(command, 1, "", "...\nautorank: error: it broke\n")
 
     monkeypatch.setattr(estimate.subprocess, "run", failing)
-    argv = ["compare", "--config", GRID, *store_args(tmp_path, "base."), "--dry-run"]
+    argv = _dry_run(tmp_path, estimate=True)
 
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
