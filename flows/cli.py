@@ -175,10 +175,15 @@ def _port(text: str) -> int:
 
 
 def _check_port_free(port: int) -> None:
-    """Refuse a port something on 127.0.0.1 already listens on (the UI would fail later)."""
+    """Refuse a port something on 127.0.0.1 already listens on (the UI would fail later).
+
+    With ``SO_REUSEADDR``, as the servers bind: a port whose connections are in TIME_WAIT, as
+    for a minute after ``autorank serve`` or ``ui`` stopped, is free to them, and so here.
+    """
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as err:

@@ -302,6 +302,27 @@ def test_a_busy_ui_port_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not list(tmp_path.iterdir())
 
 
+def test_a_port_whose_last_connection_waits_out_time_wait_is_free() -> None:
+    import socket
+
+    from flows.cli import _check_port_free
+
+    with socket.socket() as server, socket.socket() as client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client.connect(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: its port goes to TIME_WAIT
+        client.recv(1)
+    # As just after a server stopped: refused by a plain bind, free to the servers' bind.
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+
+    _check_port_free(port)
+
+
 def test_a_setting_given_twice_in_a_config_file_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
