@@ -280,7 +280,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
 
     def check() -> None:
-        from flows.compare import preflight_grid
+        from flows.local import preflight_grid
 
         preflight_grid(grid)
 
@@ -299,9 +299,12 @@ def _print_estimate(grid: GridConfig, cells: Sequence[Cell]) -> int:
     """Measure one cell for a round or two, then print what the grid's cells will take."""
     from autorank.reporting.estimate import estimate_lines
     from flows.estimate import MeasuringError, measure, measured_cell, planned
+    from flows.local import preflight_grid
     from flows.places import check_machine_and_data
 
-    check_machine_and_data(grid.base)  # the run's refusal, before measuring
+    # What the run would refuse, refused as the run would (exit 2), before measuring.
+    check_machine_and_data(grid.base)
+    preflight_grid(grid)
     cell = measured_cell(cells)
     _say(
         f"estimating: running {cell.run_name}'s first rounds in a temporary folder "
@@ -312,9 +315,9 @@ def _print_estimate(grid: GridConfig, cells: Sequence[Cell]) -> int:
     except MeasuringError as err:
         _say(f"autorank: no estimate: {err}")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
         _say("autorank: estimate stopped")
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
     rounds = grid.base.training.rounds
     print("\n".join(estimate_lines(measured, planned(cells), rounds, grid.max_parallel)))
     return 0

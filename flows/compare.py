@@ -63,7 +63,6 @@ from flows.engines import runs_ending
 from flows.experiment import federated_training
 from flows.failure_records import drop_failure_record
 from flows.invocation import command
-from flows.local import check_inputs
 from flows.resumes import GRID_DIGEST_TAG, GRID_FILE, check_parent
 from flows.run_records import close_interrupted_or_failed, read_decision
 from flows.run_views import progress_in_run_log
@@ -428,20 +427,6 @@ def _compare(
         raise
     tracking.end_run(uri, parent, "FINISHED")
     run_views.summary_of_comparison(uri, table, parent)
-
-
-def preflight_grid(grid: GridConfig) -> None:
-    """Fail on bad input before anything is written: the grid, each seed's data, each assigner
-    (the places and a resumed parent run are checked before, ``autorank compare``)."""
-    cells, _ = runnable_cells(grid)
-    check_inputs(cells[0].config)
-    for seed in grid.seeds:
-        mine = [c for c in cells if c.seed == seed]
-        if not mine:
-            continue
-        federation = federation_for(mine[0].config)
-        for spec in dict.fromkeys(c.spec for c in mine):
-            rank_table(next(c for c in mine if c.spec == spec).config, federation)
 
 
 def compare_locally(grid: GridConfig, *, resume_parent_run_id: str | None) -> tuple[str, str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from subprocess import PIPE
 
 from autorank.config import ExperimentConfig, to_yaml, warm_up_identity
 from autorank.reporting.cells import Cell
@@ -85,6 +87,29 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+STOP_WAIT_S = 20.0  # the measuring run's own clean stop (its Prefect server goes with it)
+
+
+def run_child(command: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run the measuring command in ``folder``, its output captured. Stopped meanwhile (Ctrl-C
+    reaches it too, SIGTERM only this process), it is asked to stop and waited for, so that it
+    stops its Prefect server and leaves nothing running when this command exits."""
+    proc = subprocess.Popen(
+        command, cwd=folder, env=_child_env(), stdout=PIPE, stderr=PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def measure(cell: Cell) -> Measurement:
     """Run ``cell`` for its first rounds in a temporary folder; what each phase cost."""
     with tempfile.TemporaryDirectory(prefix="autorank-estimate-") as tmp:
@@ -94,9 +119,7 @@ def measure(cell: Cell) -> Measurement:
         path.write_text(to_yaml(config))
         command = [sys.executable, "-m", "flows.cli", "run", "--config", str(path)]
         started = time.perf_counter()
-        done = subprocess.run(
-            command, cwd=folder, env=_child_env(), capture_output=True, text=True, check=False
-        )
+        done = run_child(command, folder)
         process_s = time.perf_counter() - started
         found = RUN_ID.search(done.stdout)
         if done.returncode != 0 or found is None:

@@ -11,9 +11,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autorank.config import ExperimentConfig
 from flows.places import check_places, check_prefect_api
+
+if TYPE_CHECKING:
+    from autorank.reporting.grid import GridConfig
 
 
 class ProgressHandler(logging.StreamHandler):
@@ -121,6 +125,23 @@ def preflight(config: ExperimentConfig) -> None:
     targets, sizes."""
     check_places(config)
     check_inputs(config)
+
+
+def preflight_grid(grid: GridConfig) -> None:
+    """Fail on bad input before anything is written: the grid, each seed's data, each assigner
+    (the places and a resumed parent run are checked before, ``autorank compare``)."""
+    from autorank.recipe import federation_for, rank_table
+    from autorank.reporting.cells import runnable_cells
+
+    cells, _ = runnable_cells(grid)
+    check_inputs(cells[0].config)
+    for seed in grid.seeds:
+        mine = [c for c in cells if c.seed == seed]
+        if not mine:
+            continue
+        federation = federation_for(mine[0].config)
+        for spec in dict.fromkeys(c.spec for c in mine):
+            rank_table(next(c for c in mine if c.spec == spec).config, federation)
 
 
 def check_inputs(config: ExperimentConfig) -> None:
@@ -291,8 +312,10 @@ def how_to_compare(uri: str, parent_run_id: str) -> str:
     server = ui_server(uri)
     curves, every = chart_pages(uri, parent_run_id)
     return (
-        f"{_open(uri)} the comparison at {server}/{curves}\n"
-        f"every run's global accuracy per round: {server}/{every}"
+        f"{'In the MLflow UI' if _open(uri) == 'Open' else _open(uri)}:\n"
+        f"  the comparison at a glance (each method's accuracy per round, mean ± std over seeds):"
+        f"\n  {server}/{curves}\n"
+        f"  every run's global accuracy per round, in one chart:\n  {server}/{every}"
     )
 
 

@@ -608,7 +608,9 @@ def test_dry_run_estimates_each_method_from_one_cell_run_in_a_temporary_folder(
         "autorank-rbla_tiered1@all_labels+rbla_product",
     ]
     assert all(re.search(r"1 run\(s\), ~[\d.]+ s each$", line) for line in lines[at + 1 : -1])
-    assert re.fullmatch(r"total: ~[\d.]+ s, one run after another", lines[-1])
+    assert re.fullmatch(
+        r"total: ~[\d.]+ s: the start-up once, then one run after another", lines[-1]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, here or in ./
 
 
@@ -624,16 +626,25 @@ def test_dry_run_of_a_grid_whose_data_is_missing_refuses_before_measuring(
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
 
 
+def test_dry_run_refuses_what_the_run_s_preflight_refuses_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = cli_error(_dry_run(tmp_path, "base.lora.r_max=100000", estimate=True), capsys)
+
+    assert "r_max" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_dry_run_whose_measuring_run_fails_says_why_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows import estimate
 
-    def failing(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        assert command[-3:-1] == ["run", "--config"] and kwargs["cwd"] != Path.cwd()
+    def failing(command: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
+        assert command[-3:-1] == ["run", "--config"] and folder != Path.cwd()
         return subprocess.CompletedProcess(command, 1, "", "...\nautorank: error: it broke\n")
 
-    monkeypatch.setattr(estimate.subprocess, "run", failing)
+    monkeypatch.setattr(estimate, "run_child", failing)
     argv = _dry_run(tmp_path, estimate=True)
 
     code = main(argv)
@@ -642,3 +653,31 @@ def test_dry_run_whose_measuring_run_fails_says_why_in_one_line(
     assert code == 1
     assert err[-1] == "autorank: no estimate: measuring autorank-rbla-s0 failed: it broke"
     assert not (tmp_path / "store").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_dry_run_stopped_while_measuring_leaves_nothing_running_or_written(
+    signum: int, tmp_path: Path
+) -> None:
+    import psutil
+
+    proc = spawn_cli(_dry_run(tmp_path, estimate=True), dict(os.environ), cwd=tmp_path)
+    lines, measuring = watch_output(proc, lambda out: "estimating: running" in out)
+    assert measuring.wait(120), "".join(lines)
+    time.sleep(4)  # inside the measuring run: its Prefect server is up or booting
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C at a terminal reaches the command's group
+    else:
+        os.kill(proc.pid, signum)  # a scheduler's stop reaches the command only
+
+    code = proc.wait(60)
+    time.sleep(0.5)
+
+    assert code == 128 + signum, "".join(lines)
+    assert lines[-1] == "autorank: estimate stopped\n" and "Traceback" not in "".join(lines)
+    left = []
+    for p in psutil.process_iter(["cwd"]):
+        if "autorank-estimate-" in (p.info["cwd"] or ""):
+            left.append(p.pid)
+    assert left == []  # the measuring run and its Prefect server stopped with the command
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

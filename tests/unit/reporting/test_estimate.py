@@ -39,7 +39,10 @@ def test_the_lines_give_each_method_and_the_total_with_the_start_up_once() -> No
         "  uniform-rbla      1 run(s), ~18 s each",
     ]
     # 8 s start-up + 20 + 18 + 20 + 18
-    assert lines[4] == "total: ~1 min 24 s, one run after another; up to 2 at a time may take less"
+    assert lines[4] == (
+        "total: ~1 min 24 s: the start-up once, then one run after another; "
+        "up to 2 at a time may take less"
+    )
 
 
 def test_cells_of_one_method_that_differ_show_a_range() -> None:
@@ -51,14 +54,15 @@ def test_cells_of_one_method_that_differ_show_a_range() -> None:
     lines = estimate_lines(MEASURED, cells, rounds=10, max_parallel=1)
 
     assert lines[1] == "  autorank-rbla  2 run(s), ~18 s to 20 s each"
-    assert lines[2] == "total: ~46 s, one run after another"
+    assert lines[2] == "total: ~46 s: the start-up once, then one run after another"
 
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0.04, "0.0 s"),
-        (0.36, "0.4 s"),
+        (0.04, "0.04 s"),
+        (0.996, "1.0 s"),
+        (0.36, "0.36 s"),
         (9.96, "10 s"),
         (45.4, "45 s"),
         (200, "3 min 20 s"),
