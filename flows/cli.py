@@ -7,7 +7,6 @@ Heavy imports (torch, Prefect, MLflow) happen inside the commands that need them
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -326,7 +325,7 @@ def _print_estimate(grid: GridConfig, cells: Sequence[Cell]) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
 
     from flows.places import check_store, tracking_setting
-    from flows.serve import mlflow_ui_command
+    from flows.serve import mlflow_ui_command, stop_group
 
     # The UI takes any store a run can use (MLflow itself would fail after its banner).
     check_store(args.uri, tracking_setting(args.uri).replace("tracking.uri", "--uri"))
@@ -344,25 +343,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     try:
         return ui.wait()
     except KeyboardInterrupt as err:
-        _stop_group(ui)
+        stop_group(ui)
         _say("autorank: MLflow UI stopped")
         return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
     finally:
-        _stop_group(ui)
-
-
-def _stop_group(proc: subprocess.Popen[bytes], wait_s: float = 10) -> None:
-    """SIGTERM to a child's process group, SIGKILL if it is still there after ``wait_s``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(ui)
 
 
 def _add_serve_command(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flows.orchestrator import OrchestratorError, answers, die_with_parent
 
@@ -104,12 +105,18 @@ class Stack:
         # One after another: the worker deregisters while the server still answers (with the
         # server gone first, it retried past any wait).
         for child in reversed(self.children):
-            _signal_group(child.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=STOP_WAIT_S)
-            _signal_group(child.proc.pid, signal.SIGKILL)  # its group's stragglers too
-            child.proc.wait()
+            stop_group(child.proc)
         self.children.clear()
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM to a child's process group (it was started in a session of its own), then,
+    after ``STOP_WAIT_S`` at most, SIGKILL to what is left of the group: its stragglers too."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_WAIT_S)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal_group(pgid: int, signum: int) -> None:
