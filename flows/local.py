@@ -300,7 +300,9 @@ def how_to_look(uri: str, run_id: str) -> str:
     that starts the UI)."""
     from tasks.tracking import run_page
 
-    return f"{_open(uri)} the run at {run_page(uri, run_id)}"
+    start = _ui_command(uri)
+    head = "Open" if start is None else f"Open the UI with `{start}`, then"
+    return f"{head} the run at {run_page(uri, run_id)}"
 
 
 def how_to_compare(uri: str, parent_run_id: str) -> str:
@@ -311,18 +313,20 @@ def how_to_compare(uri: str, parent_run_id: str) -> str:
 
     server = ui_server(uri)
     curves, every = chart_pages(uri, parent_run_id)
+    start = _ui_command(uri)
+    head = "In the MLflow UI" if start is None else f"Open the UI with `{start}`, then"
     return (
-        f"{'In the MLflow UI' if _open(uri) == 'Open' else _open(uri)}:\n"
+        f"{head}:\n"
         f"  the comparison at a glance (each method's accuracy per round, mean ± std over seeds):"
         f"\n  {server}/{curves}\n"
         f"  every run's global accuracy per round, in one chart:\n  {server}/{every}"
     )
 
 
-def _open(uri: str) -> str:
-    """How to reach a store's UI: open it (a server's), or start it first (a local store)."""
+def _ui_command(uri: str) -> str | None:
+    """The command that starts a local store's UI (None: the store is a server's, its UI)."""
     from flows.invocation import command
 
     if uri.startswith(("http://", "https://")):
-        return "Open"
-    return f"Open the UI with `{command('ui', '--uri', uri)}`, then"
+        return None
+    return command("ui", "--uri", uri)

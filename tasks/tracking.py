@@ -224,19 +224,18 @@ def artifact_view(uri: str, run_id: str, path: str) -> str:
     return f"#/experiments/{experiment}/runs/{run_id}/artifacts/{path}{CLASSIC}"
 
 
-def overlaid_metric(uri: str, run_ids: Sequence[str], key: str) -> str:
-    """MLflow's metric page with ``key`` of every run in ``run_ids`` in one chart per step, and a
-    table of each run's latest, least and largest value, as an in-UI link ``#/metric?...``.
+def overlaid_metric(experiment: str, run_ids: Sequence[str], key: str) -> str:
+    """MLflow's metric page with ``key`` of every run in ``run_ids`` (of ``experiment``) in one
+    chart per step, and a table of each run's latest, least and largest value, as an in-UI
+    link ``#/metric?...``.
 
     The page needs ``runs``, ``metric``, ``experiments`` and ``plot_metric_keys`` as JSON
     (without the last it shows a JSON error); ``x_axis=step`` plots per round, not per second.
     """
-    client = client_for(uri)
-    experiments = sorted({client.get_run(r).info.experiment_id for r in run_ids})
     query = {
         "runs": list(run_ids),
         "metric": key,
-        "experiments": experiments,
+        "experiments": [experiment],
         "plot_metric_keys": [key],
     }
     encoded = "&".join(
@@ -275,6 +274,7 @@ def overlaid_children(uri: str, parent_run_id: str, key: str) -> str:
         _, _, seed = child.name.rpartition("-s")
         return (int(seed) if seed.isdigit() else 0, child.name)
 
+    experiment = client_for(uri).get_run(parent_run_id).info.experiment_id  # the children's
     children = sorted(child_runs(uri, parent_run_id), key=seed_then_name)
     ids: list[str] = []
     for _, same_seed in itertools.groupby(children, key=lambda c: seed_then_name(c)[0]):
@@ -282,7 +282,7 @@ def overlaid_children(uri: str, parent_run_id: str, key: str) -> str:
         if ids and len(ids) + len(runs) > OVERLAID_RUNS_MAX:
             break
         ids += runs
-    return overlaid_metric(uri, ids, key)
+    return overlaid_metric(experiment, ids, key)
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:
