@@ -112,6 +112,8 @@ def run_child(command: list[str], folder: Path) -> subprocess.CompletedProcess[s
 
 def measure(cell: Cell) -> Measurement:
     """Run ``cell`` for its first rounds in a temporary folder; what each phase cost."""
+    from flows.experiment import RANKING_TIME
+
     with tempfile.TemporaryDirectory(prefix="autorank-estimate-") as tmp:
         folder = Path(tmp)
         config = measuring_config(cell.config, folder)
@@ -127,7 +129,7 @@ def measure(cell: Cell) -> Measurement:
             last = lines[-1].removeprefix("autorank: ").removeprefix("error: ")
             raise MeasuringError(f"measuring {cell.run_name} failed: {last}")
         uri, run_id = config.tracking.uri, found.group(1)
-        ranking = tracking.metric_series(uri, run_id, "time/ranking_s")
+        ranking = tracking.metric_series(uri, run_id, RANKING_TIME)
         return Measurement(
             cell=cell.run_name,
             process_s=process_s,
