@@ -22,6 +22,7 @@ from subprocess import PIPE
 from autorank.config import ExperimentConfig, to_yaml, warm_up_identity
 from autorank.reporting.cells import Cell
 from autorank.reporting.estimate import Measurement, PlannedCell
+from autorank.rounds.steps import RANKING_TIME
 from flows.environment import cache_env
 from tasks import tracking
 
@@ -88,6 +89,7 @@ def _child_env() -> dict[str, str]:
 
 
 STOP_WAIT_S = 20.0  # the measuring run's own clean stop (its Prefect server goes with it)
+GRACE_S = 10.0  # after Ctrl-C, which reached it too: its own stop, before it is sent SIGTERM
 
 
 def run_child(command: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
@@ -99,21 +101,25 @@ def run_child(command: list[str], folder: Path) -> subprocess.CompletedProcess[s
     )
     try:
         out, err = proc.communicate()
-    except BaseException:
-        proc.send_signal(signal.SIGTERM)
+    except BaseException as stop:
+        # Ctrl-C reached the child's group too: a second signal would cut its clean stop short,
+        # so it gets one only if it does not stop by itself (or for a stop meant for us alone).
+        alone = type(stop) is not KeyboardInterrupt
         try:
-            proc.communicate(timeout=STOP_WAIT_S)
+            proc.communicate(timeout=0 if alone else GRACE_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def measure(cell: Cell) -> Measurement:
     """Run ``cell`` for its first rounds in a temporary folder; what each phase cost."""
-    from flows.experiment import RANKING_TIME
-
     with tempfile.TemporaryDirectory(prefix="autorank-estimate-") as tmp:
         folder = Path(tmp)
         config = measuring_config(cell.config, folder)

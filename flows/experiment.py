@@ -43,6 +43,7 @@ from autorank.rounds.checkpoint import (
 from autorank.rounds.cohorts import sample_clients
 from autorank.rounds.growth import fit_global
 from autorank.rounds.steps import (
+    RANKING_TIME,
     ClientData,
     client_data,
     initial_state,
@@ -83,7 +84,6 @@ from tasks.setup import build_base, load_federation
 
 progress = logging.getLogger("autorank.progress")
 T = TypeVar("T")
-RANKING_TIME = "time/ranking_s"
 
 
 @dataclass

@@ -52,6 +52,10 @@ from autorank.merge.aggregators import aggregate
 from autorank.models.evaluation import EvalResult
 from autorank.ranking.assignment import max_ranks
 
+# Deciding the ranks (profiles, the warm-up, CRITIC and TOPSIS), logged once at step 0 beside
+# each round's ``time/*`` (RoundReport); ``compare --dry-run`` reads it back.
+RANKING_TIME = "time/ranking_s"
+
 
 @dataclass(frozen=True)
 class ClientData:
